@@ -1,0 +1,294 @@
+"""One typed config for every minigrpo command: defaults -> YAML file -> `--key=value` overrides.
+
+Names follow TRL's GRPOConfig where the concept is the same (`num_generations`, `beta`, `epsilon`,
+`epsilon_high`, `loss_type`, `scale_rewards`, `max_completion_length`, `num_iterations`, ...), so a
+TRL user can carry a recipe over. Unknown keys and values of the wrong type raise `ConfigError`, which the
+CLI turns into exit code 2 with a message naming the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad key or value in the config; the message names the key and what it accepts."""
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with its help text (shown by `minigrpo train --help`)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # ---- model --------------------------------------------------------------------------------------
+    model: str = _f("tiny-random", "HF hub id, local model dir, or 'tiny-random' (a tiny random Llama built offline)")
+    gguf_file: str | None = _f(None, "GGUF file name inside `model` (dir or hub id) to load with transformers")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "weights dtype; float32 on CPU")
+    device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    use_peft: bool = _f(True, "train LoRA adapters (true) or all weights (false)")
+    lora_r: int = _f(16, "LoRA rank; 1-32 is enough for RL")
+    lora_alpha: int = _f(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)")
+    lora_dropout: float = _f(0.0, "LoRA dropout; 0 keeps the policy pass equal to the sampling policy")
+    lora_target_modules: list[str] = _f(["all-linear"], "modules to adapt: 'all-linear' or names like q_proj,v_proj")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward: less memory, ~30% slower")
+    # ---- data ---------------------------------------------------------------------------------------
+    dataset: str = _f("gsm8k", "'gsm8k' / a hub id, a dir holding {split}.jsonl, or a .jsonl file")
+    train_split: str = _f("train", "split used for training")
+    eval_split: str = _f("test", "split used for evaluation")
+    prompt_field: str = _f("question", "JSONL field holding the problem text")
+    answer_field: str = _f("answer", "JSONL field holding the gold answer (a '#### N' solution or a bare N)")
+    template: Literal["chat", "r1", "fewshot"] = _f("chat", "prompt: chat template, R1 <think> chat, plain few-shot")
+    system_prompt: str | None = _f(None, "override the template's system prompt")
+    num_fewshot: int = _f(2, "examples shown by the 'fewshot' template (taken from the train split)")
+    max_prompt_length: int = _f(512, "prompts longer than this many tokens are an error")
+    # ---- rewards ------------------------------------------------------------------------------------
+    reward_funcs: list[str] = _f(["correctness", "format_soft"],
+                                 "built-in names (correctness, format_strict, format_soft, think_format) "
+                                 "or package.module:function")
+    reward_weights: list[float] | None = _f(None, "one weight per reward function; default all 1.0")
+    # ---- rollout ------------------------------------------------------------------------------------
+    rollout_backend: Literal["hf"] = _f("hf", "generation engine: 'hf' (transformers generate)")
+    num_generations: int = _f(8, "G: completions sampled per prompt (the group)")
+    max_completion_length: int = _f(256, "max new tokens per completion; longer ones are truncated")
+    temperature: float = _f(1.0, "sampling temperature; log-probs are computed at the same temperature")
+    top_p: float = _f(1.0, "nucleus sampling; 1.0 disables it (keeps the sampler equal to the trained policy)")
+    top_k: int = _f(0, "top-k sampling; 0 disables it")
+    # ---- algorithm ----------------------------------------------------------------------------------
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = _f("dapo", "token aggregation, see minigrpo/algo.py")
+    scale_rewards: Literal["group", "batch", "none"] = _f("group", "divide advantages by the std of the group, "
+                                                                   "of the batch, or not at all (Dr. GRPO)")
+    beta: float = _f(0.0, "KL coefficient (k3 estimator); 0 computes no reference at all")
+    epsilon: float = _f(0.2, "lower clip: ratio >= 1 - epsilon")
+    epsilon_high: float | None = _f(None, "upper clip: ratio <= 1 + epsilon_high; default = epsilon (DAPO: 0.28)")
+    num_iterations: int = _f(1, "mu: optimizer updates per generated batch; >1 reuses the old log-probs")
+    mask_truncated_completions: bool = _f(False, "exclude completions that hit max_completion_length")
+    # ---- optimisation -------------------------------------------------------------------------------
+    learning_rate: float = _f(1e-5, "AdamW peak learning rate (LoRA wants ~10x full fine-tuning)")
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = _f("constant", "schedule after warm-up")
+    warmup_steps: int = _f(0, "linear warm-up length in optimizer updates")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.99, "AdamW beta2")
+    max_grad_norm: float = _f(1.0, "clip the global grad norm to this; 0 disables clipping")
+    per_device_train_batch_size: int = _f(8, "completions per micro-batch of the loss pass")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer update")
+    max_steps: int = _f(100, "training steps; a step = one generated batch (and num_iterations updates)")
+    seed: int = _f(42, "seed for data order, sampling and initialisation")
+    # ---- run, logging, evaluation -------------------------------------------------------------------
+    output_dir: str | None = _f(None, "run folder; default runs/<date-time>")
+    logging_steps: int = _f(1, "print a log line every N steps (metrics.jsonl gets every step)")
+    log_completions: int = _f(2, "sample completions written to samples.jsonl per logging interval")
+    eval_steps: int = _f(0, "evaluate greedy accuracy every N steps (0: only before and after training)")
+    eval_limit: int = _f(100, "held-out problems per evaluation (0: skip evaluation)")
+    eval_batch_size: int = _f(32, "prompts per generate call during evaluation")
+    save_steps: int = _f(0, "save the adapter/model every N steps (0: only at the end)")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived values -----------------------------------------------------------------------------
+    @property
+    def completions_per_step(self) -> int:
+        """Completions generated per step = micro-batch size x accumulation steps."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Distinct prompts per step; each is sampled num_generations times."""
+        return self.completions_per_step // self.num_generations
+
+    @property
+    def epsilon_hi(self) -> float:
+        """The upper clip range actually used (epsilon_high, or epsilon when unset)."""
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    def validate(self) -> None:
+        """Check ranges and divisibility; raise ConfigError naming the key and the fix."""
+        positive = ["num_generations", "max_completion_length", "per_device_train_batch_size",
+                    "gradient_accumulation_steps", "max_steps", "num_iterations", "lora_r", "logging_steps",
+                    "max_prompt_length"]
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations: must be >= 2 (a group of 1 has no relative advantage), "
+                              f"got {self.num_generations}")
+        if self.completions_per_step % self.num_generations:
+            raise ConfigError(
+                f"num_generations: {self.num_generations} must divide the completions per step = "
+                f"per_device_train_batch_size x gradient_accumulation_steps = {self.per_device_train_batch_size}"
+                f" x {self.gradient_accumulation_steps} = {self.completions_per_step}; change one of the three")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
+        for key in ("beta", "epsilon", "learning_rate", "weight_decay", "max_grad_norm", "top_k",
+                    "warmup_steps", "eval_steps", "eval_limit", "save_steps", "num_fewshot", "log_completions"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.epsilon_high is not None and self.epsilon_high < 0:
+            raise ConfigError(f"epsilon_high: must be >= 0, got {self.epsilon_high}")
+        if not self.reward_funcs:
+            raise ConfigError("reward_funcs: at least one reward function is needed, e.g. [correctness]")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(f"reward_weights: {len(self.reward_weights)} weights for "
+                              f"{len(self.reward_funcs)} reward_funcs {self.reward_funcs}; give one per function")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (for YAML and logging)."""
+        return dataclasses.asdict(self)
+
+
+# ---- parsing ------------------------------------------------------------------------------------------
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def describe_type(tp: Any) -> str:
+    """Human description of a field type, e.g. "one of ['grpo', 'dapo']" or 'float or null'."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is Literal:
+        return f"one of {list(args)}"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)][0]
+        return f"{describe_type(inner)} or null"
+    if typing.get_origin(tp) is list:
+        return f"a list of {args[0].__name__} (YAML list or comma-separated)"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+
+
+def coerce(key: str, value: Any, from_cli: bool) -> Any:
+    """Convert `value` to the type of field `key`; CLI values arrive as strings, YAML values typed."""
+    tp = _HINTS[key]
+    try:
+        return _coerce(tp, value, from_cli)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {describe_type(tp)}") from None
+
+
+def _coerce(tp: Any, value: Any, from_cli: bool) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (from_cli and str(value).lower() in ("none", "null")):
+            return None
+        return _coerce([a for a in args if a is not type(None)][0], value, from_cli)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError
+        return value
+    if origin is list:
+        if from_cli and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise TypeError
+        return [_coerce(args[0], v, from_cli) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_cli and str(value).lower() in ("true", "1", "yes"):
+            return True
+        if from_cli and str(value).lower() in ("false", "0", "no"):
+            return False
+        raise ValueError
+    if tp is int:
+        if isinstance(value, bool) or (not from_cli and not isinstance(value, int)):
+            raise TypeError
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or (not from_cli and not isinstance(value, (int, float))):
+            # YAML reads 1e-5 (no dot) as a string: accept it when it parses as a number.
+            if not (isinstance(value, str) and _is_number(value)):
+                raise TypeError
+        return float(value)
+    if tp is str:
+        if not from_cli and not isinstance(value, (str, int, float)):
+            raise TypeError
+        return str(value)
+    raise TypeError(f"unsupported field type {tp}")
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _check_key(key: str, where: str) -> None:
+    if key not in FIELDS:
+        close = [k for k in FIELDS if key.replace("-", "_") == k or key in k or k in key]
+        hint = f" Did you mean {close}?" if close else ""
+        raise ConfigError(f"{key}: unknown key ({where}).{hint} Run `minigrpo train --help` for the keys.")
+
+
+def load_config(path: str | None = None, overrides: dict[str, str] | None = None) -> Config:
+    """Build a Config from defaults, then a YAML file, then `key -> string value` CLI overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"--config: file {path} not found")
+        with open(path) as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config: {path} must be a mapping of key: value, got {type(data).__name__}")
+        for key, value in data.items():
+            _check_key(str(key), f"in {path}")
+            values[key] = coerce(key, value, from_cli=False)
+    for key, value in (overrides or {}).items():
+        key = key.replace("-", "_")
+        _check_key(key, "on the command line")
+        values[key] = coerce(key, value, from_cli=True)
+    return Config(**values)
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """Turn ['--lr=1', '--beta', '0.1', '--use_peft'] into {'lr': '1', 'beta': '0.1', 'use_peft': 'true'}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"{arg}: unexpected argument; options are written --key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+            else:  # a bare flag: only booleans may omit the value
+                _check_key(key.replace("-", "_"), "on the command line")
+                if _HINTS[key.replace("-", "_")] is not bool:
+                    raise ConfigError(f"{key}: needs a value, {describe_type(_HINTS[key.replace('-', '_')])}")
+                value = "true"
+        out[key] = value
+        i += 1
+    return out
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config as YAML (reloadable with --config)."""
+    with open(path, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+
+
+def help_text() -> str:
+    """Every key with its type, default and meaning, grouped as in the dataclass."""
+    lines = []
+    for f in dataclasses.fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  --{f.name}={default!s:<14} {f.metadata['help']}  [{describe_type(_HINTS[f.name])}]")
+    return "\n".join(lines)

@@ -1,0 +1,222 @@
+"""Datasets and prompt templates.
+
+A dataset is a list of `Example`s. Each carries the question, the gold answer as written in the data,
+and every column of the row; the columns are passed to reward functions as keyword arguments (TRL's
+convention), with `columns["answer"]` holding the normalised gold final answer that rewards compare to.
+
+Three sources, picked from the `dataset` string by `load_examples`:
+- a `.jsonl` file (the split is ignored);
+- a directory holding `{split}.jsonl` (e.g. a local GSM8K copy with train.jsonl and test.jsonl);
+- anything else is a Hugging Face hub id (`gsm8k` is an alias of `openai/gsm8k`, config "main").
+
+Three prompt templates (`TEMPLATES`): "chat" and "r1" go through the tokenizer's chat template with a
+system prompt asking for a final `#### <number>` line (GSM8K's own answer format, so one extractor scores
+both the data and the model); "fewshot" is plain text for base models that have no chat template.
+"""
+
+import itertools
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+
+TEMPLATES = ("chat", "r1", "fewshot")
+
+SYSTEM_PROMPT = (
+    "You are a helpful assistant that solves math problems. Reason step by step, then write the final "
+    "answer on its own last line in the form:\n#### <number>"
+)
+
+R1_SYSTEM_PROMPT = (
+    "You are a helpful assistant that solves math problems. First think about the problem step by step "
+    "inside <think> ... </think>. Then give the final answer on its own last line in the form:\n"
+    "#### <number>"
+)
+
+# Short names for hub datasets, and the config each needs (GSM8K has "main" and "socratic").
+HUB_ALIASES = {"gsm8k": "openai/gsm8k"}
+HUB_CONFIGS = {"openai/gsm8k": "main"}
+
+# The same pattern as GSM8K's reference extraction, but the LAST match wins: a solution may quote
+# "####" earlier, and the final line is the answer.
+_GOLD_RE = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+_CALCULATOR_RE = re.compile(r"<<.*?>>")
+
+
+@dataclass
+class Example:
+    """One problem: the question, the gold answer as written, and all columns of its row."""
+
+    question: str  # the problem text
+    answer: str  # the gold answer as written in the data (GSM8K: the full solution ending in "#### N")
+    columns: dict[str, Any]  # every field of the row, passed to rewards; "answer" is the gold final answer
+
+
+def _gold_final(answer: str) -> str:
+    """Return the number after the last `#### ` (commas, `$` and spaces removed), else the stripped text.
+
+    Kept local instead of importing rewards.extract_gold so data.py has no dependency on rewards.py.
+    """
+    matches = _GOLD_RE.findall(answer)
+    if matches:
+        return matches[-1].replace(",", "")
+    return answer.strip()
+
+
+def strip_calculator(text: str) -> str:
+    """Remove GSM8K calculator annotations: "48/2 = <<48/2=24>>24" becomes "48/2 = 24"."""
+    return _CALCULATOR_RE.sub("", text)
+
+
+def _to_example(row: dict[str, Any], where: str, prompt_field: str, answer_field: str) -> Example:
+    """Turn one data row into an Example; `where` names the row's origin for error messages."""
+    missing = [key for key in (prompt_field, answer_field) if key not in row]
+    if missing:
+        raise ValueError(
+            f"{where}: missing key {', '.join(map(repr, missing))}; the row has keys {sorted(row)}. "
+            "Pass prompt_field= / answer_field= to name the question and answer columns."
+        )
+    question, answer = str(row[prompt_field]), str(row[answer_field])
+    # Rewards receive the columns as keyword arguments; "answer" must be the comparable final answer,
+    # so the full worked solution moves to "solution".
+    columns = dict(row)
+    columns["question"] = question
+    columns["solution"] = answer
+    columns["answer"] = _gold_final(answer)
+    return Example(question=question, answer=answer, columns=columns)
+
+
+def _read_jsonl(path: Path, prompt_field: str, answer_field: str, limit: int | None) -> list[Example]:
+    """Read a JSONL file by hand so a bad line is reported with its file and line number."""
+    examples: list[Example] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit is not None and len(examples) >= limit:
+                break
+            if not line.strip():
+                continue  # blank lines (often a trailing newline) are not rows
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{path}, line {lineno}: not valid JSON ({e.msg}). "
+                    "Each line must be one JSON object; fix or delete that line."
+                ) from None
+            if not isinstance(row, dict):
+                # ValueError, not TypeError: like the other messages here, it reports bad data.
+                raise ValueError(  # noqa: TRY004
+                    f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}. "
+                    'Each line must look like {"question": ..., "answer": ...}.'
+                )
+            examples.append(_to_example(row, f"{path}, line {lineno}", prompt_field, answer_field))
+    if not examples:
+        raise ValueError(f"{path}: the dataset is empty (no JSON rows found).")
+    return examples
+
+
+def _load_hub(
+    name: str, split: str, prompt_field: str, answer_field: str, limit: int | None
+) -> list[Example]:
+    """Load a split from the Hugging Face hub (or its local cache) with `datasets.load_dataset`."""
+    import datasets  # imported here: it is slow to import and only the hub path needs it
+
+    hub_id = HUB_ALIASES.get(name, name)
+    config = HUB_CONFIGS.get(hub_id)
+    rows: Iterable[dict[str, Any]] = datasets.load_dataset(hub_id, config, split=split)
+    examples = [
+        _to_example(dict(row), f"{hub_id} [{split}], row {i}", prompt_field, answer_field)
+        for i, row in enumerate(itertools.islice(rows, limit))
+    ]
+    if not examples:
+        raise ValueError(f"{hub_id} [{split}]: the dataset is empty.")
+    return examples
+
+
+def load_examples(
+    dataset: str,
+    split: str,
+    prompt_field: str = "question",
+    answer_field: str = "answer",
+    limit: int | None = None,
+) -> list[Example]:
+    """Load a dataset as a list of Examples, keeping the first `limit` rows if given.
+
+    `dataset` is a `.jsonl` file (split ignored), a directory containing `{split}.jsonl`, or a hub id
+    (`gsm8k` means `openai/gsm8k` with config "main"). `prompt_field` and `answer_field` name the
+    question and answer columns.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of rows or None, got {limit}.")
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        file = path / f"{split}.jsonl"
+        if not file.is_file():
+            found = sorted(p.name for p in path.glob("*.jsonl"))
+            raise FileNotFoundError(f"{file} does not exist; {path} holds {found or 'no .jsonl files'}.")
+        return _read_jsonl(file, prompt_field, answer_field, limit)
+    # A name that looks like a path must not fall through to the hub, where it would fail with a
+    # confusing network or "dataset not found" error.
+    if dataset.endswith(".jsonl") or dataset.startswith((".", "/", "~")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{dataset}: no such .jsonl file or directory.")
+        return _read_jsonl(path, prompt_field, answer_field, limit)
+    return _load_hub(dataset, split, prompt_field, answer_field, limit)
+
+
+def sft_target(example: Example) -> str:
+    """Return the gold solution as a completion: no calculator annotations, ending with `#### N`.
+
+    The final line is rewritten to the normalised gold answer, so the SFT target has exactly the format
+    the reward's extractor expects. A bare answer with no worked solution becomes just `#### N`.
+    """
+    gold = _gold_final(example.answer)
+    lines = strip_calculator(example.answer).strip().splitlines()
+    body = "\n".join(line for line in lines if not line.lstrip().startswith("####")).strip()
+    if not body or body == gold:
+        return f"#### {gold}"
+    return f"{body}\n#### {gold}"
+
+
+def _chat_prompt(tokenizer: Any, system: str, question: str) -> str:
+    """Render a system + user conversation with the tokenizer's chat template, ready for generation."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            "The model's tokenizer has no chat template (a base model?). "
+            "Use `template: fewshot` for base models."
+        )
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError:
+        # Some templates (e.g. Gemma's) reject a system role; put the instructions in the user turn.
+        messages = [{"role": "user", "content": f"{system}\n\n{question}"}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def build_prompt(
+    tokenizer: Any,
+    question: str,
+    template: str = "chat",
+    system_prompt: str | None = None,
+    fewshot: list[Example] | None = None,
+) -> str:
+    """Build the prompt text for one question.
+
+    "chat": the chat template with SYSTEM_PROMPT (or `system_prompt`); "r1": the same with
+    R1_SYSTEM_PROMPT (think in <think> tags); "fewshot": plain "Question: ...\\nAnswer: ..." blocks for
+    the `fewshot` examples, then the question, for base models (`system_prompt`, if given, goes first).
+    """
+    if template == "chat":
+        return _chat_prompt(tokenizer, system_prompt or SYSTEM_PROMPT, question)
+    if template == "r1":
+        return _chat_prompt(tokenizer, system_prompt or R1_SYSTEM_PROMPT, question)
+    if template == "fewshot":
+        # The shots end with "#### N" so a base model copies the format the reward extracts.
+        shots = "".join(f"Question: {ex.question}\nAnswer: {sft_target(ex)}\n\n" for ex in fewshot or [])
+        header = f"{system_prompt}\n\n" if system_prompt else ""
+        return f"{header}{shots}Question: {question}\nAnswer:"
+    raise ValueError(f"Unknown template {template!r}; choose one of {', '.join(TEMPLATES)}.")

@@ -1,0 +1,97 @@
+"""Loading the policy (hub id, local dir, GGUF, or the offline tiny model), LoRA, and the reference policy.
+
+The reference policy for the KL term costs nothing under LoRA: it is the same model with the adapters
+disabled. Under full fine-tuning it is a frozen copy taken at load time (before any update), so it is
+exactly the starting weights. With beta = 0 no reference exists at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from minigrpo.config import Config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token (eos when the model has none) and left padding for prompts."""
+    if cfg.model == "tiny-random":
+        from minigrpo.tiny import tiny_tokenizer
+        tok = tiny_tokenizer()
+    else:
+        tok = AutoTokenizer.from_pretrained(cfg.model, gguf_file=cfg.gguf_file)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # safe: the completion mask is built from the first EOS, not from pads
+    tok.padding_side = "left"  # prompts are left-padded so every completion starts at the same column
+    return tok
+
+
+def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None,
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the policy model (with LoRA adapters when cfg.use_peft) and its tokenizer onto cfg.device."""
+    tok = tokenizer or load_tokenizer(cfg)
+    device = resolve_device(cfg.device)
+    if cfg.model == "tiny-random":
+        from minigrpo.tiny import tiny_model
+        model = tiny_model(tok, seed=cfg.seed).to(DTYPES[cfg.dtype])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, gguf_file=cfg.gguf_file, dtype=DTYPES[cfg.dtype])
+    model.to(device)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.use_peft:
+        model = apply_lora(model, cfg)
+    return model, tok
+
+
+def apply_lora(model: PreTrainedModel, cfg: Config) -> PreTrainedModel:
+    """Wrap the model with peft LoRA adapters on cfg.lora_target_modules."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_target_modules
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      target_modules="all-linear" if targets == ["all-linear"] else targets,
+                      task_type="CAUSAL_LM")
+    if cfg.gradient_checkpointing:
+        # peft + checkpointing: frozen embeddings give no input grads, so backward would see no graph.
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora)
+
+
+class Reference:
+    """The reference policy for the KL term: `with ref.active(): logits = ref.model(...)`."""
+
+    def __init__(self, model: PreTrainedModel, use_peft: bool) -> None:
+        self.use_peft = use_peft
+        # Full fine-tuning: a frozen copy of the weights as loaded, made before any update.
+        self.model = model if use_peft else copy.deepcopy(model).eval().requires_grad_(False)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[PreTrainedModel]:
+        """Yield a model computing reference log-probs: the base (adapters off) or the frozen copy."""
+        if self.use_peft:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            yield self.model
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters the optimizer updates (LoRA adapters, or every weight for full fine-tuning)."""
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,85 @@
+"""Run folder and monitoring: metrics.jsonl, TensorBoard events, samples.jsonl, a rich progress bar.
+
+The loop calls `log(step, metrics)` and `samples(step, rows)`; nothing else in it knows where numbers go.
+Metric names live under fixed prefixes (train/, completions/, perf/, eval/, memory/).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(highlight=False)
+
+
+def print0(*args: Any) -> None:
+    """Print through rich (one place to silence non-zero ranks later)."""
+    console.print(*args)
+
+
+def make_run_dir(output_dir: str | None) -> Path:
+    """The run folder: output_dir, or runs/<date-time> (a suffix is added if it exists)."""
+    if output_dir:
+        path = Path(output_dir)
+    else:
+        base = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        path, i = base, 1
+        while path.exists():
+            path, i = Path(f"{base}-{i}"), i + 1
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class Monitor:
+    """Writes every step's metrics to metrics.jsonl and TensorBoard; shows a progress bar with the headline."""
+
+    def __init__(self, run_dir: Path, total_steps: int, logging_steps: int = 1, show: bool = True) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = run_dir
+        self.metrics_file = open(run_dir / "metrics.jsonl", "a")
+        self.samples_file = open(run_dir / "samples.jsonl", "a")
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.logging_steps = logging_steps
+        self.progress = Progress(TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
+                                 disable=not show)
+        self.task = self.progress.add_task("", total=total_steps)
+        self.progress.start()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record one step's metrics (non-finite values are written as null in JSON)."""
+        row = {"step": step, **{k: (v if math.isfinite(v) else None) for k, v in metrics.items()}}
+        self.metrics_file.write(json.dumps(row) + "\n")
+        self.metrics_file.flush()
+        for key, value in metrics.items():
+            self.tb.add_scalar(key, value, step)
+        if "train/reward" in metrics:
+            head = (f"reward {metrics['train/reward']:.3f}  acc {metrics['train/accuracy']:.3f}  "
+                    f"len {metrics['completions/mean_length']:.0f}  {metrics['perf/step_s']:.2f}s/step")
+            self.progress.update(self.task, completed=step, description=head)
+            if step % self.logging_steps == 0 and not self.progress.disable:
+                self.progress.console.print(f"step {step:>4}  {head}  kl {metrics.get('train/kl', 0.0):.4f}  "
+                                            f"zero-std {metrics['train/frac_reward_zero_std']:.2f}")
+        if "eval/accuracy" in metrics and not self.progress.disable:
+            self.progress.console.print(f"step {step:>4}  eval accuracy {metrics['eval/accuracy']:.3f}  "
+                                        f"format {metrics['eval/format']:.3f}")
+
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Record a few completions (prompt, completion, reward, answer) for reading later."""
+        for row in rows:
+            self.samples_file.write(json.dumps({"step": step, **row}) + "\n")
+        self.samples_file.flush()
+
+    def close(self) -> None:
+        """Stop the progress bar and flush every file."""
+        self.progress.stop()
+        self.metrics_file.close()
+        self.samples_file.close()
+        self.tb.close()

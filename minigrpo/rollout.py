@@ -1,0 +1,121 @@
+"""Rollout: turn prompts into groups of completions. Swap the engine here (`rollout_backend`).
+
+Every backend returns a `Rollout`: left-padded prompts, right-padded completions, the completion mask
+(tokens up to and including the first EOS), the decoded texts and the group of each completion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from minigrpo.algo import completion_mask
+
+
+@dataclass
+class SamplingParams:
+    """How to sample: n completions per prompt; temperature 0 means greedy."""
+    n: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class Rollout:
+    """A batch of B = num_prompts * n completions; completion i belongs to prompt group[i]."""
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P] 1 on real prompt tokens
+    completion_ids: torch.Tensor  # [B, C] right-padded after the first EOS
+    completion_mask: torch.Tensor  # [B, C] float, 1 up to and including the first EOS
+    truncated: torch.Tensor  # [B] bool: no EOS within max_new_tokens
+    prompts: list[str]  # [B] prompt text of each completion
+    completions: list[str]  # [B] decoded completion text, special tokens removed
+    group: list[int]  # [B] index of the prompt in the input list
+
+    @property
+    def num_completion_tokens(self) -> int:
+        """Generated tokens that count (masked in): the unit of the tokens/s figure."""
+        return int(self.completion_mask.sum().item())
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every token that ends a completion: the tokenizer's eos and the generation config's (may be a list)."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = model.generation_config.eos_token_id
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], device: torch.device,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask. Chat templates already hold any BOS, so none is added again."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+@torch.no_grad()
+def hf_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                params: SamplingParams) -> Rollout:
+    """Sample `params.n` completions per prompt with transformers' `generate` (the reference backend)."""
+    device = next(model.parameters()).device
+    ids, mask = encode_prompts(tokenizer, prompts, device)
+    ids, mask = ids.repeat_interleave(params.n, 0), mask.repeat_interleave(params.n, 0)
+    eos = eos_token_ids(model, tokenizer)
+    greedy = params.temperature == 0
+    was_training = model.training
+    model.eval()
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens, do_sample=not greedy,
+        temperature=None if greedy else params.temperature, top_p=None if greedy else params.top_p,
+        top_k=None if greedy else params.top_k, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+    )
+    model.train(was_training)
+    completion_ids = out[:, ids.shape[1]:]
+    return make_rollout(tokenizer, prompts, params.n, ids, mask, completion_ids, eos)
+
+
+def make_rollout(tokenizer: PreTrainedTokenizerBase, prompts: list[str], n: int, prompt_ids: torch.Tensor,
+                 prompt_mask: torch.Tensor, completion_ids: torch.Tensor, eos: list[int]) -> Rollout:
+    """Assemble a Rollout from generated ids: mask, truncation flags, decoded texts, groups."""
+    cmask = completion_mask(completion_ids, eos)  # [B, C]
+    has_eos = torch.isin(completion_ids, torch.tensor(eos, device=completion_ids.device)).any(1)
+    # Decode only the masked-in tokens: text after the first EOS is padding, not part of the answer.
+    lengths = cmask.sum(1).long().tolist()
+    texts = tokenizer.batch_decode([row[:n_tok] for row, n_tok in zip(completion_ids.tolist(), lengths)],
+                                   skip_special_tokens=True)
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                   completion_mask=cmask, truncated=~has_eos, prompts=[p for p in prompts for _ in range(n)],
+                   completions=texts, group=[i for i in range(len(prompts)) for _ in range(n)])
+
+
+BACKENDS: dict[str, Callable[..., Rollout]] = {"hf": hf_generate}
+
+
+def generate(backend: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+             params: SamplingParams) -> Rollout:
+    """Dispatch to the configured rollout backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"rollout_backend: unknown {backend!r}; available: {list(BACKENDS)}")
+    return BACKENDS[backend](model, tokenizer, prompts, params)
+
+
+def policy_logprobs(model: PreTrainedModel, rollout_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    num_completion: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies of the completion tokens under `model`. [B, P+C] -> [B, C], [B, C].
+
+    Only the last C+1 positions go through the LM head (`logits_to_keep`): the prompt's logits are never
+    materialised. Position ids follow the attention mask, as in `generate`, so left padding does not
+    shift positions and the log-probs match the sampler's.
+    """
+    from minigrpo.algo import token_logprobs
+
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=rollout_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=num_completion + 1, use_cache=False)
+    logits = out.logits[:, :-1, :]  # [B, C, V]: position t predicts token t+1
+    return token_logprobs(logits, rollout_ids[:, -num_completion:], temperature)

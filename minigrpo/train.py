@@ -1,0 +1,237 @@
+"""The GRPO loop, top to bottom: prompts -> rollout -> rewards -> advantages -> loss and update -> logging.
+
+One step = one generated batch of `prompts_per_step x num_generations` completions, followed by
+`num_iterations` optimizer updates on it (each over `gradient_accumulation_steps` micro-batches).
+
+How this deviates from the DeepSeekMath paper (all configurable, TRL's current defaults):
+- the loss is aggregated per token over the whole batch (`loss_type: dapo`), not per sequence;
+- beta = 0 by default: no KL term and no reference model;
+- under LoRA the reference policy is the base model with adapters disabled (no second copy in memory).
+Note: with num_iterations = 1 the ratio is exactly 1 and the advantages are centred, so the logged loss
+is ~0 while the gradient is not; watch train/reward and eval/accuracy instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import get_scheduler
+
+from minigrpo.algo import LOSS_TYPES, Norm, group_advantages, masked_mean, policy_loss
+from minigrpo.config import Config, save_config
+from minigrpo.data import Example, build_prompt, load_examples
+from minigrpo.evaluate import evaluate
+from minigrpo.model import Reference, load_model, trainable_parameters
+from minigrpo.monitor import Monitor, make_run_dir, print0
+from minigrpo.rewards import is_correct, load_reward, score
+from minigrpo.rollout import Rollout, SamplingParams, generate, policy_logprobs
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class PromptSampler:
+    """Endless shuffled passes over the dataset indices, reproducible from the seed."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.gen, self.order, self.pos = size, torch.Generator().manual_seed(seed), [], 0
+
+    def take(self, n: int) -> list[int]:
+        """The next n indices (a new permutation starts when a pass is used up)."""
+        out = []
+        while len(out) < n:
+            if self.pos == len(self.order):
+                self.order, self.pos = torch.randperm(self.size, generator=self.gen).tolist(), 0
+            out.append(self.order[self.pos])
+            self.pos += 1
+        return out
+
+
+def render_prompts(cfg: Config, tokenizer: Any, examples: list[Example], fewshot: list[Example] | None,
+                   where: str) -> list[str]:
+    """Prompt text for each example; a prompt over max_prompt_length tokens is an error naming the row."""
+    prompts = [build_prompt(tokenizer, ex.question, cfg.template, cfg.system_prompt, fewshot) for ex in examples]
+    if not prompts:
+        return []
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
+    for i, n in enumerate(lengths):
+        if n > cfg.max_prompt_length:
+            raise ValueError(f"{where} row {i + 1}: the prompt has {n} tokens > max_prompt_length="
+                             f"{cfg.max_prompt_length}; raise max_prompt_length or remove the row")
+    return prompts
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak RSS on CPU, in GB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, advantages: torch.Tensor,
+                  loss_mask: torch.Tensor, cfg: Config, optimizer: torch.optim.Optimizer,
+                  scheduler: Any) -> dict[str, float]:
+    """num_iterations clipped-surrogate updates on one rollout; returns the step's loss statistics."""
+    input_ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)  # [B, P+C]
+    attention = torch.cat([ro.prompt_mask, ro.completion_mask.long()], 1)  # [B, P+C]
+    C, mb = ro.completion_ids.shape[1], cfg.per_device_train_batch_size
+    micro = [slice(i, i + mb) for i in range(0, input_ids.shape[0], mb)]
+    norm = Norm(num_sequences=input_ids.shape[0], num_tokens=int(loss_mask.sum()),
+                num_micro_batches=len(micro), max_completion_length=cfg.max_completion_length)
+    ref_logp: list[torch.Tensor | None] = [None] * len(micro)
+    if ref is not None:  # reference log-probs once per rollout, no graph
+        with torch.no_grad(), ref.active() as ref_model:
+            ref_logp = [policy_logprobs(ref_model, input_ids[s], attention[s], C, cfg.temperature)[0] for s in micro]
+    old_logp: list[torch.Tensor | None] = [None] * len(micro)
+    sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "ratio": 0.0}
+    params, grad_norms, skipped = trainable_parameters(model), [], 0
+    model.train()
+    for _ in range(cfg.num_iterations):
+        for j, s in enumerate(micro):
+            logp, entropy = policy_logprobs(model, input_ids[s], attention[s], C, cfg.temperature)  # [b, C]
+            if old_logp[j] is None:  # no update has happened yet: the current policy IS the sampler
+                old_logp[j] = logp.detach()
+            out = policy_loss(logp, old_logp[j], advantages[s], loss_mask[s], cfg.epsilon, cfg.epsilon_hi,
+                              cfg.beta, ref_logp[j])
+            loss = LOSS_TYPES[cfg.loss_type](out.per_token, loss_mask[s], norm)
+            loss.backward()
+            share = loss_mask[s].sum().item() / max(norm.num_tokens, 1) / cfg.num_iterations
+            sums["loss"] += loss.item() / cfg.num_iterations
+            for key, value in (("kl", out.kl), ("clip_ratio", out.clipped), ("entropy", entropy.detach()),
+                               ("ratio", out.ratio)):
+                if value is not None:
+                    sums[key] += masked_mean(value, loss_mask[s]).item() * share
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+        grad_norms.append(grad_norm.item())
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        else:  # a non-finite gradient would poison the weights: skip this update
+            skipped += 1
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {f"train/{k}": v for k, v in sums.items()} | {
+        "train/grad_norm": sum(grad_norms) / len(grad_norms), "train/skipped_updates": float(skipped)}
+
+
+def run_eval(cfg: Config, model: torch.nn.Module, tokenizer: Any, prompts: list[str],
+             examples: list[Example]) -> dict[str, float]:
+    """Greedy held-out accuracy (the task metric, independent of the reward weights)."""
+    if not prompts:
+        return {}
+    report = evaluate(model, tokenizer, prompts, [ex.columns["answer"] for ex in examples],
+                      max_new_tokens=cfg.max_completion_length, batch_size=cfg.eval_batch_size,
+                      backend=cfg.rollout_backend)
+    return {"eval/accuracy": report["accuracy"], "eval/format": report["format"],
+            "eval/mean_length": report["mean_length"]}
+
+
+def save_policy(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
+    """Save the adapter (LoRA) or the full model, with the tokenizer, loadable by peft / transformers."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def train(cfg: Config, show_progress: bool = True) -> Path:
+    """Run GRPO as configured; returns the run folder (config, metrics, TensorBoard, samples, adapter)."""
+    # ---- setup ----------------------------------------------------------------------------------------
+    run_dir = make_run_dir(cfg.output_dir)
+    save_config(cfg, str(run_dir / "config.yaml"))
+    set_seed(cfg.seed)
+    model, tok = load_model(cfg)
+    device = next(model.parameters()).device
+    ref = Reference(model, cfg.use_peft) if cfg.beta > 0 else None
+    train_set = load_examples(cfg.dataset, cfg.train_split, cfg.prompt_field, cfg.answer_field)
+    eval_set = (load_examples(cfg.dataset, cfg.eval_split, cfg.prompt_field, cfg.answer_field, cfg.eval_limit)
+                if cfg.eval_limit else [])
+    fewshot = train_set[:cfg.num_fewshot] if cfg.template == "fewshot" else None
+    train_prompts = render_prompts(cfg, tok, train_set, fewshot, f"{cfg.dataset} [{cfg.train_split}]")
+    eval_prompts = render_prompts(cfg, tok, eval_set, fewshot, f"{cfg.dataset} [{cfg.eval_split}]")
+    weights = cfg.reward_weights or [1.0] * len(cfg.reward_funcs)
+    reward_funcs = [(name, load_reward(name), w) for name, w in zip(cfg.reward_funcs, weights)]
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2))
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=cfg.max_steps * cfg.num_iterations)
+    sampler = PromptSampler(len(train_set), cfg.seed)
+    sampling = SamplingParams(n=cfg.num_generations, max_new_tokens=cfg.max_completion_length,
+                              temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    G = cfg.num_generations
+    monitor = Monitor(run_dir, cfg.max_steps, cfg.logging_steps, show=show_progress)
+    before = run_eval(cfg, model, tok, eval_prompts, eval_set)
+    if before:
+        monitor.log(0, before)
+        print0(f"held-out accuracy before training: {before['eval/accuracy']:.3f} (n={len(eval_set)}, greedy)")
+
+    for step in range(1, cfg.max_steps + 1):
+        t0 = time.perf_counter()
+        # ---- 1. prompts -----------------------------------------------------------------------------------
+        idx = sampler.take(cfg.prompts_per_step)
+        batch = [train_set[i] for i in idx]
+        # ---- 2. rollout: G completions per prompt -----------------------------------------------------------
+        ro = generate(cfg.rollout_backend, model, tok, [train_prompts[i] for i in idx], sampling)
+        t_gen = time.perf_counter()
+        # ---- 3. rewards -----------------------------------------------------------------------------------
+        columns = {key: [ex.columns[key] for ex in batch for _ in range(G)] for key in batch[0].columns}
+        totals, per_func = score(reward_funcs, ro.prompts, ro.completions, columns)
+        correct = [is_correct(c, a) for c, a in zip(ro.completions, columns["answer"])]
+        t_score = time.perf_counter()
+        # ---- 4. advantages ----------------------------------------------------------------------------------
+        valid = torch.tensor([r is not None for r in totals], dtype=torch.float32)
+        rewards = torch.tensor([r if r is not None else 0.0 for r in totals], dtype=torch.float32)
+        advantages, zero_std = group_advantages(rewards, valid, G, cfg.scale_rewards)
+        loss_mask = ro.completion_mask * valid.to(device)[:, None]  # skipped samples leave the loss
+        if cfg.mask_truncated_completions:
+            loss_mask = loss_mask * (~ro.truncated).float()[:, None]
+        # ---- 5. loss and update (reference and old log-probs inside) ----------------------------------------
+        stats = update_policy(model, ref, ro, advantages.to(device), loss_mask, cfg, optimizer, scheduler)
+        t_end = time.perf_counter()
+        # ---- 6. logging -----------------------------------------------------------------------------------
+        lengths = ro.completion_mask.sum(1)
+        metrics = stats | {
+            "train/reward": masked_mean(rewards, valid).item(),
+            "train/reward_std": rewards[valid.bool()].std().item() if valid.sum() > 1 else 0.0,
+            "train/accuracy": sum(correct) / len(correct),
+            "train/frac_reward_zero_std": zero_std.float().mean().item(),
+            "train/skipped_samples": float(len(totals) - int(valid.sum())),
+            "train/learning_rate": scheduler.get_last_lr()[0],
+            "completions/mean_length": lengths.mean().item(), "completions/max_length": lengths.max().item(),
+            "completions/truncated_ratio": ro.truncated.float().mean().item(),
+            "perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/train_s": t_end - t_score,
+            "perf/step_s": t_end - t0, "perf/tokens_per_s": ro.num_completion_tokens / (t_end - t0),
+            "memory/peak_gb": peak_memory_gb(device),
+        }
+        for name, values in per_func.items():
+            vals = [v for v in values if v is not None]
+            metrics[f"train/rewards/{name}"] = sum(vals) / len(vals) if vals else float("nan")
+        if step % cfg.logging_steps == 0:
+            monitor.samples(step, [{"prompt": ro.prompts[i], "completion": ro.completions[i], "reward": totals[i],
+                                    "answer": columns["answer"][i]} for i in range(min(cfg.log_completions, G))])
+        # ---- 7. evaluation and checkpoint -------------------------------------------------------------------
+        if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
+            metrics |= run_eval(cfg, model, tok, eval_prompts, eval_set)
+        if cfg.save_steps and step % cfg.save_steps == 0:
+            save_policy(model, tok, run_dir / f"checkpoint-{step}")
+        monitor.log(step, metrics)
+
+    # ---- end: final evaluation and the trained policy -------------------------------------------------------
+    after = run_eval(cfg, model, tok, eval_prompts, eval_set)
+    if after:
+        monitor.log(cfg.max_steps, after)
+        print0(f"held-out accuracy: before {before['eval/accuracy']:.3f} -> after {after['eval/accuracy']:.3f}")
+    monitor.close()
+    save_policy(model, tok, run_dir / ("adapter" if cfg.use_peft else "model"))
+    (run_dir / "summary.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
+    print0(f"run folder: {run_dir}")
+    return run_dir
