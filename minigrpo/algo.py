@@ -20,7 +20,8 @@ micro-batch contributes its share, so accumulation gives the same gradient as on
     dr_grpo  sum / (num sequences * max_completion_length)                  (Dr. GRPO, constant denominator)
     dapo     sum / active tokens of the whole accumulated batch             (DAPO, Yu et al. 2025; default)
 
-Clip-higher (`epsilon_high`, DAPO) and dual-clip (Ye et al. 2020) are options of `policy_loss`.
+Options: clip-higher (`epsilon_high` > `epsilon`, DAPO); dual-clip (Ye et al. 2020): for A < 0 the loss
+is capped at -c * A so a huge ratio cannot blow it up; `std_floor` on the advantage divisor.
 """
 
 from __future__ import annotations
@@ -66,12 +67,13 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 
 
 def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, num_generations: int, scale: str = "group",
-                     eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+                     std_floor: float = 0.0, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-relative advantages. [B] rewards, [B] valid (0 = skipped sample) -> [B] advantages, [B/G] zero_std.
 
     Groups are consecutive blocks of `num_generations` completions of the same prompt. Skipped samples
     (reward None) take no part in their group's statistics and get advantage 0. A group whose rewards are
     all equal carries no signal: its advantages are exactly 0 and it is flagged in `zero_std`.
+    The divisor is max(std, std_floor) + eps: a floor keeps near-ties from becoming full-size advantages.
     """
     r = torch.where(valid.bool(), rewards, 0.0).view(-1, num_generations).double()  # [P, G]
     v = valid.view(-1, num_generations).double()  # [P, G]
@@ -81,10 +83,10 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, num_generations
     spread = torch.where(v.bool(), r, -torch.inf).amax(1) - torch.where(v.bool(), r, torch.inf).amin(1)
     zero_std = ~(spread > 0)  # exact comparison: an fp "std" of 1e-9 must not become a huge advantage
     if scale == "group":
-        denom = var.sqrt() + eps
+        denom = var.sqrt().clamp(min=std_floor) + eps
     elif scale == "batch":  # std over every valid completion of the batch (REINFORCE++-style)
         flat = r.flatten()[v.flatten().bool()]
-        denom = (flat.std() if flat.numel() > 1 else torch.zeros((), dtype=r.dtype)) + eps
+        denom = (flat.std() if flat.numel() > 1 else torch.zeros((), dtype=r.dtype)).clamp(min=std_floor) + eps
     elif scale == "none":
         denom = torch.ones((), dtype=r.dtype)
     else:

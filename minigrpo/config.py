@@ -54,9 +54,11 @@ class Config:
     max_prompt_length: int = _f(512, "prompts longer than this many tokens are an error")
     # ---- rewards ------------------------------------------------------------------------------------
     reward_funcs: list[str] = _f(["correctness", "format_soft"],
-                                 "built-in names (correctness, format_strict, format_soft, think_format) "
-                                 "or package.module:function")
+                                 "built-in names (correctness, format_strict, format_soft, think_format, "
+                                 "overlong) or package.module:function")
     reward_weights: list[float] | None = _f(None, "one weight per reward function; default all 1.0")
+    overlong_buffer: int = _f(0, "L_cache of the 'overlong' reward (DAPO soft overlong punishment): the last "
+                                 "N tokens before max_completion_length are penalised linearly down to -1")
     # ---- rollout ------------------------------------------------------------------------------------
     rollout_backend: Literal["hf"] = _f("hf", "generation engine: 'hf' (transformers generate)")
     num_generations: int = _f(8, "G: completions sampled per prompt (the group)")
@@ -68,9 +70,19 @@ class Config:
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = _f("dapo", "token aggregation, see minigrpo/algo.py")
     scale_rewards: Literal["group", "batch", "none"] = _f("group", "divide advantages by the std of the group, "
                                                                    "of the batch, or not at all (Dr. GRPO)")
+    std_floor: float = _f(0.0, "advantages divide by max(std, std_floor) + 1e-4: a floor (e.g. 0.1 for "
+                               "continuous rewards) keeps near-ties from becoming full-size advantages")
+    drop_zero_std_groups: bool = _f(False, "leave groups whose rewards are all equal (no signal) out of the loss")
+    dynamic_sampling: bool = _f(False, "DAPO: replace all-equal groups with freshly sampled prompts until every "
+                                       "group is informative or max_sampling_tries is reached")
+    max_sampling_tries: int = _f(4, "bound on generation rounds per step under dynamic_sampling")
     beta: float = _f(0.0, "KL coefficient (k3 estimator); 0 computes no reference at all")
     epsilon: float = _f(0.2, "lower clip: ratio >= 1 - epsilon")
     epsilon_high: float | None = _f(None, "upper clip: ratio <= 1 + epsilon_high; default = epsilon (DAPO: 0.28)")
+    dual_clip: float | None = _f(None, "dual-clip constant c > 1 (Ye et al. 2020): bounds the loss of "
+                                       "negative-advantage tokens at -c * A when the ratio explodes")
+    importance_sampling_level: Literal["token", "sequence"] = _f("token", "ratio per token (GRPO) or one per "
+                                                                          "sequence, geometric mean (GSPO)")
     num_iterations: int = _f(1, "mu: optimizer updates per generated batch; >1 reuses the old log-probs")
     mask_truncated_completions: bool = _f(False, "exclude completions that hit max_completion_length")
     # ---- optimisation -------------------------------------------------------------------------------
@@ -117,7 +129,7 @@ class Config:
         """Check ranges and divisibility; raise ConfigError naming the key and the fix."""
         positive = ["num_generations", "max_completion_length", "per_device_train_batch_size",
                     "gradient_accumulation_steps", "max_steps", "num_iterations", "lora_r", "logging_steps",
-                    "max_prompt_length"]
+                    "max_prompt_length", "max_sampling_tries"]
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
@@ -139,6 +151,13 @@ class Config:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if self.epsilon_high is not None and self.epsilon_high < 0:
             raise ConfigError(f"epsilon_high: must be >= 0, got {self.epsilon_high}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ConfigError(f"dual_clip: must be > 1 (or null to disable), got {self.dual_clip}")
+        if self.std_floor < 0:
+            raise ConfigError(f"std_floor: must be >= 0, got {self.std_floor}")
+        if "overlong" in self.reward_funcs and not 0 < self.overlong_buffer <= self.max_completion_length:
+            raise ConfigError(f"overlong_buffer: the 'overlong' reward needs 1 <= overlong_buffer <= "
+                              f"max_completion_length={self.max_completion_length}, got {self.overlong_buffer}")
         if not self.reward_funcs:
             raise ConfigError("reward_funcs: at least one reward function is needed, e.g. [correctness]")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):

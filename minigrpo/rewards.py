@@ -204,14 +204,47 @@ REWARD_FUNCS: dict[str, Callable] = {
 }
 
 
-def load_reward(name: str) -> Callable:
-    """A built-in reward by name (see ``REWARD_FUNCS``), or a custom one as ``package.module:function``."""
+def soft_overlong_punishment(max_completion_length: int, overlong_buffer: int) -> Callable:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) as a reward on completion lengths L:
+    0 while L <= L_max - L_buffer, then linear down to -1 at L = L_max (a truncated completion).
+
+    >>> fn = soft_overlong_punishment(10, 4)
+    >>> fn([], ["", "", ""], completion_ids=[[1] * 6, [1] * 8, [1] * 10])
+    [0.0, -0.5, -1.0]
+    """
+    if not 0 < overlong_buffer <= max_completion_length:
+        raise ValueError(f"overlong_buffer must be in [1, max_completion_length={max_completion_length}], "
+                         f"got {overlong_buffer}")
+    start = max_completion_length - overlong_buffer
+
+    def overlong(prompts: list[str], completions: list[str], completion_ids: list[list[int]],
+                 **kwargs) -> list[float | None]:
+        return [min(0.0, (start - len(ids)) / overlong_buffer) for ids in completion_ids]
+
+    return overlong
+
+
+# Built-ins that take run settings: built by load_reward from its `options`.
+REWARD_FACTORIES: dict[str, Callable[..., Callable]] = {
+    "overlong": lambda options: soft_overlong_punishment(options["max_completion_length"],
+                                                         options["overlong_buffer"]),
+}
+
+
+def load_reward(name: str, options: dict | None = None) -> Callable:
+    """A built-in reward by name (see ``REWARD_FUNCS``), or a custom one as ``package.module:function``.
+
+    `options` carries run settings for the built-ins that need them (``overlong``: max_completion_length
+    and overlong_buffer).
+    """
     if name in REWARD_FUNCS:
         return REWARD_FUNCS[name]
+    if name in REWARD_FACTORIES:
+        return REWARD_FACTORIES[name](options or {})
     module_name, sep, attr = name.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(
-            f"unknown reward {name!r}: built-in rewards are {', '.join(REWARD_FUNCS)}; "
+            f"unknown reward {name!r}: built-in rewards are {', '.join([*REWARD_FUNCS, *REWARD_FACTORIES])}; "
             "a custom reward is accepted as 'package.module:function'"
         )
     try:

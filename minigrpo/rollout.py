@@ -93,6 +93,37 @@ def make_rollout(tokenizer: PreTrainedTokenizerBase, prompts: list[str], n: int,
                    completions=texts, group=[i for i in range(len(prompts)) for _ in range(n)])
 
 
+def merge_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """One Rollout from several (prompts re-padded on the left, completions on the right; groups renumbered)."""
+    P = max(r.prompt_ids.shape[1] for r in parts)
+    C = max(r.completion_ids.shape[1] for r in parts)
+
+    def pad(x: torch.Tensor, width: int, value: float, left: bool) -> torch.Tensor:
+        fill = x.new_full((x.shape[0], width - x.shape[1]), value)
+        return torch.cat([fill, x] if left else [x, fill], 1)
+
+    groups, offset = [], 0
+    for r in parts:
+        groups += [g + offset for g in r.group]
+        offset += max(r.group) + 1
+    return Rollout(prompt_ids=torch.cat([pad(r.prompt_ids, P, pad_id, True) for r in parts]),
+                   prompt_mask=torch.cat([pad(r.prompt_mask, P, 0, True) for r in parts]),
+                   completion_ids=torch.cat([pad(r.completion_ids, C, pad_id, False) for r in parts]),
+                   completion_mask=torch.cat([pad(r.completion_mask, C, 0, False) for r in parts]),
+                   truncated=torch.cat([r.truncated for r in parts]),
+                   prompts=[p for r in parts for p in r.prompts], completions=[c for r in parts for c in r.completions],
+                   group=groups)
+
+
+def select_rows(ro: Rollout, rows: list[int]) -> Rollout:
+    """The Rollout restricted to `rows` (in that order); groups keep their numbers."""
+    idx = torch.tensor(rows, dtype=torch.long)
+    return Rollout(prompt_ids=ro.prompt_ids[idx], prompt_mask=ro.prompt_mask[idx],
+                   completion_ids=ro.completion_ids[idx], completion_mask=ro.completion_mask[idx],
+                   truncated=ro.truncated[idx], prompts=[ro.prompts[i] for i in rows],
+                   completions=[ro.completions[i] for i in rows], group=[ro.group[i] for i in rows])
+
+
 BACKENDS: dict[str, Callable[..., Rollout]] = {"hf": hf_generate}
 
 

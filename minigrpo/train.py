@@ -18,6 +18,8 @@ import math
 import random
 import resource
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from minigrpo.evaluate import evaluate
 from minigrpo.model import Reference, load_model, trainable_parameters
 from minigrpo.monitor import Monitor, make_run_dir, print0
 from minigrpo.rewards import is_correct, load_reward, score
-from minigrpo.rollout import Rollout, SamplingParams, generate, policy_logprobs
+from minigrpo.rollout import Rollout, SamplingParams, generate, merge_rollouts, policy_logprobs, select_rows
 
 
 def set_seed(seed: int) -> None:
@@ -73,6 +75,54 @@ def render_prompts(cfg: Config, tokenizer: Any, examples: list[Example], fewshot
     return prompts
 
 
+@dataclass
+class Scored:
+    """A rollout and its rewards: what the prompt, rollout and reward phases hand to the update."""
+    rollout: Rollout
+    columns: dict[str, list[Any]]  # dataset columns, one value per completion (the rewards' keyword args)
+    totals: list[float | None]  # weighted reward per completion; None = skipped
+    per_func: dict[str, list[float | None]]  # each reward function's values
+    generate_s: float
+    score_s: float
+
+
+def rollout_and_score(cfg: Config, model: torch.nn.Module, tokenizer: Any, examples: list[Example],
+                      prompts: list[str], reward_funcs: list[tuple[str, Callable, float]],
+                      sampling: SamplingParams) -> Scored:
+    """Sample G completions per prompt, then score each with every reward function."""
+    t0 = time.perf_counter()
+    ro = generate(cfg.rollout_backend, model, tokenizer, prompts, sampling)
+    t1 = time.perf_counter()
+    columns = {key: [ex.columns[key] for ex in examples for _ in range(sampling.n)] for key in examples[0].columns}
+    lengths = ro.completion_mask.sum(1).long().tolist()
+    ids = [row[:n] for row, n in zip(ro.completion_ids.tolist(), lengths)]  # TRL passes completion_ids too
+    totals, per_func = score(reward_funcs, ro.prompts, ro.completions, columns | {"completion_ids": ids})
+    return Scored(ro, columns, totals, per_func, t1 - t0, time.perf_counter() - t1)
+
+
+def flat_groups(totals: list[float | None], G: int) -> list[bool]:
+    """Per group: True when its scored rewards are all equal (or fewer than 2): no learning signal."""
+    groups = [[r for r in totals[i:i + G] if r is not None] for i in range(0, len(totals), G)]
+    return [len(g) < 2 or max(g) == min(g) for g in groups]
+
+
+def _concat(dicts: list[dict[str, list[Any]]]) -> dict[str, list[Any]]:
+    return {k: [v for d in dicts for v in d[k]] for k in dicts[0]}
+
+
+def keep_informative(parts: list[Scored], num_groups: int, G: int, pad_id: int) -> Scored:
+    """Merge several scored rollouts and keep num_groups groups, informative ones first (DAPO)."""
+    ro = merge_rollouts([p.rollout for p in parts], pad_id)
+    totals = [r for p in parts for r in p.totals]
+    flat = flat_groups(totals, G)
+    keep = sorted(([g for g, f in enumerate(flat) if not f] + [g for g, f in enumerate(flat) if f])[:num_groups])
+    rows = [g * G + j for g in keep for j in range(G)]
+    columns, per_func = _concat([p.columns for p in parts]), _concat([p.per_func for p in parts])
+    return Scored(select_rows(ro, rows), {k: [v[i] for i in rows] for k, v in columns.items()},
+                  [totals[i] for i in rows], {k: [v[i] for i in rows] for k, v in per_func.items()},
+                  sum(p.generate_s for p in parts), sum(p.score_s for p in parts))
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak allocated GPU memory, or the process's peak RSS on CPU, in GB."""
     if device.type == "cuda":
@@ -104,7 +154,7 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
             if old_logp[j] is None:  # no update has happened yet: the current policy IS the sampler
                 old_logp[j] = logp.detach()
             out = policy_loss(logp, old_logp[j], advantages[s], loss_mask[s], cfg.epsilon, cfg.epsilon_hi,
-                              cfg.beta, ref_logp[j])
+                              cfg.beta, ref_logp[j], cfg.importance_sampling_level, cfg.dual_clip)
             loss = LOSS_TYPES[cfg.loss_type](out.per_token, loss_mask[s], norm)
             loss.backward()
             share = loss_mask[s].sum().item() / max(norm.num_tokens, 1) / cfg.num_iterations
@@ -159,7 +209,8 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
     train_prompts = render_prompts(cfg, tok, train_set, fewshot, f"{cfg.dataset} [{cfg.train_split}]")
     eval_prompts = render_prompts(cfg, tok, eval_set, fewshot, f"{cfg.dataset} [{cfg.eval_split}]")
     weights = cfg.reward_weights or [1.0] * len(cfg.reward_funcs)
-    reward_funcs = [(name, load_reward(name), w) for name, w in zip(cfg.reward_funcs, weights)]
+    options = {"max_completion_length": cfg.max_completion_length, "overlong_buffer": cfg.overlong_buffer}
+    reward_funcs = [(name, load_reward(name, options), w) for name, w in zip(cfg.reward_funcs, weights)]
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2))
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
@@ -169,6 +220,12 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     G = cfg.num_generations
     monitor = Monitor(run_dir, cfg.max_steps, cfg.logging_steps, show=show_progress)
+
+    def sample(n: int) -> Scored:  # phases 1-3 for the next n prompts of the data order
+        idx = sampler.take(n)
+        return rollout_and_score(cfg, model, tok, [train_set[i] for i in idx], [train_prompts[i] for i in idx],
+                                 reward_funcs, sampling)
+
     before = run_eval(cfg, model, tok, eval_prompts, eval_set)
     if before:
         monitor.log(0, before)
@@ -176,24 +233,30 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
 
     for step in range(1, cfg.max_steps + 1):
         t0 = time.perf_counter()
-        # ---- 1. prompts -----------------------------------------------------------------------------------
-        idx = sampler.take(cfg.prompts_per_step)
-        batch = [train_set[i] for i in idx]
-        # ---- 2. rollout: G completions per prompt -----------------------------------------------------------
-        ro = generate(cfg.rollout_backend, model, tok, [train_prompts[i] for i in idx], sampling)
-        t_gen = time.perf_counter()
-        # ---- 3. rewards -----------------------------------------------------------------------------------
-        columns = {key: [ex.columns[key] for ex in batch for _ in range(G)] for key in batch[0].columns}
-        totals, per_func = score(reward_funcs, ro.prompts, ro.completions, columns)
+        # ---- 1-3. prompts -> rollout (G completions each) -> rewards --------------------------------------------
+        parts = [sample(cfg.prompts_per_step)]
+        # DAPO dynamic sampling: groups whose rewards are all equal carry no signal; draw fresh prompts for them.
+        while cfg.dynamic_sampling and len(parts) < cfg.max_sampling_tries:
+            missing = cfg.prompts_per_step - sum(not f for p in parts for f in flat_groups(p.totals, G))
+            if missing <= 0:
+                break
+            parts.append(sample(missing))
+        scored = keep_informative(parts, cfg.prompts_per_step, G, tok.pad_token_id) if len(parts) > 1 else parts[0]
+        ro, totals, columns = scored.rollout, scored.totals, scored.columns
+        informative = sum(not f for f in flat_groups(totals, G))
+        if cfg.dynamic_sampling and informative < cfg.prompts_per_step:
+            print0(f"step {step}: dynamic sampling hit max_sampling_tries={cfg.max_sampling_tries} with "
+                   f"{informative}/{cfg.prompts_per_step} informative groups; the rest have no signal")
         correct = [is_correct(c, a) for c, a in zip(ro.completions, columns["answer"])]
-        t_score = time.perf_counter()
         # ---- 4. advantages ----------------------------------------------------------------------------------
         valid = torch.tensor([r is not None for r in totals], dtype=torch.float32)
         rewards = torch.tensor([r if r is not None else 0.0 for r in totals], dtype=torch.float32)
-        advantages, zero_std = group_advantages(rewards, valid, G, cfg.scale_rewards)
-        loss_mask = ro.completion_mask * valid.to(device)[:, None]  # skipped samples leave the loss
+        advantages, zero_std = group_advantages(rewards, valid, G, cfg.scale_rewards, cfg.std_floor)
+        keep = valid * (~zero_std).float().repeat_interleave(G) if cfg.drop_zero_std_groups else valid
+        loss_mask = ro.completion_mask * keep.to(device)[:, None]  # skipped samples leave the loss
         if cfg.mask_truncated_completions:
             loss_mask = loss_mask * (~ro.truncated).float()[:, None]
+        t_score = time.perf_counter()
         # ---- 5. loss and update (reference and old log-probs inside) ----------------------------------------
         stats = update_policy(model, ref, ro, advantages.to(device), loss_mask, cfg, optimizer, scheduler)
         t_end = time.perf_counter()
@@ -208,11 +271,12 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
             "train/learning_rate": scheduler.get_last_lr()[0],
             "completions/mean_length": lengths.mean().item(), "completions/max_length": lengths.max().item(),
             "completions/truncated_ratio": ro.truncated.float().mean().item(),
-            "perf/generate_s": t_gen - t0, "perf/score_s": t_score - t_gen, "perf/train_s": t_end - t_score,
+            "train/sampling_tries": float(len(parts)), "train/informative_groups": float(informative),
+            "perf/generate_s": scored.generate_s, "perf/score_s": scored.score_s, "perf/train_s": t_end - t_score,
             "perf/step_s": t_end - t0, "perf/tokens_per_s": ro.num_completion_tokens / (t_end - t0),
             "memory/peak_gb": peak_memory_gb(device),
         }
-        for name, values in per_func.items():
+        for name, values in scored.per_func.items():
             vals = [v for v in values if v is not None]
             metrics[f"train/rewards/{name}"] = sum(vals) / len(vals) if vals else float("nan")
         if step % cfg.logging_steps == 0:
