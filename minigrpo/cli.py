@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -19,11 +20,8 @@ in the run folder as config.yaml. Keys:
 """
 
 
-def cmd_train(argv: list[str]) -> int:
-    """Parse `train` options, build the config and run the loop."""
-    if "-h" in argv or "--help" in argv:
-        print(TRAIN_USAGE + help_text())
-        return 0
+def config_from_argv(argv: list[str]) -> Config:
+    """`[--config FILE] [--key=value ...]` -> Config."""
     config_path = None
     rest = list(argv)
     for i, arg in enumerate(argv):
@@ -33,75 +31,107 @@ def cmd_train(argv: list[str]) -> int:
         if arg.startswith("--config="):
             config_path, rest = arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
             break
-    cfg = load_config(config_path, parse_overrides(rest))
+    return load_config(config_path, parse_overrides(rest))
+
+
+def cmd_train(argv: list[str]) -> int:
+    """Parse `train` options, build the config and run the GRPO loop."""
+    if "-h" in argv or "--help" in argv:
+        print(TRAIN_USAGE + help_text())
+        return 0
+    cfg = config_from_argv(argv)
     from minigrpo.train import train  # heavy imports only once the config is known to be valid
 
     train(cfg)
     return 0
 
 
-def eval_parser() -> argparse.ArgumentParser:
-    """Options of `minigrpo eval`."""
-    p = argparse.ArgumentParser(prog="minigrpo eval", description="Evaluate a model (and adapter) on a math "
-                                "dataset: greedy accuracy, format compliance, mean length; pass@k and maj@k "
-                                "with --k. Scores with the same answer extractor as the training reward.")
-    p.add_argument("--model", help="hub id, local dir or 'tiny-random'; default: the model of the adapter's run")
+def cmd_sft(argv: list[str]) -> int:
+    """Parse `sft` options (the same keys as train) and run supervised fine-tuning."""
+    if "-h" in argv or "--help" in argv:
+        print(TRAIN_USAGE.replace("minigrpo train", "minigrpo sft").replace("Train with GRPO",
+              "Supervised fine-tuning on worked solutions (targets end in '#### N')") + help_text())
+        return 0
+    cfg = config_from_argv(argv)
+    from minigrpo.sft import sft
+
+    sft(cfg)
+    return 0
+
+
+def inference_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """Options shared by `eval` and `sample`: which model, which data, how to generate."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--model", help="hub id, local dir (a run's model/ too), 'tiny-arith', 'tiny-random'; "
+                   "default: the model of the adapter's run")
     p.add_argument("--gguf_file", help="GGUF file name inside --model (a dir or hub id)")
     p.add_argument("--adapter", help="a LoRA adapter dir saved by `minigrpo train` (RUN_DIR/adapter)")
-    p.add_argument("--data", default="gsm8k", help="'gsm8k' / hub id, a dir with {split}.jsonl, or a .jsonl file")
-    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems (default: all)")
+    p.add_argument("--data", default=None, help="'arith', 'gsm8k' / hub id, a dir with {split}.jsonl, or a "
+                   ".jsonl file (default: the run's dataset)")
+    p.add_argument("--split", default="test", help="split to use (default: test)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N problems (default: all)")
     p.add_argument("--prompt_field", default="question", help="JSONL field with the problem")
     p.add_argument("--answer_field", default="answer", help="JSONL field with the gold answer")
     p.add_argument("--template", choices=["chat", "r1", "fewshot"], default=None,
                    help="prompt template (default: the run's, else chat)")
     p.add_argument("--max_new_tokens", type=int, default=None, help="default: the run's max_completion_length")
-    p.add_argument("--batch_size", type=int, default=32, help="prompts per generate call")
-    p.add_argument("--k", type=int, default=0, help="also sample k completions per problem for pass@k and maj@k")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --k")
+    p.add_argument("--batch_size", type=int, default=32, help="sequences per generate call")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--out", default=None, help="JSON report path (default: eval_<split>.json beside the "
-                   "adapter, else in the current folder)")
     return p
 
 
-def cmd_eval(argv: list[str]) -> int:
-    """Load the model (+ adapter), evaluate, print a summary and write the JSON report."""
-    args = eval_parser().parse_args(argv)
-    # A run's config tells which base the adapter belongs to (and how its prompts looked).
-    run_cfg = Path(args.adapter).parent / "config.yaml" if args.adapter else None
-    base = yaml.safe_load(run_cfg.read_text()) if run_cfg and run_cfg.exists() else {}
+def load_for_inference(args: argparse.Namespace) -> tuple[Config, Any, Any, list[Any], list[str]]:
+    """Config (from the run that made the adapter/model, then the flags), model, tokenizer, examples, prompts."""
+    # A run's config.yaml, beside its adapter/ or model/, tells the base model and how its prompts looked.
+    source = args.adapter or args.model
+    run_cfg = Path(source).parent / "config.yaml" if source else None
+    base = yaml.safe_load(run_cfg.read_text()) if run_cfg and run_cfg.is_file() else {}
     keys = {"model", "gguf_file", "seed", "template", "system_prompt", "num_fewshot", "max_completion_length",
-            "dtype"}
+            "dtype", "dataset", "arith_steps", "arith_max_number", "prompt_field", "answer_field"}
     values = {k: v for k, v in base.items() if k in keys}
-    for key in ("model", "gguf_file", "template"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
+    for key, flag in (("model", "model"), ("gguf_file", "gguf_file"), ("template", "template"),
+                      ("dataset", "data"), ("max_completion_length", "max_new_tokens")):
+        if getattr(args, flag) is not None:
+            values[key] = getattr(args, flag)
     if "model" not in values:
-        raise ConfigError("--model: give a model (hub id, dir, tiny-random) or an --adapter from a minigrpo run")
-    if args.max_new_tokens is not None:
-        values["max_completion_length"] = args.max_new_tokens
-    cfg = Config(**values, use_peft=False, device=args.device, dataset=args.data,
-                 prompt_field=args.prompt_field, answer_field=args.answer_field)
+        raise ConfigError("--model: give a model (hub id, dir, tiny-arith) or an --adapter from a minigrpo run")
+    values.setdefault("dataset", "gsm8k")
+    if args.prompt_field != "question" or args.answer_field != "answer":
+        values |= {"prompt_field": args.prompt_field, "answer_field": args.answer_field}
+    cfg = Config(**values | {"use_peft": False, "device": args.device})
 
-    from minigrpo.data import build_prompt, load_examples
-    from minigrpo.evaluate import evaluate
+    from minigrpo.data import build_prompt, load_split
     from minigrpo.model import load_model
-    from minigrpo.monitor import print0
 
     model, tok = load_model(cfg)
     if args.adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, args.adapter)
-    examples = load_examples(args.data, args.split, args.prompt_field, args.answer_field, args.limit)
-    fewshot = load_examples(args.data, "train", args.prompt_field, args.answer_field, cfg.num_fewshot) \
-        if cfg.template == "fewshot" else None
+    examples = load_split(cfg, args.split, args.limit)
+    fewshot = load_split(cfg, "train", cfg.num_fewshot) if cfg.template == "fewshot" else None
     prompts = [build_prompt(tok, ex.question, cfg.template, cfg.system_prompt, fewshot) for ex in examples]
+    return cfg, model, tok, examples, prompts
+
+
+def cmd_eval(argv: list[str]) -> int:
+    """Load the model (+ adapter), evaluate, print a summary and write the JSON report."""
+    p = inference_parser("minigrpo eval", "Evaluate a model (and adapter) on a math dataset: greedy accuracy, "
+                         "format compliance, mean length; pass@k and maj@k with --k. Scores with the same "
+                         "answer extractor as the training reward.")
+    p.add_argument("--k", type=int, default=0, help="also sample k completions per problem for pass@k and maj@k")
+    p.add_argument("--out", default=None, help="JSON report path (default: eval_<split>.json beside the "
+                   "adapter, else in the current folder)")
+    args = p.parse_args(argv)
+    cfg, model, tok, examples, prompts = load_for_inference(args)
+    from minigrpo.evaluate import evaluate
+    from minigrpo.monitor import print0
+
     report = evaluate(model, tok, prompts, [ex.columns["answer"] for ex in examples],
                       max_new_tokens=cfg.max_completion_length, batch_size=args.batch_size, k=args.k,
                       temperature=args.temperature, keep_records=True)
     report["settings"] = {"model": cfg.model, "gguf_file": cfg.gguf_file, "adapter": args.adapter,
-                          "data": args.data, "split": args.split, "template": cfg.template,
+                          "data": cfg.dataset, "split": args.split, "template": cfg.template,
                           "max_new_tokens": cfg.max_completion_length, "decoding": "greedy", "k": args.k,
                           "extraction": "last '#### N', then \\boxed{}; numeric equality, math-verify fallback"}
     out = Path(args.out) if args.out else (Path(args.adapter).parent if args.adapter else Path(".")) / \
@@ -113,16 +143,61 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval}
+def cmd_sample(argv: list[str]) -> int:
+    """Rejection sampling: N completions per prompt, keep the correct (or best-k), write an SFT JSONL."""
+    p = inference_parser("minigrpo sample", "Rejection sampling: sample N completions per problem, score them, "
+                         "keep the correct ones (or the best k by reward) and write them as an SFT JSONL.")
+    p.add_argument("--n", type=int, default=8, help="completions sampled per problem")
+    p.add_argument("--keep", choices=["correct", "best"], default="correct", help="keep every distinct correct "
+                   "completion, or the best --best_k by total reward")
+    p.add_argument("--best_k", type=int, default=1, help="with --keep best: completions kept per problem")
+    p.add_argument("--reward_funcs", default="correctness", help="comma-separated reward names (for --keep best)")
+    p.add_argument("--out", required=True, help="output JSONL; statistics go to OUT with .stats.json")
+    args = p.parse_args(argv if "--split" in argv else [*argv, "--split", "train"])
+    cfg, model, tok, examples, prompts = load_for_inference(args)
+    from minigrpo.monitor import print0
+    from minigrpo.rewards import load_reward
+    from minigrpo.rollout import SamplingParams
+    from minigrpo.sample import rejection_sample, write_jsonl
+
+    funcs = [(name, load_reward(name), 1.0) for name in args.reward_funcs.split(",")]
+    params = SamplingParams(n=args.n, max_new_tokens=cfg.max_completion_length, temperature=args.temperature)
+    rows, stats = rejection_sample(model, tok, prompts, examples, params, funcs, args.keep, args.best_k,
+                                   args.batch_size)
+    out = Path(args.out)
+    write_jsonl(rows, out)
+    out.with_suffix(".stats.json").write_text(json.dumps(stats, indent=2))
+    print0(f"kept {stats['kept']}/{stats['samples']} samples ({stats['kept_fraction']:.3f}); "
+           f"{stats['prompts_with_a_kept_sample']:.3f} of prompts have one; mean pass rate "
+           f"{stats['mean_pass_rate']:.3f} -> {out}")
+    return 0
+
+
+def cmd_plot(argv: list[str]) -> int:
+    """Draw a run's curves as RUN_DIR/curves.png."""
+    p = argparse.ArgumentParser(prog="minigrpo plot", description="Training curves of a run as one PNG.")
+    p.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
+    args = p.parse_args(argv)
+    from minigrpo.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "sample": cmd_sample, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `minigrpo` command."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: minigrpo {train,eval} [options]   (minigrpo COMMAND --help for each)\n"
-              "  train  GRPO training from a YAML config and --key=value overrides\n"
-              "  eval   accuracy (greedy), pass@k and maj@k of a model or adapter")
+        print("usage: minigrpo {train,sft,eval,sample,plot} [options]   (minigrpo COMMAND --help for each)\n"
+              "  train   GRPO training from a YAML config and --key=value overrides\n"
+              "  sft     supervised fine-tuning on worked solutions (same config keys)\n"
+              "  eval    accuracy (greedy), pass@k and maj@k of a model or adapter\n"
+              "  sample  rejection sampling into an SFT JSONL\n"
+              "  plot    a run's training curves as a PNG")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])

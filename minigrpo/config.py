@@ -32,7 +32,8 @@ def _f(default: Any, help: str) -> Any:
 @dataclass
 class Config:
     # ---- model --------------------------------------------------------------------------------------
-    model: str = _f("tiny-random", "HF hub id, local model dir, or 'tiny-random' (a tiny random Llama built offline)")
+    model: str = _f("tiny-random", "HF hub id, local model dir, 'tiny-arith' (shipped), or a seeded random init: "
+                                   "'tiny-random' (byte-level), 'tiny-arith-init' (the arith task's vocabulary)")
     gguf_file: str | None = _f(None, "GGUF file name inside `model` (dir or hub id) to load with transformers")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "weights dtype; float32 on CPU")
     device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
@@ -43,7 +44,11 @@ class Config:
     lora_target_modules: list[str] = _f(["all-linear"], "modules to adapt: 'all-linear' or names like q_proj,v_proj")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward: less memory, ~30% slower")
     # ---- data ---------------------------------------------------------------------------------------
-    dataset: str = _f("gsm8k", "'gsm8k' / a hub id, a dir holding {split}.jsonl, or a .jsonl file")
+    dataset: str = _f("gsm8k", "'arith' (built-in synthetic task), 'gsm8k' / a hub id, a dir holding "
+                               "{split}.jsonl, or a .jsonl file")
+    arith_steps: int = _f(3, "arith task: operations per problem")
+    arith_max_number: int = _f(20, "arith task: operands are drawn from 1..arith_max_number")
+    arith_train_size: int = _f(20000, "arith task: problems in the train split (at most 20000)")
     train_split: str = _f("train", "split used for training")
     eval_split: str = _f("test", "split used for evaluation")
     prompt_field: str = _f("question", "JSONL field holding the problem text")
@@ -60,7 +65,8 @@ class Config:
     overlong_buffer: int = _f(0, "L_cache of the 'overlong' reward (DAPO soft overlong punishment): the last "
                                  "N tokens before max_completion_length are penalised linearly down to -1")
     # ---- rollout ------------------------------------------------------------------------------------
-    rollout_backend: Literal["hf"] = _f("hf", "generation engine: 'hf' (transformers generate)")
+    rollout_backend: Literal["engine", "hf"] = _f("engine", "generation: minigrpo's engine (prompt prefilled once per "
+                                                             "group) or 'hf' (transformers generate)")
     num_generations: int = _f(8, "G: completions sampled per prompt (the group)")
     max_completion_length: int = _f(256, "max new tokens per completion; longer ones are truncated")
     temperature: float = _f(1.0, "sampling temperature; log-probs are computed at the same temperature")
@@ -97,6 +103,7 @@ class Config:
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer update")
     max_steps: int = _f(100, "training steps; a step = one generated batch (and num_iterations updates)")
     seed: int = _f(42, "seed for data order, sampling and initialisation")
+    num_threads: int = _f(0, "torch CPU threads (0: torch's default); fix it for bit-identical CPU runs")
     # ---- run, logging, evaluation -------------------------------------------------------------------
     output_dir: str | None = _f(None, "run folder; default runs/<date-time>")
     logging_steps: int = _f(1, "print a log line every N steps (metrics.jsonl gets every step)")
@@ -129,7 +136,7 @@ class Config:
         """Check ranges and divisibility; raise ConfigError naming the key and the fix."""
         positive = ["num_generations", "max_completion_length", "per_device_train_batch_size",
                     "gradient_accumulation_steps", "max_steps", "num_iterations", "lora_r", "logging_steps",
-                    "max_prompt_length", "max_sampling_tries"]
+                    "max_prompt_length", "max_sampling_tries", "arith_steps", "arith_max_number"]
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
@@ -151,6 +158,8 @@ class Config:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if self.epsilon_high is not None and self.epsilon_high < 0:
             raise ConfigError(f"epsilon_high: must be >= 0, got {self.epsilon_high}")
+        if not 1 <= self.arith_train_size <= 20000:
+            raise ConfigError(f"arith_train_size: must be in [1, 20000], got {self.arith_train_size}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ConfigError(f"dual_clip: must be > 1 (or null to disable), got {self.dual_clip}")
         if self.std_floor < 0:

@@ -220,3 +220,13 @@ def build_prompt(
         header = f"{system_prompt}\n\n" if system_prompt else ""
         return f"{header}{shots}Question: {question}\nAnswer:"
     raise ValueError(f"Unknown template {template!r}; choose one of {', '.join(TEMPLATES)}.")
+
+
+def load_split(cfg: Any, split: str, limit: int | None = None) -> list[Example]:
+    """The examples of one split for a run config: the built-in `arith` task, or `load_examples`."""
+    if cfg.dataset == "arith":
+        from minigrpo.arith import arith_examples  # arith builds on Example: imported here, not at the top
+
+        size = cfg.arith_train_size if split == "train" else (limit or 1000)
+        return arith_examples(split, min(size, limit or size), cfg.arith_steps, cfg.arith_max_number)
+    return load_examples(cfg.dataset, split, cfg.prompt_field, cfg.answer_field, limit)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -26,13 +27,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+ASSETS = Path(__file__).parent / "assets"
+# Models built in code from a seed (no files): name -> (tokenizer factory, model factory).
+RANDOM_INITS = {"tiny-random": ("tiny_tokenizer", "tiny_model"), "tiny-arith-init": ("arith_tokenizer", "arith_model")}
+
+
+def resolve_model_path(name: str) -> str:
+    """A model shipped inside the package (e.g. 'tiny-arith') -> its folder; anything else unchanged."""
+    shipped = ASSETS / name
+    return str(shipped) if shipped.is_dir() and (shipped / "config.json").exists() else name
+
+
 def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with a pad token (eos when the model has none) and left padding for prompts."""
-    if cfg.model == "tiny-random":
-        from minigrpo.tiny import tiny_tokenizer
-        tok = tiny_tokenizer()
+    if cfg.model in RANDOM_INITS:
+        from minigrpo import tiny
+        tok = getattr(tiny, RANDOM_INITS[cfg.model][0])()
     else:
-        tok = AutoTokenizer.from_pretrained(cfg.model, gguf_file=cfg.gguf_file)
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model), gguf_file=cfg.gguf_file)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # safe: the completion mask is built from the first EOS, not from pads
     tok.padding_side = "left"  # prompts are left-padded so every completion starts at the same column
@@ -44,11 +56,12 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None,
     """Load the policy model (with LoRA adapters when cfg.use_peft) and its tokenizer onto cfg.device."""
     tok = tokenizer or load_tokenizer(cfg)
     device = resolve_device(cfg.device)
-    if cfg.model == "tiny-random":
-        from minigrpo.tiny import tiny_model
-        model = tiny_model(tok, seed=cfg.seed).to(DTYPES[cfg.dtype])
+    if cfg.model in RANDOM_INITS:
+        from minigrpo import tiny
+        model = getattr(tiny, RANDOM_INITS[cfg.model][1])(tok, seed=cfg.seed).to(DTYPES[cfg.dtype])
     else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, gguf_file=cfg.gguf_file, dtype=DTYPES[cfg.dtype])
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), gguf_file=cfg.gguf_file,
+                                                     dtype=DTYPES[cfg.dtype])
     model.to(device)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id

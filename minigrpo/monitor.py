@@ -39,7 +39,8 @@ def make_run_dir(output_dir: str | None) -> Path:
 class Monitor:
     """Writes every step's metrics to metrics.jsonl and TensorBoard; shows a progress bar with the headline."""
 
-    def __init__(self, run_dir: Path, total_steps: int, logging_steps: int = 1, show: bool = True) -> None:
+    def __init__(self, run_dir: Path, total_steps: int, logging_steps: int = 1, show: bool = True,
+                 stage: str = "GRPO") -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = run_dir
@@ -47,10 +48,10 @@ class Monitor:
         self.samples_file = open(run_dir / "samples.jsonl", "a")
         self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         self.logging_steps = logging_steps
-        self.progress = Progress(TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
-                                 disable=not show)
-        self.task = self.progress.add_task("", total=total_steps)
+        self.progress = Progress(TextColumn("[bold]{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.description}"),
+                                 console=console, disable=not show)
+        self.task = self.progress.add_task("", total=total_steps, stage=stage)
         self.progress.start()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -67,6 +68,11 @@ class Monitor:
             if step % self.logging_steps == 0 and not self.progress.disable:
                 self.progress.console.print(f"step {step:>4}  {head}  kl {metrics.get('train/kl', 0.0):.4f}  "
                                             f"zero-std {metrics['train/frac_reward_zero_std']:.2f}")
+        elif "train/loss" in metrics:  # supervised stage
+            head = f"loss {metrics['train/loss']:.4f}  {metrics['perf/step_s']:.2f}s/step"
+            self.progress.update(self.task, completed=step, description=head)
+            if step % self.logging_steps == 0 and not self.progress.disable:
+                self.progress.console.print(f"step {step:>4}  {head}")
         if "eval/accuracy" in metrics and not self.progress.disable:
             self.progress.console.print(f"step {step:>4}  eval accuracy {metrics['eval/accuracy']:.3f}  "
                                         f"format {metrics['eval/format']:.3f}")

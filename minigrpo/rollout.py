@@ -36,6 +36,7 @@ class Rollout:
     prompts: list[str]  # [B] prompt text of each completion
     completions: list[str]  # [B] decoded completion text, special tokens removed
     group: list[int]  # [B] index of the prompt in the input list
+    logprobs: torch.Tensor | None = None  # [B, C] sampled tokens' log-probs, when the backend gives them
 
     @property
     def num_completion_tokens(self) -> int:
@@ -124,7 +125,84 @@ def select_rows(ro: Rollout, rows: list[int]) -> Rollout:
                    completions=[ro.completions[i] for i in rows], group=[ro.group[i] for i in rows])
 
 
-BACKENDS: dict[str, Callable[..., Rollout]] = {"hf": hf_generate}
+def sample_tokens(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens [B] and their log-probs [B] under softmax(logits / temperature). logits: [B, V].
+
+    top-k / top-p restrict what can be drawn; the returned log-prob stays the full tempered distribution's,
+    the one the trainer computes (with top-p < 1 the sampler and the trained policy differ: see README).
+    """
+    logits = logits.float()
+    if params.temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
+    scaled = logits / params.temperature
+    logp_all = torch.log_softmax(scaled, -1)  # [B, V]
+    if params.top_k > 0:
+        kth = torch.topk(scaled, min(params.top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, -torch.inf)
+    if params.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+        sorted_logits, order = torch.sort(scaled, descending=True)
+        probs = torch.softmax(sorted_logits, -1)
+        drop = probs.cumsum(-1) - probs > params.top_p  # the first token is always kept
+        scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(drop, -torch.inf))
+    tokens = torch.multinomial(torch.softmax(scaled, -1), 1)[:, 0]
+    return tokens, logp_all.gather(-1, tokens[:, None])[:, 0]
+
+
+@torch.no_grad()
+def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                    params: SamplingParams) -> Rollout:
+    """minigrpo's rollout engine: each prompt is prefilled once and its KV cache shared by its n samples.
+
+    Then one decode step per token for the whole batch, with per-sequence EOS and an early exit once every
+    sequence has finished. Positions follow the attention mask exactly as in `generate`, so greedy decoding
+    gives generate's tokens. The sampled tokens' log-probs come back in `Rollout.logprobs`.
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    ids, mask = encode_prompts(tokenizer, prompts, device)  # [P, L]
+    eos = torch.tensor(eos_token_ids(model, tokenizer), device=device)
+    pad = tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    # ---- prefill: once per prompt, then the cache is expanded to its n samples ---------------------------
+    cache = DynamicCache(config=model.config)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    if params.n > 1:
+        cache.batch_repeat_interleave(params.n)
+    logits = out.logits[:, -1].repeat_interleave(params.n, 0)  # [B, V]
+    mask = mask.repeat_interleave(params.n, 0)
+    position = position[:, -1:].repeat_interleave(params.n, 0)  # [B, 1]
+    B, T = logits.shape[0], params.max_new_tokens
+    tokens = torch.full((B, T), pad, dtype=torch.long, device=device)
+    logprobs = torch.zeros((B, T), device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    # ---- decode ---------------------------------------------------------------------------------------
+    steps = 0
+    for t in range(T):
+        next_tokens, next_logp = sample_tokens(logits, params)
+        tokens[:, t] = torch.where(done, pad, next_tokens)
+        logprobs[:, t] = torch.where(done, 0.0, next_logp)
+        done |= torch.isin(next_tokens, eos)
+        steps = t + 1
+        if bool(done.all()) or t == T - 1:
+            break
+        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], 1)
+        position = position + 1
+        out = model(input_ids=tokens[:, t:t + 1], attention_mask=mask, position_ids=position, past_key_values=cache,
+                    use_cache=True)
+        logits = out.logits[:, -1]
+    model.train(was_training)
+    prompt_ids, prompt_mask = ids.repeat_interleave(params.n, 0), mask[:, :ids.shape[1]]
+    ro = make_rollout(tokenizer, prompts, params.n, prompt_ids, prompt_mask, tokens[:, :steps], eos.tolist())
+    ro.logprobs = logprobs[:, :steps] * ro.completion_mask
+    return ro
+
+
+BACKENDS: dict[str, Callable[..., Rollout]] = {"engine": engine_generate, "hf": hf_generate}
 
 
 def generate(backend: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],

@@ -44,3 +44,44 @@ def tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden: int = 
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+# ---- the embedded default: a small Llama for the built-in arithmetic task ------------------------------------
+
+ARITH_SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>"]
+# No system turn: the tiny model never learned to read instructions, and short prompts keep it fast.
+ARITH_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}<|endoftext|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def arith_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the arithmetic task's vocabulary; digits are single tokens; eos = pad."""
+    from tokenizers import Regex
+
+    from minigrpo.arith import SPLIT_PATTERN, arith_vocab
+
+    vocab = {t: i for i, t in enumerate(ARITH_SPECIALS + arith_vocab())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # pieces carry their own spaces: concatenation is the exact inverse
+    tok.add_special_tokens(ARITH_SPECIALS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   chat_template=ARITH_TEMPLATE)
+
+
+def arith_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden: int = 192, layers: int = 4,
+                ) -> LlamaForCausalLM:
+    """The embedded default's architecture, randomly initialised (~1.8M parameters)."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model

@@ -29,7 +29,7 @@ from transformers import get_scheduler
 
 from minigrpo.algo import LOSS_TYPES, Norm, group_advantages, masked_mean, policy_loss
 from minigrpo.config import Config, save_config
-from minigrpo.data import Example, build_prompt, load_examples
+from minigrpo.data import Example, build_prompt, load_split
 from minigrpo.evaluate import evaluate
 from minigrpo.model import Reference, load_model, trainable_parameters
 from minigrpo.monitor import Monitor, make_run_dir, print0
@@ -199,12 +199,13 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
     run_dir = make_run_dir(cfg.output_dir)
     save_config(cfg, str(run_dir / "config.yaml"))
     set_seed(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     model, tok = load_model(cfg)
     device = next(model.parameters()).device
     ref = Reference(model, cfg.use_peft) if cfg.beta > 0 else None
-    train_set = load_examples(cfg.dataset, cfg.train_split, cfg.prompt_field, cfg.answer_field)
-    eval_set = (load_examples(cfg.dataset, cfg.eval_split, cfg.prompt_field, cfg.answer_field, cfg.eval_limit)
-                if cfg.eval_limit else [])
+    train_set = load_split(cfg, cfg.train_split)
+    eval_set = load_split(cfg, cfg.eval_split, cfg.eval_limit) if cfg.eval_limit else []
     fewshot = train_set[:cfg.num_fewshot] if cfg.template == "fewshot" else None
     train_prompts = render_prompts(cfg, tok, train_set, fewshot, f"{cfg.dataset} [{cfg.train_split}]")
     eval_prompts = render_prompts(cfg, tok, eval_set, fewshot, f"{cfg.dataset} [{cfg.eval_split}]")
