@@ -102,7 +102,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(pi_theta || pi_ref): exp(d) - d - 1 with d = ref - logp; >= 0. [B, T]."""
     d = ref_logp - logp
-    return torch.exp(d) - d - 1
+    return torch.expm1(d) - d  # expm1 keeps k3 >= 0 near d = 0, where exp(d) - 1 loses precision
 
 
 @dataclass
@@ -118,7 +118,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
                 epsilon: float, epsilon_high: float, beta: float = 0.0, ref_logp: torch.Tensor | None = None,
                 level: str = "token", dual_clip: float | None = None) -> LossOut:
     """Clipped surrogate (+ beta * k3) per token. logp/old_logp/ref_logp/mask [B, T], advantages [B]."""
-    log_ratio = logp - old_logp  # [B, T]
+    m = mask.bool()
+    # Masked positions are zeroed before any exp: an overflow there would give inf * 0 = NaN in the sums.
+    log_ratio = torch.where(m, logp - old_logp, 0.0)  # [B, T]
     if level == "sequence":  # GSPO: one ratio per sequence, the geometric mean of the token ratios
         seq = masked_mean(log_ratio, mask, dim=1)[:, None]  # [B, 1]
         log_ratio = seq.expand_as(logp)
@@ -130,10 +132,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     if dual_clip is not None:  # bound the loss of negative advantages when the ratio explodes
         per_token = torch.where(A < 0, torch.min(per_token, -dual_clip * A), per_token)
     clipped = ((ratio < 1 - epsilon) & (A < 0)) | ((ratio > 1 + epsilon_high) & (A > 0))
+    if dual_clip is not None:
+        clipped |= (A < 0) & (ratio > dual_clip)
     kl = None
     if beta > 0:
         assert ref_logp is not None, "beta > 0 needs reference log-probs"
-        kl = kl_k3(logp, ref_logp)
+        kl = kl_k3(logp, torch.where(m, ref_logp, logp))
         per_token = per_token + beta * kl
         kl = kl.detach()
     return LossOut(per_token, ratio.detach(), clipped.float(), kl)

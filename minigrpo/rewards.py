@@ -219,7 +219,7 @@ def soft_overlong_punishment(max_completion_length: int, overlong_buffer: int) -
 
     def overlong(prompts: list[str], completions: list[str], completion_ids: list[list[int]],
                  **kwargs) -> list[float | None]:
-        return [min(0.0, (start - len(ids)) / overlong_buffer) for ids in completion_ids]
+        return [max(-1.0, min(0.0, (start - len(ids)) / overlong_buffer)) for ids in completion_ids]
 
     return overlong
 

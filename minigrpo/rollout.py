@@ -113,7 +113,8 @@ def merge_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
                    completion_mask=torch.cat([pad(r.completion_mask, C, 0, False) for r in parts]),
                    truncated=torch.cat([r.truncated for r in parts]),
                    prompts=[p for r in parts for p in r.prompts], completions=[c for r in parts for c in r.completions],
-                   group=groups)
+                   group=groups, logprobs=None if any(r.logprobs is None for r in parts)
+                   else torch.cat([pad(r.logprobs, C, 0.0, False) for r in parts]))
 
 
 def select_rows(ro: Rollout, rows: list[int]) -> Rollout:
@@ -122,7 +123,8 @@ def select_rows(ro: Rollout, rows: list[int]) -> Rollout:
     return Rollout(prompt_ids=ro.prompt_ids[idx], prompt_mask=ro.prompt_mask[idx],
                    completion_ids=ro.completion_ids[idx], completion_mask=ro.completion_mask[idx],
                    truncated=ro.truncated[idx], prompts=[ro.prompts[i] for i in rows],
-                   completions=[ro.completions[i] for i in rows], group=[ro.group[i] for i in rows])
+                   completions=[ro.completions[i] for i in rows], group=[ro.group[i] for i in rows],
+                   logprobs=None if ro.logprobs is None else ro.logprobs[idx])
 
 
 def sample_tokens(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
