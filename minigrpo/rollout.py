@@ -216,17 +216,40 @@ def generate(backend: str, model: PreTrainedModel, tokenizer: PreTrainedTokenize
 
 
 def policy_logprobs(model: PreTrainedModel, rollout_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    num_completion: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    num_completion: int, temperature: float, group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropies of the completion tokens under `model`. [B, P+C] -> [B, C], [B, C].
 
-    Only the last C+1 positions go through the LM head (`logits_to_keep`): the prompt's logits are never
-    materialised. Position ids follow the attention mask, as in `generate`, so left padding does not
-    shift positions and the log-probs match the sampler's.
+    Only completion positions go through the LM head (`logits_to_keep`). Position ids follow the attention
+    mask, as in `generate`, so left padding does not shift positions and the log-probs match the sampler's.
+    With group_size = G > 1 (rows in blocks of G sharing a prompt), each prompt runs once and its KV cache is
+    expanded to its G completions, with gradients: the same values as the plain path, without G copies of
+    the prompt's work.
     """
     from minigrpo.algo import token_logprobs
 
+    C = num_completion
+    if group_size > 1 and not getattr(model, "is_gradient_checkpointing", False):
+        return token_logprobs(_shared_prefix_logits(model, rollout_ids, attention_mask, C, group_size),
+                              rollout_ids[:, -C:], temperature)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=rollout_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=num_completion + 1, use_cache=False)
+                logits_to_keep=C + 1, use_cache=False)
     logits = out.logits[:, :-1, :]  # [B, C, V]: position t predicts token t+1
-    return token_logprobs(logits, rollout_ids[:, -num_completion:], temperature)
+    return token_logprobs(logits, rollout_ids[:, -C:], temperature)
+
+
+def _shared_prefix_logits(model: PreTrainedModel, rollout_ids: torch.Tensor, attention_mask: torch.Tensor, C: int,
+                          G: int) -> torch.Tensor:
+    """Logits [B, C, V] predicting the completion tokens, computing each group's prompt once."""
+    from transformers import DynamicCache
+
+    prompt_ids, prompt_mask = rollout_ids[::G, :-C], attention_mask[::G, :-C]  # [B/G, P]
+    cache = DynamicCache(config=model.config)
+    position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position, past_key_values=cache,
+                  use_cache=True, logits_to_keep=1).logits  # [B/G, 1, V]: predicts the first completion token
+    cache.batch_repeat_interleave(G)  # differentiable: gradients reach the prompt's computation
+    position = position[:, -1:].repeat_interleave(G, 0) + torch.arange(1, C + 1, device=rollout_ids.device)
+    rest = model(input_ids=rollout_ids[:, -C:], attention_mask=attention_mask, position_ids=position,
+                 past_key_values=cache, use_cache=True).logits  # [B, C, V]
+    return torch.cat([first.repeat_interleave(G, 0), rest[:, :-1]], 1)

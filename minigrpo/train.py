@@ -138,19 +138,22 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
     attention = torch.cat([ro.prompt_mask, ro.completion_mask.long()], 1)  # [B, P+C]
     C, mb = ro.completion_ids.shape[1], cfg.per_device_train_batch_size
     micro = [slice(i, i + mb) for i in range(0, input_ids.shape[0], mb)]
+    # Micro-batches of whole groups run each prompt once (shared prefix); otherwise every row in full.
+    group_size = cfg.num_generations if mb % cfg.num_generations == 0 else 1
     norm = Norm(num_sequences=input_ids.shape[0], num_tokens=int(loss_mask.sum()),
                 num_micro_batches=len(micro), max_completion_length=cfg.max_completion_length)
     ref_logp: list[torch.Tensor | None] = [None] * len(micro)
     if ref is not None:  # reference log-probs once per rollout, no graph
         with torch.no_grad(), ref.active() as ref_model:
-            ref_logp = [policy_logprobs(ref_model, input_ids[s], attention[s], C, cfg.temperature)[0] for s in micro]
+            ref_logp = [policy_logprobs(ref_model, input_ids[s], attention[s], C, cfg.temperature, group_size)[0]
+                        for s in micro]
     old_logp: list[torch.Tensor | None] = [None] * len(micro)
     sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "ratio": 0.0}
     params, grad_norms, skipped = trainable_parameters(model), [], 0
     model.train()
     for _ in range(cfg.num_iterations):
         for j, s in enumerate(micro):
-            logp, entropy = policy_logprobs(model, input_ids[s], attention[s], C, cfg.temperature)  # [b, C]
+            logp, entropy = policy_logprobs(model, input_ids[s], attention[s], C, cfg.temperature, group_size)
             if old_logp[j] is None:  # no update has happened yet: the current policy IS the sampler
                 old_logp[j] = logp.detach()
             out = policy_loss(logp, old_logp[j], advantages[s], loss_mask[s], cfg.epsilon, cfg.epsilon_hi,

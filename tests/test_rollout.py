@@ -47,3 +47,26 @@ def test_greedy_is_deterministic():
     a = hf_generate(model, tok, [_chat(tok, "x")], greedy)
     b = hf_generate(model, tok, [_chat(tok, "x")], greedy)
     assert torch.equal(a.completion_ids, b.completion_ids)
+
+
+def test_shared_prefix_logprobs_and_grads_equal_the_plain_path():
+    """Each prompt computed once and its KV cache expanded to G rows: same log-probs, same gradients."""
+    from minigrpo.rollout import engine_generate
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=9)
+    prompts = [_chat(tok, "short"), _chat(tok, "a much longer prompt than the first one")]
+    torch.manual_seed(0)
+    ro = engine_generate(model, tok, prompts, SamplingParams(n=3, max_new_tokens=10))
+    ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)
+    attention = torch.cat([ro.prompt_mask, ro.completion_mask.long()], 1)
+    C, mask = ro.completion_ids.shape[1], ro.completion_mask
+    model.train()
+    plain, _ = policy_logprobs(model, ids, attention, C, 0.9)
+    shared, _ = policy_logprobs(model, ids, attention, C, 0.9, group_size=3)
+    torch.testing.assert_close(shared * mask, plain * mask, atol=1e-5, rtol=1e-5)
+    params = list(model.parameters())
+    g_plain = torch.autograd.grad((plain * mask).sum(), params)
+    g_shared = torch.autograd.grad((shared * mask).sum(), params)
+    for a, b in zip(g_plain, g_shared):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
