@@ -47,8 +47,13 @@ def make_problem(rng: random.Random, steps: int, max_number: int) -> tuple[str, 
     return " ".join(sentences), "\n".join(lines) + f"\n#### {value}", value
 
 
-def arith_examples(split: str, size: int, steps: int = 3, max_number: int = 20, seed: int = 0) -> list[Example]:
-    """`size` problems of the train or test split; test never repeats a train question of the same seed."""
+def arith_examples(split: str, size: int, steps: int = 3, max_number: int = 20, seed: int = 0,
+                   direct_fraction: float = 0.0) -> list[Example]:
+    """`size` problems of the train or test split; test never repeats a train question of the same seed.
+
+    `direct_fraction` of the train problems show a bare `#### N` as their solution instead of the worked
+    steps (the same problems either way): cold-start data that mixes worked solutions with bare answers.
+    """
     if split not in ("train", "test"):
         raise ValueError(f"arith: split must be 'train' or 'test', got {split!r}")
     if size < 1:
@@ -58,12 +63,15 @@ def arith_examples(split: str, size: int, steps: int = 3, max_number: int = 20, 
     if split == "test":  # regenerate train's problems only to exclude them; cheap (pure Python)
         train_rng = random.Random(f"arith-train-{seed}-{steps}-{max_number}")
         banned = {make_problem(train_rng, steps, max_number)[0] for _ in range(_TRAIN_SIZE)}
+    style = random.Random(f"arith-style-{seed}")  # its own stream: the problems do not depend on the mix
     examples, seen = [], set()
     for _ in range(100 * size):
         q, solution, answer = make_problem(rng, steps, max_number)
         if q in banned or q in seen:
             continue
         seen.add(q)
+        if split == "train" and style.random() < direct_fraction:
+            solution = f"#### {answer}"
         examples.append(Example(question=q, answer=solution,
                                 columns={"question": q, "solution": solution, "answer": str(answer)}))
         if len(examples) == size:

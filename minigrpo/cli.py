@@ -185,19 +185,60 @@ def cmd_plot(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "sample": cmd_sample, "plot": cmd_plot}
+def cmd_demo(argv: list[str]) -> int:
+    """The R1 recipe in miniature: cold-start SFT -> GRPO -> rejection sampling -> SFT, with a table."""
+    p = argparse.ArgumentParser(prog="minigrpo demo", description="The DeepSeek-R1 recipe in miniature on the "
+                                "built-in arith task (cold-start SFT, GRPO, rejection sampling, SFT), offline on a "
+                                "CPU, ending with the held-out accuracy after each stage.")
+    p.add_argument("--out", default=None, help="folder for the stages' runs (default runs/demo-<time>)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's length (e.g. 0.1 for a smoke run)")
+    args = p.parse_args(argv)
+    from minigrpo.demo import run_demo
+
+    run_demo(args.out, args.scale)
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    """`minigrpo bench rollout`: engine vs HF generate, interleaved repetitions, tokens/s and the ratio."""
+    p = inference_parser("minigrpo bench rollout", "Rollout engine vs transformers generate: same model, prompts "
+                         "and sampling, interleaved repetitions in one process; median tokens/s and the ratio.")
+    p.add_argument("what", choices=["rollout"], help="what to benchmark")
+    p.add_argument("--n", type=int, default=8, help="completions per prompt")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions of each backend (after one warm-up)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives steadier numbers)")
+    args = p.parse_args(argv)
+    if args.limit is None:
+        args.limit = 16
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cfg, model, tok, _, prompts = load_for_inference(args)
+    from minigrpo.bench import bench_rollout
+
+    report = bench_rollout(model, tok, prompts, args.n, cfg.max_completion_length, args.reps, args.temperature)
+    report["settings"] = {"model": cfg.model, "gguf_file": cfg.gguf_file, "prompts": len(prompts), "n": args.n,
+                          "max_new_tokens": cfg.max_completion_length, "threads": args.threads, "reps": args.reps}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "sample": cmd_sample, "plot": cmd_plot,
+            "demo": cmd_demo, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `minigrpo` command."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: minigrpo {train,sft,eval,sample,plot} [options]   (minigrpo COMMAND --help for each)\n"
+        print("usage: minigrpo {train,sft,eval,sample,plot,demo,bench} [options]   (COMMAND --help for each)\n"
               "  train   GRPO training from a YAML config and --key=value overrides\n"
               "  sft     supervised fine-tuning on worked solutions (same config keys)\n"
               "  eval    accuracy (greedy), pass@k and maj@k of a model or adapter\n"
               "  sample  rejection sampling into an SFT JSONL\n"
-              "  plot    a run's training curves as a PNG")
+              "  plot    a run's training curves as a PNG\n"
+              "  demo    the R1 recipe in miniature (SFT, GRPO, rejection sampling, SFT) with a table\n"
+              "  bench   rollout: the rollout engine vs transformers generate")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])

@@ -48,7 +48,10 @@ class Config:
                                "{split}.jsonl, or a .jsonl file")
     arith_steps: int = _f(3, "arith task: operations per problem")
     arith_max_number: int = _f(20, "arith task: operands are drawn from 1..arith_max_number")
+    arith_direct_fraction: float = _f(0.0, "arith task: share of train solutions given as a bare '#### N' "
+                                           "(cold-start data mixing worked solutions and bare answers)")
     arith_train_size: int = _f(20000, "arith task: problems in the train split (at most 20000)")
+    eval_dataset: str | None = _f(None, "dataset for evaluation, when not `dataset` (same forms)")
     train_split: str = _f("train", "split used for training")
     eval_split: str = _f("test", "split used for evaluation")
     prompt_field: str = _f("question", "JSONL field holding the problem text")
@@ -158,6 +161,8 @@ class Config:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if self.epsilon_high is not None and self.epsilon_high < 0:
             raise ConfigError(f"epsilon_high: must be >= 0, got {self.epsilon_high}")
+        if not 0 <= self.arith_direct_fraction <= 1:
+            raise ConfigError(f"arith_direct_fraction: must be in [0, 1], got {self.arith_direct_fraction}")
         if not 1 <= self.arith_train_size <= 20000:
             raise ConfigError(f"arith_train_size: must be in [1, 20000], got {self.arith_train_size}")
         if self.dual_clip is not None and self.dual_clip <= 1:

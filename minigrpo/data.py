@@ -222,11 +222,13 @@ def build_prompt(
     raise ValueError(f"Unknown template {template!r}; choose one of {', '.join(TEMPLATES)}.")
 
 
-def load_split(cfg: Any, split: str, limit: int | None = None) -> list[Example]:
-    """The examples of one split for a run config: the built-in `arith` task, or `load_examples`."""
-    if cfg.dataset == "arith":
+def load_split(cfg: Any, split: str, limit: int | None = None, dataset: str | None = None) -> list[Example]:
+    """The examples of one split for a run config (`dataset` overrides cfg.dataset): arith, or `load_examples`."""
+    dataset = dataset or cfg.dataset
+    if dataset == "arith":
         from minigrpo.arith import arith_examples  # arith builds on Example: imported here, not at the top
 
         size = cfg.arith_train_size if split == "train" else (limit or 1000)
-        return arith_examples(split, min(size, limit or size), cfg.arith_steps, cfg.arith_max_number)
-    return load_examples(cfg.dataset, split, cfg.prompt_field, cfg.answer_field, limit)
+        return arith_examples(split, min(size, limit or size), cfg.arith_steps, cfg.arith_max_number,
+                              direct_fraction=cfg.arith_direct_fraction)
+    return load_examples(dataset, split, cfg.prompt_field, cfg.answer_field, limit)

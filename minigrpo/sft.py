@@ -55,7 +55,7 @@ def sft(cfg: Config, show_progress: bool = True) -> Path:
     model, tok = load_model(cfg)
     device = next(model.parameters()).device
     train_set = load_split(cfg, cfg.train_split)
-    eval_set = load_split(cfg, cfg.eval_split, cfg.eval_limit) if cfg.eval_limit else []
+    eval_set = load_split(cfg, cfg.eval_split, cfg.eval_limit, cfg.eval_dataset) if cfg.eval_limit else []
     fewshot = train_set[:cfg.num_fewshot] if cfg.template == "fewshot" else None
     prompts = render_prompts(cfg, tok, train_set, fewshot, f"{cfg.dataset} [{cfg.train_split}]")
     eval_prompts = render_prompts(cfg, tok, eval_set, fewshot, f"{cfg.dataset} [{cfg.eval_split}]")

@@ -208,7 +208,7 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
     device = next(model.parameters()).device
     ref = Reference(model, cfg.use_peft) if cfg.beta > 0 else None
     train_set = load_split(cfg, cfg.train_split)
-    eval_set = load_split(cfg, cfg.eval_split, cfg.eval_limit) if cfg.eval_limit else []
+    eval_set = load_split(cfg, cfg.eval_split, cfg.eval_limit, cfg.eval_dataset) if cfg.eval_limit else []
     fewshot = train_set[:cfg.num_fewshot] if cfg.template == "fewshot" else None
     train_prompts = render_prompts(cfg, tok, train_set, fewshot, f"{cfg.dataset} [{cfg.train_split}]")
     eval_prompts = render_prompts(cfg, tok, eval_set, fewshot, f"{cfg.dataset} [{cfg.eval_split}]")
