@@ -1,5 +1,9 @@
 """One typed config for every minigrpo command: defaults -> YAML file -> `--key=value` overrides.
 
+The defaults ARE the embedded default run (`minigrpo train` with no arguments): GRPO on the shipped tiny
+model and the built-in arith task, offline on a laptop CPU. Recipes for real models are YAML files in
+configs/ that set what differs (model, dataset, learning rate, lengths, LoRA).
+
 Names follow TRL's GRPOConfig where the concept is the same (`num_generations`, `beta`, `epsilon`,
 `epsilon_high`, `loss_type`, `scale_rewards`, `max_completion_length`, `num_iterations`, ...), so a
 TRL user can carry a recipe over. Unknown keys and values of the wrong type raise `ConfigError`, which the
@@ -32,22 +36,22 @@ def _f(default: Any, help: str) -> Any:
 @dataclass
 class Config:
     # ---- model --------------------------------------------------------------------------------------
-    model: str = _f("tiny-random", "HF hub id, local model dir, 'tiny-arith' (shipped), or a seeded random init: "
+    model: str = _f("tiny-arith", "HF hub id, local model dir, 'tiny-arith' (shipped), or a seeded random init: "
                                    "'tiny-random' (byte-level), 'tiny-arith-init' (the arith task's vocabulary)")
     gguf_file: str | None = _f(None, "GGUF file name inside `model` (dir or hub id) to load with transformers")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "weights dtype; float32 on CPU")
     device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
-    use_peft: bool = _f(True, "train LoRA adapters (true) or all weights (false)")
+    use_peft: bool = _f(False, "train LoRA adapters (true) or all weights (false)")
     lora_r: int = _f(16, "LoRA rank; 1-32 is enough for RL")
     lora_alpha: int = _f(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)")
     lora_dropout: float = _f(0.0, "LoRA dropout; 0 keeps the policy pass equal to the sampling policy")
     lora_target_modules: list[str] = _f(["all-linear"], "modules to adapt: 'all-linear' or names like q_proj,v_proj")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward: less memory, ~30% slower")
     # ---- data ---------------------------------------------------------------------------------------
-    dataset: str = _f("gsm8k", "'arith' (built-in synthetic task), 'gsm8k' / a hub id, a dir holding "
+    dataset: str = _f("arith", "'arith' (built-in synthetic task), 'gsm8k' / a hub id, a dir holding "
                                "{split}.jsonl, or a .jsonl file")
     arith_steps: int = _f(3, "arith task: operations per problem")
-    arith_max_number: int = _f(20, "arith task: operands are drawn from 1..arith_max_number")
+    arith_max_number: int = _f(10, "arith task: operands are drawn from 1..arith_max_number")
     arith_direct_fraction: float = _f(0.0, "arith task: share of train solutions given as a bare '#### N' "
                                            "(cold-start data mixing worked solutions and bare answers)")
     arith_train_size: int = _f(20000, "arith task: problems in the train split (at most 20000)")
@@ -61,7 +65,7 @@ class Config:
     num_fewshot: int = _f(2, "examples shown by the 'fewshot' template (taken from the train split)")
     max_prompt_length: int = _f(512, "prompts longer than this many tokens are an error")
     # ---- rewards ------------------------------------------------------------------------------------
-    reward_funcs: list[str] = _f(["correctness", "format_soft"],
+    reward_funcs: list[str] = _f(["correctness"],
                                  "built-in names (correctness, format_strict, format_soft, think_format, "
                                  "overlong) or package.module:function")
     reward_weights: list[float] | None = _f(None, "one weight per reward function; default all 1.0")
@@ -71,7 +75,7 @@ class Config:
     rollout_backend: Literal["engine", "hf"] = _f("engine", "generation: minigrpo's engine (prompt prefilled once per "
                                                              "group) or 'hf' (transformers generate)")
     num_generations: int = _f(8, "G: completions sampled per prompt (the group)")
-    max_completion_length: int = _f(256, "max new tokens per completion; longer ones are truncated")
+    max_completion_length: int = _f(64, "max new tokens per completion; longer ones are truncated")
     temperature: float = _f(1.0, "sampling temperature; log-probs are computed at the same temperature")
     top_p: float = _f(1.0, "nucleus sampling; 1.0 disables it (keeps the sampler equal to the trained policy)")
     top_k: int = _f(0, "top-k sampling; 0 disables it")
@@ -95,25 +99,26 @@ class Config:
     num_iterations: int = _f(1, "mu: optimizer updates per generated batch; >1 reuses the old log-probs")
     mask_truncated_completions: bool = _f(False, "exclude completions that hit max_completion_length")
     # ---- optimisation -------------------------------------------------------------------------------
-    learning_rate: float = _f(1e-5, "AdamW peak learning rate (LoRA wants ~10x full fine-tuning)")
+    learning_rate: float = _f(1e-4, "AdamW peak learning rate (LoRA wants ~10x full fine-tuning)")
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = _f("constant", "schedule after warm-up")
     warmup_steps: int = _f(0, "linear warm-up length in optimizer updates")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.99, "AdamW beta2")
     max_grad_norm: float = _f(1.0, "clip the global grad norm to this; 0 disables clipping")
-    per_device_train_batch_size: int = _f(8, "completions per micro-batch of the loss pass")
+    per_device_train_batch_size: int = _f(64, "completions per micro-batch of the loss pass")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer update")
-    max_steps: int = _f(100, "training steps; a step = one generated batch (and num_iterations updates)")
+    max_steps: int = _f(150, "training steps; a step = one generated batch (and num_iterations updates)")
     seed: int = _f(42, "seed for data order, sampling and initialisation")
-    num_threads: int = _f(0, "torch CPU threads (0: torch's default); fix it for bit-identical CPU runs")
+    num_threads: int = _f(1, "torch CPU threads (0: torch's default); 1 is fastest and steadiest for the tiny "
+                             "default on small CPUs, and gives bit-identical reruns")
     # ---- run, logging, evaluation -------------------------------------------------------------------
     output_dir: str | None = _f(None, "run folder; default runs/<date-time>")
-    logging_steps: int = _f(1, "print a log line every N steps (metrics.jsonl gets every step)")
+    logging_steps: int = _f(10, "print a log line every N steps (metrics.jsonl gets every step)")
     log_completions: int = _f(2, "sample completions written to samples.jsonl per logging interval")
-    eval_steps: int = _f(0, "evaluate greedy accuracy every N steps (0: only before and after training)")
-    eval_limit: int = _f(100, "held-out problems per evaluation (0: skip evaluation)")
-    eval_batch_size: int = _f(32, "prompts per generate call during evaluation")
+    eval_steps: int = _f(25, "evaluate greedy accuracy every N steps (0: only before and after training)")
+    eval_limit: int = _f(500, "held-out problems per evaluation (0: skip evaluation)")
+    eval_batch_size: int = _f(500, "prompts per generate call during evaluation")
     save_steps: int = _f(0, "save the adapter/model every N steps (0: only at the end)")
 
     def __post_init__(self) -> None:

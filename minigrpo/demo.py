@@ -20,8 +20,9 @@ from minigrpo.config import Config
 from minigrpo.monitor import console, make_run_dir, print0
 
 # Shared by every stage: the task, held-out evaluation, and CPU settings.
-BASE = dict(dataset="arith", arith_steps=2, arith_max_number=10, use_peft=False, max_completion_length=48,
-            eval_limit=500, eval_batch_size=250, logging_steps=50, num_threads=1, seed=0)
+BASE = dict(dataset="arith", arith_steps=3, arith_max_number=10, arith_direct_fraction=0.7, use_peft=False,
+            max_completion_length=48, eval_limit=500, eval_batch_size=500, eval_steps=0, logging_steps=50,
+            num_threads=1, seed=42)
 
 
 def run_demo(root: str | None = None, scale: float = 1.0, show_progress: bool = True) -> list[dict]:
@@ -44,13 +45,13 @@ def run_demo(root: str | None = None, scale: float = 1.0, show_progress: bool = 
         print0(f"[bold]{stage}[/bold]: held-out accuracy {after['eval/accuracy']:.3f}")
 
     t = time.perf_counter()  # ---- 1. cold-start SFT ------------------------------------------------------
-    run = sft(Config(**BASE, model="tiny-arith-init", learning_rate=3e-3, warmup_steps=20,
-                     per_device_train_batch_size=64, max_steps=steps(500), output_dir=str(out / "1-sft")),
-              show_progress)
+    run = sft(Config(**BASE, model="tiny-arith-init", learning_rate=3e-3, lr_scheduler_type="cosine",
+                     warmup_steps=20, per_device_train_batch_size=64, max_steps=steps(600),
+                     output_dir=str(out / "1-sft")), show_progress)
     record("1. cold-start SFT", run, time.perf_counter() - t)
     t = time.perf_counter()  # ---- 2. GRPO -----------------------------------------------------------------
     run = train(Config(**BASE, model=str(run / "model"), learning_rate=1e-4, num_generations=8,
-                       per_device_train_batch_size=64, reward_funcs=["correctness"], max_steps=steps(150),
+                       per_device_train_batch_size=64, reward_funcs=["correctness"], max_steps=steps(100),
                        output_dir=str(out / "2-grpo")), show_progress)
     record("2. GRPO (reward only)", run, time.perf_counter() - t)
     t = time.perf_counter()  # ---- 3. rejection sampling ----------------------------------------------------
@@ -69,7 +70,7 @@ def run_demo(root: str | None = None, scale: float = 1.0, show_progress: bool = 
                   "kept": stats["kept"]})
     t = time.perf_counter()  # ---- 4. SFT on the model's own correct samples --------------------------------
     run = sft(Config(**BASE | {"dataset": str(samples), "eval_dataset": "arith"}, model=str(run / "model"),
-                     learning_rate=3e-4, per_device_train_batch_size=64, max_steps=steps(150),
+                     learning_rate=1e-4, per_device_train_batch_size=64, max_steps=steps(100),
                      output_dir=str(out / "4-sft")), show_progress)
     record("4. SFT on rejection samples", run, time.perf_counter() - t)
     print_table(table)

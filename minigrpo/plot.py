@@ -40,7 +40,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     rows = read_metrics(run_dir)
     reward_keys = sorted({k for r in rows for k in r if k.startswith("train/rewards/")})
     panels = [(t, keys + reward_keys if t == "reward" else keys) for t, keys in PANELS]
-    panels = [(t, [k for k in keys if series(rows, k)[0]]) for t, keys in panels]
+    # A series that is absent or all zero (KL with beta = 0) gets no line; a panel with no line is dropped.
+    panels = [(t, [k for k in keys if any(series(rows, k)[1])]) for t, keys in panels]
     panels = [(t, keys) for t, keys in panels if keys]
     cols = 3
     nrows = max(1, -(-len(panels) // cols))

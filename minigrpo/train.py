@@ -33,6 +33,7 @@ from minigrpo.data import Example, build_prompt, load_split
 from minigrpo.evaluate import evaluate
 from minigrpo.model import Reference, load_model, trainable_parameters
 from minigrpo.monitor import Monitor, make_run_dir, print0
+from minigrpo.plot import plot_run
 from minigrpo.rewards import is_correct, load_reward, score
 from minigrpo.rollout import Rollout, SamplingParams, generate, merge_rollouts, policy_logprobs, select_rows
 
@@ -301,5 +302,5 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
     monitor.close()
     save_policy(model, tok, run_dir / ("adapter" if cfg.use_peft else "model"))
     (run_dir / "summary.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
-    print0(f"run folder: {run_dir}")
+    print0(f"curves: {plot_run(run_dir)}\nrun folder: {run_dir}")
     return run_dir

@@ -47,11 +47,11 @@ def test_wrong_type_in_yaml_names_key_and_expected(tmp_path):
 
 def test_divisibility_and_ranges_explained():
     with pytest.raises(ConfigError, match="num_generations: 3 must divide .* 8 x 1 = 8"):
-        Config(num_generations=3)
+        Config(num_generations=3, per_device_train_batch_size=8)
     with pytest.raises(ConfigError, match="num_generations: must be >= 2"):
         Config(num_generations=1)
     with pytest.raises(ConfigError, match="reward_weights: 1 weights for 2 reward_funcs"):
-        Config(reward_weights=[1.0])
+        Config(reward_weights=[1.0], reward_funcs=["correctness", "format_soft"])
 
 
 def test_cli_exit_code_2_with_key_in_message(tmp_path, capsys):

@@ -121,3 +121,16 @@ def test_per_sequence_eos_and_early_exit(monkeypatch):
     assert ro.completion_mask.sum(1).tolist() == [2, 4, 3, 3, 4, 4]
     assert ro.completion_ids[0].tolist() == [5, eos, eos, eos]  # pad == eos after the end
     assert not ro.truncated.any()
+
+
+def test_bench_rollout_reports_both_backends_and_ratio():
+    from minigrpo.bench import bench_rollout
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=10)
+    report = bench_rollout(model, tok, _prompts(tok, 2), n=2, max_new_tokens=4, reps=2, warmup=0)
+    for name in ("engine", "hf"):
+        r = report[name]
+        assert 0 < r["min"] <= r["median_tokens_per_s"] <= r["max"]
+    assert report["ratio_engine_over_hf"] == report["engine"]["median_tokens_per_s"] / report["hf"][
+        "median_tokens_per_s"]

@@ -53,7 +53,7 @@ def test_eval_cli_loads_adapter_of_a_run(tiny_data, tmp_path):
     from minigrpo.config import Config
     from minigrpo.train import train
 
-    run = train(Config(model="tiny-random", dataset=str(tiny_data), num_generations=2,
+    run = train(Config(model="tiny-random", dataset=str(tiny_data), num_generations=2, use_peft=True,
                        per_device_train_batch_size=4, max_completion_length=4, max_steps=1, eval_limit=0,
                        output_dir=str(tmp_path / "run")), show_progress=False)
     assert main(["eval", "--adapter", str(run / "adapter"), "--data", str(tiny_data), "--limit", "2"]) == 0

@@ -35,9 +35,9 @@ def smoke_cfg(tiny_data, tmp_path, monkeypatch):
 def test_two_steps_lora_changes_adapter_and_logs(smoke_cfg):
     from minigrpo.model import load_model
 
-    before, _ = load_model(Config(model="tiny-random", seed=0))  # the same init (seeded) before training
+    before, _ = load_model(Config(model="tiny-random", seed=0, use_peft=True))  # the same init (seeded) before training
     lora_before = {n: p.detach().clone() for n, p in before.named_parameters() if "lora_B" in n}
-    run = train(Config(**smoke_cfg, beta=0.04), show_progress=False)
+    run = train(Config(**smoke_cfg, beta=0.04, use_peft=True), show_progress=False)
     for name in ("config.yaml", "metrics.jsonl", "samples.jsonl", "summary.json", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors"):
         assert (run / name).exists(), name
