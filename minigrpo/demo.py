@@ -57,7 +57,7 @@ def run_demo(root: str | None = None, scale: float = 1.0, show_progress: bool = 
     t = time.perf_counter()  # ---- 3. rejection sampling ----------------------------------------------------
     cfg = Config(**BASE, model=str(run / "model"))
     model, tok = load_model(cfg)
-    examples = load_split(cfg, "train")[:steps(2000)]
+    examples = load_split(cfg, "train")[:steps(1000)]
     prompts = [build_prompt(tok, ex.question, cfg.template) for ex in examples]
     rows, stats = rejection_sample(model, tok, prompts, examples, SamplingParams(n=8, max_new_tokens=48),
                                    [("correctness", load_reward("correctness"), 1.0)], batch_size=512)
