@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from minigrpo.algo import completion_mask
 
@@ -151,6 +152,39 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.T
     return tokens, logp_all.gather(-1, tokens[:, None])[:, 0]
 
 
+def preallocate(cache: object, extra: int) -> None:
+    """Give every growing layer of a filled DynamicCache room for `extra` more tokens, allocated once.
+
+    DynamicCache appends by concatenation, copying the whole cache at every decode step (O(T^2): 60% of
+    the engine's time on the tiny model); a preallocated layer writes each new token in place.
+    """
+    cache.layers = [PreallocatedLayer.grown_from(layer, extra) if type(layer) is DynamicLayer else layer
+                    for layer in cache.layers]
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values are views into buffers allocated once; updates write in place."""
+
+    @classmethod
+    def grown_from(cls, layer: DynamicLayer, extra: int) -> DynamicLayer:
+        new = cls()
+        new.dtype, new.device, new.is_initialized = layer.dtype, layer.device, True
+        B, H, L, D = layer.keys.shape
+        new._k, new._v = layer.keys.new_empty(B, H, L + extra, D), layer.values.new_empty(B, H, L + extra, D)
+        new._k[:, :, :L], new._v[:, :, :L], new._len = layer.keys, layer.values, L
+        new.keys, new.values = new._k[:, :, :L], new._v[:, :, :L]
+        return new
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = key_states.shape[-2]
+        self._k[:, :, self._len:self._len + n] = key_states
+        self._v[:, :, self._len:self._len + n] = value_states
+        self._len += n
+        self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
+        return self.keys, self.values
+
+
 @torch.no_grad()
 def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                     params: SamplingParams) -> Rollout:
@@ -175,8 +209,11 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                 logits_to_keep=1)
     if params.n > 1:
         cache.batch_repeat_interleave(params.n)
+    preallocate(cache, params.max_new_tokens)
     logits = out.logits[:, -1].repeat_interleave(params.n, 0)  # [B, V]
-    mask = mask.repeat_interleave(params.n, 0)
+    P = ids.shape[1]
+    mask = torch.cat([mask.repeat_interleave(params.n, 0),
+                      mask.new_ones((mask.shape[0] * params.n, params.max_new_tokens))], 1)  # [B, P+T], sliced
     position = position[:, -1:].repeat_interleave(params.n, 0)  # [B, 1]
     B, T = logits.shape[0], params.max_new_tokens
     tokens = torch.full((B, T), pad, dtype=torch.long, device=device)
@@ -192,13 +229,12 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         steps = t + 1
         if bool(done.all()) or t == T - 1:
             break
-        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], 1)
         position = position + 1
-        out = model(input_ids=tokens[:, t:t + 1], attention_mask=mask, position_ids=position, past_key_values=cache,
-                    use_cache=True)
+        out = model(input_ids=tokens[:, t:t + 1], attention_mask=mask[:, :P + t + 1], position_ids=position,
+                    past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1]
     model.train(was_training)
-    prompt_ids, prompt_mask = ids.repeat_interleave(params.n, 0), mask[:, :ids.shape[1]]
+    prompt_ids, prompt_mask = ids.repeat_interleave(params.n, 0), mask[:, :P]
     ro = make_rollout(tokenizer, prompts, params.n, prompt_ids, prompt_mask, tokens[:, :steps], eos.tolist())
     ro.logprobs = logprobs[:, :steps] * ro.completion_mask
     return ro
