@@ -8,20 +8,18 @@ The loss is the mean cross-entropy of the target tokens (EOS included), prompt t
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import get_scheduler
 
-from minigrpo.config import Config, save_config
-from minigrpo.data import load_split, sft_target
-from minigrpo.model import load_model, trainable_parameters
-from minigrpo.monitor import Monitor, make_run_dir, print0
-from minigrpo.train import PromptSampler, render_prompts, run_eval, save_policy, set_seed
+from minigrpo.config import Config
+from minigrpo.data import sft_target
+from minigrpo.model import trainable_parameters
+from minigrpo.monitor import Monitor
+from minigrpo.train import PromptSampler, finish_run, make_optimizer, run_eval, setup_run
 
 
 def encode_pairs(tokenizer: Any, prompts: list[str], targets: list[str]) -> list[tuple[list[int], int]]:
@@ -47,26 +45,14 @@ def collate(pairs: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tens
 def sft(cfg: Config, show_progress: bool = True) -> Path:
     """Fine-tune on worked solutions; returns the run folder (config, metrics, adapter or model)."""
     # ---- setup ----------------------------------------------------------------------------------------
-    run_dir = make_run_dir(cfg.output_dir)
-    save_config(cfg, str(run_dir / "config.yaml"))
-    set_seed(cfg.seed)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    model, tok = load_model(cfg)
+    run = setup_run(cfg)
+    model, tok = run.model, run.tokenizer
     device = next(model.parameters()).device
-    train_set = load_split(cfg, cfg.train_split)
-    eval_set = load_split(cfg, cfg.eval_split, cfg.eval_limit, cfg.eval_dataset) if cfg.eval_limit else []
-    fewshot = train_set[:cfg.num_fewshot] if cfg.template == "fewshot" else None
-    prompts = render_prompts(cfg, tok, train_set, fewshot, f"{cfg.dataset} [{cfg.train_split}]")
-    eval_prompts = render_prompts(cfg, tok, eval_set, fewshot, f"{cfg.dataset} [{cfg.eval_split}]")
-    pairs = encode_pairs(tok, prompts, [sft_target(ex) for ex in train_set])
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2))
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=cfg.max_steps)
+    pairs = encode_pairs(tok, run.train_prompts, [sft_target(ex) for ex in run.train_set])
+    optimizer, scheduler = make_optimizer(cfg, model, cfg.max_steps)
     sampler = PromptSampler(len(pairs), cfg.seed)
-    monitor = Monitor(run_dir, cfg.max_steps, cfg.logging_steps, show=show_progress, stage="SFT")
-    before = run_eval(cfg, model, tok, eval_prompts, eval_set)
+    monitor = Monitor(run.run_dir, cfg.max_steps, cfg.logging_steps, show=show_progress, stage="SFT")
+    before = run_eval(cfg, model, tok, run.eval_prompts, run.eval_set)
     if before:
         monitor.log(0, before)
 
@@ -92,15 +78,7 @@ def sft(cfg: Config, show_progress: bool = True) -> Path:
                    "train/learning_rate": scheduler.get_last_lr()[0], "perf/step_s": time.perf_counter() - t0,
                    "perf/tokens_per_s": num_tokens / (time.perf_counter() - t0)}
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
-            metrics |= run_eval(cfg, model, tok, eval_prompts, eval_set)
+            metrics |= run_eval(cfg, model, tok, run.eval_prompts, run.eval_set)
         monitor.log(step, metrics)
 
-    after = run_eval(cfg, model, tok, eval_prompts, eval_set)
-    if after:
-        monitor.log(cfg.max_steps, after)
-        print0(f"held-out accuracy: before {before['eval/accuracy']:.3f} -> after {after['eval/accuracy']:.3f}")
-    monitor.close()
-    save_policy(model, tok, run_dir / ("adapter" if cfg.use_peft else "model"))
-    (run_dir / "summary.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
-    print0(f"run folder: {run_dir}")
-    return run_dir
+    return finish_run(cfg, run, monitor, before)

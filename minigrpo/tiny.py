@@ -31,19 +31,26 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
                                    bos_token=None, unk_token=None, chat_template=CHATML_TEMPLATE)
 
 
-def tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden: int = 64, layers: int = 2,
-               ) -> LlamaForCausalLM:
-    """A randomly initialised Llama sized for fast CPU tests (~0.1M parameters at the defaults)."""
+def small_llama(tokenizer: PreTrainedTokenizerFast, seed: int, hidden: int, layers: int, intermediate: int,
+                kv_heads: int, max_positions: int) -> LlamaForCausalLM:
+    """A seeded random Llama with 4 attention heads and tied embeddings, eos = pad from the tokenizer."""
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden: int = 64, layers: int = 2,
+               ) -> LlamaForCausalLM:
+    """A randomly initialised Llama sized for fast CPU tests (~0.1M parameters at the defaults)."""
+    return small_llama(tokenizer, seed, hidden, layers, 2 * hidden, kv_heads=2, max_positions=2048)
 
 
 # ---- the embedded default: a small Llama for the built-in arithmetic task ------------------------------------
@@ -75,13 +82,4 @@ def arith_tokenizer() -> PreTrainedTokenizerFast:
 def arith_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden: int = 192, layers: int = 4,
                 ) -> LlamaForCausalLM:
     """The embedded default's architecture, randomly initialised (~1.8M parameters)."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return small_llama(tokenizer, seed, hidden, layers, hidden * 8 // 3, kv_heads=4, max_positions=512)

@@ -197,44 +197,82 @@ def save_policy(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def train(cfg: Config, show_progress: bool = True) -> Path:
-    """Run GRPO as configured; returns the run folder (config, metrics, TensorBoard, samples, adapter)."""
-    # ---- setup ----------------------------------------------------------------------------------------
+@dataclass
+class RunSetup:
+    """What every stage (GRPO, SFT) starts from: the run folder, the policy, the data and its prompts."""
+    run_dir: Path
+    model: torch.nn.Module
+    tokenizer: Any
+    train_set: list[Example]
+    eval_set: list[Example]
+    train_prompts: list[str]
+    eval_prompts: list[str]
+
+
+def setup_run(cfg: Config) -> RunSetup:
+    """Run folder with the resolved config, seeds and threads, the model, both splits rendered as prompts."""
     run_dir = make_run_dir(cfg.output_dir)
     save_config(cfg, str(run_dir / "config.yaml"))
     set_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     model, tok = load_model(cfg)
-    device = next(model.parameters()).device
-    ref = Reference(model, cfg.use_peft) if cfg.beta > 0 else None
     train_set = load_split(cfg, cfg.train_split)
     eval_set = load_split(cfg, cfg.eval_split, cfg.eval_limit, cfg.eval_dataset) if cfg.eval_limit else []
     fewshot = train_set[:cfg.num_fewshot] if cfg.template == "fewshot" else None
-    train_prompts = render_prompts(cfg, tok, train_set, fewshot, f"{cfg.dataset} [{cfg.train_split}]")
-    eval_prompts = render_prompts(cfg, tok, eval_set, fewshot, f"{cfg.dataset} [{cfg.eval_split}]")
+    eval_name = f"{cfg.eval_dataset or cfg.dataset} [{cfg.eval_split}]"
+    return RunSetup(run_dir, model, tok, train_set, eval_set,
+                    render_prompts(cfg, tok, train_set, fewshot, f"{cfg.dataset} [{cfg.train_split}]"),
+                    render_prompts(cfg, tok, eval_set, fewshot, eval_name))
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module, num_updates: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable parameters and its learning-rate schedule."""
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2))
+    return optimizer, get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                    num_training_steps=num_updates)
+
+
+def finish_run(cfg: Config, run: RunSetup, monitor: Monitor, before: dict[str, float]) -> Path:
+    """Final evaluation, the trained policy, summary.json and curves.png; returns the run folder."""
+    after = run_eval(cfg, run.model, run.tokenizer, run.eval_prompts, run.eval_set)
+    if after:
+        monitor.log(cfg.max_steps, after)
+        print0(f"held-out accuracy: before {before['eval/accuracy']:.3f} -> after {after['eval/accuracy']:.3f}")
+    monitor.close()
+    save_policy(run.model, run.tokenizer, run.run_dir / ("adapter" if cfg.use_peft else "model"))
+    (run.run_dir / "summary.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
+    print0(f"curves: {plot_run(run.run_dir)}\nrun folder: {run.run_dir}")
+    return run.run_dir
+
+
+def train(cfg: Config, show_progress: bool = True) -> Path:
+    """Run GRPO as configured; returns the run folder (config, metrics, TensorBoard, samples, adapter)."""
+    # ---- setup ----------------------------------------------------------------------------------------
+    run = setup_run(cfg)
+    model, tok, train_set, train_prompts = run.model, run.tokenizer, run.train_set, run.train_prompts
+    device = next(model.parameters()).device
+    ref = Reference(model, cfg.use_peft) if cfg.beta > 0 else None
     weights = cfg.reward_weights or [1.0] * len(cfg.reward_funcs)
     options = {"max_completion_length": cfg.max_completion_length, "overlong_buffer": cfg.overlong_buffer}
     reward_funcs = [(name, load_reward(name, options), w) for name, w in zip(cfg.reward_funcs, weights)]
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2))
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=cfg.max_steps * cfg.num_iterations)
+    optimizer, scheduler = make_optimizer(cfg, model, cfg.max_steps * cfg.num_iterations)
     sampler = PromptSampler(len(train_set), cfg.seed)
     sampling = SamplingParams(n=cfg.num_generations, max_new_tokens=cfg.max_completion_length,
                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     G = cfg.num_generations
-    monitor = Monitor(run_dir, cfg.max_steps, cfg.logging_steps, show=show_progress)
+    monitor = Monitor(run.run_dir, cfg.max_steps, cfg.logging_steps, show=show_progress)
 
     def sample(n: int) -> Scored:  # phases 1-3 for the next n prompts of the data order
         idx = sampler.take(n)
         return rollout_and_score(cfg, model, tok, [train_set[i] for i in idx], [train_prompts[i] for i in idx],
                                  reward_funcs, sampling)
 
-    before = run_eval(cfg, model, tok, eval_prompts, eval_set)
+    before = run_eval(cfg, model, tok, run.eval_prompts, run.eval_set)
     if before:
         monitor.log(0, before)
-        print0(f"held-out accuracy before training: {before['eval/accuracy']:.3f} (n={len(eval_set)}, greedy)")
+        print0(f"held-out accuracy before training: {before['eval/accuracy']:.3f} (n={len(run.eval_set)}, greedy)")
 
     for step in range(1, cfg.max_steps + 1):
         t0 = time.perf_counter()
@@ -289,18 +327,10 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
                                     "answer": columns["answer"][i]} for i in range(min(cfg.log_completions, G))])
         # ---- 7. evaluation and checkpoint -------------------------------------------------------------------
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
-            metrics |= run_eval(cfg, model, tok, eval_prompts, eval_set)
+            metrics |= run_eval(cfg, model, tok, run.eval_prompts, run.eval_set)
         if cfg.save_steps and step % cfg.save_steps == 0:
-            save_policy(model, tok, run_dir / f"checkpoint-{step}")
+            save_policy(model, tok, run.run_dir / f"checkpoint-{step}")
         monitor.log(step, metrics)
 
-    # ---- end: final evaluation and the trained policy -------------------------------------------------------
-    after = run_eval(cfg, model, tok, eval_prompts, eval_set)
-    if after:
-        monitor.log(cfg.max_steps, after)
-        print0(f"held-out accuracy: before {before['eval/accuracy']:.3f} -> after {after['eval/accuracy']:.3f}")
-    monitor.close()
-    save_policy(model, tok, run_dir / ("adapter" if cfg.use_peft else "model"))
-    (run_dir / "summary.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
-    print0(f"curves: {plot_run(run_dir)}\nrun folder: {run_dir}")
-    return run_dir
+    # ---- end: final evaluation, the trained policy, curves ---------------------------------------------------
+    return finish_run(cfg, run, monitor, before)
