@@ -34,3 +34,196 @@ def bench_rollout(model: Any, tokenizer: Any, prompts: list[str], n: int, max_ne
         report[name] = {"median_tokens_per_s": statistics.median(values), "min": min(values), "max": max(values)}
     report["ratio_engine_over_hf"] = report["engine"]["median_tokens_per_s"] / report["hf"]["median_tokens_per_s"]
     return report
+
+
+# ---- `minigrpo bench trl`: minigrpo vs TRL's GRPOTrainer, same settings ------------------------------------------
+#
+# Each run is a fresh spawned process (so ru_maxrss is that framework's own peak RSS); runs are interleaved
+# (trl, minigrpo, trl, minigrpo, ...) so machine noise hits both alike. The first step of each run is warm-up
+# and left out of the medians.
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _minigrpo_config(s: dict[str, Any], beta: float, output_dir: str) -> Any:
+    from minigrpo.config import Config
+
+    return Config(model=s["model"], gguf_file=s["gguf_file"], use_peft=True, lora_r=16, lora_alpha=32,
+                  lora_dropout=0.0, lora_target_modules=list(LORA_TARGETS), gradient_checkpointing=False,
+                  dtype="float32", device="cpu", beta=beta, learning_rate=s["lr"],
+                  num_generations=s["num_generations"],
+                  per_device_train_batch_size=s["num_generations"] * s["prompts_per_step"],
+                  max_completion_length=s["max_completion_length"], max_steps=s["steps"], eval_limit=0,
+                  eval_steps=0, seed=s["seed"], output_dir=output_dir, num_threads=s["threads"],
+                  logging_steps=max(s["steps"], 1), arith_train_size=s["train_size"])
+
+
+def _run_minigrpo(s: dict[str, Any], beta: float) -> dict[str, Any]:
+    """One minigrpo run (in a fresh process): per-step seconds and completion tokens/s from metrics.jsonl."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    torch.set_num_threads(s["threads"])
+    from minigrpo.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        run_dir = train(_minigrpo_config(s, beta, str(Path(tmp) / "run")), show_progress=False)
+        run_s = time.perf_counter() - t0
+        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "perf/step_s" in r]
+    return {"step_s": [r["perf/step_s"] for r in rows], "tokens_per_s": [r["perf/tokens_per_s"] for r in rows],
+            "mean_length": [r["completions/mean_length"] for r in rows], "run_s": run_s,
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+def _run_trl(s: dict[str, Any], beta: float) -> dict[str, Any]:
+    """One TRL GRPOTrainer run (in a fresh process), timed per step by a callback."""
+    import tempfile
+
+    torch.set_num_threads(s["threads"])
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from minigrpo.data import build_prompt, load_split
+    from minigrpo.model import resolve_model_path
+    from minigrpo.rewards import correctness_reward
+
+    t0 = time.perf_counter()
+    cfg = _minigrpo_config(s, beta, "")
+    path = resolve_model_path(s["model"])
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=s["gguf_file"])
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=s["gguf_file"], dtype=torch.float32)
+    # The same prompt text as minigrpo (chat template + system prompt), passed as plain text so the reward
+    # gets completion strings; the token ids equal those of TRL's own chat-template path.
+    rows = [{"prompt": build_prompt(tok, ex.question, cfg.template, cfg.system_prompt),
+             "answer": ex.columns["answer"]} for ex in load_split(cfg, "train")]
+    G, B = s["num_generations"], s["num_generations"] * s["prompts_per_step"]
+
+    def correctness(prompts: list[str], completions: list[str], answer: list[str], **kwargs: Any) -> list[float]:
+        return correctness_reward(prompts, completions, answer)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.step_s: list[float] = []
+            self.lengths: dict[int, float] = {}
+            self._t = 0.0
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self._t = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.step_s.append(time.perf_counter() - self._t)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            if logs and "completions/mean_length" in logs:
+                self.lengths[state.global_step] = logs["completions/mean_length"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = GRPOConfig(
+            output_dir=tmp, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, seed=s["seed"],
+            data_seed=s["seed"], per_device_train_batch_size=B, gradient_accumulation_steps=1,
+            num_generations=G, max_completion_length=s["max_completion_length"], temperature=cfg.temperature,
+            top_p=cfg.top_p, top_k=cfg.top_k, beta=beta, epsilon=cfg.epsilon, num_iterations=cfg.num_iterations,
+            loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards, mask_truncated_completions=False,
+            learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, max_grad_norm=cfg.max_grad_norm,
+            optim="adamw_torch", max_steps=s["steps"], logging_steps=1, report_to="none", save_strategy="no",
+            disable_tqdm=True, log_completions=False, dataloader_num_workers=0)
+        timer = StepTimer()
+        trainer = GRPOTrainer(
+            model=model, processing_class=tok, reward_funcs=[correctness], args=args,
+            train_dataset=Dataset.from_list(rows), callbacks=[timer],
+            peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
+                                   target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"))
+        trainer.train()
+        run_s = time.perf_counter() - t0
+    lengths = [timer.lengths.get(i + 1, float("nan")) for i in range(len(timer.step_s))]
+    return {"step_s": timer.step_s, "tokens_per_s": [n * B / t for n, t in zip(lengths, timer.step_s)],
+            "mean_length": lengths, "run_s": run_s, "peak_rss_mb": _peak_rss_mb()}
+
+
+RUNNERS = {"trl": _run_trl, "minigrpo": _run_minigrpo}
+
+
+def _child(name: str, settings: dict[str, Any], beta: float, queue: Any) -> None:
+    import contextlib
+    import sys
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # trainers' log lines must not mix with the JSON report
+            result = RUNNERS[name](settings, beta)
+        queue.put(("ok", result))
+    except BaseException as e:  # report the failure to the parent instead of hanging it
+        import traceback
+
+        queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def run_isolated(name: str, settings: dict[str, Any], beta: float) -> dict[str, Any]:
+    """Run one framework's training in a fresh spawned process; its own peak RSS comes back with the times."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(name, settings, beta, queue))
+    proc.start()
+    status, result = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"{name} run failed:\n{result}")
+    return result
+
+
+def _summary(runs: list[dict[str, Any]], warmup_steps: int) -> dict[str, Any]:
+    step_s = [t for r in runs for t in r["step_s"][warmup_steps:]]
+    tps = [t for r in runs for t in r["tokens_per_s"][warmup_steps:] if t == t]  # drop NaN
+    lengths = [n for r in runs for n in r["mean_length"][warmup_steps:] if n == n]
+    return {"median_step_s": statistics.median(step_s), "min_step_s": min(step_s), "max_step_s": max(step_s),
+            "median_tokens_per_s": statistics.median(tps) if tps else float("nan"),
+            "mean_completion_length": statistics.fmean(lengths) if lengths else float("nan"),
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+            "median_run_s": statistics.median(r["run_s"] for r in runs), "timed_steps": len(step_s)}
+
+
+def bench_trl(model: str = "tiny-arith", gguf_file: str | None = None, steps: int = 10, num_generations: int = 8,
+              prompts_per_step: int = 4, max_completion_length: int = 64, betas: tuple[float, ...] = (0.04, 0.0),
+              lr: float = 1e-4, seed: int = 42, reps: int = 2, threads: int = 1, train_size: int = 2000,
+              warmup_steps: int = 1, log: Any = None) -> dict[str, Any]:
+    """minigrpo vs TRL GRPOTrainer, identical settings, interleaved isolated runs; medians and ratios per beta."""
+    settings = {"model": model, "gguf_file": gguf_file, "steps": steps, "num_generations": num_generations,
+                "prompts_per_step": prompts_per_step, "max_completion_length": max_completion_length, "lr": lr,
+                "seed": seed, "threads": threads, "train_size": train_size}
+    runs: dict[float, dict[str, list[dict[str, Any]]]] = {b: {"trl": [], "minigrpo": []} for b in betas}
+    for rep in range(reps):
+        for beta in betas:
+            for name in ("trl", "minigrpo"):
+                result = run_isolated(name, settings, beta)
+                runs[beta][name].append(result)
+                if log:
+                    log(f"rep {rep + 1}/{reps} beta={beta} {name}: median step "
+                        f"{statistics.median(result['step_s'][warmup_steps:] or result['step_s']):.3f} s, "
+                        f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    report: dict[str, Any] = {"settings": settings | {"betas": list(betas), "reps": reps,
+                                                      "warmup_steps_dropped": warmup_steps}, "results": {}}
+    for beta in betas:
+        trl, mini = _summary(runs[beta]["trl"], warmup_steps), _summary(runs[beta]["minigrpo"], warmup_steps)
+        report["results"][str(beta)] = {
+            "trl": trl, "minigrpo": mini,
+            "ratio_minigrpo_over_trl": {
+                "step_s": mini["median_step_s"] / trl["median_step_s"],
+                "tokens_per_s": mini["median_tokens_per_s"] / trl["median_tokens_per_s"],
+                "peak_rss": mini["peak_rss_mb"] / trl["peak_rss_mb"]}}
+    return report

@@ -200,10 +200,13 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    """`minigrpo bench rollout`: engine vs HF generate, interleaved repetitions, tokens/s and the ratio."""
+    """`minigrpo bench rollout` (engine vs HF generate) or `minigrpo bench trl` (minigrpo vs TRL GRPOTrainer)."""
+    if argv and argv[0] == "trl":
+        return cmd_bench_trl(argv[1:])
     p = inference_parser("minigrpo bench rollout", "Rollout engine vs transformers generate: same model, prompts "
-                         "and sampling, interleaved repetitions in one process; median tokens/s and the ratio.")
-    p.add_argument("what", choices=["rollout"], help="what to benchmark")
+                         "and sampling, interleaved repetitions in one process; median tokens/s and the ratio. "
+                         "`minigrpo bench trl --help`: minigrpo vs TRL's GRPOTrainer.")
+    p.add_argument("what", choices=["rollout", "trl"], help="what to benchmark")
     p.add_argument("--n", type=int, default=8, help="completions per prompt")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions of each backend (after one warm-up)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives steadier numbers)")
@@ -220,6 +223,46 @@ def cmd_bench(argv: list[str]) -> int:
     report["settings"] = {"model": cfg.model, "gguf_file": cfg.gguf_file, "prompts": len(prompts), "n": args.n,
                           "max_new_tokens": cfg.max_completion_length, "threads": args.threads, "reps": args.reps}
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_bench_trl(argv: list[str]) -> int:
+    """`minigrpo bench trl`: minigrpo vs TRL's GRPOTrainer, same settings, interleaved isolated runs."""
+    p = argparse.ArgumentParser(prog="minigrpo bench trl", description="minigrpo vs TRL's GRPOTrainer with the same "
+                                "model, data, G, completions per step, lengths, LoRA r16 on q/k/v/o, lr, steps, seed, "
+                                "fp32, no gradient checkpointing. Runs alternate (trl, minigrpo, ...), each in a fresh "
+                                "process (its own peak RSS); the first step of each run is dropped. Prints JSON: "
+                                "median step time, tokens/s, peak RSS and the ratios minigrpo/TRL per beta. "
+                                "Needs the `bench` extra (pip install -e '.[bench]').")
+    p.add_argument("--model", default="tiny-arith", help="hub id, local dir or 'tiny-arith' (default)")
+    p.add_argument("--gguf_file", default=None, help="GGUF file name inside --model")
+    p.add_argument("--steps", type=int, default=10, help="training steps per run (the first is warm-up)")
+    p.add_argument("--reps", type=int, default=2, help="runs of each framework per beta")
+    p.add_argument("--beta", default="0.04,0", help="comma-separated KL coefficients, each benchmarked")
+    p.add_argument("--num_generations", type=int, default=8, help="G: completions per prompt")
+    p.add_argument("--prompts_per_step", type=int, default=4, help="prompts per step (completions = G x this)")
+    p.add_argument("--max_completion_length", type=int, default=64, help="max new tokens per completion")
+    p.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (constant)")
+    p.add_argument("--seed", type=int, default=42, help="seed of both frameworks")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads in each run")
+    p.add_argument("--train_size", type=int, default=2000, help="arith train problems (the prompt pool)")
+    p.add_argument("--out", default=None, help="also write the JSON report here")
+    args = p.parse_args(argv)
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("minigrpo bench trl: TRL is not installed; pip install -e '.[bench]'", file=sys.stderr)
+        return 2
+    from minigrpo.bench import bench_trl
+
+    report = bench_trl(args.model, args.gguf_file, args.steps, args.num_generations, args.prompts_per_step,
+                       args.max_completion_length, tuple(float(b) for b in args.beta.split(",")),
+                       args.learning_rate, args.seed, args.reps, args.threads, args.train_size,
+                       log=lambda line: print(line, file=sys.stderr))
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
     return 0
 
 
