@@ -175,6 +175,11 @@ class PreallocatedLayer(DynamicLayer):
         new.keys, new.values = new._k[:, :, :L], new._v[:, :, :L]
         return new
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the `indices` rows (finished sequences leave the batch)."""
+        self._k, self._v = self._k[indices], self._v[indices]
+        self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs,
                ) -> tuple[torch.Tensor, torch.Tensor]:
         n = key_states.shape[-2]
@@ -190,9 +195,10 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                     params: SamplingParams) -> Rollout:
     """minigrpo's rollout engine: each prompt is prefilled once and its KV cache shared by its n samples.
 
-    Then one decode step per token for the whole batch, with per-sequence EOS and an early exit once every
-    sequence has finished. Positions follow the attention mask exactly as in `generate`, so greedy decoding
-    gives generate's tokens. The sampled tokens' log-probs come back in `Rollout.logprobs`.
+    Then one decode step per token for the batch, with per-sequence EOS: once a quarter of the rows have
+    finished they leave the batch (and its KV cache), and decoding stops when every sequence has finished.
+    Positions follow the attention mask exactly as in `generate`, so greedy decoding gives generate's tokens.
+    The sampled tokens' log-probs come back in `Rollout.logprobs`.
     """
     from transformers import DynamicCache
 
@@ -216,25 +222,32 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                       mask.new_ones((mask.shape[0] * params.n, params.max_new_tokens))], 1)  # [B, P+T], sliced
     position = position[:, -1:].repeat_interleave(params.n, 0)  # [B, 1]
     B, T = logits.shape[0], params.max_new_tokens
+    full_prompt_mask = mask[:, :P]
     tokens = torch.full((B, T), pad, dtype=torch.long, device=device)
     logprobs = torch.zeros((B, T), device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    live = torch.arange(B, device=device)  # original row of each row still in the compute batch
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # per compute-batch row
     # ---- decode ---------------------------------------------------------------------------------------
     steps = 0
     for t in range(T):
         next_tokens, next_logp = sample_tokens(logits, params)
-        tokens[:, t] = torch.where(done, pad, next_tokens)
-        logprobs[:, t] = torch.where(done, 0.0, next_logp)
+        tokens[live, t] = torch.where(done, pad, next_tokens)
+        logprobs[live, t] = torch.where(done, 0.0, next_logp)
         done |= torch.isin(next_tokens, eos)
         steps = t + 1
         if bool(done.all()) or t == T - 1:
             break
+        if int(done.sum()) * 4 >= len(done):  # a quarter of the batch has finished: drop those rows
+            keep = (~done).nonzero()[:, 0]
+            live, done, mask, position = live[keep], done[keep], mask[keep], position[keep]
+            cache.batch_select_indices(keep)
+            next_tokens = next_tokens[keep]
         position = position + 1
-        out = model(input_ids=tokens[:, t:t + 1], attention_mask=mask[:, :P + t + 1], position_ids=position,
+        out = model(input_ids=next_tokens[:, None], attention_mask=mask[:, :P + t + 1], position_ids=position,
                     past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1]
     model.train(was_training)
-    prompt_ids, prompt_mask = ids.repeat_interleave(params.n, 0), mask[:, :P]
+    prompt_ids, prompt_mask = ids.repeat_interleave(params.n, 0), full_prompt_mask
     ro = make_rollout(tokenizer, prompts, params.n, prompt_ids, prompt_mask, tokens[:, :steps], eos.tolist())
     ro.logprobs = logprobs[:, :steps] * ro.completion_mask
     return ro

@@ -22,9 +22,9 @@ def test_shipped_model_is_in_the_package():
 def test_short_grpo_on_the_shipped_model_improves_held_out_accuracy(tmp_path):
     """40 GRPO steps (~30 s) on the defaults; greedy accuracy on 200 held-out problems.
 
-    Measured on this 2-core CPU over seeds 1-3 (BENCHMARKS.md): 0.490 -> 0.955, 0.935, 0.945 (gains
-    0.445-0.465, spread 0.02). The margin asserted, 0.20, is 10x that spread and far above the +-0.035
-    sampling noise of 200 problems, yet less than half the smallest gain seen.
+    Measured on this 2-core CPU over seeds 1-3 (BENCHMARKS.md): 0.490 -> 0.955, 0.950, 0.945 (gains
+    0.455-0.465, spread 0.01; 0.445-0.465 with the previous engine). The margin asserted, 0.20, is far
+    above that spread and the +-0.035 sampling noise of 200 problems, yet less than half the smallest gain.
     """
     run = train(Config(max_steps=40, eval_steps=0, eval_limit=200, seed=1, output_dir=str(tmp_path / "run")),
                 show_progress=False)

@@ -99,27 +99,36 @@ def test_top_k_and_top_p_restrict_and_renormalise():
     assert torch.allclose(logp[drawn == 0], torch.log(p[0]))  # log-prob of the full tempered distribution
 
 
-def test_per_sequence_eos_and_early_exit(monkeypatch):
-    """Sequences stop at their own EOS (pads after it); decoding stops once all have ended."""
+def test_per_sequence_eos_finished_rows_leave_and_early_exit(monkeypatch):
+    """Sequences stop at their own EOS (pads after it); finished rows leave the batch; decoding stops at the end."""
     from minigrpo import rollout
 
     tok = tiny_tokenizer()
     model = tiny_model(tok, seed=8)
-    eos, calls = tok.eos_token_id, []
-    # sequence 0 ends at step 1, sequences 2 and 3 at step 2, sequences 1, 4 and 5 at step 3
+    eos, batch_sizes = tok.eos_token_id, []
+    # Per original row: sequence 0 ends at step 1, sequences 2 and 3 at step 2, sequences 1, 4 and 5 at step 3.
     plan = iter([[5, 6, 7, 8, 9, 10], [eos, 6, 7, 8, 9, 10], [5, 6, eos, eos, 9, 10], [5, eos, 7, 8, eos, eos]])
+    rows, finished = list(range(6)), set()
 
     def scripted(logits, params):
-        calls.append(1)
-        return torch.tensor(next(plan)), torch.zeros(6)
+        nonlocal rows
+        if logits.shape[0] != len(rows):  # the engine dropped every row finished so far, keeping the order
+            rows = [r for r in rows if r not in finished]
+        batch_sizes.append(logits.shape[0])
+        step = next(plan)
+        finished.update(r for r in rows if step[r] == eos)
+        return torch.tensor([step[r] for r in rows]), torch.zeros(len(rows))
 
     monkeypatch.setattr(rollout, "sample_tokens", scripted)
     forwards = []
     model.register_forward_hook(lambda *a: forwards.append(1))
     ro = engine_generate(model, tok, _prompts(tok, 2), SamplingParams(n=3, max_new_tokens=50))
-    assert ro.completion_ids.shape[1] == 4 and len(calls) == 4 and len(forwards) == 4  # prefill + 3 decodes
+    assert len(forwards) == 4  # prefill + 3 decode steps, then every sequence has ended
+    assert batch_sizes == [6, 6, 6, 3]  # 1 of 6 done: kept; 3 of 6 done (>= a quarter): dropped
+    assert ro.completion_ids.shape[1] == 4
     assert ro.completion_mask.sum(1).tolist() == [2, 4, 3, 3, 4, 4]
     assert ro.completion_ids[0].tolist() == [5, eos, eos, eos]  # pad == eos after the end
+    assert ro.completion_ids[1].tolist() == [6, 6, 6, eos] and ro.completion_ids[4].tolist() == [9, 9, 9, eos]
     assert not ro.truncated.any()
 
 
