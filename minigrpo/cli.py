@@ -34,29 +34,31 @@ def config_from_argv(argv: list[str]) -> Config:
     return load_config(config_path, parse_overrides(rest))
 
 
-def cmd_train(argv: list[str]) -> int:
-    """Parse `train` options, build the config and run the GRPO loop."""
+def run_stage(argv: list[str], stage: str) -> int:
+    """`train` (GRPO) or `sft`: the same config keys, `--help` lists them, then the stage runs."""
     if "-h" in argv or "--help" in argv:
-        print(TRAIN_USAGE + help_text())
+        usage = TRAIN_USAGE if stage == "train" else TRAIN_USAGE.replace("minigrpo train", "minigrpo sft").replace(
+            "Train with GRPO", "Supervised fine-tuning on worked solutions (targets end in '#### N')")
+        print(usage + help_text())
         return 0
     cfg = config_from_argv(argv)
-    from minigrpo.train import train  # heavy imports only once the config is known to be valid
-
-    train(cfg)
+    # heavy imports only once the config is known to be valid
+    if stage == "train":
+        from minigrpo.train import train as run
+    else:
+        from minigrpo.sft import sft as run
+    run(cfg)
     return 0
+
+
+def cmd_train(argv: list[str]) -> int:
+    """Parse `train` options, build the config and run the GRPO loop."""
+    return run_stage(argv, "train")
 
 
 def cmd_sft(argv: list[str]) -> int:
     """Parse `sft` options (the same keys as train) and run supervised fine-tuning."""
-    if "-h" in argv or "--help" in argv:
-        print(TRAIN_USAGE.replace("minigrpo train", "minigrpo sft").replace("Train with GRPO",
-              "Supervised fine-tuning on worked solutions (targets end in '#### N')") + help_text())
-        return 0
-    cfg = config_from_argv(argv)
-    from minigrpo.sft import sft
-
-    sft(cfg)
-    return 0
+    return run_stage(argv, "sft")
 
 
 def inference_parser(prog: str, description: str) -> argparse.ArgumentParser:

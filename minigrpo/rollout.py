@@ -10,10 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from minigrpo.algo import completion_mask
+from minigrpo.algo import completion_mask, token_logprobs
 
 
 @dataclass
@@ -200,8 +200,6 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     Positions follow the attention mask exactly as in `generate`, so greedy decoding gives generate's tokens.
     The sampled tokens' log-probs come back in `Rollout.logprobs`.
     """
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     ids, mask = encode_prompts(tokenizer, prompts, device)  # [P, L]
     eos = torch.tensor(eos_token_ids(model, tokenizer), device=device)
@@ -274,8 +272,6 @@ def policy_logprobs(model: PreTrainedModel, rollout_ids: torch.Tensor, attention
     expanded to its G completions, with gradients: the same values as the plain path, without G copies of
     the prompt's work.
     """
-    from minigrpo.algo import token_logprobs
-
     C = num_completion
     if group_size > 1 and not getattr(model, "is_gradient_checkpointing", False):
         return token_logprobs(_shared_prefix_logits(model, rollout_ids, attention_mask, C, group_size),
@@ -290,8 +286,6 @@ def policy_logprobs(model: PreTrainedModel, rollout_ids: torch.Tensor, attention
 def _shared_prefix_logits(model: PreTrainedModel, rollout_ids: torch.Tensor, attention_mask: torch.Tensor, C: int,
                           G: int) -> torch.Tensor:
     """Logits [B, C, V] predicting the completion tokens, computing each group's prompt once."""
-    from transformers import DynamicCache
-
     prompt_ids, prompt_mask = rollout_ids[::G, :-C], attention_mask[::G, :-C]  # [B/G, P]
     cache = DynamicCache(config=model.config)
     position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
