@@ -6,7 +6,9 @@ the report gives the median tokens/s of each, the spread (min-max) and the ratio
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -45,10 +47,17 @@ def bench_rollout(model: Any, tokenizer: Any, prompts: list[str], n: int, max_ne
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+VLLM_MEMORY = 0.3  # share of GPU memory each framework's colocated vLLM takes (sleep mode off in both)
+
+
 def _peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _peak_gpu_gb() -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
 
 
 def _minigrpo_config(s: dict[str, Any], beta: float, output_dir: str) -> Any:
@@ -56,12 +65,15 @@ def _minigrpo_config(s: dict[str, Any], beta: float, output_dir: str) -> Any:
 
     return Config(model=s["model"], gguf_file=s["gguf_file"], use_peft=True, lora_r=16, lora_alpha=32,
                   lora_dropout=0.0, lora_target_modules=list(LORA_TARGETS), gradient_checkpointing=False,
-                  dtype="float32", device="cpu", beta=beta, learning_rate=s["lr"],
+                  dtype=s.get("dtype", "float32"), device=s.get("device", "cpu"), beta=beta, learning_rate=s["lr"],
+                  rollout_backend="vllm" if s.get("vllm") else "engine", vllm_sleep=False,
+                  vllm_gpu_memory_utilization=VLLM_MEMORY,
                   num_generations=s["num_generations"],
                   per_device_train_batch_size=s["num_generations"] * s["prompts_per_step"],
                   max_completion_length=s["max_completion_length"], max_steps=s["steps"], eval_limit=0,
                   eval_steps=0, seed=s["seed"], output_dir=output_dir, num_threads=s["threads"],
-                  logging_steps=max(s["steps"], 1), arith_train_size=s["train_size"])
+                  logging_steps=max(s["steps"], 1), arith_train_size=s["train_size"],
+                  dataset=s.get("data", "arith"))
 
 
 def _run_minigrpo(s: dict[str, Any], beta: float) -> dict[str, Any]:
@@ -81,7 +93,7 @@ def _run_minigrpo(s: dict[str, Any], beta: float) -> dict[str, Any]:
     rows = [r for r in rows if "perf/step_s" in r]
     return {"step_s": [r["perf/step_s"] for r in rows], "tokens_per_s": [r["perf/tokens_per_s"] for r in rows],
             "mean_length": [r["completions/mean_length"] for r in rows], "run_s": run_s,
-            "peak_rss_mb": _peak_rss_mb()}
+            "peak_rss_mb": _peak_rss_mb(), "peak_gpu_gb": _peak_gpu_gb()}
 
 
 def _run_trl(s: dict[str, Any], beta: float) -> dict[str, Any]:
@@ -105,7 +117,7 @@ def _run_trl(s: dict[str, Any], beta: float) -> dict[str, Any]:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=s["gguf_file"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=s["gguf_file"], dtype=getattr(torch, cfg.dtype))
     # The same prompt text as minigrpo (chat template + system prompt), passed as plain text so the reward
     # gets completion strings; the token ids equal those of TRL's own chat-template path.
     rows = [{"prompt": build_prompt(tok, ex.question, cfg.template, cfg.system_prompt),
@@ -133,7 +145,9 @@ def _run_trl(s: dict[str, Any], beta: float) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         args = GRPOConfig(
-            output_dir=tmp, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, seed=s["seed"],
+            output_dir=tmp, use_cpu=cfg.device == "cpu", bf16=cfg.dtype == "bfloat16", fp16=False,
+            gradient_checkpointing=False, seed=s["seed"], use_vllm=bool(s.get("vllm")), vllm_mode="colocate",
+            vllm_gpu_memory_utilization=VLLM_MEMORY, vllm_enable_sleep_mode=False,
             data_seed=s["seed"], per_device_train_batch_size=B, gradient_accumulation_steps=1,
             num_generations=G, max_completion_length=s["max_completion_length"], temperature=cfg.temperature,
             top_p=cfg.top_p, top_k=cfg.top_k, beta=beta, epsilon=cfg.epsilon, num_iterations=cfg.num_iterations,
@@ -152,7 +166,7 @@ def _run_trl(s: dict[str, Any], beta: float) -> dict[str, Any]:
         run_s = time.perf_counter() - t0
     lengths = [timer.lengths.get(i + 1, float("nan")) for i in range(len(timer.step_s))]
     return {"step_s": timer.step_s, "tokens_per_s": [n * B / t for n, t in zip(lengths, timer.step_s)],
-            "mean_length": lengths, "run_s": run_s, "peak_rss_mb": _peak_rss_mb()}
+            "mean_length": lengths, "run_s": run_s, "peak_rss_mb": _peak_rss_mb(), "peak_gpu_gb": _peak_gpu_gb()}
 
 
 RUNNERS = {"trl": _run_trl, "minigrpo": _run_minigrpo}
@@ -195,32 +209,69 @@ def _summary(runs: list[dict[str, Any]], warmup_steps: int) -> dict[str, Any]:
             "median_tokens_per_s": statistics.median(tps) if tps else float("nan"),
             "mean_completion_length": statistics.fmean(lengths) if lengths else float("nan"),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+            "peak_gpu_gb": statistics.median(r.get("peak_gpu_gb", 0.0) for r in runs),
             "median_run_s": statistics.median(r["run_s"] for r in runs), "timed_steps": len(step_s)}
 
 
 def bench_trl(model: str = "tiny-arith", gguf_file: str | None = None, steps: int = 10, num_generations: int = 8,
               prompts_per_step: int = 4, max_completion_length: int = 64, betas: tuple[float, ...] = (0.04, 0.0),
               lr: float = 1e-4, seed: int = 42, reps: int = 2, threads: int = 1, train_size: int = 2000,
-              warmup_steps: int = 1, log: Any = None) -> dict[str, Any]:
-    """minigrpo vs TRL GRPOTrainer, identical settings, interleaved isolated runs; medians and ratios per beta."""
-    settings = {"model": model, "gguf_file": gguf_file, "steps": steps, "num_generations": num_generations,
+              warmup_steps: int = 1, data: str = "arith", device: str = "cpu", dtype: str = "float32",
+              vllm: tuple[bool, ...] = (False,), log: Any = None) -> dict[str, Any]:
+    """minigrpo vs TRL GRPOTrainer, identical settings, interleaved isolated runs; medians and ratios per variant.
+
+    Variants: each beta, times each vllm choice (False: each framework's own generation; True: each one's
+    colocated vLLM). Results are keyed by the beta ("0.04"), or "0.04 vllm" / "0.04 no-vllm" when vllm is varied.
+    """
+    settings = {"model": model, "gguf_file": None, "steps": steps, "num_generations": num_generations,
                 "prompts_per_step": prompts_per_step, "max_completion_length": max_completion_length, "lr": lr,
-                "seed": seed, "threads": threads, "train_size": train_size}
-    runs: dict[float, dict[str, list[dict[str, Any]]]] = {b: {"trl": [], "minigrpo": []} for b in betas}
+                "seed": seed, "threads": threads, "train_size": train_size, "data": data, "device": device,
+                "dtype": dtype}
+    with contextlib.ExitStack() as stack:
+        if gguf_file:  # TRL's Trainer refuses GGUF-loaded models (quantized): both load one dequantized fp32 copy
+            settings["model"] = _dequantized_copy(model, gguf_file, stack.enter_context(tempfile.TemporaryDirectory()))
+        report = _bench_trl(settings, betas, vllm, reps, warmup_steps, log)
+    report["settings"] |= {"model": model, "gguf_file": gguf_file}
+    return report
+
+
+def _dequantized_copy(model: str, gguf_file: str, out: str) -> str:
+    """Save the model of a GGUF file as plain safetensors (with its tokenizer) under `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minigrpo.model import resolve_model_path
+
+    path = resolve_model_path(model)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are dequantized already; the GGUF marker only blocks saving
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(path, gguf_file=gguf_file).save_pretrained(out)
+    return out
+
+
+def _bench_trl(settings: dict[str, Any], betas: tuple[float, ...], vllm: tuple[bool, ...], reps: int,
+               warmup_steps: int, log: Any) -> dict[str, Any]:
+    def key(beta: float, v: bool) -> str:
+        return str(beta) if vllm == (False,) else f"{beta} {'vllm' if v else 'no-vllm'}"
+
+    variants = [(beta, v) for beta in betas for v in vllm]
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {key(b, v): {"trl": [], "minigrpo": []} for b, v in variants}
     for rep in range(reps):
-        for beta in betas:
+        for beta, v in variants:
             for name in ("trl", "minigrpo"):
-                result = run_isolated(name, settings, beta)
-                runs[beta][name].append(result)
+                result = run_isolated(name, settings | {"vllm": v}, beta)
+                runs[key(beta, v)][name].append(result)
                 if log:
-                    log(f"rep {rep + 1}/{reps} beta={beta} {name}: median step "
+                    log(f"rep {rep + 1}/{reps} {key(beta, v)} {name}: median step "
                         f"{statistics.median(result['step_s'][warmup_steps:] or result['step_s']):.3f} s, "
                         f"peak RSS {result['peak_rss_mb']:.0f} MB")
-    report: dict[str, Any] = {"settings": settings | {"betas": list(betas), "reps": reps,
+    report: dict[str, Any] = {"settings": settings | {"betas": list(betas), "vllm": list(vllm), "reps": reps,
                                                       "warmup_steps_dropped": warmup_steps}, "results": {}}
-    for beta in betas:
-        trl, mini = _summary(runs[beta]["trl"], warmup_steps), _summary(runs[beta]["minigrpo"], warmup_steps)
-        report["results"][str(beta)] = {
+    for name, by_framework in runs.items():
+        trl, mini = _summary(by_framework["trl"], warmup_steps), _summary(by_framework["minigrpo"], warmup_steps)
+        report["results"][name] = {
             "trl": trl, "minigrpo": mini,
             "ratio_minigrpo_over_trl": {
                 "step_s": mini["median_step_s"] / trl["median_step_s"],

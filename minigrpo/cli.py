@@ -247,6 +247,11 @@ def cmd_bench_trl(argv: list[str]) -> int:
     p.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (constant)")
     p.add_argument("--seed", type=int, default=42, help="seed of both frameworks")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads in each run")
+    p.add_argument("--data", default="arith", help="dataset of both (arith, gsm8k, a dir or JSONL); default arith")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both frameworks)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute dtype")
+    p.add_argument("--vllm", default="off", choices=["off", "on", "both"],
+                   help="generation: each framework's own (off), each one's colocated vLLM (on, CUDA), or both")
     p.add_argument("--train_size", type=int, default=2000, help="arith train problems (the prompt pool)")
     p.add_argument("--out", default=None, help="also write the JSON report here")
     args = p.parse_args(argv)
@@ -260,6 +265,8 @@ def cmd_bench_trl(argv: list[str]) -> int:
     report = bench_trl(args.model, args.gguf_file, args.steps, args.num_generations, args.prompts_per_step,
                        args.max_completion_length, tuple(float(b) for b in args.beta.split(",")),
                        args.learning_rate, args.seed, args.reps, args.threads, args.train_size,
+                       data=args.data, device=args.device, dtype=args.dtype,
+                       vllm={"off": (False,), "on": (True,), "both": (False, True)}[args.vllm],
                        log=lambda line: print(line, file=sys.stderr))
     text = json.dumps(report, indent=2)
     if args.out:

@@ -72,8 +72,14 @@ class Config:
     overlong_buffer: int = _f(0, "L_cache of the 'overlong' reward (DAPO soft overlong punishment): the last "
                                  "N tokens before max_completion_length are penalised linearly down to -1")
     # ---- rollout ------------------------------------------------------------------------------------
-    rollout_backend: Literal["engine", "hf"] = _f("engine", "generation: minigrpo's engine (prompt prefilled once per "
-                                                             "group) or 'hf' (transformers generate)")
+    rollout_backend: Literal["engine", "hf", "vllm"] = _f("engine", "generation: minigrpo's engine (prompt prefilled "
+                                                                     "once per group), 'hf' (transformers generate) "
+                                                                     "or 'vllm' (colocated; CUDA + the gpu extra)")
+    vllm_gpu_memory_utilization: float = _f(0.3, "rollout_backend vllm: share of GPU memory vLLM takes (weights "
+                                                 "and KV cache); the rest is the trainer's")
+    vllm_sleep: bool = _f(True, "rollout_backend vllm: sleep mode, vLLM's memory handed back while training")
+    rollout_merge_lora: bool = _f(True, "generate with LoRA folded into a temporary copy of the adapted weights "
+                                        "(faster decoding; that copy's memory while generating)")
     num_generations: int = _f(8, "G: completions sampled per prompt (the group)")
     max_completion_length: int = _f(64, "max new tokens per completion; longer ones are truncated")
     temperature: float = _f(1.0, "sampling temperature; log-probs are computed at the same temperature")

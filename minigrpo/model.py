@@ -108,3 +108,42 @@ class Reference:
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Parameters the optimizer updates (LoRA adapters, or every weight for full fine-tuning)."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def merged_lora(model: torch.nn.Module, enabled: bool = True) -> Iterator[torch.nn.Module]:
+    """Inside: every LoRA layer replaced by a plain Linear holding W + s * B @ A (a temporary copy).
+
+    Decoding then runs plain linear layers: no LoRA matmuls and no peft wrapper per token. The LoRA layers,
+    and their untouched base weights, are put back on exit: no merge/unmerge round trip, so no rounding
+    drift. Quantized or non-Linear base layers, DoRA and models without adapters are left as they are.
+    Costs, while inside, one copy of the adapted weights.
+    """
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # peft not installed: no adapters to merge
+        enabled = False
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)] if enabled else []
+    mergeable = all(type(m.get_base_layer()) is torch.nn.Linear and not any(m.use_dora.values())
+                    and not m.merged and not m.disable_adapters for _, m in layers)
+    if not layers or not mergeable:
+        yield model
+        return
+    swapped = []
+    with torch.no_grad():
+        for name, m in layers:
+            base = m.get_base_layer()
+            delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
+            plain = torch.nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
+            plain.weight = torch.nn.Parameter(base.weight + delta.to(base.weight.dtype), requires_grad=False)
+            plain.bias = base.bias
+            plain._minigrpo_merged = True  # vllm_rollout sends only these under LoRA
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, plain)
+            swapped.append((parent, child, m))
+    try:
+        yield model
+    finally:
+        for parent, child, m in swapped:
+            setattr(parent, child, m)

@@ -14,6 +14,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from minigrpo.algo import completion_mask, token_logprobs
+from minigrpo.model import merged_lora
 
 
 @dataclass
@@ -251,29 +252,44 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     return ro
 
 
-BACKENDS: dict[str, Callable[..., Rollout]] = {"engine": engine_generate, "hf": hf_generate}
+def vllm_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                  params: SamplingParams) -> Rollout:
+    """vLLM, colocated (minigrpo/vllm_rollout.py; CUDA and the `gpu` extra): the run's engine, started at setup."""
+    from minigrpo.vllm_rollout import vllm_generate as generate_with_vllm
+
+    return generate_with_vllm(model, tokenizer, prompts, params)
+
+
+BACKENDS: dict[str, Callable[..., Rollout]] = {"engine": engine_generate, "hf": hf_generate, "vllm": vllm_generate}
+MERGES_ITSELF = {"vllm"}  # backends that fold LoRA into their own copy of the weights
 
 
 def generate(backend: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-             params: SamplingParams) -> Rollout:
-    """Dispatch to the configured rollout backend."""
+             params: SamplingParams, merge_lora: bool = True) -> Rollout:
+    """Dispatch to the configured rollout backend (LoRA folded into the weights while it runs, when asked)."""
     if backend not in BACKENDS:
         raise ValueError(f"rollout_backend: unknown {backend!r}; available: {list(BACKENDS)}")
-    return BACKENDS[backend](model, tokenizer, prompts, params)
+    with merged_lora(model, merge_lora and backend not in MERGES_ITSELF):
+        return BACKENDS[backend](model, tokenizer, prompts, params)
 
 
 def policy_logprobs(model: PreTrainedModel, rollout_ids: torch.Tensor, attention_mask: torch.Tensor,
                     num_completion: int, temperature: float, group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropies of the completion tokens under `model`. [B, P+C] -> [B, C], [B, C].
 
-    Only completion positions go through the LM head (`logits_to_keep`). Position ids follow the attention
-    mask, as in `generate`, so left padding does not shift positions and the log-probs match the sampler's.
-    With group_size = G > 1 (rows in blocks of G sharing a prompt), each prompt runs once and its KV cache is
-    expanded to its G completions, with gradients: the same values as the plain path, without G copies of
-    the prompt's work.
+    Only completion positions go through the LM head. Position ids follow the attention mask, as in
+    `generate`, so left padding does not shift positions and the log-probs match the sampler's.
+    With group_size = G > 1 (rows in blocks of G sharing a prompt) each prompt runs once, in the cheaper of
+    two layouts (`logprob_layout`): "packed" puts a prompt and its G completions, without padding, in one
+    row under a tree attention mask; "shared_prefix" runs the prompt once and expands its KV cache to the
+    G padded completions. Both give the plain path's values and gradients, without G copies of the prompt.
     """
     C = num_completion
-    if group_size > 1 and not getattr(model, "is_gradient_checkpointing", False):
+    layout = logprob_layout(model, attention_mask, C, group_size)
+    if layout == "packed":
+        return token_logprobs(_packed_logits(model, rollout_ids, attention_mask, C, group_size),
+                              rollout_ids[:, -C:], temperature)
+    if layout == "shared_prefix":
         return token_logprobs(_shared_prefix_logits(model, rollout_ids, attention_mask, C, group_size),
                               rollout_ids[:, -C:], temperature)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -281,6 +297,89 @@ def policy_logprobs(model: PreTrainedModel, rollout_ids: torch.Tensor, attention
                 logits_to_keep=C + 1, use_cache=False)
     logits = out.logits[:, :-1, :]  # [B, C, V]: position t predicts token t+1
     return token_logprobs(logits, rollout_ids[:, -C:], temperature)
+
+
+def _checkpointing(model: PreTrainedModel) -> bool:
+    """Whether activation (gradient) checkpointing is on (transformers renamed the flag in v5)."""
+    return bool(getattr(model, "is_activation_checkpointing", None)
+                or getattr(model, "is_gradient_checkpointing", False))
+
+
+MAX_PACKED_MASK = 2 ** 26  # mask entries (per micro-batch) up to which packing is allowed: 256 MB in fp32
+
+
+def logprob_layout(model: PreTrainedModel, attention_mask: torch.Tensor, C: int, G: int) -> str:
+    """'plain', 'shared_prefix' or 'packed': the layout with the fewest estimated FLOPs for this batch.
+
+    Per layer, a token costs ~2 x the layer's weights (4h^2 + 3hm) and an attended (query, key) pair ~4h.
+    Packed rows carry no completion padding but attend densely over prompt + all G completions; padded
+    rows carry every completion to the longest one. Packing needs a custom 4D mask: sdpa or eager attention,
+    no sliding window shorter than a packed row, and a mask of at most MAX_PACKED_MASK entries.
+    """
+    if G <= 1:
+        return "plain"
+    cfg = getattr(model, "config", None)
+    h = getattr(cfg, "hidden_size", 0) or 0
+    m = getattr(cfg, "intermediate_size", 0) or 4 * h
+    P = attention_mask.shape[1] - C
+    n_groups = attention_mask.shape[0] // G
+    lengths = attention_mask[:, P:].sum(1).clamp(min=1).view(n_groups, G).sum(1)  # packed completion tokens
+    K = int(lengths.max())
+    per_token, per_pair = 2 * (4 * h * h + 3 * h * m), 4 * h
+    padded = (n_groups * P + G * n_groups * C) * per_token + n_groups * (P * P / 2 + G * C * (P + C / 2)) * per_pair
+    packed = n_groups * (P + K) * per_token + n_groups * (P + K) ** 2 * per_pair
+    attn = getattr(cfg, "_attn_implementation", None)
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    can_pack = (attn in ("sdpa", "eager") and (not window or P + K <= window)
+                and n_groups * (P + K) ** 2 <= MAX_PACKED_MASK)
+    if can_pack and packed < padded:
+        return "packed"
+    return "plain" if _checkpointing(model) else "shared_prefix"
+
+
+def _packed_logits(model: PreTrainedModel, rollout_ids: torch.Tensor, attention_mask: torch.Tensor, C: int,
+                   G: int) -> torch.Tensor:
+    """Logits [B, C, V] predicting the completion tokens, one packed row per group.
+
+    Row g = [prompt (left-padded to P) | c_1 | c_2 | ... | c_G | pad], each c_i cut at its first EOS.
+    Tree mask: a prompt token sees the prompt causally; a token of c_i sees the prompt and c_i causally.
+    c_i's positions continue from the prompt's, as if it were alone. Tokens after a completion's EOS are
+    not computed; their log-probs come out as those of position 0 and must stay masked (they are).
+    """
+    B, device = rollout_ids.shape[0], rollout_ids.device
+    P, n_groups = rollout_ids.shape[1] - C, rollout_ids.shape[0] // G
+    lengths = attention_mask[:, P:].sum(1).clamp(min=1).long()  # [B] tokens up to and including the EOS
+    starts = P + torch.cumsum(lengths.view(n_groups, G), 1) - lengths.view(n_groups, G)  # [n, G] row offsets
+    K = int(lengths.view(n_groups, G).sum(1).max())
+    L = P + K
+    prompt_mask = attention_mask[::G, :P]
+    ids = rollout_ids.new_full((n_groups, L), int(rollout_ids[0, -1]))
+    ids[:, :P] = rollout_ids[::G, :P]
+    seg = torch.full((n_groups, L), -2, dtype=torch.long, device=device)  # -2 tail pad, -1 prompt pad, 0 prompt
+    seg[:, :P] = torch.where(prompt_mask.bool(), 0, -1)
+    position = torch.zeros((n_groups, L), dtype=torch.long, device=device)
+    position[:, :P] = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    # Scatter every completion token to its packed column (one index op, no Python loop over rows).
+    t = torch.arange(C, device=device)
+    real = t[None, :] < lengths[:, None]  # [B, C]
+    group = torch.arange(B, device=device) // G
+    col = starts.view(B, 1) + t[None, :]  # [B, C]
+    rows, cols = group[:, None].expand(B, C)[real], col[real]
+    ids[rows, cols] = rollout_ids[:, P:][real]
+    seg[rows, cols] = (torch.arange(B, device=device) % G + 1)[:, None].expand(B, C)[real]
+    position[rows, cols] = (prompt_mask.sum(1)[group][:, None] + t[None, :]).expand(B, C)[real]
+    q, k = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(L, dtype=torch.bool, device=device)  # padding queries see themselves (no empty rows)
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros((n_groups, 1, L, L), dtype=dtype, device=device).masked_fill(
+        ~allowed[:, None], torch.finfo(dtype).min)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position, logits_to_keep=K + 1,
+                   use_cache=False).logits  # [n, K+1, V]: column j is packed position P-1+j
+    # Token t of c_i is predicted by the prompt's last position (t = 0) or by c_i's token t-1.
+    src = torch.where(t[None, :] == 0, 0, col - P).clamp(max=K).masked_fill(~real, 0)  # [B, C] into K+1
+    return logits[group[:, None], src]
 
 
 def _shared_prefix_logits(model: PreTrainedModel, rollout_ids: torch.Tensor, attention_mask: torch.Tensor, C: int,

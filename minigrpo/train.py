@@ -92,7 +92,7 @@ def rollout_and_score(cfg: Config, model: torch.nn.Module, tokenizer: Any, examp
                       sampling: SamplingParams) -> Scored:
     """Sample G completions per prompt, then score each with every reward function."""
     t0 = time.perf_counter()
-    ro = generate(cfg.rollout_backend, model, tokenizer, prompts, sampling)
+    ro = generate(cfg.rollout_backend, model, tokenizer, prompts, sampling, cfg.rollout_merge_lora)
     t1 = time.perf_counter()
     columns = {key: [ex.columns[key] for ex in examples for _ in range(sampling.n)] for key in examples[0].columns}
     lengths = ro.completion_mask.sum(1).long().tolist()
@@ -211,12 +211,18 @@ class RunSetup:
 
 def setup_run(cfg: Config) -> RunSetup:
     """Run folder with the resolved config, seeds and threads, the model, both splits rendered as prompts."""
+    if cfg.rollout_backend == "vllm":  # fail at start, before any folder or download, when vLLM cannot run
+        from minigrpo.vllm_rollout import check_vllm
+        check_vllm(cfg)
     run_dir = make_run_dir(cfg.output_dir)
     save_config(cfg, str(run_dir / "config.yaml"))
     set_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     model, tok = load_model(cfg)
+    if cfg.rollout_backend == "vllm":
+        from minigrpo.vllm_rollout import start_engine
+        start_engine(cfg, model)
     train_set = load_split(cfg, cfg.train_split)
     eval_set = load_split(cfg, cfg.eval_split, cfg.eval_limit, cfg.eval_dataset) if cfg.eval_limit else []
     fewshot = train_set[:cfg.num_fewshot] if cfg.template == "fewshot" else None
