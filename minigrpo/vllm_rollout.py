@@ -43,6 +43,9 @@ def check_vllm(cfg: Config) -> None:
     if cfg.model in ("tiny-random", "tiny-arith-init"):
         raise ConfigError(f"rollout_backend: vllm loads the model from disk or the hub; {cfg.model!r} is built in "
                           f"code. Save it first or {fix}")
+    if cfg.gguf_file:
+        raise ConfigError(f"rollout_backend: vllm takes a transformers checkpoint (dir or hub id), not a GGUF file "
+                          f"({cfg.gguf_file}); {fix}")
     if cfg.device not in ("auto", "cuda") and not cfg.device.startswith("cuda"):
         raise ConfigError(f"rollout_backend: vllm is colocated on the training GPU; device is {cfg.device!r}. "
                           f"Set device: cuda, {fix}")
@@ -98,10 +101,8 @@ class VLLMEngine:
                            ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
             os.environ.setdefault(key, value)
         self.use_peft, self.sleep = cfg.use_peft, cfg.vllm_sleep
-        path = resolve_model_path(cfg.model)
-        # Prompts go in as token ids and texts are decoded by the trainer's tokenizer: vLLM needs none.
-        self.llm = LLM(model=os.path.join(path, cfg.gguf_file) if cfg.gguf_file else path, skip_tokenizer_init=True,
-                       dtype=cfg.dtype, seed=cfg.seed, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        self.llm = LLM(model=resolve_model_path(cfg.model), dtype=cfg.dtype, seed=cfg.seed,
+                       gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                        max_model_len=cfg.max_prompt_length + cfg.max_completion_length,
                        enable_sleep_mode=cfg.vllm_sleep, distributed_executor_backend="external_launcher")
         self.asleep = False
@@ -134,7 +135,7 @@ class VLLMEngine:
         sampling = VLLMSampling(n=params.n, max_tokens=params.max_new_tokens, temperature=params.temperature,
                                 top_p=1.0 if greedy else params.top_p,
                                 top_k=params.top_k if params.top_k > 0 and not greedy else -1,
-                                stop_token_ids=eos, detokenize=False)
+                                stop_token_ids=eos)
         prompt_token_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids], sampling,
                                     use_tqdm=False)
