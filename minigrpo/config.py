@@ -113,6 +113,8 @@ class Config:
     adam_beta2: float = _f(0.99, "AdamW beta2")
     max_grad_norm: float = _f(1.0, "clip the global grad norm to this; 0 disables clipping")
     per_device_train_batch_size: int = _f(64, "completions per micro-batch of the loss pass")
+    logprob_chunk_size: int = _f(1024, "completion tokens per LM-head chunk in the loss pass (recomputed in "
+                                       "backward): bounds the [tokens, vocab] logits in memory; 0: all at once")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer update")
     max_steps: int = _f(150, "training steps; a step = one generated batch (and num_iterations updates)")
     seed: int = _f(42, "seed for data order, sampling and initialisation")
@@ -167,7 +169,8 @@ class Config:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
         for key in ("beta", "epsilon", "learning_rate", "weight_decay", "max_grad_norm", "top_k",
-                    "warmup_steps", "eval_steps", "eval_limit", "save_steps", "num_fewshot", "log_completions"):
+                    "warmup_steps", "eval_steps", "eval_limit", "save_steps", "num_fewshot", "log_completions",
+                    "logprob_chunk_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if self.epsilon_high is not None and self.epsilon_high < 0:

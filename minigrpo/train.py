@@ -146,7 +146,8 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
     ref_logp: list[torch.Tensor | None] = [None] * len(micro)
     if ref is not None:  # reference log-probs once per rollout, no graph
         with torch.no_grad(), ref.active() as ref_model:
-            ref_logp = [policy_logprobs(ref_model, input_ids[s], attention[s], C, cfg.temperature, group_size)[0]
+            ref_logp = [policy_logprobs(ref_model, input_ids[s], attention[s], C, cfg.temperature, group_size,
+                                        cfg.logprob_chunk_size)[0]
                         for s in micro]
     old_logp: list[torch.Tensor | None] = [None] * len(micro)
     sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "ratio": 0.0}
@@ -154,7 +155,8 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
     model.train()
     for _ in range(cfg.num_iterations):
         for j, s in enumerate(micro):
-            logp, entropy = policy_logprobs(model, input_ids[s], attention[s], C, cfg.temperature, group_size)
+            logp, entropy = policy_logprobs(model, input_ids[s], attention[s], C, cfg.temperature, group_size,
+                                            cfg.logprob_chunk_size)
             if old_logp[j] is None:  # no update has happened yet: the current policy IS the sampler
                 old_logp[j] = logp.detach()
             out = policy_loss(logp, old_logp[j], advantages[s], loss_mask[s], cfg.epsilon, cfg.epsilon_hi,

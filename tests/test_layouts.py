@@ -10,8 +10,9 @@ from minigrpo.data import build_prompt, load_split
 from minigrpo.model import load_model, merged_lora
 from minigrpo.rollout import (
     SamplingParams,
-    _packed_logits,
-    _shared_prefix_logits,
+    _body,
+    _packed_feats,
+    _shared_prefix_feats,
     engine_generate,
     generate,
     logprob_layout,
@@ -55,8 +56,8 @@ def test_packed_and_shared_prefix_equal_the_plain_path_values_and_grads():
     plain, plain_ent = token_logprobs(plain_logits, ids[:, -C:], 0.7)
     params = [p for p in model.parameters() if p.requires_grad]
     g_plain = torch.autograd.grad((plain * mask).sum(), params)
-    for fn in (_packed_logits, _shared_prefix_logits):
-        logp, ent = token_logprobs(fn(model, ids, attention, C, G), ids[:, -C:], 0.7)
+    for fn in (_packed_feats, _shared_prefix_feats):
+        logp, ent = token_logprobs(fn(_body(model, None), model, ids, attention, C, G), ids[:, -C:], 0.7)
         torch.testing.assert_close(logp * mask, plain * mask, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ent * mask, plain_ent * mask, atol=1e-5, rtol=1e-5)
         for a, b in zip(torch.autograd.grad((logp * mask).sum(), params), g_plain):
