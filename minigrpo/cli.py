@@ -205,6 +205,8 @@ def cmd_bench(argv: list[str]) -> int:
     """`minigrpo bench rollout` (engine vs HF generate) or `minigrpo bench trl` (minigrpo vs TRL GRPOTrainer)."""
     if argv and argv[0] == "trl":
         return cmd_bench_trl(argv[1:])
+    if argv and argv[0] == "memory":
+        return cmd_bench_trl(argv[1:], memory=True)
     p = inference_parser("minigrpo bench rollout", "Rollout engine vs transformers generate: same model, prompts "
                          "and sampling, interleaved repetitions in one process; median tokens/s and the ratio. "
                          "`minigrpo bench trl --help`: minigrpo vs TRL's GRPOTrainer.")
@@ -228,9 +230,11 @@ def cmd_bench(argv: list[str]) -> int:
     return 0
 
 
-def cmd_bench_trl(argv: list[str]) -> int:
-    """`minigrpo bench trl`: minigrpo vs TRL's GRPOTrainer, same settings, interleaved isolated runs."""
-    p = argparse.ArgumentParser(prog="minigrpo bench trl", description="minigrpo vs TRL's GRPOTrainer with the same "
+def cmd_bench_trl(argv: list[str], memory: bool = False) -> int:
+    """`minigrpo bench trl` (step time) or `bench memory` (peak memory): minigrpo vs TRL, same settings."""
+    what = ("Peak memory (RSS on CPU, allocated on GPU) of " if memory else "") + "minigrpo vs TRL's GRPOTrainer"
+    p = argparse.ArgumentParser(prog=f"minigrpo bench {'memory' if memory else 'trl'}",
+                                description=f"{what} with the same "
                                 "model, data, G, completions per step, lengths, LoRA r16 on q/k/v/o, lr, steps, seed, "
                                 "fp32, no gradient checkpointing. Runs alternate (trl, minigrpo, ...), each in a fresh "
                                 "process (its own peak RSS); the first step of each run is dropped. Prints JSON: "
@@ -238,9 +242,11 @@ def cmd_bench_trl(argv: list[str]) -> int:
                                 "Needs the `bench` extra (pip install -e '.[bench]').")
     p.add_argument("--model", default="tiny-arith", help="hub id, local dir or 'tiny-arith' (default)")
     p.add_argument("--gguf_file", default=None, help="GGUF file name inside --model")
-    p.add_argument("--steps", type=int, default=10, help="training steps per run (the first is warm-up)")
-    p.add_argument("--reps", type=int, default=2, help="runs of each framework per beta")
-    p.add_argument("--beta", default="0.04,0", help="comma-separated KL coefficients, each benchmarked")
+    p.add_argument("--steps", type=int, default=3 if memory else 10, help="training steps per run (the first is "
+                   "warm-up)")
+    p.add_argument("--reps", type=int, default=1 if memory else 2, help="runs of each framework per beta")
+    p.add_argument("--beta", default="0" if memory else "0.04,0", help="comma-separated KL coefficients, each "
+                   "benchmarked")
     p.add_argument("--num_generations", type=int, default=8, help="G: completions per prompt")
     p.add_argument("--prompts_per_step", type=int, default=4, help="prompts per step (completions = G x this)")
     p.add_argument("--max_completion_length", type=int, default=64, help="max new tokens per completion")
@@ -268,6 +274,13 @@ def cmd_bench_trl(argv: list[str]) -> int:
                        data=args.data, device=args.device, dtype=args.dtype,
                        vllm={"off": (False,), "on": (True,), "both": (False, True)}[args.vllm],
                        log=lambda line: print(line, file=sys.stderr))
+    if memory:  # the memory figures first, then the whole report
+        report = {"memory": {name: {"trl_peak_rss_mb": r["trl"]["peak_rss_mb"],
+                                    "minigrpo_peak_rss_mb": r["minigrpo"]["peak_rss_mb"],
+                                    "ratio_rss": r["ratio_minigrpo_over_trl"]["peak_rss"],
+                                    "trl_peak_gpu_gb": r["trl"]["peak_gpu_gb"],
+                                    "minigrpo_peak_gpu_gb": r["minigrpo"]["peak_gpu_gb"]}
+                             for name, r in report["results"].items()}} | report
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text)
@@ -275,22 +288,57 @@ def cmd_bench_trl(argv: list[str]) -> int:
     return 0
 
 
+def cmd_plan(argv: list[str]) -> int:
+    """`minigrpo plan [--config FILE] [--key=value ...] [--gpu_gb N]`: estimated peak memory by part."""
+    if "-h" in argv or "--help" in argv:
+        print("usage: minigrpo plan [--config FILE.yaml] [--key=value ...] [--gpu_gb N | --cpu_gb N]\n\n"
+              "Estimate the peak memory of `minigrpo train` with the same config, by part (weights, adapters, "
+              "gradients,\noptimizer states, reference, generation KV cache, evaluation, activations, logits "
+              "chunk, runtime),\nwithout loading the weights. With --gpu_gb (a CUDA GPU of that size) or --cpu_gb "
+              "(RAM), say whether\nthe run fits and which options would make it fit. Exit status 0 if it fits "
+              "(or no size is given), 1 if not.")
+        return 0
+    limit, device, rest = None, "cpu", []
+    it = iter(argv)
+    for arg in it:
+        key, _, value = arg.partition("=")
+        if key in ("--gpu_gb", "--cpu_gb"):
+            value = value or next(it, "")
+            try:
+                limit = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number of GB, got {value!r}") from None
+            device = "cuda" if key == "--gpu_gb" else "cpu"
+        else:
+            rest.append(arg)
+    cfg = config_from_argv(rest)
+    if limit is None and cfg.device.startswith("cuda"):
+        device = "cuda"
+    from minigrpo.plan import plan, report
+
+    result = plan(cfg, device, limit)
+    print(report(cfg, result, device))
+    return 0 if result.fits in (None, True) else 1
+
+
 COMMANDS = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "sample": cmd_sample, "plot": cmd_plot,
-            "demo": cmd_demo, "bench": cmd_bench}
+            "demo": cmd_demo, "bench": cmd_bench,
+            "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `minigrpo` command."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: minigrpo {train,sft,eval,sample,plot,demo,bench} [options]   (COMMAND --help for each)\n"
+        print("usage: minigrpo {train,sft,eval,sample,plot,demo,bench,plan} [options]   (COMMAND --help for each)\n"
               "  train   GRPO training from a YAML config and --key=value overrides\n"
               "  sft     supervised fine-tuning on worked solutions (same config keys)\n"
               "  eval    accuracy (greedy), pass@k and maj@k of a model or adapter\n"
               "  sample  rejection sampling into an SFT JSONL\n"
               "  plot    a run's training curves as a PNG\n"
               "  demo    the R1 recipe in miniature (SFT, GRPO, rejection sampling, SFT) with a table\n"
-              "  bench   rollout: the rollout engine vs transformers generate")
+              "  bench   rollout: the rollout engine vs transformers generate; trl: a step vs TRL\n"
+              "  plan    estimated peak memory by part, and what would make a run fit")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])

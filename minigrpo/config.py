@@ -47,6 +47,11 @@ class Config:
     lora_dropout: float = _f(0.0, "LoRA dropout; 0 keeps the policy pass equal to the sampling policy")
     lora_target_modules: list[str] = _f(["all-linear"], "modules to adapt: 'all-linear' or names like q_proj,v_proj")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward: less memory, ~30% slower")
+    load_in_4bit: bool = _f(False, "QLoRA: base weights in 4-bit NF4 (bitsandbytes, CUDA only; needs use_peft); "
+                                   "without CUDA the weights load in `dtype` and a message says so")
+    optim: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = _f("adamw", "optimizer: torch AdamW, or "
+                                                                            "bitsandbytes 8-bit / paged 8-bit "
+                                                                            "AdamW (CUDA only; else torch AdamW)")
     # ---- data ---------------------------------------------------------------------------------------
     dataset: str = _f("arith", "'arith' (built-in synthetic task), 'gsm8k' / a hub id, a dir holding "
                                "{split}.jsonl, or a .jsonl file")
@@ -113,7 +118,7 @@ class Config:
     adam_beta2: float = _f(0.99, "AdamW beta2")
     max_grad_norm: float = _f(1.0, "clip the global grad norm to this; 0 disables clipping")
     per_device_train_batch_size: int = _f(64, "completions per micro-batch of the loss pass")
-    logprob_chunk_size: int = _f(1024, "completion tokens per LM-head chunk in the loss pass (recomputed in "
+    logprob_chunk_size: int = _f(256, "completion tokens per LM-head chunk in the loss pass (recomputed in "
                                        "backward): bounds the [tokens, vocab] logits in memory; 0: all at once")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer update")
     max_steps: int = _f(150, "training steps; a step = one generated batch (and num_iterations updates)")
@@ -164,6 +169,8 @@ class Config:
                 f"num_generations: {self.num_generations} must divide the completions per step = "
                 f"per_device_train_batch_size x gradient_accumulation_steps = {self.per_device_train_batch_size}"
                 f" x {self.gradient_accumulation_steps} = {self.completions_per_step}; change one of the three")
+        if self.load_in_4bit and not self.use_peft:
+            raise ConfigError("load_in_4bit: 4-bit base weights cannot be trained; set use_peft: true (QLoRA)")
         if self.temperature < 0:
             raise ConfigError(f"temperature: must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

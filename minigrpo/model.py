@@ -56,21 +56,60 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None,
     """Load the policy model (with LoRA adapters when cfg.use_peft) and its tokenizer onto cfg.device."""
     tok = tokenizer or load_tokenizer(cfg)
     device = resolve_device(cfg.device)
+    quantize = cfg.load_in_4bit and _explain_unavailable("load_in_4bit", device, f"the base weights load in "
+                                                                               f"{cfg.dtype} instead") is None
     if cfg.model in RANDOM_INITS:
         from minigrpo import tiny
         model = getattr(tiny, RANDOM_INITS[cfg.model][1])(tok, seed=cfg.seed).to(DTYPES[cfg.dtype])
+    elif quantize:  # QLoRA: NF4 base weights, double-quantized, computing in dtype
+        from transformers import BitsAndBytesConfig
+
+        nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=DTYPES[cfg.dtype])
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), gguf_file=cfg.gguf_file,
+                                                     dtype=DTYPES[cfg.dtype], quantization_config=nf4,
+                                                     device_map={"": device})
     else:
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), gguf_file=cfg.gguf_file,
                                                      dtype=DTYPES[cfg.dtype])
-    model.to(device)
+    if not quantize:
+        model.to(device)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if quantize:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.use_peft:
         model = apply_lora(model, cfg)
     return model, tok
+
+
+def _explain_unavailable(key: str, device: torch.device, instead: str) -> str | None:
+    """None when bitsandbytes can run on `device`; else prints what is unavailable and what is used instead."""
+    reason = None
+    if device.type != "cuda":
+        reason = f"bitsandbytes needs a CUDA device and this run is on {device}"
+    else:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            reason = "bitsandbytes is not installed (pip install -e '.[gpu]')"
+    if reason:
+        print(f"{key}: unavailable: {reason}; {instead}", flush=True)
+    return reason
+
+
+def make_optimizer_class(cfg: Config, device: torch.device) -> type[torch.optim.Optimizer]:
+    """torch AdamW, or bitsandbytes' 8-bit / paged 8-bit AdamW when asked for and available."""
+    if cfg.optim == "adamw" or _explain_unavailable(f"optim {cfg.optim}", device, "using torch AdamW") is not None:
+        return torch.optim.AdamW
+    import bitsandbytes as bnb
+
+    return bnb.optim.PagedAdamW8bit if cfg.optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit
 
 
 def apply_lora(model: PreTrainedModel, cfg: Config) -> PreTrainedModel:

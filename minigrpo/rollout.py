@@ -275,7 +275,7 @@ def generate(backend: str, model: PreTrainedModel, tokenizer: PreTrainedTokenize
         return BACKENDS[backend](model, tokenizer, prompts, params)
 
 
-LOGPROB_CHUNK = 1024  # completion tokens per LM-head chunk: [chunk, vocab] fp32 logits live at a time
+LOGPROB_CHUNK = 256  # completion tokens per LM-head chunk: [chunk, vocab] fp32 logits live at a time
 
 
 def policy_logprobs(model: PreTrainedModel, rollout_ids: torch.Tensor, attention_mask: torch.Tensor,

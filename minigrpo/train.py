@@ -31,7 +31,7 @@ from minigrpo.algo import LOSS_TYPES, Norm, group_advantages, masked_mean, polic
 from minigrpo.config import Config, save_config
 from minigrpo.data import Example, build_prompt, load_split
 from minigrpo.evaluate import evaluate
-from minigrpo.model import Reference, load_model, trainable_parameters
+from minigrpo.model import Reference, load_model, make_optimizer_class, trainable_parameters
 from minigrpo.monitor import Monitor, make_run_dir, print0
 from minigrpo.plot import plot_run
 from minigrpo.rewards import is_correct, load_reward, score
@@ -236,8 +236,9 @@ def setup_run(cfg: Config) -> RunSetup:
 
 def make_optimizer(cfg: Config, model: torch.nn.Module, num_updates: int) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW over the trainable parameters and its learning-rate schedule."""
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2))
+    optimizer_class = make_optimizer_class(cfg, next(model.parameters()).device)
+    optimizer = optimizer_class(trainable_parameters(model), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                betas=(cfg.adam_beta1, cfg.adam_beta2))
     return optimizer, get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
                                     num_training_steps=num_updates)
 

@@ -15,6 +15,7 @@ from minigrpo.rollout import SamplingParams, engine_generate, policy_logprobs, s
 
 
 def _batch(use_peft):
+    torch.manual_seed(0)  # the same adapters whatever ran before
     cfg = Config(use_peft=use_peft, lora_r=4)
     model, tok = load_model(cfg)
     if use_peft:
@@ -44,10 +45,11 @@ def test_chunked_logprobs_and_grads_equal_full_logits():
                 results[chunk, G] = (logp * mask, ent * mask, grads)
         ref_logp, ref_ent, ref_grads = results[0, 1]
         for key, (logp, ent, grads) in results.items():
-            torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=1e-5, msg=f"{key}")
-            torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=1e-5, msg=f"{key}")
+            torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+            torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
             for a, b in zip(grads, ref_grads):
-                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"{key}")
+                # fp32 sums over ~500 tokens in another order: ~1e-4 apart; a wrong path is off by O(grad)
+                torch.testing.assert_close(a, b, atol=5e-4, rtol=1e-3, msg=lambda m, key=key: f"{key}: {m}")
         logp, ent = policy_logprobs(model, ids, attention, C, 0.8, chunk_size=7)
         assert (logp[mask == 0] == 0).all() and (ent[mask == 0] == 0).all()  # after EOS: nothing computed
 
