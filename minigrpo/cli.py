@@ -80,6 +80,8 @@ def inference_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=32, help="sequences per generate call")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--backend", choices=["engine", "hf"], default="engine",
+                   help="generation: minigrpo's engine (default; greedy gives HF generate's tokens) or hf")
     return p
 
 
@@ -131,7 +133,7 @@ def cmd_eval(argv: list[str]) -> int:
 
     report = evaluate(model, tok, prompts, [ex.columns["answer"] for ex in examples],
                       max_new_tokens=cfg.max_completion_length, batch_size=args.batch_size, k=args.k,
-                      temperature=args.temperature, keep_records=True)
+                      temperature=args.temperature, keep_records=True, backend=args.backend)
     report["settings"] = {"model": cfg.model, "gguf_file": cfg.gguf_file, "adapter": args.adapter,
                           "data": cfg.dataset, "split": args.split, "template": cfg.template,
                           "max_new_tokens": cfg.max_completion_length, "decoding": "greedy", "k": args.k,
@@ -165,7 +167,7 @@ def cmd_sample(argv: list[str]) -> int:
     funcs = [(name, load_reward(name), 1.0) for name in args.reward_funcs.split(",")]
     params = SamplingParams(n=args.n, max_new_tokens=cfg.max_completion_length, temperature=args.temperature)
     rows, stats = rejection_sample(model, tok, prompts, examples, params, funcs, args.keep, args.best_k,
-                                   args.batch_size)
+                                   args.batch_size, backend=args.backend)
     out = Path(args.out)
     write_jsonl(rows, out)
     out.with_suffix(".stats.json").write_text(json.dumps(stats, indent=2))
@@ -288,6 +290,24 @@ def cmd_bench_trl(argv: list[str], memory: bool = False) -> int:
     return 0
 
 
+def cmd_export(argv: list[str]) -> int:
+    """`minigrpo export RUN_DIR --out DIR [--merge] [--checkpoint N]`."""
+    p = argparse.ArgumentParser(prog="minigrpo export", description="Export a run's trained policy: the LoRA adapter "
+                                "(for peft.PeftModel.from_pretrained) or, with --merge, one standalone model "
+                                "(safetensors, config, generation config, tokenizer and chat template) for "
+                                "transformers and vLLM. Full fine-tunes are always standalone.")
+    p.add_argument("run_dir", help="a minigrpo run folder (holds config.yaml and adapter/ or model/)")
+    p.add_argument("--out", required=True, help="new folder to write")
+    p.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
+    p.add_argument("--checkpoint", type=int, default=None, help="export checkpoint-N instead of the final policy")
+    args = p.parse_args(argv)
+    from minigrpo.export import export
+
+    out = export(args.run_dir, args.out, args.merge, args.checkpoint)
+    print(f"exported to {out}")
+    return 0
+
+
 def cmd_plan(argv: list[str]) -> int:
     """`minigrpo plan [--config FILE] [--key=value ...] [--gpu_gb N]`: estimated peak memory by part."""
     if "-h" in argv or "--help" in argv:
@@ -323,14 +343,15 @@ def cmd_plan(argv: list[str]) -> int:
 
 COMMANDS = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "sample": cmd_sample, "plot": cmd_plot,
             "demo": cmd_demo, "bench": cmd_bench,
-            "plan": cmd_plan}
+            "plan": cmd_plan, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `minigrpo` command."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: minigrpo {train,sft,eval,sample,plot,demo,bench,plan} [options]   (COMMAND --help for each)\n"
+        print("usage: minigrpo {train,sft,eval,sample,plot,demo,bench,plan,export} [options]   (COMMAND --help for "
+              "each)\n"
               "  train   GRPO training from a YAML config and --key=value overrides\n"
               "  sft     supervised fine-tuning on worked solutions (same config keys)\n"
               "  eval    accuracy (greedy), pass@k and maj@k of a model or adapter\n"
@@ -338,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
               "  plot    a run's training curves as a PNG\n"
               "  demo    the R1 recipe in miniature (SFT, GRPO, rejection sampling, SFT) with a table\n"
               "  bench   rollout: the rollout engine vs transformers generate; trl: a step vs TRL\n"
-              "  plan    estimated peak memory by part, and what would make a run fit")
+              "  plan    estimated peak memory by part, and what would make a run fit\n"
+              "  export  a run's adapter, or the merged model, for peft / transformers / vLLM")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])

@@ -258,6 +258,11 @@ def finish_run(cfg: Config, run: RunSetup, monitor: Monitor, before: dict[str, f
 
 def train(cfg: Config, show_progress: bool = True) -> Path:
     """Run GRPO as configured; returns the run folder (config, metrics, TensorBoard, samples, adapter)."""
+    return run_grpo(cfg, show_progress).run_dir
+
+
+def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
+    """Run GRPO as configured; returns the run (folder, and the trained model and tokenizer in memory)."""
     # ---- setup ----------------------------------------------------------------------------------------
     run = setup_run(cfg)
     model, tok, train_set, train_prompts = run.model, run.tokenizer, run.train_set, run.train_prompts
@@ -342,4 +347,5 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
         monitor.log(step, metrics)
 
     # ---- end: final evaluation, the trained policy, curves ---------------------------------------------------
-    return finish_run(cfg, run, monitor, before)
+    finish_run(cfg, run, monitor, before)
+    return run

@@ -1,0 +1,73 @@
+"""`minigrpo export RUN_DIR --out DIR [--merge] [--checkpoint N]`: what a run trained, in the forms people load.
+
+- LoRA, adapter only: adapter weights + adapter_config.json + tokenizer, for
+  `peft.PeftModel.from_pretrained(base, DIR)`.
+- `--merge` (or a full fine-tune): one standalone model: safetensors weights, config, generation config,
+  tokenizer with its chat template, for `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and vLLM.
+  A GGUF base is dequantized (to the run's dtype) on the way.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from minigrpo.config import ConfigError, load_config
+
+
+def policy_dir(run_dir: Path, checkpoint: int | None = None) -> Path:
+    """The folder holding the run's trained policy: `checkpoint-N/`, else `adapter/` or `model/`."""
+    if checkpoint is not None:
+        path = run_dir / f"checkpoint-{checkpoint}"
+        if not path.is_dir():
+            found = sorted(p.name for p in run_dir.glob("checkpoint-*"))
+            raise ConfigError(f"--checkpoint {checkpoint}: no {path}; this run has {found or 'no checkpoints'}")
+        return path
+    for name in ("adapter", "model"):
+        if (run_dir / name).is_dir():
+            return run_dir / name
+    raise ConfigError(f"{run_dir}: no adapter/ or model/ folder: not a finished minigrpo run (give --checkpoint N "
+                      f"for one of its checkpoints)")
+
+
+def export(run_dir: str | Path, out: str | Path, merge: bool = False, checkpoint: int | None = None) -> Path:
+    """Write the run's policy to `out` (adapter only, or merged into a standalone model); returns `out`."""
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: no config.yaml: not a minigrpo run folder")
+    source = policy_dir(run_dir, checkpoint)
+    is_adapter = (source / "adapter_config.json").is_file()
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out}: exists and is not empty; choose a new folder")
+    if is_adapter and not merge:
+        shutil.copytree(source, out, dirs_exist_ok=True)  # adapter weights, adapter_config.json, tokenizer
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from minigrpo.model import DTYPES, load_model
+
+    cfg = load_config(str(run_dir / "config.yaml"))
+    cfg.use_peft, cfg.device, cfg.load_in_4bit = False, "cpu", False
+    if is_adapter:
+        from peft import PeftModel
+
+        base, tok = load_model(cfg)
+        model = PeftModel.from_pretrained(base, str(source)).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[cfg.dtype])
+    if (source / "tokenizer_config.json").is_file():  # the tokenizer exactly as trained (pad token, template)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(source)
+    elif not is_adapter:
+        from minigrpo.model import load_tokenizer
+
+        tok = load_tokenizer(cfg)
+    model.hf_quantizer = None  # a GGUF base is dequantized already; the marker only blocks saving
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with torch.no_grad():
+        model.save_pretrained(out)
+    tok.save_pretrained(out)  # tokenizer files and the chat template
+    return out
