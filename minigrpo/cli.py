@@ -367,6 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"minigrpo {argv[0]}: config error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from minigrpo.train import TrainingStopped
+
+        if not isinstance(e, TrainingStopped):
+            raise
+        print(f"minigrpo {argv[0]}: stopped: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

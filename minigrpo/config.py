@@ -120,6 +120,8 @@ class Config:
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.99, "AdamW beta2")
     max_grad_norm: float = _f(1.0, "clip the global grad norm to this; 0 disables clipping")
+    max_bad_steps: int = _f(5, "stop (saving the last good policy) after this many steps in a row whose every "
+                               "update had a non-finite loss or gradient; 0: never stop")
     per_device_train_batch_size: int = _f(64, "completions per micro-batch of the loss pass")
     logprob_chunk_size: int = _f(256, "completion tokens per LM-head chunk in the loss pass (recomputed in "
                                        "backward): bounds the [tokens, vocab] logits in memory; 0: all at once")
@@ -182,7 +184,7 @@ class Config:
             raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
         for key in ("beta", "epsilon", "learning_rate", "weight_decay", "max_grad_norm", "top_k",
                     "warmup_steps", "eval_steps", "eval_limit", "save_steps", "num_fewshot", "log_completions",
-                    "logprob_chunk_size"):
+                    "logprob_chunk_size", "max_bad_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if self.epsilon_high is not None and self.epsilon_high < 0:

@@ -272,16 +272,22 @@ def score(
     prompts: list[str],
     completions: list[str],
     columns: dict[str, list],
+    errors: dict[str, int] | None = None,
 ) -> tuple[list[float | None], dict[str, list[float | None]]]:
     """Weighted total reward per sample, and each function's values by name.
 
     The total sums ``weight * value`` over the functions that scored the sample (TRL's nansum); a sample
-    that no function scored gets ``None``.
+    that no function scored gets ``None``. A reward function that raises is called again one sample at a
+    time: the samples it still fails on get ``None`` (counted in `errors[name]`; its first traceback is
+    printed once) and the run goes on. Returning the wrong number of values is a bug and an error.
     """
     totals: list[float | None] = [None] * len(completions)
     per_func: dict[str, list[float | None]] = {}
     for name, fn, weight in funcs:
-        raw = fn(prompts, completions, **columns)
+        try:
+            raw = fn(prompts, completions, **columns)
+        except Exception:
+            raw = _score_one_by_one(name, fn, prompts, completions, columns, errors)
         if not isinstance(raw, (list, tuple)) or len(raw) != len(completions):
             got = len(raw) if isinstance(raw, (list, tuple)) else type(raw).__name__
             raise ValueError(f"reward {name!r} returned {got} values for {len(completions)} completions")
@@ -291,3 +297,28 @@ def score(
             if v is not None:
                 totals[i] = (totals[i] or 0.0) + weight * v
     return totals, per_func
+
+
+_REPORTED: set[str] = set()  # reward functions whose first traceback has been printed
+
+
+def _score_one_by_one(name: str, fn: Callable, prompts: list[str], completions: list[str], columns: dict[str, list],
+                      errors: dict[str, int] | None) -> list[object]:
+    """After a batch call raised: each sample alone, so a sample that breaks the function costs only itself."""
+    import sys
+    import traceback
+
+    out: list[object] = []
+    for i in range(len(completions)):
+        try:
+            value = fn(prompts[i:i + 1], completions[i:i + 1], **{k: v[i:i + 1] for k, v in columns.items()})
+            out.append(value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else None)
+        except Exception:
+            if errors is not None:
+                errors[name] = errors.get(name, 0) + 1
+            if name not in _REPORTED:
+                _REPORTED.add(name)
+                print(f"reward {name!r} raised on a sample (scored None, run goes on; later errors only "
+                      f"counted in train/reward_errors):\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            out.append(None)
+    return out

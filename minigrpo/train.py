@@ -38,6 +38,10 @@ from minigrpo.rewards import is_correct, load_reward, score
 from minigrpo.rollout import Rollout, SamplingParams, generate, merge_rollouts, policy_logprobs, select_rows
 
 
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (e.g. too many non-finite updates in a row); the message says why and what to do."""
+
+
 def set_seed(seed: int) -> None:
     """Seed python, numpy and torch."""
     random.seed(seed)
@@ -85,6 +89,7 @@ class Scored:
     per_func: dict[str, list[float | None]]  # each reward function's values
     generate_s: float
     score_s: float
+    reward_errors: int = 0  # samples a reward function raised on (scored None)
 
 
 def rollout_and_score(cfg: Config, model: torch.nn.Module, tokenizer: Any, examples: list[Example],
@@ -97,8 +102,9 @@ def rollout_and_score(cfg: Config, model: torch.nn.Module, tokenizer: Any, examp
     columns = {key: [ex.columns[key] for ex in examples for _ in range(sampling.n)] for key in examples[0].columns}
     lengths = ro.completion_mask.sum(1).long().tolist()
     ids = [row[:n] for row, n in zip(ro.completion_ids.tolist(), lengths)]  # TRL passes completion_ids too
-    totals, per_func = score(reward_funcs, ro.prompts, ro.completions, columns | {"completion_ids": ids})
-    return Scored(ro, columns, totals, per_func, t1 - t0, time.perf_counter() - t1)
+    errors: dict[str, int] = {}
+    totals, per_func = score(reward_funcs, ro.prompts, ro.completions, columns | {"completion_ids": ids}, errors)
+    return Scored(ro, columns, totals, per_func, t1 - t0, time.perf_counter() - t1, sum(errors.values()))
 
 
 def flat_groups(totals: list[float | None], G: int) -> list[bool]:
@@ -121,7 +127,7 @@ def keep_informative(parts: list[Scored], num_groups: int, G: int, pad_id: int) 
     columns, per_func = _concat([p.columns for p in parts]), _concat([p.per_func for p in parts])
     return Scored(select_rows(ro, rows), {k: [v[i] for i in rows] for k, v in columns.items()},
                   [totals[i] for i in rows], {k: [v[i] for i in rows] for k, v in per_func.items()},
-                  sum(p.generate_s for p in parts), sum(p.score_s for p in parts))
+                  sum(p.generate_s for p in parts), sum(p.score_s for p in parts), sum(p.reward_errors for p in parts))
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -288,6 +294,7 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
         monitor.log(0, before)
         print0(f"held-out accuracy before training: {before['eval/accuracy']:.3f} (n={len(run.eval_set)}, greedy)")
 
+    bad_streak = 0  # steps in a row whose every update was skipped (non-finite loss or gradient)
     for step in range(1, cfg.max_steps + 1):
         t0 = time.perf_counter()
         # ---- 1-3. prompts -> rollout (G completions each) -> rewards --------------------------------------------
@@ -325,6 +332,7 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
             "train/accuracy": sum(correct) / len(correct),
             "train/frac_reward_zero_std": zero_std.float().mean().item(),
             "train/skipped_samples": float(len(totals) - int(valid.sum())),
+            "train/reward_errors": float(scored.reward_errors),
             "train/learning_rate": scheduler.get_last_lr()[0],
             "completions/mean_length": lengths.mean().item(), "completions/max_length": lengths.max().item(),
             "completions/truncated_ratio": ro.truncated.float().mean().item(),
@@ -345,6 +353,15 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
         if cfg.save_steps and step % cfg.save_steps == 0:
             save_policy(model, tok, run.run_dir / f"checkpoint-{step}")
         monitor.log(step, metrics)
+        bad_streak = bad_streak + 1 if stats["train/skipped_updates"] == cfg.num_iterations else 0
+        if cfg.max_bad_steps and bad_streak >= cfg.max_bad_steps:
+            path = run.run_dir / f"checkpoint-{step}"
+            save_policy(model, tok, path)  # skipped updates left the weights as the last good update made them
+            monitor.close()
+            raise TrainingStopped(f"step {step}: {bad_streak} steps in a row had a non-finite loss or gradient "
+                                  f"(every update skipped). The policy as of the last good update is in {path}. "
+                                  f"Lower learning_rate, look for huge or NaN rewards, or set max_bad_steps: 0 to "
+                                  f"go on regardless.")
 
     # ---- end: final evaluation, the trained policy, curves ---------------------------------------------------
     finish_run(cfg, run, monitor, before)
