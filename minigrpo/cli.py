@@ -34,6 +34,22 @@ def config_from_argv(argv: list[str]) -> Config:
     return load_config(config_path, parse_overrides(rest))
 
 
+def resume_argv(argv: list[str]) -> list[str]:
+    """`--resume RUN_DIR` -> that run's config.yaml, its folder as output_dir, resume on; other flags after it."""
+    for i, arg in enumerate(argv):
+        if arg == "--resume" and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            run_dir, rest = argv[i + 1], argv[:i] + argv[i + 2:]
+        elif arg.startswith("--resume=") and arg.split("=", 1)[1].lower() not in ("true", "false", "1", "0"):
+            run_dir, rest = arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
+        else:
+            continue
+        config = Path(run_dir) / "config.yaml"
+        if not config.is_file():
+            raise ConfigError(f"--resume {run_dir}: no config.yaml there; give the folder of a minigrpo run")
+        return ["--config", str(config), "--resume=true", f"--output_dir={run_dir}", *rest]
+    return argv
+
+
 def run_stage(argv: list[str], stage: str) -> int:
     """`train` (GRPO) or `sft`: the same config keys, `--help` lists them, then the stage runs."""
     if "-h" in argv or "--help" in argv:
@@ -41,7 +57,7 @@ def run_stage(argv: list[str], stage: str) -> int:
             "Train with GRPO", "Supervised fine-tuning on worked solutions (targets end in '#### N')")
         print(usage + help_text())
         return 0
-    cfg = config_from_argv(argv)
+    cfg = config_from_argv(resume_argv(argv) if stage == "train" else argv)
     # heavy imports only once the config is known to be valid
     if stage == "train":
         from minigrpo.train import train as run

@@ -137,7 +137,11 @@ class Config:
     eval_steps: int = _f(25, "evaluate greedy accuracy every N steps (0: only before and after training)")
     eval_limit: int = _f(500, "held-out problems per evaluation (0: skip evaluation)")
     eval_batch_size: int = _f(500, "prompts per generate call during evaluation")
-    save_steps: int = _f(0, "save the adapter/model every N steps (0: only at the end)")
+    save_steps: int = _f(0, "checkpoint every N steps and at the end (policy, optimizer, schedule, RNG, data "
+                            "position: exact resume); 0: only the final policy")
+    save_total_limit: int = _f(2, "checkpoints kept (the newest); 0 keeps all")
+    resume: bool = _f(False, "continue output_dir's run from its last complete checkpoint (`minigrpo train "
+                             "--resume RUN_DIR` sets this and output_dir, and reads RUN_DIR/config.yaml)")
 
     def __post_init__(self) -> None:
         if self.model in PACKAGED_MODELS and self.gguf_file is None:
@@ -184,7 +188,7 @@ class Config:
             raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
         for key in ("beta", "epsilon", "learning_rate", "weight_decay", "max_grad_norm", "top_k",
                     "warmup_steps", "eval_steps", "eval_limit", "save_steps", "num_fewshot", "log_completions",
-                    "logprob_chunk_size", "max_bad_steps"):
+                    "logprob_chunk_size", "max_bad_steps", "save_total_limit"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if self.epsilon_high is not None and self.epsilon_high < 0:

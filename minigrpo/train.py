@@ -28,6 +28,7 @@ import torch
 from transformers import get_scheduler
 
 from minigrpo.algo import LOSS_TYPES, Norm, group_advantages, masked_mean, policy_loss
+from minigrpo.checkpoint import checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from minigrpo.config import Config, save_config
 from minigrpo.data import Example, build_prompt, load_split
 from minigrpo.evaluate import evaluate
@@ -36,6 +37,33 @@ from minigrpo.monitor import Monitor, make_run_dir, print0
 from minigrpo.plot import plot_run
 from minigrpo.rewards import is_correct, load_reward, score
 from minigrpo.rollout import Rollout, SamplingParams, generate, merge_rollouts, policy_logprobs, select_rows
+
+
+class Interrupt:
+    """While alive: the first SIGINT only sets `requested` (the loop saves and stops after the step); the
+    second raises KeyboardInterrupt at once. `restore()` puts the previous handler back."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.requested, self._previous = False, None
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = True
+        print0("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)")
+
+    def restore(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 class TrainingStopped(RuntimeError):
@@ -54,6 +82,13 @@ class PromptSampler:
 
     def __init__(self, size: int, seed: int) -> None:
         self.size, self.gen, self.order, self.pos = size, torch.Generator().manual_seed(seed), [], 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.gen.get_state(), "order": list(self.order), "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["generator"])
+        self.order, self.pos = list(state["order"]), state["pos"]
 
     def take(self, n: int) -> list[int]:
         """The next n indices (a new permutation starts when a pass is used up)."""
@@ -128,6 +163,16 @@ def keep_informative(parts: list[Scored], num_groups: int, G: int, pad_id: int) 
     return Scored(select_rows(ro, rows), {k: [v[i] for i in rows] for k, v in columns.items()},
                   [totals[i] for i in rows], {k: [v[i] for i in rows] for k, v in per_func.items()},
                   sum(p.generate_s for p in parts), sum(p.score_s for p in parts), sum(p.reward_errors for p in parts))
+
+
+def trim_logs(run_dir: Path, step: int) -> None:
+    """Drop metrics and samples logged after `step` (the steps a resumed run will do again)."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = run_dir / name
+        if path.is_file():
+            keep = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            path.write_text("".join(keep))
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -282,20 +327,42 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
     sampling = SamplingParams(n=cfg.num_generations, max_new_tokens=cfg.max_completion_length,
                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     G = cfg.num_generations
+    start, bad_streak, before = 1, 0, {}  # bad_streak: steps in a row whose every update was skipped
+    found = checkpoints(run.run_dir) if cfg.resume else []
+    if cfg.resume and not found:  # killed before its first checkpoint: nothing to keep
+        print0(f"resume: no complete checkpoint in {run.run_dir} yet: starting at step 1")
+        trim_logs(run.run_dir, -1)
+    if found:  # the last complete checkpoint: weights, optimizer, schedule, data position, RNG
+        done, path = found[-1]
+        state = load_checkpoint(path, model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        start, bad_streak, before = done + 1, state["bad_streak"], state["before"]
+        trim_logs(run.run_dir, done)
+        set_rng_state(state["rng"])  # last: nothing may draw between here and the next step
+        print0(f"resumed from {path}: continuing at step {start}")
     monitor = Monitor(run.run_dir, cfg.max_steps, cfg.logging_steps, show=show_progress)
+
+    def checkpoint(step: int) -> Path:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "sampler": sampler.state_dict(), "bad_streak": bad_streak, "before": before}
+        return save_checkpoint(run.run_dir, step, model, tok, state, cfg.save_total_limit)
 
     def sample(n: int) -> Scored:  # phases 1-3 for the next n prompts of the data order
         idx = sampler.take(n)
         return rollout_and_score(cfg, model, tok, [train_set[i] for i in idx], [train_prompts[i] for i in idx],
                                  reward_funcs, sampling)
 
-    before = run_eval(cfg, model, tok, run.eval_prompts, run.eval_set)
-    if before:
-        monitor.log(0, before)
-        print0(f"held-out accuracy before training: {before['eval/accuracy']:.3f} (n={len(run.eval_set)}, greedy)")
+    if not found:
+        before = run_eval(cfg, model, tok, run.eval_prompts, run.eval_set)
+        if before:
+            monitor.log(0, before)
+            print0(f"held-out accuracy before training: {before['eval/accuracy']:.3f} (n={len(run.eval_set)}, "
+                   f"greedy)")
 
-    bad_streak = 0  # steps in a row whose every update was skipped (non-finite loss or gradient)
-    for step in range(1, cfg.max_steps + 1):
+    interrupt = Interrupt()  # Ctrl-C: finish the step, save a checkpoint, stop; a second Ctrl-C stops at once
+    for step in range(start, cfg.max_steps + 1):
         t0 = time.perf_counter()
         # ---- 1-3. prompts -> rollout (G completions each) -> rewards --------------------------------------------
         parts = [sample(cfg.prompts_per_step)]
@@ -350,18 +417,25 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
         # ---- 7. evaluation and checkpoint -------------------------------------------------------------------
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
             metrics |= run_eval(cfg, model, tok, run.eval_prompts, run.eval_set)
-        if cfg.save_steps and step % cfg.save_steps == 0:
-            save_policy(model, tok, run.run_dir / f"checkpoint-{step}")
         monitor.log(step, metrics)
         bad_streak = bad_streak + 1 if stats["train/skipped_updates"] == cfg.num_iterations else 0
-        if cfg.max_bad_steps and bad_streak >= cfg.max_bad_steps:
-            path = run.run_dir / f"checkpoint-{step}"
-            save_policy(model, tok, path)  # skipped updates left the weights as the last good update made them
+        too_bad = cfg.max_bad_steps and bad_streak >= cfg.max_bad_steps
+        if (cfg.save_steps and (step % cfg.save_steps == 0 or step == cfg.max_steps)) or interrupt.requested \
+                or too_bad:
+            path = checkpoint(step)
+        if too_bad:  # skipped updates left the weights as the last good update made them
             monitor.close()
+            interrupt.restore()
             raise TrainingStopped(f"step {step}: {bad_streak} steps in a row had a non-finite loss or gradient "
                                   f"(every update skipped). The policy as of the last good update is in {path}. "
                                   f"Lower learning_rate, look for huge or NaN rewards, or set max_bad_steps: 0 to "
                                   f"go on regardless.")
+        if interrupt.requested:
+            monitor.close()
+            interrupt.restore()
+            raise TrainingStopped(f"interrupted: checkpoint of step {step} saved in {path}; continue with "
+                                  f"`minigrpo train --resume {run.run_dir}`")
+    interrupt.restore()
 
     # ---- end: final evaluation, the trained policy, curves ---------------------------------------------------
     finish_run(cfg, run, monitor, before)

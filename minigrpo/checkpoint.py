@@ -1,0 +1,109 @@
+"""Checkpoints that survive a crash at any moment, and exact resume.
+
+`checkpoint-N/` holds the policy as `save_pretrained` writes it (adapter or model, with the tokenizer, so
+`minigrpo export` and peft/transformers read it as is) and `trainer_state.pt`: optimizer, scheduler, the
+RNG states (python, numpy, torch, CUDA), the data order and position, the step and the loop's counters.
+It is written to a temporary folder, flushed to disk and renamed into place: a folder named `checkpoint-N`
+is always complete, and a kill mid-write leaves only a `.tmp` folder, ignored and cleaned up later.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE = "trainer_state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator the loop draws from."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in [*path.rglob("*"), path]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints of a run, oldest first."""
+    found = []
+    for p in Path(run_dir).glob("checkpoint-*"):
+        step = p.name.removeprefix("checkpoint-")
+        if step.isdigit() and (p / STATE).is_file():
+            found.append((int(step), p))
+    return sorted(found)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any, state: dict[str, Any],
+                    keep: int = 0) -> Path:
+    """Write checkpoint-{step} atomically (policy + trainer state); keep the newest `keep` (0: all)."""
+    final, tmp = run_dir / f"checkpoint-{step}", run_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(state | {"step": step, "rng": rng_state()}, tmp / STATE)
+    _fsync_tree(tmp)
+    if final.exists():  # the same step saved again (e.g. a stop right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_tree(run_dir)
+    complete = checkpoints(run_dir)
+    for _, old in complete[:-keep] if keep else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in run_dir.glob(".checkpoint-*.tmp"):  # left by a kill during an earlier write
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_policy_weights(model: torch.nn.Module, path: Path) -> None:
+    """Put the weights saved in `path` (adapter or full model) into `model`, exactly."""
+    from safetensors.torch import load_file
+
+    if (path / "adapter_config.json").is_file():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"{path}: adapter weights that this model does not have: {unexpected[:3]}")
+        return
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no adapter_model.safetensors or *.safetensors weights")
+    loaded: set[str] = set()
+    for f in files:
+        weights = load_file(f)
+        model.load_state_dict(weights, strict=False)
+        loaded |= set(weights)
+    names = {n for n, _ in model.named_parameters()}  # tied weights appear once
+    missing = names - loaded
+    if missing:
+        raise ValueError(f"{path}: weights missing from the checkpoint: {sorted(missing)[:3]}")
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Policy weights into `model`; returns the trainer state (RNG states restored by the caller, last)."""
+    load_policy_weights(model, path)
+    return torch.load(path / STATE, weights_only=False)
