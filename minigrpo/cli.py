@@ -383,6 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"minigrpo {argv[0]}: config error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:  # DataError (a FileNotFoundError too), from minigrpo.data
+        from minigrpo.data import DataError
+
+        if not isinstance(e, DataError):
+            raise
+        print(f"minigrpo {argv[0]}: data error: {e}", file=sys.stderr)
+        return 2
     except RuntimeError as e:
         from minigrpo.train import TrainingStopped
 

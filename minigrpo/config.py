@@ -72,6 +72,7 @@ class Config:
     system_prompt: str | None = _f(None, "override the template's system prompt")
     num_fewshot: int = _f(2, "examples shown by the 'fewshot' template (taken from the train split)")
     max_prompt_length: int = _f(512, "prompts longer than this many tokens are an error")
+    skip_bad_rows: bool = _f(False, "skip (and count) malformed JSONL rows instead of stopping at the first")
     # ---- rewards ------------------------------------------------------------------------------------
     reward_funcs: list[str] = _f(["correctness"],
                                  "built-in names (correctness, format_strict, format_soft, think_format, "

@@ -67,6 +67,14 @@ def _gold_final(answer: str) -> str:
     return answer.strip()
 
 
+class DataError(ValueError):
+    """Bad input data; the message names the file and line (or row) and the fix."""
+
+
+class DataNotFound(DataError, FileNotFoundError):
+    """A dataset file or folder that is not there."""
+
+
 def strip_calculator(text: str) -> str:
     """Remove GSM8K calculator annotations: "48/2 = <<48/2=24>>24" becomes "48/2 = 24"."""
     return _CALCULATOR_RE.sub("", text)
@@ -76,7 +84,7 @@ def _to_example(row: dict[str, Any], where: str, prompt_field: str, answer_field
     """Turn one data row into an Example; `where` names the row's origin for error messages."""
     missing = [key for key in (prompt_field, answer_field) if key not in row]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{where}: missing key {', '.join(map(repr, missing))}; the row has keys {sorted(row)}. "
             "Pass prompt_field= / answer_field= to name the question and answer columns."
         )
@@ -90,9 +98,12 @@ def _to_example(row: dict[str, Any], where: str, prompt_field: str, answer_field
     return Example(question=question, answer=answer, columns=columns)
 
 
-def _read_jsonl(path: Path, prompt_field: str, answer_field: str, limit: int | None) -> list[Example]:
-    """Read a JSONL file by hand so a bad line is reported with its file and line number."""
+def _read_jsonl(path: Path, prompt_field: str, answer_field: str, limit: int | None,
+                skip_bad: bool = False) -> list[Example]:
+    """Read a JSONL file by hand so a bad line is reported with its file and line number (or, with
+    `skip_bad`, skipped and counted)."""
     examples: list[Example] = []
+    skipped: list[str] = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if limit is not None and len(examples) >= limit:
@@ -102,19 +113,34 @@ def _read_jsonl(path: Path, prompt_field: str, answer_field: str, limit: int | N
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(
+                problem = DataError(
                     f"{path}, line {lineno}: not valid JSON ({e.msg}). "
-                    "Each line must be one JSON object; fix or delete that line."
-                ) from None
+                    "Each line must be one JSON object; fix or delete that line (or set skip_bad_rows: true)."
+                )
+                if not skip_bad:
+                    raise problem from None
+                skipped.append(str(problem))
+                continue
             if not isinstance(row, dict):
                 # ValueError, not TypeError: like the other messages here, it reports bad data.
-                raise ValueError(  # noqa: TRY004
+                problem = DataError(
                     f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}. "
                     'Each line must look like {"question": ..., "answer": ...}.'
                 )
-            examples.append(_to_example(row, f"{path}, line {lineno}", prompt_field, answer_field))
+                if not skip_bad:
+                    raise problem
+                skipped.append(str(problem))
+                continue
+            try:
+                examples.append(_to_example(row, f"{path}, line {lineno}", prompt_field, answer_field))
+            except DataError as problem:
+                if not skip_bad:
+                    raise
+                skipped.append(str(problem))
+    if skipped:
+        print(f"{path}: skipped {len(skipped)} bad row(s) (skip_bad_rows); the first: {skipped[0]}", flush=True)
     if not examples:
-        raise ValueError(f"{path}: the dataset is empty (no JSON rows found).")
+        raise DataError(f"{path}: the dataset is empty (no usable JSON rows found).")
     return examples
 
 
@@ -132,7 +158,7 @@ def _load_hub(
         for i, row in enumerate(itertools.islice(rows, limit))
     ]
     if not examples:
-        raise ValueError(f"{hub_id} [{split}]: the dataset is empty.")
+        raise DataError(f"{hub_id} [{split}]: the dataset is empty.")
     return examples
 
 
@@ -142,6 +168,7 @@ def load_examples(
     prompt_field: str = "question",
     answer_field: str = "answer",
     limit: int | None = None,
+    skip_bad_rows: bool = False,
 ) -> list[Example]:
     """Load a dataset as a list of Examples, keeping the first `limit` rows if given.
 
@@ -156,14 +183,14 @@ def load_examples(
         file = path / f"{split}.jsonl"
         if not file.is_file():
             found = sorted(p.name for p in path.glob("*.jsonl"))
-            raise FileNotFoundError(f"{file} does not exist; {path} holds {found or 'no .jsonl files'}.")
-        return _read_jsonl(file, prompt_field, answer_field, limit)
+            raise DataNotFound(f"{file} does not exist; {path} holds {found or 'no .jsonl files'}.")
+        return _read_jsonl(file, prompt_field, answer_field, limit, skip_bad_rows)
     # A name that looks like a path must not fall through to the hub, where it would fail with a
     # confusing network or "dataset not found" error.
     if dataset.endswith(".jsonl") or dataset.startswith((".", "/", "~")):
         if not path.is_file():
-            raise FileNotFoundError(f"{dataset}: no such .jsonl file or directory.")
-        return _read_jsonl(path, prompt_field, answer_field, limit)
+            raise DataNotFound(f"{dataset}: no such .jsonl file or directory.")
+        return _read_jsonl(path, prompt_field, answer_field, limit, skip_bad_rows)
     return _load_hub(dataset, split, prompt_field, answer_field, limit)
 
 
@@ -231,4 +258,5 @@ def load_split(cfg: Any, split: str, limit: int | None = None, dataset: str | No
         size = cfg.arith_train_size if split == "train" else (limit or 1000)
         return arith_examples(split, min(size, limit or size), cfg.arith_steps, cfg.arith_max_number,
                               direct_fraction=cfg.arith_direct_fraction)
-    return load_examples(dataset, split, cfg.prompt_field, cfg.answer_field, limit)
+    return load_examples(dataset, split, cfg.prompt_field, cfg.answer_field, limit,
+                         getattr(cfg, "skip_bad_rows", False))

@@ -19,6 +19,8 @@ import threading
 from collections.abc import Callable
 from decimal import Decimal
 
+from minigrpo.config import ConfigError
+
 # [0-9] rather than \d: \d also matches non-ASCII digits, which Decimal would silently accept.
 # The shape `d[d,]*(.d+)?` is unambiguous, so a failed match backtracks linearly, never quadratically.
 _NUM = r"-?(?:[0-9][0-9,]*(?:\.[0-9]+)?|\.[0-9]+)"
@@ -243,20 +245,20 @@ def load_reward(name: str, options: dict | None = None) -> Callable:
         return REWARD_FACTORIES[name](options or {})
     module_name, sep, attr = name.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(
+        raise ConfigError(
             f"unknown reward {name!r}: built-in rewards are {', '.join([*REWARD_FUNCS, *REWARD_FACTORIES])}; "
             "a custom reward is accepted as 'package.module:function'"
         )
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # ImportError, or any error raised while the module runs
-        raise ValueError(f"cannot import module {module_name!r} for reward {name!r}: {e!r}") from e
+        raise ConfigError(f"cannot import module {module_name!r} for reward {name!r}: {e!r}") from e
     try:
         fn = getattr(module, attr)
     except AttributeError as e:
-        raise ValueError(f"module {module_name!r} has no function {attr!r} (reward {name!r}): {e}") from e
+        raise ConfigError(f"module {module_name!r} has no function {attr!r} (reward {name!r}): {e}") from e
     if not callable(fn):
-        raise TypeError(f"reward {name!r} is a {type(fn).__name__}, not a function")
+        raise ConfigError(f"reward {name!r} is a {type(fn).__name__}, not a function")
     return fn
 
 

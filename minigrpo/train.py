@@ -30,7 +30,7 @@ from transformers import get_scheduler
 from minigrpo.algo import LOSS_TYPES, Norm, group_advantages, masked_mean, policy_loss
 from minigrpo.checkpoint import checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from minigrpo.config import Config, save_config
-from minigrpo.data import Example, build_prompt, load_split
+from minigrpo.data import DataError, Example, build_prompt, load_split
 from minigrpo.evaluate import evaluate
 from minigrpo.model import Reference, load_model, make_optimizer_class, trainable_parameters
 from minigrpo.monitor import Monitor, make_run_dir, print0
@@ -110,7 +110,7 @@ def render_prompts(cfg: Config, tokenizer: Any, examples: list[Example], fewshot
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
     for i, n in enumerate(lengths):
         if n > cfg.max_prompt_length:
-            raise ValueError(f"{where} row {i + 1}: the prompt has {n} tokens > max_prompt_length="
+            raise DataError(f"{where} row {i + 1}: the prompt has {n} tokens > max_prompt_length="
                              f"{cfg.max_prompt_length}; raise max_prompt_length or remove the row")
     return prompts
 
@@ -315,13 +315,13 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
 def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
     """Run GRPO as configured; returns the run (folder, and the trained model and tokenizer in memory)."""
     # ---- setup ----------------------------------------------------------------------------------------
+    weights = cfg.reward_weights or [1.0] * len(cfg.reward_funcs)
+    options = {"max_completion_length": cfg.max_completion_length, "overlong_buffer": cfg.overlong_buffer}
+    reward_funcs = [(name, load_reward(name, options), w) for name, w in zip(cfg.reward_funcs, weights)]
     run = setup_run(cfg)
     model, tok, train_set, train_prompts = run.model, run.tokenizer, run.train_set, run.train_prompts
     device = next(model.parameters()).device
     ref = Reference(model, cfg.use_peft) if cfg.beta > 0 else None
-    weights = cfg.reward_weights or [1.0] * len(cfg.reward_funcs)
-    options = {"max_completion_length": cfg.max_completion_length, "overlong_buffer": cfg.overlong_buffer}
-    reward_funcs = [(name, load_reward(name, options), w) for name, w in zip(cfg.reward_funcs, weights)]
     optimizer, scheduler = make_optimizer(cfg, model, cfg.max_steps * cfg.num_iterations)
     sampler = PromptSampler(len(train_set), cfg.seed)
     sampling = SamplingParams(n=cfg.num_generations, max_new_tokens=cfg.max_completion_length,

@@ -29,17 +29,19 @@ def test_training_goes_on_through_reward_errors(tmp_path, monkeypatch):
 
     import minigrpo.rewards as R
 
-    def sometimes(prompts, completions, **kw):
-        if len(completions) > 1:
-            raise RuntimeError("fails on batches")  # every sample then scores alone, and fine
-        return [1.0 if completions[0] else 0.0]
+    def picky(prompts, completions, **kw):
+        if any("1" in c for c in completions):  # a user's bug that hits some samples
+            raise RuntimeError("cannot score a completion with a 1 in it")
+        return [1.0 for _ in completions]
 
-    monkeypatch.setitem(R.REWARD_FUNCS, "sometimes", sometimes)
+    monkeypatch.setitem(R.REWARD_FUNCS, "picky", picky)
     out = tmp_path / "run"
-    assert main(["train", "--reward_funcs=correctness,sometimes", "--max_steps=2", "--eval_limit=0",
+    assert main(["train", "--reward_funcs=correctness,picky", "--max_steps=3", "--eval_limit=0",
                  "--per_device_train_batch_size=16", f"--output_dir={out}"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["train/reward_errors"] for r in rows if "train/reward_errors" in r] == [0.0, 0.0]
+    errors = [r["train/reward_errors"] for r in rows if "train/reward_errors" in r]
+    assert len(errors) == 3 and sum(errors) > 0  # counted, and the run finished
+    assert all(0 < e < 16 for e in errors if e)  # only the samples it failed on
 
 
 def test_non_finite_updates_in_a_row_stop_the_run_with_the_last_good_policy(tmp_path, monkeypatch, capsys):
