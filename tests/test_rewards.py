@@ -294,8 +294,11 @@ def test_never_raises(prompt: str, completion: str) -> None:
         "####" + " " * 1_000_000 + "x",
         "reasoning\n####" + "1" * 1_000_000 + "x",
         "reasoning\n#### **$" + " " * 1_000_000 + "x",
+        "#### " + "\u0663" * 1_000_000,  # Arabic-Indic digits: not ASCII digits, never an answer
+        "\U0001F642 7 " * 200_000 + "\\boxed{\u00e9",
     ],
-    ids=["digits", "open-boxes", "closed-boxes", "hash-spaces", "hash-digits", "hash-dollar-spaces"],
+    ids=["digits", "open-boxes", "closed-boxes", "hash-spaces", "hash-digits", "hash-dollar-spaces", "unicode-digits",
+         "emoji-and-open-box"],
 )
 def test_bounded_time_on_large_inputs(text: str) -> None:
     start = time.perf_counter()
