@@ -32,11 +32,12 @@ from minigrpo.checkpoint import checkpoints, load_checkpoint, save_checkpoint, s
 from minigrpo.config import Config, save_config
 from minigrpo.data import DataError, Example, build_prompt, load_split
 from minigrpo.evaluate import evaluate
+from minigrpo.logprobs import policy_logprobs
 from minigrpo.model import Reference, load_model, make_optimizer_class, trainable_parameters
 from minigrpo.monitor import Monitor, make_run_dir, print0
 from minigrpo.plot import plot_run
 from minigrpo.rewards import is_correct, load_reward, score
-from minigrpo.rollout import Rollout, SamplingParams, generate, merge_rollouts, policy_logprobs, select_rows
+from minigrpo.rollout import Rollout, SamplingParams, generate, merge_rollouts, select_rows
 
 
 class Interrupt:

@@ -10,8 +10,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from minigrpo.config import Config
 from minigrpo.data import build_prompt, load_split
+from minigrpo.logprobs import policy_logprobs, split_head
 from minigrpo.model import load_model
-from minigrpo.rollout import SamplingParams, engine_generate, policy_logprobs, split_head
+from minigrpo.rollout import SamplingParams, engine_generate
 
 
 def _batch(use_peft):
@@ -68,7 +69,7 @@ def test_split_head_falls_back_when_the_forward_does_more_than_the_head():
 _MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from minigrpo.rollout import policy_logprobs
+    from minigrpo.logprobs import policy_logprobs
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50000, hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))

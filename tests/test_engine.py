@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from minigrpo.arith import arith_examples
-from minigrpo.rollout import SamplingParams, engine_generate, hf_generate, policy_logprobs, sample_tokens
+from minigrpo.logprobs import policy_logprobs
+from minigrpo.rollout import SamplingParams, engine_generate, hf_generate, sample_tokens
 from minigrpo.tiny import arith_model, arith_tokenizer, tiny_model, tiny_tokenizer
 
 

@@ -7,17 +7,9 @@ import torch
 from minigrpo.algo import token_logprobs
 from minigrpo.config import Config
 from minigrpo.data import build_prompt, load_split
+from minigrpo.logprobs import _body, _packed_feats, _shared_prefix_feats, logprob_layout, policy_logprobs
 from minigrpo.model import load_model, merged_lora
-from minigrpo.rollout import (
-    SamplingParams,
-    _body,
-    _packed_feats,
-    _shared_prefix_feats,
-    engine_generate,
-    generate,
-    logprob_layout,
-    policy_logprobs,
-)
+from minigrpo.rollout import SamplingParams, engine_generate, generate
 
 
 def _lora_arith(seed=0):

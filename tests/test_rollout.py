@@ -2,7 +2,8 @@
 
 import torch
 
-from minigrpo.rollout import SamplingParams, encode_prompts, hf_generate, policy_logprobs
+from minigrpo.logprobs import policy_logprobs
+from minigrpo.rollout import SamplingParams, encode_prompts, hf_generate
 from minigrpo.tiny import tiny_model, tiny_tokenizer
 
 

@@ -14,8 +14,9 @@ import minigrpo.train as train_mod
 from minigrpo import rewards
 from minigrpo.algo import group_advantages
 from minigrpo.config import Config
+from minigrpo.logprobs import policy_logprobs
 from minigrpo.model import Reference
-from minigrpo.rollout import SamplingParams, hf_generate, make_rollout, policy_logprobs
+from minigrpo.rollout import SamplingParams, hf_generate, make_rollout
 from minigrpo.tiny import tiny_model, tiny_tokenizer
 from minigrpo.train import Scored, flat_groups, keep_informative, train, update_policy
 
