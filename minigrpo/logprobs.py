@@ -49,41 +49,50 @@ def policy_logprobs(model: PreTrainedModel, rollout_ids: torch.Tensor, attention
     targets = rollout_ids[:, -C:]
     if head is None:  # feats are the logits
         return token_logprobs(feats, targets, temperature)
-    return chunked_head_logprobs(head[1], feats, targets, attention_mask[:, -C:].bool(), temperature, chunk_size)
+    return chunked_head_logprobs(head, feats, targets, attention_mask[:, -C:].bool(), temperature, chunk_size,
+                                 getattr(_unwrap(model).config, "vocab_size", None))
 
 
-def _body(model: PreTrainedModel, head: tuple[Any, Callable] | None) -> Callable[..., torch.Tensor]:
-    """body(keep, **inputs) -> the last `keep` positions' features: hidden states (head split) or logits."""
+def _body(model: PreTrainedModel, head: Callable | None) -> Callable[..., torch.Tensor]:
+    """body(keep, **inputs) -> the last `keep` positions' features: final hidden states (when the head is
+    split off) or logits. Always one call of `model` itself, so wrappers (DDP, ...) see the forward."""
     if head is None:
         return lambda keep, **kw: model(**kw, logits_to_keep=keep).logits
-    decoder = head[0]
+    return lambda keep, **kw: _last_hidden(model, keep, **kw)
 
-    def hidden(keep: int, **inputs: Any) -> torch.Tensor:
-        out = decoder(**inputs).last_hidden_state
-        return out[:, -keep:] if keep else out
 
-    return hidden
+def _last_hidden(model: PreTrainedModel, keep: int, **inputs: Any) -> torch.Tensor:
+    # logits_to_keep=1: the LM head runs on one position only; hidden_states[-1] is after the final norm
+    out = model(**inputs, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
+    return out[:, -keep:] if keep else out
 
 
 _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def split_head(model: PreTrainedModel) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor]] | None:
-    """(decoder, head) with head(decoder(x).last_hidden_state) == model(x).logits, or None when not so.
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside wrappers (DDP's .module, peft's base model)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
-    Checked once per model on a short input and cached on it: families whose forward does more than the
-    output projection (soft-capping, logit scales) are handled, and any other one falls back to full logits.
+
+def split_head(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """head with head(model(x).hidden_states[-1]) == model(x).logits, or None when not so.
+
+    Checked once per model on a short input and cached: families whose forward does more than the output
+    projection (soft-capping, logit scales) are handled, and any other one falls back to full logits.
     """
     cached = _HEADS.get(model)
     if cached is not None:
         return cached or None
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = _unwrap(model)
     result: Any = False
     try:
-        decoder, projection = lm.get_decoder(), lm.get_output_embeddings()
+        projection = lm.get_output_embeddings()
     except (AttributeError, NotImplementedError):
-        decoder = projection = None
-    if decoder is not None and projection is not None:
+        projection = None
+    if projection is not None:
         cap = getattr(lm.config, "final_logit_softcapping", None)
         scale = getattr(lm.config, "logit_scale", None)
 
@@ -98,12 +107,15 @@ def split_head(model: PreTrainedModel) -> tuple[Any, Callable[[torch.Tensor], to
         ids = (torch.arange(1, 6, device=next(model.parameters()).device) % lm.config.vocab_size)[None]
         was_training = model.training
         model.eval()
-        with torch.no_grad():
-            expected = model(input_ids=ids, use_cache=False).logits.float()
-            got = head(decoder(input_ids=ids, use_cache=False).last_hidden_state).float()
+        try:
+            with torch.no_grad():
+                expected = lm(input_ids=ids, use_cache=False).logits.float()
+                got = head(_last_hidden(lm, 0, input_ids=ids, use_cache=False)).float()
+            if got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4, rtol=1e-3):
+                result = head
+        except (AttributeError, TypeError, IndexError):  # a forward without hidden states: full logits
+            pass
         model.train(was_training)
-        if got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4, rtol=1e-3):
-            result = (decoder, head)
     _HEADS[model] = result  # by identity: a deep copy of the model (the reference) gets its own
     return result or None
 
@@ -114,14 +126,21 @@ def _head_logprobs(head: Callable, hidden: torch.Tensor, targets: torch.Tensor,
     return logp[0], entropy[0]
 
 
+SMALL_LOGITS = 64 * 1024**2  # fp32 logits up to this size are computed in one piece (no recomputation)
+
+
 def chunked_head_logprobs(head: Callable, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                          temperature: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                          temperature: float, chunk_size: int, vocab_size: int | None = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropies [B, C] of the masked-in targets from hidden states [B, C, H], chunk by chunk.
 
     With more than one chunk and gradients on, each chunk is checkpointed: its logits are freed after the
-    forward and recomputed in the backward, so one chunk's [chunk, vocab] logits exist at a time.
+    forward and recomputed in the backward, so one chunk's [chunk, vocab] logits exist at a time. Logits
+    of at most SMALL_LOGITS bytes in all (given `vocab_size`) are computed in one piece: nothing to save.
     """
     hid, tgt = hidden[mask], targets[mask]  # [N, H], [N]: only tokens up to each EOS
+    if vocab_size and hid.shape[0] * vocab_size * 4 <= SMALL_LOGITS:
+        chunk_size = max(hid.shape[0], 1)  # small enough at once: no recomputation
     chunks = [slice(i, i + chunk_size) for i in range(0, hid.shape[0], chunk_size)] or [slice(0, 0)]
     recompute = len(chunks) > 1 and torch.is_grad_enabled() and hid.requires_grad
     outs = []
@@ -155,7 +174,7 @@ def logprob_layout(model: PreTrainedModel, attention_mask: torch.Tensor, C: int,
     """
     if G <= 1:
         return "plain"
-    cfg = getattr(model, "config", None)
+    cfg = getattr(_unwrap(model), "config", None)
     h = getattr(cfg, "hidden_size", 0) or 0
     m = getattr(cfg, "intermediate_size", 0) or 4 * h
     P = attention_mask.shape[1] - C
@@ -171,7 +190,9 @@ def logprob_layout(model: PreTrainedModel, attention_mask: torch.Tensor, C: int,
                 and n_groups * (P + K) ** 2 <= MAX_PACKED_MASK)
     if can_pack and packed < padded:
         return "packed"
-    return "plain" if _checkpointing(model) else "shared_prefix"
+    # The shared prefix calls the model twice per pass: not through DDP (one forward per backward there).
+    wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    return "plain" if _checkpointing(model) or wrapped else "shared_prefix"
 
 
 def _packed_feats(body: Callable[..., torch.Tensor], model: PreTrainedModel, rollout_ids: torch.Tensor,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ console = Console(highlight=False)
 
 
 def print0(*args: Any) -> None:
-    """Print through rich (one place to silence non-zero ranks later)."""
-    console.print(*args)
+    """Print through rich, on process 0 only (RANK is set by torchrun / accelerate launch)."""
+    if os.environ.get("RANK", "0") == "0":
+        console.print(*args)
 
 
 def make_run_dir(output_dir: str | None) -> Path:
@@ -40,7 +42,10 @@ class Monitor:
     """Writes every step's metrics to metrics.jsonl and TensorBoard; shows a progress bar with the headline."""
 
     def __init__(self, run_dir: Path, total_steps: int, logging_steps: int = 1, show: bool = True,
-                 stage: str = "GRPO") -> None:
+                 stage: str = "GRPO", enabled: bool = True) -> None:
+        self.enabled = enabled  # False on processes other than 0: every method does nothing
+        if not enabled:
+            return
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = run_dir
@@ -56,6 +61,8 @@ class Monitor:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record one step's metrics (non-finite values are written as null in JSON)."""
+        if not self.enabled:
+            return
         row = {"step": step, **{k: (v if math.isfinite(v) else None) for k, v in metrics.items()}}
         self.metrics_file.write(json.dumps(row) + "\n")
         self.metrics_file.flush()
@@ -79,12 +86,16 @@ class Monitor:
 
     def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         """Record a few completions (prompt, completion, reward, answer) for reading later."""
+        if not self.enabled:
+            return
         for row in rows:
             self.samples_file.write(json.dumps({"step": step, **row}) + "\n")
         self.samples_file.flush()
 
     def close(self) -> None:
         """Stop the progress bar and flush every file."""
+        if not self.enabled:
+            return
         self.progress.stop()
         self.metrics_file.close()
         self.samples_file.close()

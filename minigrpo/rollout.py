@@ -25,6 +25,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    seeds: list[int] | None = None  # engine: one per prompt; its samples then depend on nothing else
 
 
 @dataclass
@@ -129,8 +130,13 @@ def select_rows(ro: Rollout, rows: list[int]) -> Rollout:
                    logprobs=None if ro.logprobs is None else ro.logprobs[idx])
 
 
-def sample_tokens(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_tokens(logits: torch.Tensor, params: SamplingParams,
+                  groups: tuple[torch.Tensor, list[torch.Generator]] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens [B] and their log-probs [B] under softmax(logits / temperature). logits: [B, V].
+
+    `groups` = (prompt index of each row, one generator per prompt), rows of a prompt contiguous: each
+    prompt's rows draw from its own generator, so what a prompt samples does not depend on the batch.
 
     top-k / top-p restrict what can be drawn; the returned log-prob stays the full tempered distribution's,
     the one the trainer computes (with top-p < 1 the sampler and the trained policy differ: see README).
@@ -149,7 +155,14 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.T
         probs = torch.softmax(sorted_logits, -1)
         drop = probs.cumsum(-1) - probs > params.top_p  # the first token is always kept
         scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(drop, -torch.inf))
-    tokens = torch.multinomial(torch.softmax(scaled, -1), 1)[:, 0]
+    probs = torch.softmax(scaled, -1)
+    if groups is None:
+        tokens = torch.multinomial(probs, 1)[:, 0]
+    else:
+        ids, counts = torch.unique_consecutive(groups[0], return_counts=True)
+        blocks = probs.split(counts.tolist())
+        tokens = torch.cat([torch.multinomial(block, 1, generator=groups[1][g])[:, 0]
+                            for g, block in zip(ids.tolist(), blocks)])
     return tokens, logp_all.gather(-1, tokens[:, None])[:, 0]
 
 
@@ -225,11 +238,13 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     tokens = torch.full((B, T), pad, dtype=torch.long, device=device)
     logprobs = torch.zeros((B, T), device=device)
     live = torch.arange(B, device=device)  # original row of each row still in the compute batch
+    gens = None if params.seeds is None or params.temperature == 0 else [
+        torch.Generator(device=device).manual_seed(int(seed)) for seed in params.seeds]
     done = torch.zeros(B, dtype=torch.bool, device=device)  # per compute-batch row
     # ---- decode ---------------------------------------------------------------------------------------
     steps = 0
     for t in range(T):
-        next_tokens, next_logp = sample_tokens(logits, params)
+        next_tokens, next_logp = sample_tokens(logits, params, None if gens is None else (live // params.n, gens))
         tokens[live, t] = torch.where(done, pad, next_tokens)
         logprobs[live, t] = torch.where(done, 0.0, next_logp)
         done |= torch.isin(next_tokens, eos)

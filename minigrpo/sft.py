@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from minigrpo.config import Config
+from minigrpo.config import Config, ConfigError
 from minigrpo.data import sft_target
 from minigrpo.model import trainable_parameters
 from minigrpo.monitor import Monitor
@@ -46,6 +46,8 @@ def sft(cfg: Config, show_progress: bool = True) -> Path:
     """Fine-tune on worked solutions; returns the run folder (config, metrics, adapter or model)."""
     # ---- setup ----------------------------------------------------------------------------------------
     run = setup_run(cfg)
+    if run.ranks.world > 1:
+        raise ConfigError("sft runs in one process for now; launch it without torchrun / accelerate launch")
     model, tok = run.model, run.tokenizer
     device = next(model.parameters()).device
     pairs = encode_pairs(tok, run.train_prompts, [sft_target(ex) for ex in run.train_set])

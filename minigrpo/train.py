@@ -13,6 +13,7 @@ is ~0 while the gradient is not; watch train/reward and eval/accuracy instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -29,8 +30,9 @@ from transformers import get_scheduler
 
 from minigrpo.algo import LOSS_TYPES, Norm, group_advantages, masked_mean, policy_loss
 from minigrpo.checkpoint import checkpoints, load_checkpoint, save_checkpoint, set_rng_state
-from minigrpo.config import Config, save_config
+from minigrpo.config import Config, ConfigError, save_config
 from minigrpo.data import DataError, Example, build_prompt, load_split
+from minigrpo.dist import Ranks
 from minigrpo.evaluate import evaluate
 from minigrpo.logprobs import policy_logprobs
 from minigrpo.model import Reference, load_model, make_optimizer_class, trainable_parameters
@@ -83,13 +85,14 @@ class PromptSampler:
 
     def __init__(self, size: int, seed: int) -> None:
         self.size, self.gen, self.order, self.pos = size, torch.Generator().manual_seed(seed), [], 0
+        self.drawn = 0  # indices handed out so far
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.gen.get_state(), "order": list(self.order), "pos": self.pos}
+        return {"generator": self.gen.get_state(), "order": list(self.order), "pos": self.pos, "drawn": self.drawn}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.gen.set_state(state["generator"])
-        self.order, self.pos = list(state["order"]), state["pos"]
+        self.order, self.pos, self.drawn = list(state["order"]), state["pos"], state["drawn"]
 
     def take(self, n: int) -> list[int]:
         """The next n indices (a new permutation starts when a pass is used up)."""
@@ -99,6 +102,7 @@ class PromptSampler:
                 self.order, self.pos = torch.randperm(self.size, generator=self.gen).tolist(), 0
             out.append(self.order[self.pos])
             self.pos += 1
+            self.drawn += 1
         return out
 
 
@@ -185,16 +189,24 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, advantages: torch.Tensor,
                   loss_mask: torch.Tensor, cfg: Config, optimizer: torch.optim.Optimizer,
-                  scheduler: Any) -> dict[str, float]:
-    """num_iterations clipped-surrogate updates on one rollout; returns the step's loss statistics."""
+                  scheduler: Any, ranks: Ranks | None = None, wrapped: torch.nn.Module | None = None,
+                  ) -> dict[str, float]:
+    """num_iterations clipped-surrogate updates on one rollout; returns the step's loss statistics.
+
+    With several processes, `wrapped` is the DDP model (its backward averages gradients over processes):
+    the normalising counts are the global ones and each loss is scaled by the world size, so the gradient
+    is the one-process gradient of the whole global batch."""
+    ranks, wrapped = ranks or Ranks(), wrapped or model
     input_ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)  # [B, P+C]
     attention = torch.cat([ro.prompt_mask, ro.completion_mask.long()], 1)  # [B, P+C]
     C, mb = ro.completion_ids.shape[1], cfg.per_device_train_batch_size
     micro = [slice(i, i + mb) for i in range(0, input_ids.shape[0], mb)]
     # Micro-batches of whole groups run each prompt once (shared prefix); otherwise every row in full.
     group_size = cfg.num_generations if mb % cfg.num_generations == 0 else 1
-    norm = Norm(num_sequences=input_ids.shape[0], num_tokens=int(loss_mask.sum()),
-                num_micro_batches=len(micro), max_completion_length=cfg.max_completion_length)
+    local_tokens = float(loss_mask.sum())
+    sequences, tokens, micro_batches = ranks.sum([input_ids.shape[0], float(loss_mask.sum()), len(micro)])
+    norm = Norm(num_sequences=int(sequences), num_tokens=int(tokens), num_micro_batches=int(micro_batches),
+                max_completion_length=cfg.max_completion_length)
     ref_logp: list[torch.Tensor | None] = [None] * len(micro)
     if ref is not None:  # reference log-probs once per rollout, no graph
         with torch.no_grad(), ref.active() as ref_model:
@@ -207,16 +219,16 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
     model.train()
     for _ in range(cfg.num_iterations):
         for j, s in enumerate(micro):
-            logp, entropy = policy_logprobs(model, input_ids[s], attention[s], C, cfg.temperature, group_size,
+            logp, entropy = policy_logprobs(wrapped, input_ids[s], attention[s], C, cfg.temperature, group_size,
                                             cfg.logprob_chunk_size)
             if old_logp[j] is None:  # no update has happened yet: the current policy IS the sampler
                 old_logp[j] = logp.detach()
             out = policy_loss(logp, old_logp[j], advantages[s], loss_mask[s], cfg.epsilon, cfg.epsilon_hi,
                               cfg.beta, ref_logp[j], cfg.importance_sampling_level, cfg.dual_clip)
             loss = LOSS_TYPES[cfg.loss_type](out.per_token, loss_mask[s], norm)
-            loss.backward()
-            share = loss_mask[s].sum().item() / max(norm.num_tokens, 1) / cfg.num_iterations
-            sums["loss"] += loss.item() / cfg.num_iterations
+            (loss * ranks.world).backward()  # DDP averages over processes; the norm already counts them all
+            share = loss_mask[s].sum().item() / max(local_tokens, 1) / cfg.num_iterations  # this process's mean
+            sums["loss"] += loss.item() * ranks.world / cfg.num_iterations  # averaged over processes: the total
             for key, value in (("kl", out.kl), ("clip_ratio", out.clipped), ("entropy", entropy.detach()),
                                ("ratio", out.ratio)):
                 if value is not None:
@@ -234,15 +246,20 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
 
 
 def run_eval(cfg: Config, model: torch.nn.Module, tokenizer: Any, prompts: list[str],
-             examples: list[Example]) -> dict[str, float]:
-    """Greedy held-out accuracy (the task metric, independent of the reward weights)."""
+             examples: list[Example], ranks: Ranks | None = None) -> dict[str, float]:
+    """Greedy held-out accuracy (the task metric, independent of the reward weights), split over processes."""
     if not prompts:
         return {}
-    report = evaluate(model, tokenizer, prompts, [ex.columns["answer"] for ex in examples],
-                      max_new_tokens=cfg.max_completion_length, batch_size=cfg.eval_batch_size,
-                      backend=cfg.rollout_backend)
-    return {"eval/accuracy": report["accuracy"], "eval/format": report["format"],
-            "eval/mean_length": report["mean_length"]}
+    ranks = ranks or Ranks()
+    prompts, golds = ranks.share(prompts), ranks.share([ex.columns["answer"] for ex in examples])
+    keys = ["accuracy", "format", "mean_length"]
+    totals = [0.0] * (len(keys) + 1)
+    if prompts:
+        report = evaluate(model, tokenizer, prompts, golds, max_new_tokens=cfg.max_completion_length,
+                          batch_size=cfg.eval_batch_size, backend=cfg.rollout_backend)
+        totals = [report[k] * len(prompts) for k in keys] + [len(prompts)]
+    totals = ranks.sum(totals)
+    return {f"eval/{k}": v / totals[-1] for k, v in zip(keys, totals)}
 
 
 def save_policy(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
@@ -261,6 +278,7 @@ class RunSetup:
     eval_set: list[Example]
     train_prompts: list[str]
     eval_prompts: list[str]
+    ranks: Ranks = dataclasses.field(default_factory=Ranks)
 
 
 def setup_run(cfg: Config) -> RunSetup:
@@ -268,8 +286,12 @@ def setup_run(cfg: Config) -> RunSetup:
     if cfg.rollout_backend == "vllm":  # fail at start, before any folder or download, when vLLM cannot run
         from minigrpo.vllm_rollout import check_vllm
         check_vllm(cfg)
-    run_dir = make_run_dir(cfg.output_dir)
-    save_config(cfg, str(run_dir / "config.yaml"))
+    ranks = Ranks(cfg.device)
+    run_dir = ranks.broadcast(make_run_dir(cfg.output_dir) if ranks.main else None)
+    if ranks.main:
+        save_config(cfg, str(run_dir / "config.yaml"))
+    if ranks.world > 1:
+        cfg = dataclasses.replace(cfg, device=str(ranks.device))  # this process's device
     set_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -283,7 +305,7 @@ def setup_run(cfg: Config) -> RunSetup:
     eval_name = f"{cfg.eval_dataset or cfg.dataset} [{cfg.eval_split}]"
     return RunSetup(run_dir, model, tok, train_set, eval_set,
                     render_prompts(cfg, tok, train_set, fewshot, f"{cfg.dataset} [{cfg.train_split}]"),
-                    render_prompts(cfg, tok, eval_set, fewshot, eval_name))
+                    render_prompts(cfg, tok, eval_set, fewshot, eval_name), ranks)
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module, num_updates: int) -> tuple[torch.optim.Optimizer, Any]:
@@ -297,14 +319,16 @@ def make_optimizer(cfg: Config, model: torch.nn.Module, num_updates: int) -> tup
 
 def finish_run(cfg: Config, run: RunSetup, monitor: Monitor, before: dict[str, float]) -> Path:
     """Final evaluation, the trained policy, summary.json and curves.png; returns the run folder."""
-    after = run_eval(cfg, run.model, run.tokenizer, run.eval_prompts, run.eval_set)
+    after = run_eval(cfg, run.model, run.tokenizer, run.eval_prompts, run.eval_set, run.ranks)
     if after:
         monitor.log(cfg.max_steps, after)
         print0(f"held-out accuracy: before {before['eval/accuracy']:.3f} -> after {after['eval/accuracy']:.3f}")
     monitor.close()
-    save_policy(run.model, run.tokenizer, run.run_dir / ("adapter" if cfg.use_peft else "model"))
-    (run.run_dir / "summary.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
-    print0(f"curves: {plot_run(run.run_dir)}\nrun folder: {run.run_dir}")
+    if run.ranks.main:
+        save_policy(run.model, run.tokenizer, run.run_dir / ("adapter" if cfg.use_peft else "model"))
+        (run.run_dir / "summary.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
+        print0(f"curves: {plot_run(run.run_dir)}\nrun folder: {run.run_dir}")
+    run.ranks.barrier()
     return run.run_dir
 
 
@@ -321,6 +345,11 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
     reward_funcs = [(name, load_reward(name, options), w) for name, w in zip(cfg.reward_funcs, weights)]
     run = setup_run(cfg)
     model, tok, train_set, train_prompts = run.model, run.tokenizer, run.train_set, run.train_prompts
+    ranks = run.ranks
+    if ranks.world > 1 and (cfg.dynamic_sampling or cfg.scale_rewards == "batch"):
+        raise ConfigError("dynamic_sampling and scale_rewards: batch are one-process only for now (each process "
+                          "would need the others' rewards); run them with one process")
+    wrapped = ranks.wrap(model)  # DDP with several processes: the loss pass goes through it
     device = next(model.parameters()).device
     ref = Reference(model, cfg.use_peft) if cfg.beta > 0 else None
     optimizer, scheduler = make_optimizer(cfg, model, cfg.max_steps * cfg.num_iterations)
@@ -332,7 +361,8 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
     found = checkpoints(run.run_dir) if cfg.resume else []
     if cfg.resume and not found:  # killed before its first checkpoint: nothing to keep
         print0(f"resume: no complete checkpoint in {run.run_dir} yet: starting at step 1")
-        trim_logs(run.run_dir, -1)
+        if ranks.main:
+            trim_logs(run.run_dir, -1)
     if found:  # the last complete checkpoint: weights, optimizer, schedule, data position, RNG
         done, path = found[-1]
         state = load_checkpoint(path, model)
@@ -340,23 +370,34 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         start, bad_streak, before = done + 1, state["bad_streak"], state["before"]
-        trim_logs(run.run_dir, done)
+        if ranks.main:
+            trim_logs(run.run_dir, done)
         set_rng_state(state["rng"])  # last: nothing may draw between here and the next step
         print0(f"resumed from {path}: continuing at step {start}")
-    monitor = Monitor(run.run_dir, cfg.max_steps, cfg.logging_steps, show=show_progress)
+    monitor = Monitor(run.run_dir, cfg.max_steps, cfg.logging_steps, show=show_progress, enabled=ranks.main)
 
     def checkpoint(step: int) -> Path:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "sampler": sampler.state_dict(), "bad_streak": bad_streak, "before": before}
-        return save_checkpoint(run.run_dir, step, model, tok, state, cfg.save_total_limit)
+        path = run.run_dir / f"checkpoint-{step}"
+        if ranks.main:  # the state is the same on every process (RNG: process 0's)
+            path = save_checkpoint(run.run_dir, step, model, tok, state, cfg.save_total_limit)
+        ranks.barrier()
+        return path
 
-    def sample(n: int) -> Scored:  # phases 1-3 for the next n prompts of the data order
-        idx = sampler.take(n)
+    def sample(n: int) -> Scored:  # phases 1-3 for this process's n of the next prompts of the data order
+        # Every process draws the prompts of all (the same draw) and keeps its share. Each prompt samples
+        # from its own seed (the run's seed and its place in the data stream): its completions do not
+        # depend on what else is in the batch, or on which process draws them.
+        seeds = [cfg.seed * 1_000_003 + sampler.drawn + i for i in range(n * ranks.world)]
+        idx = sampler.take(n * ranks.world)
+        mine = slice(ranks.rank * n, (ranks.rank + 1) * n)
+        idx, seeds = idx[mine], seeds[mine]
         return rollout_and_score(cfg, model, tok, [train_set[i] for i in idx], [train_prompts[i] for i in idx],
-                                 reward_funcs, sampling)
+                                 reward_funcs, dataclasses.replace(sampling, seeds=seeds))
 
     if not found:
-        before = run_eval(cfg, model, tok, run.eval_prompts, run.eval_set)
+        before = run_eval(cfg, model, tok, run.eval_prompts, run.eval_set, ranks)
         if before:
             monitor.log(0, before)
             print0(f"held-out accuracy before training: {before['eval/accuracy']:.3f} (n={len(run.eval_set)}, "
@@ -390,7 +431,8 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
             loss_mask = loss_mask * (~ro.truncated).float()[:, None]
         t_score = time.perf_counter()
         # ---- 5. loss and update (reference and old log-probs inside) ----------------------------------------
-        stats = update_policy(model, ref, ro, advantages.to(device), loss_mask, cfg, optimizer, scheduler)
+        stats = update_policy(model, ref, ro, advantages.to(device), loss_mask, cfg, optimizer, scheduler, ranks,
+                              wrapped)
         t_end = time.perf_counter()
         # ---- 6. logging -----------------------------------------------------------------------------------
         lengths = ro.completion_mask.sum(1)
@@ -417,7 +459,8 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
                                     "answer": columns["answer"][i]} for i in range(min(cfg.log_completions, G))])
         # ---- 7. evaluation and checkpoint -------------------------------------------------------------------
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
-            metrics |= run_eval(cfg, model, tok, run.eval_prompts, run.eval_set)
+            metrics |= run_eval(cfg, model, tok, run.eval_prompts, run.eval_set, ranks)
+        metrics = ranks.mean_metrics(metrics)
         monitor.log(step, metrics)
         bad_streak = bad_streak + 1 if stats["train/skipped_updates"] == cfg.num_iterations else 0
         too_bad = cfg.max_bad_steps and bad_streak >= cfg.max_bad_steps

@@ -111,7 +111,7 @@ def test_per_sequence_eos_finished_rows_leave_and_early_exit(monkeypatch):
     plan = iter([[5, 6, 7, 8, 9, 10], [eos, 6, 7, 8, 9, 10], [5, 6, eos, eos, 9, 10], [5, eos, 7, 8, eos, eos]])
     rows, finished = list(range(6)), set()
 
-    def scripted(logits, params):
+    def scripted(logits, params, groups=None):
         nonlocal rows
         if logits.shape[0] != len(rows):  # the engine dropped every row finished so far, keeping the order
             rows = [r for r in rows if r not in finished]
@@ -144,3 +144,22 @@ def test_bench_rollout_reports_both_backends_and_ratio():
         assert 0 < r["min"] <= r["median_tokens_per_s"] <= r["max"]
     assert report["ratio_engine_over_hf"] == report["engine"]["median_tokens_per_s"] / report["hf"][
         "median_tokens_per_s"]
+
+
+def test_per_prompt_seeds_make_samples_independent_of_the_batch():
+    tok = arith_tokenizer()
+    model = arith_model(tok, seed=8, hidden=64, layers=2)
+    prompts = _prompts(tok, 3)
+
+    def run(ps, seeds):
+        torch.manual_seed(999)  # the global stream must not matter
+        return engine_generate(model, tok, ps, SamplingParams(n=4, max_new_tokens=12, seeds=seeds))
+
+    together = run(prompts, [10, 11, 12])
+    alone = run(prompts[1:2], [11])
+    assert torch.equal(together.completion_ids[4:8, :alone.completion_ids.shape[1]], alone.completion_ids)
+    assert together.completions[4:8] == alone.completions
+    again = run(prompts, [10, 11, 12])
+    assert torch.equal(again.completion_ids, together.completion_ids)
+    other = run(prompts, [20, 21, 22])
+    assert not torch.equal(other.completion_ids[:, :4], together.completion_ids[:, :4])
