@@ -346,9 +346,10 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
     run = setup_run(cfg)
     model, tok, train_set, train_prompts = run.model, run.tokenizer, run.train_set, run.train_prompts
     ranks = run.ranks
-    if ranks.world > 1 and (cfg.dynamic_sampling or cfg.scale_rewards == "batch"):
-        raise ConfigError("dynamic_sampling and scale_rewards: batch are one-process only for now (each process "
-                          "would need the others' rewards); run them with one process")
+    if ranks.world > 1 and (cfg.dynamic_sampling or cfg.scale_rewards == "batch" or cfg.rollout_backend == "vllm"):
+        raise ConfigError("dynamic_sampling, scale_rewards: batch and rollout_backend: vllm are one-process only "
+                          "for now (each process would need the others' rewards, or its own vLLM engine); run "
+                          "them with one process")
     wrapped = ranks.wrap(model)  # DDP with several processes: the loss pass goes through it
     device = next(model.parameters()).device
     ref = Reference(model, cfg.use_peft) if cfg.beta > 0 else None
