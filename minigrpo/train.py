@@ -19,6 +19,7 @@ import math
 import random
 import resource
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,7 +240,9 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
             optimizer.step()
         else:  # a non-finite gradient would poison the weights: skip this update
             skipped += 1
-        scheduler.step()
+        with warnings.catch_warnings():  # the schedule counts skipped updates too (torch would warn once)
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return {f"train/{k}": v for k, v in sums.items()} | {
         "train/grad_norm": sum(grad_norms) / len(grad_norms), "train/skipped_updates": float(skipped)}
