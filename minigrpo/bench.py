@@ -239,14 +239,11 @@ def _dequantized_copy(model: str, gguf_file: str, out: str) -> str:
     """Save the model of a GGUF file as plain safetensors (with its tokenizer) under `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from minigrpo.model import resolve_model_path
+    from minigrpo.model import drop_gguf_marker, resolve_model_path
 
     path = resolve_model_path(model)
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
-    model.hf_quantizer = None  # the weights are dequantized already; the GGUF marker only blocks saving
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out)
+    drop_gguf_marker(AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
+                     ).save_pretrained(out)
     AutoTokenizer.from_pretrained(path, gguf_file=gguf_file).save_pretrained(out)
     return out
 

@@ -56,13 +56,18 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def save_policy(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
+    """Save the adapter (LoRA) or the full model, with the tokenizer, loadable by peft / transformers."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any, state: dict[str, Any],
                     keep: int = 0) -> Path:
     """Write checkpoint-{step} atomically (policy + trainer state); keep the newest `keep` (0: all)."""
     final, tmp = run_dir / f"checkpoint-{step}", run_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    save_policy(model, tokenizer, tmp)
     torch.save(state | {"step": step, "rng": rng_state()}, tmp / STATE)
     _fsync_tree(tmp)
     if final.exists():  # the same step saved again (e.g. a stop right after a periodic save)

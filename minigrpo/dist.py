@@ -81,14 +81,6 @@ class Ranks:
         n = len(items)
         return items[self.rank * n // self.world:(self.rank + 1) * n // self.world]
 
-    def gather(self, obj: Any) -> list[Any]:
-        """One object from every process, in rank order."""
-        if not self.acc:
-            return [obj]
-        from accelerate.utils import gather_object
-
-        return gather_object([obj])
-
     def broadcast(self, obj: Any) -> Any:
         """Process 0's object, on every process."""
         if not self.acc:

@@ -45,7 +45,7 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, checkpoint
     import torch
     from transformers import AutoModelForCausalLM
 
-    from minigrpo.model import DTYPES, load_model
+    from minigrpo.model import DTYPES, drop_gguf_marker, load_model
 
     cfg = load_config(str(run_dir / "config.yaml"))
     cfg.use_peft, cfg.device, cfg.load_in_4bit = False, "cpu", False
@@ -64,9 +64,7 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, checkpoint
         from minigrpo.model import load_tokenizer
 
         tok = load_tokenizer(cfg)
-    model.hf_quantizer = None  # a GGUF base is dequantized already; the marker only blocks saving
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    drop_gguf_marker(model)
     with torch.no_grad():
         model.save_pretrained(out)
     tok.save_pretrained(out)  # tokenizer files and the chat template

@@ -101,6 +101,15 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None,
     return model, tok
 
 
+def drop_gguf_marker(model: PreTrainedModel) -> PreTrainedModel:
+    """A GGUF-loaded model holds dequantized weights already; its quantizer marker only blocks saving and
+    training with transformers' Trainer. Remove it (in place) so it saves as a plain model."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
 def _explain_unavailable(key: str, device: torch.device, instead: str) -> str | None:
     """None when bitsandbytes can run on `device`; else prints what is unavailable and what is used instead."""
     reason = None

@@ -27,7 +27,7 @@ gradients + activations + logits chunk). Completions are taken at max_completion
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import resource
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,14 +184,6 @@ REMEDIES: list[tuple[dict[str, Any], Any]] = [
 ]
 
 
-def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """A copy of cfg with some keys changed; halving the micro-batch keeps completions per step."""
-    new = copy.deepcopy(cfg)
-    for key, value in overrides.items():
-        setattr(new, key, value)
-    return new
-
-
 def plan(cfg: Config, device: str = "cpu", limit_gb: float | None = None) -> Plan:
     """The estimate for cfg, and, under a memory limit, the options (alone, then combined) that make it fit."""
     runtime = runtime_bytes() if device == "cpu" else 0.0  # first: before this process loads anything else
@@ -208,10 +200,10 @@ def plan(cfg: Config, device: str = "cpu", limit_gb: float | None = None) -> Pla
                            "gradient_accumulation_steps": cfg.completions_per_step // mb})
     combined: dict[str, Any] = {}
     for overrides in candidates:
-        peak = estimate(with_overrides(cfg, overrides), shape, prompt_len, device, runtime).peak
+        peak = estimate(dataclasses.replace(cfg, **overrides), shape, prompt_len, device, runtime).peak
         result.suggestions.append((_flags(overrides), peak))
         combined |= overrides
-        combined_peak = estimate(with_overrides(cfg, combined), shape, prompt_len, device, runtime).peak
+        combined_peak = estimate(dataclasses.replace(cfg, **combined), shape, prompt_len, device, runtime).peak
         if combined_peak <= result.limit and len(combined) > len(overrides):
             result.suggestions.append((_flags(combined), combined_peak))
             break

@@ -15,7 +15,9 @@ import importlib
 import math
 import numbers
 import re
+import sys
 import threading
+import traceback
 from collections.abc import Callable
 from decimal import Decimal
 
@@ -307,9 +309,6 @@ _REPORTED: set[str] = set()  # reward functions whose first traceback has been p
 def _score_one_by_one(name: str, fn: Callable, prompts: list[str], completions: list[str], columns: dict[str, list],
                       errors: dict[str, int] | None) -> list[object]:
     """After a batch call raised: each sample alone, so a sample that breaks the function costs only itself."""
-    import sys
-    import traceback
-
     out: list[object] = []
     for i in range(len(completions)):
         try:

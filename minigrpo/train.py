@@ -30,7 +30,7 @@ import torch
 from transformers import get_scheduler
 
 from minigrpo.algo import LOSS_TYPES, Norm, group_advantages, masked_mean, policy_loss
-from minigrpo.checkpoint import checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from minigrpo.checkpoint import checkpoints, load_checkpoint, save_checkpoint, save_policy, set_rng_state
 from minigrpo.config import Config, ConfigError, save_config
 from minigrpo.data import DataError, Example, build_prompt, load_split
 from minigrpo.dist import Ranks
@@ -263,12 +263,6 @@ def run_eval(cfg: Config, model: torch.nn.Module, tokenizer: Any, prompts: list[
         totals = [report[k] * len(prompts) for k in keys] + [len(prompts)]
     totals = ranks.sum(totals)
     return {f"eval/{k}": v / totals[-1] for k, v in zip(keys, totals)}
-
-
-def save_policy(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
-    """Save the adapter (LoRA) or the full model, with the tokenizer, loadable by peft / transformers."""
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
 
 
 @dataclass

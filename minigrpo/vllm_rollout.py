@@ -146,16 +146,11 @@ class VLLMEngine:
                                     tokenizer.pad_token_id, device)
 
 
-def vllm_generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], params: SamplingParams,
-                  cfg: Config | None = None) -> Rollout:
-    """The `vllm` rollout backend: the model's colocated engine (made on first use from `cfg`)."""
-    engine = _ENGINES.get(id(model))
-    if engine is None:
-        if cfg is None:
-            raise RuntimeError("rollout_backend: vllm: the engine is made from the run's Config on first use; "
-                               "call minigrpo.vllm_rollout.start_engine(cfg, model) first")
-        engine = _ENGINES[id(model)] = VLLMEngine(cfg, model)
-    return engine.generate(model, tokenizer, prompts, params)
+def vllm_generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], params: SamplingParams) -> Rollout:
+    """The `vllm` rollout backend: the model's colocated engine, made at setup by `start_engine`."""
+    if id(model) not in _ENGINES:
+        raise RuntimeError("rollout_backend: vllm: no engine for this model; call start_engine(cfg, model) first")
+    return _ENGINES[id(model)].generate(model, tokenizer, prompts, params)
 
 
 def start_engine(cfg: Config, model: torch.nn.Module) -> None:
