@@ -3,6 +3,8 @@
 `checkpoint-N/` holds the policy as `save_pretrained` writes it (adapter or model, with the tokenizer, so
 `minigrpo export` and peft/transformers read it as is) and `trainer_state.pt`: optimizer, scheduler, the
 RNG states (python, numpy, torch, CUDA), the data order and position, the step and the loop's counters.
+Under DeepSpeed or FSDP, `engine/` holds what accelerate's `save_state` writes: each process's shards of the
+weights and the optimizer.
 It is written to a temporary folder, flushed to disk and renamed into place: a folder named `checkpoint-N`
 is always complete, and a kill mid-write leaves only a `.tmp` folder, ignored and cleaned up later.
 """
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 STATE = "trainer_state.pt"
+ENGINE_DIR = "engine"  # DeepSpeed / FSDP shards, as accelerate's save_state writes them
 
 
 def rng_state() -> dict[str, Any]:
@@ -56,18 +59,32 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_policy(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
-    """Save the adapter (LoRA) or the full model, with the tokenizer, loadable by peft / transformers."""
-    model.save_pretrained(path)
+def save_policy(model: torch.nn.Module, tokenizer: Any, path: Path,
+                weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Save the adapter (LoRA) or the full model, with the tokenizer, loadable by peft / transformers.
+
+    weights: the model's whole state dict when its own parameters are shards (ZeRO-3, FSDP)."""
+    model.save_pretrained(path, **({"state_dict": weights} if weights is not None else {}))
     tokenizer.save_pretrained(path)
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any, state: dict[str, Any],
-                    keep: int = 0) -> Path:
-    """Write checkpoint-{step} atomically (policy + trainer state); keep the newest `keep` (0: all)."""
-    final, tmp = run_dir / f"checkpoint-{step}", run_dir / f".checkpoint-{step}.tmp"
+def start_checkpoint(run_dir: Path, step: int) -> Path:
+    """The empty temporary folder checkpoint-{step} is written in (engines write their shards there too)."""
+    tmp = run_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_policy(model, tokenizer, tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any, state: dict[str, Any],
+                    keep: int = 0, weights: dict[str, torch.Tensor] | None = None, started: bool = False) -> Path:
+    """Write checkpoint-{step} atomically (policy + trainer state); keep the newest `keep` (0: all).
+
+    started: the temporary folder was made by `start_checkpoint` and already holds the engine's shards."""
+    final, tmp = run_dir / f"checkpoint-{step}", run_dir / f".checkpoint-{step}.tmp"
+    if not started:
+        start_checkpoint(run_dir, step)
+    save_policy(model, tokenizer, tmp, weights)
     torch.save(state | {"step": step, "rng": rng_state()}, tmp / STATE)
     _fsync_tree(tmp)
     if final.exists():  # the same step saved again (e.g. a stop right after a periodic save)
@@ -108,7 +125,9 @@ def load_policy_weights(model: torch.nn.Module, path: Path) -> None:
         raise ValueError(f"{path}: weights missing from the checkpoint: {sorted(missing)[:3]}")
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Policy weights into `model`; returns the trainer state (RNG states restored by the caller, last)."""
-    load_policy_weights(model, path)
+def load_checkpoint(path: Path, model: torch.nn.Module | None) -> dict[str, Any]:
+    """Policy weights into `model` (None: the engine loads its own shards); returns the trainer state (RNG
+    states restored by the caller, last)."""
+    if model is not None:
+        load_policy_weights(model, path)
     return torch.load(path / STATE, weights_only=False)

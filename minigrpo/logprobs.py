@@ -190,8 +190,9 @@ def logprob_layout(model: PreTrainedModel, attention_mask: torch.Tensor, C: int,
                 and n_groups * (P + K) ** 2 <= MAX_PACKED_MASK)
     if can_pack and packed < padded:
         return "packed"
-    # The shared prefix calls the model twice per pass: not through DDP (one forward per backward there).
-    wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    # The shared prefix calls the model twice per pass: not through an engine's wrapper (DDP, DeepSpeed, FSDP
+    # expect one forward per backward).
+    wrapped = hasattr(model, "module") or type(model).__name__.startswith("FSDP")
     return "plain" if _checkpointing(model) or wrapped else "shared_prefix"
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import resource
 import time
@@ -30,7 +29,15 @@ import torch
 from transformers import get_scheduler
 
 from minigrpo.algo import LOSS_TYPES, Norm, group_advantages, masked_mean, policy_loss
-from minigrpo.checkpoint import checkpoints, load_checkpoint, save_checkpoint, save_policy, set_rng_state
+from minigrpo.checkpoint import (
+    ENGINE_DIR,
+    checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    save_policy,
+    set_rng_state,
+    start_checkpoint,
+)
 from minigrpo.config import Config, ConfigError, save_config
 from minigrpo.data import DataError, Example, build_prompt, load_split
 from minigrpo.dist import Ranks
@@ -194,9 +201,9 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
                   ) -> dict[str, float]:
     """num_iterations clipped-surrogate updates on one rollout; returns the step's loss statistics.
 
-    With several processes, `wrapped` is the DDP model (its backward averages gradients over processes):
-    the normalising counts are the global ones and each loss is scaled by the world size, so the gradient
-    is the one-process gradient of the whole global batch."""
+    With several processes, `wrapped` is the engine's model (DDP, DeepSpeed or FSDP: each averages gradients
+    over processes): the normalising counts are the global ones and each loss is scaled by the world size,
+    so the gradient is the one-process gradient of the whole global batch."""
     ranks, wrapped = ranks or Ranks(), wrapped or model
     input_ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)  # [B, P+C]
     attention = torch.cat([ro.prompt_mask, ro.completion_mask.long()], 1)  # [B, P+C]
@@ -204,7 +211,6 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
     micro = [slice(i, i + mb) for i in range(0, input_ids.shape[0], mb)]
     # Micro-batches of whole groups run each prompt once (shared prefix); otherwise every row in full.
     group_size = cfg.num_generations if mb % cfg.num_generations == 0 else 1
-    local_tokens = float(loss_mask.sum())
     sequences, tokens, micro_batches = ranks.sum([input_ids.shape[0], float(loss_mask.sum()), len(micro)])
     norm = Norm(num_sequences=int(sequences), num_tokens=int(tokens), num_micro_batches=int(micro_batches),
                 max_completion_length=cfg.max_completion_length)
@@ -227,23 +233,21 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
             out = policy_loss(logp, old_logp[j], advantages[s], loss_mask[s], cfg.epsilon, cfg.epsilon_hi,
                               cfg.beta, ref_logp[j], cfg.importance_sampling_level, cfg.dual_clip)
             loss = LOSS_TYPES[cfg.loss_type](out.per_token, loss_mask[s], norm)
-            (loss * ranks.world).backward()  # DDP averages over processes; the norm already counts them all
-            share = loss_mask[s].sum().item() / max(local_tokens, 1) / cfg.num_iterations  # this process's mean
+            # the engine averages over processes; the norm already counts them all
+            ranks.backward(loss * ranks.world, last=j == len(micro) - 1)
+            # token-weighted over the global batch: the mean over processes of these is the global token mean
+            share = loss_mask[s].sum().item() * ranks.world / max(tokens, 1) / cfg.num_iterations
             sums["loss"] += loss.item() * ranks.world / cfg.num_iterations  # averaged over processes: the total
             for key, value in (("kl", out.kl), ("clip_ratio", out.clipped), ("entropy", entropy.detach()),
                                ("ratio", out.ratio)):
                 if value is not None:
                     sums[key] += masked_mean(value, loss_mask[s]).item() * share
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
-        grad_norms.append(grad_norm.item())
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-        else:  # a non-finite gradient would poison the weights: skip this update
-            skipped += 1
+        grad_norm, applied = ranks.step(optimizer, params, cfg.max_grad_norm)  # clip; a non-finite
+        grad_norms.append(grad_norm)  # gradient would poison the weights: that update is skipped
+        skipped += not applied
         with warnings.catch_warnings():  # the schedule counts skipped updates too (torch would warn once)
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
     return {f"train/{k}": v for k, v in sums.items()} | {
         "train/grad_norm": sum(grad_norms) / len(grad_norms), "train/skipped_updates": float(skipped)}
 
@@ -257,10 +261,11 @@ def run_eval(cfg: Config, model: torch.nn.Module, tokenizer: Any, prompts: list[
     prompts, golds = ranks.share(prompts), ranks.share([ex.columns["answer"] for ex in examples])
     keys = ["accuracy", "format", "mean_length"]
     totals = [0.0] * (len(keys) + 1)
-    if prompts:
-        report = evaluate(model, tokenizer, prompts, golds, max_new_tokens=cfg.max_completion_length,
-                          batch_size=cfg.eval_batch_size, backend=cfg.rollout_backend)
-        totals = [report[k] * len(prompts) for k in keys] + [len(prompts)]
+    with ranks.full_weights(model):  # every process enters (ZeRO-3 gathers), even one without prompts
+        if prompts:
+            report = evaluate(model, tokenizer, prompts, golds, max_new_tokens=cfg.max_completion_length,
+                              batch_size=cfg.eval_batch_size, backend=cfg.rollout_backend)
+            totals = [report[k] * len(prompts) for k in keys] + [len(prompts)]
     totals = ranks.sum(totals)
     return {f"eval/{k}": v / totals[-1] for k, v in zip(keys, totals)}
 
@@ -305,9 +310,15 @@ def setup_run(cfg: Config) -> RunSetup:
                     render_prompts(cfg, tok, eval_set, fewshot, eval_name), ranks)
 
 
-def make_optimizer(cfg: Config, model: torch.nn.Module, num_updates: int) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over the trainable parameters and its learning-rate schedule."""
-    optimizer_class = make_optimizer_class(cfg, next(model.parameters()).device)
+def make_optimizer(cfg: Config, model: torch.nn.Module, num_updates: int, cpu_offload: bool = False,
+                   ) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable parameters and its learning-rate schedule.
+
+    cpu_offload (DeepSpeed keeps the optimizer on the CPU): DeepSpeed's vectorised CPU AdamW."""
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam as optimizer_class  # adamw_mode by default
+    else:
+        optimizer_class = make_optimizer_class(cfg, next(model.parameters()).device)
     optimizer = optimizer_class(trainable_parameters(model), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                 betas=(cfg.adam_beta1, cfg.adam_beta2))
     return optimizer, get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
@@ -321,8 +332,9 @@ def finish_run(cfg: Config, run: RunSetup, monitor: Monitor, before: dict[str, f
         monitor.log(cfg.max_steps, after)
         print0(f"held-out accuracy: before {before['eval/accuracy']:.3f} -> after {after['eval/accuracy']:.3f}")
     monitor.close()
+    weights = run.ranks.policy_state()  # ZeRO-3 / FSDP: gathered from every process; else None
     if run.ranks.main:
-        save_policy(run.model, run.tokenizer, run.run_dir / ("adapter" if cfg.use_peft else "model"))
+        save_policy(run.model, run.tokenizer, run.run_dir / ("adapter" if cfg.use_peft else "model"), weights)
         (run.run_dir / "summary.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
         print0(f"curves: {plot_run(run.run_dir)}\nrun folder: {run.run_dir}")
     run.ranks.barrier()
@@ -343,14 +355,15 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
     run = setup_run(cfg)
     model, tok, train_set, train_prompts = run.model, run.tokenizer, run.train_set, run.train_prompts
     ranks = run.ranks
-    if ranks.world > 1 and (cfg.dynamic_sampling or cfg.scale_rewards == "batch" or cfg.rollout_backend == "vllm"):
-        raise ConfigError("dynamic_sampling, scale_rewards: batch and rollout_backend: vllm are one-process only "
-                          "for now (each process would need the others' rewards, or its own vLLM engine); run "
-                          "them with one process")
-    wrapped = ranks.wrap(model)  # DDP with several processes: the loss pass goes through it
+    if ranks.world > 1 and cfg.rollout_backend == "vllm":
+        raise ConfigError("rollout_backend: vllm is one-process only for now (each process would need its own vLLM "
+                          "engine); use rollout_backend: engine with several processes, or vllm with one")
     device = next(model.parameters()).device
-    ref = Reference(model, cfg.use_peft) if cfg.beta > 0 else None
-    optimizer, scheduler = make_optimizer(cfg, model, cfg.max_steps * cfg.num_iterations)
+    ref = Reference(model, cfg.use_peft) if cfg.beta > 0 else None  # before the engine may split the weights
+    optimizer, scheduler = make_optimizer(cfg, model, cfg.max_steps * cfg.num_iterations, ranks.offloads_optimizer)
+    # The engine (DDP, DeepSpeed, FSDP with several processes) takes the model and optimizer; the loss pass
+    # goes through `wrapped`. One plain process: wrapped is the model.
+    wrapped, optimizer = ranks.prepare(model, optimizer, cfg.per_device_train_batch_size, cfg.max_grad_norm)
     sampler = PromptSampler(len(train_set), cfg.seed)
     sampling = SamplingParams(n=cfg.num_generations, max_new_tokens=cfg.max_completion_length,
                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
@@ -363,8 +376,16 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
             trim_logs(run.run_dir, -1)
     if found:  # the last complete checkpoint: weights, optimizer, schedule, data position, RNG
         done, path = found[-1]
-        state = load_checkpoint(path, model)
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_checkpoint(path, None if ranks.engine_state else model)
+        launch = state.get("launch", {"engine": None, "world": 1})
+        if ranks.engine_state and launch != {"engine": ranks.engine, "world": ranks.world}:
+            raise ConfigError(f"{path} holds {launch['engine'] or 'one-process'} shards of {launch['world']} "
+                              f"process(es); this launch is {ranks.engine} with {ranks.world}: resume it the "
+                              f"way it was launched (same accelerate config and process count)")
+        if ranks.engine_state:  # DeepSpeed / FSDP: each process loads its shards of weights and optimizer
+            ranks.load_engine(path / ENGINE_DIR)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         start, bad_streak, before = done + 1, state["bad_streak"], state["before"]
@@ -375,13 +396,17 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
     monitor = Monitor(run.run_dir, cfg.max_steps, cfg.logging_steps, show=show_progress, enabled=ranks.main)
 
     def checkpoint(step: int) -> Path:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "sampler": sampler.state_dict(), "bad_streak": bad_streak, "before": before}
-        path = run.run_dir / f"checkpoint-{step}"
-        if ranks.main:  # the state is the same on every process (RNG: process 0's)
-            path = save_checkpoint(run.run_dir, step, model, tok, state, cfg.save_total_limit)
+        state = {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "bad_streak": bad_streak,
+                 "before": before, "launch": {"engine": ranks.engine, "world": ranks.world}}
+        state |= {} if ranks.engine_state else {"optimizer": optimizer.state_dict()}
+        weights = ranks.policy_state()  # ZeRO-3 / FSDP: gathered from every process; else None
+        tmp = ranks.broadcast(start_checkpoint(run.run_dir, step) if ranks.main else None)
+        ranks.save_engine(tmp / ENGINE_DIR)  # DeepSpeed / FSDP: every process writes its shards
         ranks.barrier()
-        return path
+        if ranks.main:  # the rest is the same on every process (RNG: process 0's)
+            save_checkpoint(run.run_dir, step, model, tok, state, cfg.save_total_limit, weights, started=True)
+        ranks.barrier()
+        return run.run_dir / f"checkpoint-{step}"
 
     def sample(n: int) -> Scored:  # phases 1-3 for this process's n of the next prompts of the data order
         # Every process draws the prompts of all (the same draw) and keeps its share. Each prompt samples
@@ -391,8 +416,10 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
         idx = sampler.take(n * ranks.world)
         mine = slice(ranks.rank * n, (ranks.rank + 1) * n)
         idx, seeds = idx[mine], seeds[mine]
-        return rollout_and_score(cfg, model, tok, [train_set[i] for i in idx], [train_prompts[i] for i in idx],
-                                 reward_funcs, dataclasses.replace(sampling, seeds=seeds))
+        with ranks.full_weights(model):  # ZeRO-3 / FSDP: whole weights while generating
+            return rollout_and_score(cfg, model, tok, [train_set[i] for i in idx],
+                                     [train_prompts[i] for i in idx], reward_funcs,
+                                     dataclasses.replace(sampling, seeds=seeds))
 
     if not found:
         before = run_eval(cfg, model, tok, run.eval_prompts, run.eval_set, ranks)
@@ -409,6 +436,7 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
         # DAPO dynamic sampling: groups whose rewards are all equal carry no signal; draw fresh prompts for them.
         while cfg.dynamic_sampling and len(parts) < cfg.max_sampling_tries:
             missing = cfg.prompts_per_step - sum(not f for p in parts for f in flat_groups(p.totals, G))
+            missing = int(ranks.max(missing))  # every process draws as many: the prompt stream stays shared
             if missing <= 0:
                 break
             parts.append(sample(missing))
@@ -422,7 +450,12 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
         # ---- 4. advantages ----------------------------------------------------------------------------------
         valid = torch.tensor([r is not None for r in totals], dtype=torch.float32)
         rewards = torch.tensor([r if r is not None else 0.0 for r in totals], dtype=torch.float32)
-        advantages, zero_std = group_advantages(rewards, valid, G, cfg.scale_rewards, cfg.std_floor)
+        # Over the global batch (every process's rewards, in process order), then this process's rows:
+        # per group it is the same thing, and scale_rewards: batch takes the std of the whole batch.
+        advantages, zero_std = group_advantages(ranks.gather(rewards), ranks.gather(valid), G, cfg.scale_rewards,
+                                                cfg.std_floor)
+        mine = slice(ranks.rank * len(rewards), (ranks.rank + 1) * len(rewards))
+        advantages, zero_std = advantages[mine], zero_std[mine.start // G:mine.stop // G]
         keep = valid * (~zero_std).float().repeat_interleave(G) if cfg.drop_zero_std_groups else valid
         loss_mask = ro.completion_mask * keep.to(device)[:, None]  # skipped samples leave the loss
         if cfg.mask_truncated_completions:
