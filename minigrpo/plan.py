@@ -184,6 +184,9 @@ REMEDIES: list[tuple[dict[str, Any], Any]] = [
 ]
 
 
+OFFLOAD = "(launch) accelerate launch --config_file configs/accelerate/zero2.yaml --num_processes 1 -m minigrpo train"
+
+
 def plan(cfg: Config, device: str = "cpu", limit_gb: float | None = None) -> Plan:
     """The estimate for cfg, and, under a memory limit, the options (alone, then combined) that make it fit."""
     runtime = runtime_bytes() if device == "cpu" else 0.0  # first: before this process loads anything else
@@ -198,6 +201,8 @@ def plan(cfg: Config, device: str = "cpu", limit_gb: float | None = None) -> Pla
         mb //= 2
         candidates.append({"per_device_train_batch_size": mb,
                            "gradient_accumulation_steps": cfg.completions_per_step // mb})
+    if device == "cuda" and result.parts["optimizer"]:  # ZeRO-2 offload: the optimizer steps in CPU memory
+        result.suggestions.append((OFFLOAD, result.peak - result.parts["optimizer"]))
     combined: dict[str, Any] = {}
     for overrides in candidates:
         peak = estimate(dataclasses.replace(cfg, **overrides), shape, prompt_len, device, runtime).peak

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from minigrpo.config import Config, ConfigError
+from minigrpo.config import Config
 from minigrpo.data import sft_target
 from minigrpo.model import trainable_parameters
 from minigrpo.monitor import Monitor
@@ -43,44 +43,48 @@ def collate(pairs: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tens
 
 
 def sft(cfg: Config, show_progress: bool = True) -> Path:
-    """Fine-tune on worked solutions; returns the run folder (config, metrics, adapter or model)."""
+    """Fine-tune on worked solutions; returns the run folder (config, metrics, adapter or model).
+
+    With several processes (torchrun / accelerate launch, any engine) each takes its share of every
+    step's examples; the mean is over the tokens of all of them, so the step is the one-process step."""
     # ---- setup ----------------------------------------------------------------------------------------
     run = setup_run(cfg)
-    if run.ranks.world > 1:
-        raise ConfigError("sft runs in one process for now; launch it without torchrun / accelerate launch")
-    model, tok = run.model, run.tokenizer
+    model, tok, ranks = run.model, run.tokenizer, run.ranks
     device = next(model.parameters()).device
     pairs = encode_pairs(tok, run.train_prompts, [sft_target(ex) for ex in run.train_set])
-    optimizer, scheduler = make_optimizer(cfg, model, cfg.max_steps)
+    optimizer, scheduler = make_optimizer(cfg, model, cfg.max_steps, ranks.offloads_optimizer)
+    wrapped, optimizer = ranks.prepare(model, optimizer, cfg.per_device_train_batch_size, cfg.max_grad_norm)
     sampler = PromptSampler(len(pairs), cfg.seed)
-    monitor = Monitor(run.run_dir, cfg.max_steps, cfg.logging_steps, show=show_progress, stage="SFT")
-    before = run_eval(cfg, model, tok, run.eval_prompts, run.eval_set)
+    monitor = Monitor(run.run_dir, cfg.max_steps, cfg.logging_steps, show=show_progress, stage="SFT",
+                      enabled=ranks.main)
+    before = run_eval(cfg, model, tok, run.eval_prompts, run.eval_set, ranks)
     if before:
         monitor.log(0, before)
 
+    mb = cfg.per_device_train_batch_size
     for step in range(1, cfg.max_steps + 1):
         t0 = time.perf_counter()
         model.train()
-        micro = [collate([pairs[i] for i in sampler.take(cfg.per_device_train_batch_size)], tok.pad_token_id)
-                 for _ in range(cfg.gradient_accumulation_steps)]
-        num_tokens = sum(m[2].sum().item() for m in micro)  # mean over the whole accumulated batch
+        micro = []  # every process draws the step's examples for all and takes its share of each micro-batch
+        for _ in range(cfg.gradient_accumulation_steps):
+            idx = sampler.take(mb * ranks.world)[ranks.rank * mb:(ranks.rank + 1) * mb]
+            micro.append(collate([pairs[i] for i in idx], tok.pad_token_id))
+        num_tokens = ranks.sum([sum(m[2].sum().item() for m in micro)])[0]  # mean over the whole global batch
         loss_sum = 0.0
-        for ids, attention, loss_mask in micro:
+        for j, (ids, attention, loss_mask) in enumerate(micro):
             ids, attention, loss_mask = ids.to(device), attention.to(device), loss_mask.to(device)
-            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
+            logits = wrapped(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
             nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
             loss = (nll * loss_mask).sum() / num_tokens
-            loss.backward()
-            loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.max_grad_norm or float("inf"))
-        optimizer.step()
+            ranks.backward(loss * ranks.world, last=j == len(micro) - 1)  # the engine averages over processes
+            loss_sum += loss.item() * ranks.world  # averaged over processes below: the global mean
+        grad_norm, _ = ranks.step(optimizer, trainable_parameters(model), cfg.max_grad_norm)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics = {"train/loss": loss_sum, "train/grad_norm": grad_norm.item(),
+        metrics = {"train/loss": loss_sum, "train/grad_norm": grad_norm,
                    "train/learning_rate": scheduler.get_last_lr()[0], "perf/step_s": time.perf_counter() - t0,
-                   "perf/tokens_per_s": num_tokens / (time.perf_counter() - t0)}
+                   "perf/tokens_per_s": num_tokens / ranks.world / (time.perf_counter() - t0)}
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
-            metrics |= run_eval(cfg, model, tok, run.eval_prompts, run.eval_set)
-        monitor.log(step, metrics)
+            metrics |= run_eval(cfg, model, tok, run.eval_prompts, run.eval_set, ranks)
+        monitor.log(step, ranks.mean_metrics(metrics))
 
     return finish_run(cfg, run, monitor, before)

@@ -355,9 +355,6 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
     run = setup_run(cfg)
     model, tok, train_set, train_prompts = run.model, run.tokenizer, run.train_set, run.train_prompts
     ranks = run.ranks
-    if ranks.world > 1 and cfg.rollout_backend == "vllm":
-        raise ConfigError("rollout_backend: vllm is one-process only for now (each process would need its own vLLM "
-                          "engine); use rollout_backend: engine with several processes, or vllm with one")
     device = next(model.parameters()).device
     ref = Reference(model, cfg.use_peft) if cfg.beta > 0 else None  # before the engine may split the weights
     optimizer, scheduler = make_optimizer(cfg, model, cfg.max_steps * cfg.num_iterations, ranks.offloads_optimizer)

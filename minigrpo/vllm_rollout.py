@@ -96,12 +96,14 @@ class VLLMEngine:
     def __init__(self, cfg: Config, model: torch.nn.Module) -> None:
         from vllm import LLM
 
-        # In-process (colocated) vLLM: its workers are this process, as TRL's colocate mode does.
+        # In-process (colocated) vLLM: its workers are this process, as TRL's colocate mode does. Under
+        # torchrun / accelerate launch every process has its own engine on its own GPU (tensor parallel 1,
+        # vLLM's external launcher reads the launch's RANK / WORLD_SIZE) and its own sampling seed.
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "localhost"),
                            ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
             os.environ.setdefault(key, value)
         self.use_peft, self.sleep = cfg.use_peft, cfg.vllm_sleep
-        self.llm = LLM(model=resolve_model_path(cfg.model), dtype=cfg.dtype, seed=cfg.seed,
+        self.llm = LLM(model=resolve_model_path(cfg.model), dtype=cfg.dtype, seed=cfg.seed + int(os.environ["RANK"]),
                        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                        max_model_len=cfg.max_prompt_length + cfg.max_completion_length,
                        enable_sleep_mode=cfg.vllm_sleep, distributed_executor_backend="external_launcher")

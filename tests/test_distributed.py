@@ -42,8 +42,8 @@ def _launcher(engine: str, tmp_path) -> list[str]:
     return [*ACCELERATE, "--use_deepspeed", f"--deepspeed_config_file={config}", "-m", "minigrpo"]
 
 
-def _run(launcher: list[str], *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([*launcher, "train", *args], capture_output=True, text=True, cwd=ROOT,
+def _run(launcher: list[str], *args: str, ok: bool = True, command: str = "train") -> subprocess.CompletedProcess:
+    out = subprocess.run([*launcher, command, *args], capture_output=True, text=True, cwd=ROOT,
                          env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=900)
     assert (out.returncode == 0) == ok, out.stdout[-2000:] + out.stderr[-4000:]
     return out
@@ -136,3 +136,17 @@ def test_fsdp2_generation_helper():
     out = subprocess.run([TORCHRUN, "--nproc_per_node=2", os.path.join(ROOT, "tests", "fsdp_generate.py")],
                          capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=600)
     assert out.returncode == 0 and "rank 0: ok" in out.stdout and "rank 1: ok" in out.stdout, out.stderr[-4000:]
+
+
+@pytest.mark.parametrize("engine", [_engine("ddp"), _engine("zero2")])
+def test_sft_with_two_processes_matches_one(tmp_path, engine):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["--use_peft=true", "--eval_limit=0", "--max_steps=3", "--learning_rate=1e-3", "--logging_steps=1",
+            "--num_generations=2"]
+    assert main(["sft", *args, "--per_device_train_batch_size=8", f"--output_dir={one}"]) == 0
+    _run(_launcher(engine, tmp_path), *args, "--per_device_train_batch_size=4", f"--output_dir={two}",
+         command="sft")
+    _assert_same_weights(one, two)
+    for a, b in zip(_rows(one), _rows(two), strict=True):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4)
