@@ -3,6 +3,8 @@
 Each process generates for different prompts and lengths inside `fsdp2_unsharded` (no collective per
 token, so no lockstep) and must get the tokens the unsharded model gives; training still works after."""
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
@@ -29,5 +31,8 @@ with fsdp2_unsharded(model):
 assert torch.equal(got.completion_ids, expected.completion_ids), rank
 model(input_ids=got.completion_ids[:, :4]).logits.sum().backward()  # sharded again: forward/backward
 assert weight.grad is not None and weight.grad.to_local().shape == weight.to_local().shape
-print(f"rank {rank}: ok")
-dist.destroy_process_group()
+dist.barrier()
+print(f"rank {rank}: ok", flush=True)
+# torch 2.13 + gloo: FSDP2's threads abort the interpreter's teardown now and then ("terminate called
+# without an active exception") after everything above passed; leave without the teardown.
+os._exit(0)
