@@ -48,13 +48,26 @@ def resolve_model_path(name: str) -> str:
     return str(shipped) if shipped.is_dir() and (shipped / "config.json").exists() else name
 
 
+@contextlib.contextmanager
+def model_errors(name: str) -> Iterator[None]:
+    """A model transformers cannot find (no such folder, or a hub id offline and not cached) becomes a
+    ConfigError naming the `model` key and what to give instead."""
+    try:
+        yield
+    except OSError as e:
+        raise ConfigError(f"model: {name!r} could not be loaded: {e}\nGive a local folder, a packaged name "
+                          f"(tiny-arith, smollm2-135m, tiny-random) or a hub id with the network or the Hugging "
+                          f"Face cache at hand") from None
+
+
 def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with a pad token (eos when the model has none) and left padding for prompts."""
     if cfg.model in RANDOM_INITS:
         from minigrpo import tiny
         tok = getattr(tiny, RANDOM_INITS[cfg.model][0])()
     else:
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model), gguf_file=cfg.gguf_file)
+        with model_errors(cfg.model):
+            tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model), gguf_file=cfg.gguf_file)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # safe: the completion mask is built from the first EOS, not from pads
     tok.padding_side = "left"  # prompts are left-padded so every completion starts at the same column

@@ -77,7 +77,7 @@ def model_shape(cfg: Config) -> Shape:
     """Parameter counts and dimensions of cfg.model, from its config, with the model built on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from minigrpo.model import RANDOM_INITS, resolve_model_path
+    from minigrpo.model import RANDOM_INITS, model_errors, resolve_model_path
 
     if cfg.model in RANDOM_INITS:
         from minigrpo import tiny
@@ -86,7 +86,8 @@ def model_shape(cfg: Config) -> Shape:
             model = getattr(tiny, RANDOM_INITS[cfg.model][1])(tok, seed=0)
         mcfg = model.config
     else:
-        mcfg = AutoConfig.from_pretrained(resolve_model_path(cfg.model), gguf_file=cfg.gguf_file)
+        with model_errors(cfg.model):
+            mcfg = AutoConfig.from_pretrained(resolve_model_path(cfg.model), gguf_file=cfg.gguf_file)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(mcfg)
     targets = cfg.lora_target_modules

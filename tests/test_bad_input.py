@@ -67,3 +67,12 @@ def test_bad_keys_stop_before_anything_runs(tmp_path, capsys, flags, message):
     assert main(["train", "--max_steps=1", "--eval_limit=0", *flags, f"--output_dir={out}"]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()  # checked before the run folder is made
+
+
+@pytest.mark.parametrize("command", [["plan"], ["eval", "--limit=1"], ["train", *BASE, "--output_dir=OUT"]])
+def test_a_model_that_cannot_be_found_names_the_key(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without the network: fails at once
+    args = [a.replace("OUT", str(tmp_path)) for a in command[1:]]
+    assert main([command[0], "--model=nobody-xyz/no-such-model", *args]) == 2
+    err = capsys.readouterr().err
+    assert "model: 'nobody-xyz/no-such-model' could not be loaded" in err and "a hub id with the network" in err
