@@ -95,6 +95,8 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None,
     else:
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), gguf_file=cfg.gguf_file,
                                                      dtype=DTYPES[cfg.dtype])
+        if cfg.gguf_file:  # dequantized on load: trained, and saved, as a plain model
+            drop_gguf_marker(model)
     if not quantize:
         model.to(device)
     if model.generation_config.pad_token_id is None:

