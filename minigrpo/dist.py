@@ -119,7 +119,12 @@ class Ranks:
             ds = self.acc.state.deepspeed_plugin.deepspeed_config
             ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
                       train_batch_size=micro_batch * self.world, gradient_clipping=max_grad_norm or 0.0)
-            ds.setdefault("zero_optimization", {}).setdefault("stage3_gather_16bit_weights_on_model_save", True)
+            zero = ds.setdefault("zero_optimization", {})
+            zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+            # Buffers sized by the model (accelerate fills "auto" from hidden_size, as HF's Trainer does), not
+            # DeepSpeed's defaults: its 5e8-element reduce bucket alone is 2 GB, more than a small model.
+            for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+                zero.setdefault(key, "auto")
         self.prepared, optimizer = self.acc.prepare(model, optimizer)
         return self.prepared, optimizer
 

@@ -188,12 +188,15 @@ def logprob_layout(model: PreTrainedModel, attention_mask: torch.Tensor, C: int,
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
     can_pack = (attn in ("sdpa", "eager") and (not window or P + K <= window)
                 and n_groups * (P + K) ** 2 <= MAX_PACKED_MASK)
-    if can_pack and packed < padded:
-        return "packed"
-    # The shared prefix calls the model twice per pass: not through an engine's wrapper (DDP, DeepSpeed, FSDP
-    # expect one forward per backward).
+    # The shared prefix calls the model twice per pass: not under activation checkpointing, nor through an
+    # engine's wrapper (DDP, DeepSpeed, FSDP expect one forward per backward). Then packing competes with
+    # plain rows, each carrying its prompt.
     wrapped = hasattr(model, "module") or type(model).__name__.startswith("FSDP")
-    return "plain" if _checkpointing(model) or wrapped else "shared_prefix"
+    shared = not (_checkpointing(model) or wrapped)
+    plain = n_groups * G * ((P + C) * per_token + (P + C) ** 2 / 2 * per_pair)
+    if can_pack and packed < (padded if shared else plain):
+        return "packed"
+    return "shared_prefix" if shared else "plain"
 
 
 def _packed_feats(body: Callable[..., torch.Tensor], model: PreTrainedModel, rollout_ids: torch.Tensor,

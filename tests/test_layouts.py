@@ -66,6 +66,14 @@ def test_layout_choice():
     full[:, -C:] = 1
     long = torch.cat([full, torch.ones(full.shape[0], 200, dtype=full.dtype)], 1)
     assert logprob_layout(model, long, C + 200, 4) == "shared_prefix"  # every completion at the maximum
+    # Through an engine's wrapper (one forward per backward) there is no shared prefix: with a long prompt,
+    # packing still beats repeating the prompt in every row; with long completions, plain rows win.
+    wrapper = torch.nn.Module()
+    wrapper.module = model
+    long_prompt = torch.cat([torch.ones(full.shape[0], 400, dtype=full.dtype), full], 1)
+    assert logprob_layout(model, long_prompt, C, 4) == "shared_prefix"
+    assert logprob_layout(wrapper, long_prompt, C, 4) == "packed"
+    assert logprob_layout(wrapper, long, C + 200, 4) == "plain"
     model.config._attn_implementation = "flash_attention_2"  # no custom 4D masks there
     try:
         assert logprob_layout(model, attention, C, 4) == "shared_prefix"
