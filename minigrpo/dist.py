@@ -121,9 +121,11 @@ class Ranks:
                       train_batch_size=micro_batch * self.world, gradient_clipping=max_grad_norm or 0.0)
             zero = ds.setdefault("zero_optimization", {})
             zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
-            # Buffers sized by the model (accelerate fills "auto" from hidden_size, as HF's Trainer does), not
-            # DeepSpeed's defaults: its 5e8-element reduce bucket alone is 2 GB, more than a small model.
-            for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+            # DeepSpeed's default reduce bucket (5e8 elements) is 1-2 GB, more than a small model: 5e7 (100-200
+            # MB; hidden_size^2, HF's "auto", makes hundreds of tiny reductions on small models). ZeRO-3's
+            # prefetch and persistence follow the model (accelerate fills "auto" from hidden_size).
+            zero.setdefault("reduce_bucket_size", int(5e7))
+            for key in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
                 zero.setdefault(key, "auto")
         self.prepared, optimizer = self.acc.prepare(model, optimizer)
         return self.prepared, optimizer
