@@ -150,3 +150,11 @@ def test_sft_with_two_processes_matches_one(tmp_path, engine):
     for a, b in zip(_rows(one), _rows(two), strict=True):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
         assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4)
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed not installed")
+def test_deepspeed_skips_a_non_finite_step():
+    out = subprocess.run([*ACCELERATE, f"--config_file={ROOT}/configs/accelerate/zero2.yaml",
+                          os.path.join(ROOT, "tests", "deepspeed_skip.py")], capture_output=True, text=True,
+                         cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=600)
+    assert out.returncode == 0 and "rank 0: ok" in out.stdout and "rank 1: ok" in out.stdout, out.stderr[-4000:]
