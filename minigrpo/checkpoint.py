@@ -77,13 +77,10 @@ def start_checkpoint(run_dir: Path, step: int) -> Path:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any, state: dict[str, Any],
-                    keep: int = 0, weights: dict[str, torch.Tensor] | None = None, started: bool = False) -> Path:
-    """Write checkpoint-{step} atomically (policy + trainer state); keep the newest `keep` (0: all).
-
-    started: the temporary folder was made by `start_checkpoint` and already holds the engine's shards."""
+                    keep: int = 0, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Complete checkpoint-{step} atomically (policy + trainer state into the folder `start_checkpoint` made,
+    which may already hold the engine's shards, then renamed); keep the newest `keep` (0: all)."""
     final, tmp = run_dir / f"checkpoint-{step}", run_dir / f".checkpoint-{step}.tmp"
-    if not started:
-        start_checkpoint(run_dir, step)
     save_policy(model, tokenizer, tmp, weights)
     torch.save(state | {"step": step, "rng": rng_state()}, tmp / STATE)
     _fsync_tree(tmp)

@@ -16,6 +16,7 @@ backward, step, full weights for generation, checkpoint.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,7 +149,7 @@ class Ranks:
         clip = self.acc.clip_grad_norm_ if self.engine == "fsdp" else torch.nn.utils.clip_grad_norm_
         norm = clip(params, max_grad_norm or float("inf"))
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        applied = bool(torch.isfinite(torch.tensor(norm)))
+        applied = math.isfinite(norm)
         if applied:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -401,7 +401,7 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> RunSetup:
         ranks.save_engine(tmp / ENGINE_DIR)  # DeepSpeed / FSDP: every process writes its shards
         ranks.barrier()
         if ranks.main:  # the rest is the same on every process (RNG: process 0's)
-            save_checkpoint(run.run_dir, step, model, tok, state, cfg.save_total_limit, weights, started=True)
+            save_checkpoint(run.run_dir, step, model, tok, state, cfg.save_total_limit, weights)
         ranks.barrier()
         return run.run_dir / f"checkpoint-{step}"
 
