@@ -239,7 +239,8 @@ def _dequantized_copy(model: str, gguf_file: str, out: str) -> str:
     """Save the model of a GGUF file as plain safetensors (with its tokenizer) under `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from minigrpo.model import drop_gguf_marker, resolve_model_path
+    from minigrpo.compat import drop_gguf_marker
+    from minigrpo.model import resolve_model_path
 
     path = resolve_model_path(model)
     drop_gguf_marker(AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)

@@ -64,7 +64,12 @@ def save_policy(model: torch.nn.Module, tokenizer: Any, path: Path,
     """Save the adapter (LoRA) or the full model, with the tokenizer, loadable by peft / transformers.
 
     weights: the model's whole state dict when its own parameters are shards (ZeRO-3, FSDP)."""
-    model.save_pretrained(path, **({"state_dict": weights} if weights is not None else {}))
+    kwargs: dict[str, Any] = {} if weights is None else {"state_dict": weights}
+    if hasattr(model, "peft_config"):
+        # minigrpo never resizes the vocabulary, so the base's embeddings never belong in the adapter; peft's
+        # "auto" would look the base model's config up (on the hub for a hub id) at every save to decide.
+        kwargs["save_embedding_layers"] = False
+    model.save_pretrained(path, **kwargs)
     tokenizer.save_pretrained(path)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from minigrpo.config import Config, ConfigError, help_text, load_config, parse_overrides
+from minigrpo.monitor import quiet_libraries
 
 TRAIN_USAGE = """usage: minigrpo train [--config FILE.yaml] [--key=value ...]
 
@@ -127,7 +128,10 @@ def load_for_inference(args: argparse.Namespace) -> tuple[Config, Any, Any, list
     model, tok = load_model(cfg)
     if args.adapter:
         from peft import PeftModel
-        model = PeftModel.from_pretrained(model, args.adapter)
+
+        from minigrpo.compat import peft_wrapping
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(model, args.adapter)
     examples = load_split(cfg, args.split, args.limit)
     fewshot = load_split(cfg, "train", cfg.num_fewshot) if cfg.template == "fewshot" else None
     prompts = [build_prompt(tok, ex.question, cfg.template, cfg.system_prompt, fewshot) for ex in examples]
@@ -378,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
               "  plan    estimated peak memory by part, and what would make a run fit\n"
               "  export  a run's adapter, or the merged model, for peft / transformers / vLLM")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    quiet_libraries()
     try:
         return COMMANDS[argv[0]](argv[1:])
     except ConfigError as e:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from minigrpo.compat import zero3_fetch_hooks_lifted
 from minigrpo.config import ConfigError
 
 
@@ -164,20 +165,9 @@ class Ranks:
         if self.engine == "deepspeed" and self.zero_stage == 3:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(self.prepared.parameters())):
-                offload = self.prepared.optimizer.parameter_offload
-                for p in self.prepared.module.parameters():
-                    p.ds_active_sub_modules.clear()
-                for hook in [*offload.forward_hooks, *offload.backward_hooks]:
-                    hook.remove()
-                offload.forward_hooks, offload.backward_hooks = [], []
-                try:
-                    yield
-                finally:
-                    coordinator = offload.param_coordinator
-                    if not coordinator.is_invalid_trace():
-                        coordinator._invalidate_trace()
-                    offload._register_deepspeed_module(offload.module)
+            with deepspeed.zero.GatheredParameters(list(self.prepared.parameters())), \
+                    zero3_fetch_hooks_lifted(self.prepared):
+                yield
         elif self.engine == "fsdp":
             with fsdp2_unsharded(model):
                 yield

@@ -45,7 +45,8 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, checkpoint
     import torch
     from transformers import AutoModelForCausalLM
 
-    from minigrpo.model import DTYPES, drop_gguf_marker, load_model
+    from minigrpo.compat import drop_gguf_marker, peft_wrapping
+    from minigrpo.model import DTYPES, load_model
 
     cfg = load_config(str(run_dir / "config.yaml"))
     cfg.use_peft, cfg.device, cfg.load_in_4bit = False, "cpu", False
@@ -53,7 +54,8 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, checkpoint
         from peft import PeftModel
 
         base, tok = load_model(cfg)
-        model = PeftModel.from_pretrained(base, str(source)).merge_and_unload()
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(base, str(source)).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[cfg.dtype])
     if (source / "tokenizer_config.json").is_file():  # the tokenizer exactly as trained (pad token, template)

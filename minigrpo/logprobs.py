@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from minigrpo.algo import token_logprobs
+from minigrpo.compat import attn_implementation, cache_kwargs, checkpointing_enabled, unwrap_model
 
 LOGPROB_CHUNK = 256  # completion tokens per LM-head chunk: [chunk, vocab] fp32 logits live at a time
 
@@ -50,7 +51,7 @@ def policy_logprobs(model: PreTrainedModel, rollout_ids: torch.Tensor, attention
     if head is None:  # feats are the logits
         return token_logprobs(feats, targets, temperature)
     return chunked_head_logprobs(head, feats, targets, attention_mask[:, -C:].bool(), temperature, chunk_size,
-                                 getattr(_unwrap(model).config, "vocab_size", None))
+                                 getattr(unwrap_model(model).config, "vocab_size", None))
 
 
 def _body(model: PreTrainedModel, head: Callable | None) -> Callable[..., torch.Tensor]:
@@ -70,13 +71,6 @@ def _last_hidden(model: PreTrainedModel, keep: int, **inputs: Any) -> torch.Tens
 _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside wrappers (DDP's .module, peft's base model)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def split_head(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """head with head(model(x).hidden_states[-1]) == model(x).logits, or None when not so.
 
@@ -86,7 +80,7 @@ def split_head(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor]
     cached = _HEADS.get(model)
     if cached is not None:
         return cached or None
-    lm = _unwrap(model)
+    lm = unwrap_model(model)
     result: Any = False
     try:
         projection = lm.get_output_embeddings()
@@ -155,12 +149,6 @@ def chunked_head_logprobs(head: Callable, hidden: torch.Tensor, targets: torch.T
     return logp, entropy
 
 
-def _checkpointing(model: PreTrainedModel) -> bool:
-    """Whether activation (gradient) checkpointing is on (transformers renamed the flag in v5)."""
-    flag = getattr(model, "is_activation_checkpointing", None)  # v5 name; the old one warns when read
-    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
-
-
 MAX_PACKED_MASK = 2 ** 26  # mask entries (per micro-batch) up to which packing is allowed: 256 MB in fp32
 
 
@@ -174,7 +162,7 @@ def logprob_layout(model: PreTrainedModel, attention_mask: torch.Tensor, C: int,
     """
     if G <= 1:
         return "plain"
-    cfg = getattr(_unwrap(model), "config", None)
+    cfg = getattr(unwrap_model(model), "config", None)
     h = getattr(cfg, "hidden_size", 0) or 0
     m = getattr(cfg, "intermediate_size", 0) or 4 * h
     P = attention_mask.shape[1] - C
@@ -184,7 +172,7 @@ def logprob_layout(model: PreTrainedModel, attention_mask: torch.Tensor, C: int,
     per_token, per_pair = 2 * (4 * h * h + 3 * h * m), 4 * h
     padded = (n_groups * P + G * n_groups * C) * per_token + n_groups * (P * P / 2 + G * C * (P + C / 2)) * per_pair
     packed = n_groups * (P + K) * per_token + n_groups * (P + K) ** 2 * per_pair
-    attn = getattr(cfg, "_attn_implementation", None)
+    attn = attn_implementation(model)
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
     can_pack = (attn in ("sdpa", "eager") and (not window or P + K <= window)
                 and n_groups * (P + K) ** 2 <= MAX_PACKED_MASK)
@@ -192,7 +180,7 @@ def logprob_layout(model: PreTrainedModel, attention_mask: torch.Tensor, C: int,
     # engine's wrapper (DDP, DeepSpeed, FSDP expect one forward per backward). Then packing competes with
     # plain rows, each carrying its prompt.
     wrapped = hasattr(model, "module") or type(model).__name__.startswith("FSDP")
-    shared = not (_checkpointing(model) or wrapped)
+    shared = not (checkpointing_enabled(model) or wrapped)
     plain = n_groups * G * ((P + C) * per_token + (P + C) ** 2 / 2 * per_pair)
     if can_pack and packed < (padded if shared else plain):
         return "packed"
@@ -250,10 +238,11 @@ def _shared_prefix_feats(body: Callable[..., torch.Tensor], model: PreTrainedMod
     prompt_ids, prompt_mask = rollout_ids[::G, :-C], attention_mask[::G, :-C]  # [B/G, P]
     cache = DynamicCache(config=model.config)
     position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    first = body(1, input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position, past_key_values=cache,
+    with_cache = cache_kwargs(model, cache)
+    first = body(1, input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position, **with_cache,
                  use_cache=True)  # [B/G, 1, *]: predicts the first completion token
     cache.batch_repeat_interleave(G)  # differentiable: gradients reach the prompt's computation
     position = position[:, -1:].repeat_interleave(G, 0) + torch.arange(1, C + 1, device=rollout_ids.device)
     rest = body(0, input_ids=rollout_ids[:, -C:], attention_mask=attention_mask, position_ids=position,
-                past_key_values=cache, use_cache=True)  # [B, C, *]
+                **with_cache, use_cache=True)  # [B, C, *]
     return torch.cat([first.repeat_interleave(G, 0), rest[:, :-1]], 1)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from minigrpo.compat import drop_gguf_marker, enable_checkpointing, peft_wrapping
 from minigrpo.config import PACKAGED_MODELS, Config, ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -102,10 +103,7 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None,
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     if cfg.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.config.use_cache = False
     if quantize:
         from peft import prepare_model_for_kbit_training
@@ -114,15 +112,6 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None,
     if cfg.use_peft:
         model = apply_lora(model, cfg)
     return model, tok
-
-
-def drop_gguf_marker(model: PreTrainedModel) -> PreTrainedModel:
-    """A GGUF-loaded model holds dequantized weights already; its quantizer marker only blocks saving and
-    training with transformers' Trainer. Remove it (in place) so it saves as a plain model."""
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model
 
 
 def _explain_unavailable(key: str, device: torch.device, instead: str) -> str | None:
@@ -160,7 +149,8 @@ def apply_lora(model: PreTrainedModel, cfg: Config) -> PreTrainedModel:
     if cfg.gradient_checkpointing:
         # peft + checkpointing: frozen embeddings give no input grads, so backward would see no graph.
         model.enable_input_require_grads()
-    return get_peft_model(model, lora)
+    with peft_wrapping():
+        return get_peft_model(model, lora)
 
 
 class Reference:
@@ -184,6 +174,10 @@ class Reference:
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Parameters the optimizer updates (LoRA adapters, or every weight for full fine-tuning)."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+class MergedLinear(torch.nn.Linear):
+    """A LoRA layer folded into a plain Linear by `merged_lora` (vllm_rollout sends only these under LoRA)."""
 
 
 @contextlib.contextmanager
@@ -210,10 +204,9 @@ def merged_lora(model: torch.nn.Module, enabled: bool = True) -> Iterator[torch.
         for name, m in layers:
             base = m.get_base_layer()
             delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
-            plain = torch.nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
+            plain = MergedLinear(base.in_features, base.out_features, bias=False, device="meta")
             plain.weight = torch.nn.Parameter(base.weight + delta.to(base.weight.dtype), requires_grad=False)
             plain.bias = base.bias
-            plain._minigrpo_merged = True  # vllm_rollout sends only these under LoRA
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             setattr(parent, child, plain)

@@ -25,6 +25,23 @@ def print0(*args: Any) -> None:
         console.print(*args)
 
 
+def quiet_libraries() -> None:
+    """The command line shows minigrpo's own progress only: no third-party progress bars (transformers' "Loading
+    weights" / "Writing model shards", GGUF dequantization, the hub's downloads) and no DeepSpeed accelerator notice.
+
+    Public switches only, set before those libraries are imported (explicit settings in the environment are
+    kept). DS_ACCELERATOR=cpu names the accelerator DeepSpeed falls back to anyway when no CUDA device is
+    visible (after logging a warning); accelerate imports DeepSpeed, when installed, to save a model.
+    """
+    # Before the libraries are imported: tqdm reads its environment defaults when it is imported.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' own bars follow the hub's switch
+    os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm's default for bars made directly (GGUF dequantization)
+    import torch  # here: the command line starts without it, and every command imports it
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def make_run_dir(output_dir: str | None) -> Path:
     """The run folder: output_dir, or runs/<date-time> (a suffix is added if it exists)."""
     if output_dir:

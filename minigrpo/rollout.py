@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicLayer
 
 from minigrpo.algo import completion_mask
+from minigrpo.compat import cache_kwargs, preallocate
 from minigrpo.model import merged_lora
 
 
@@ -166,44 +166,6 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
     return tokens, logp_all.gather(-1, tokens[:, None])[:, 0]
 
 
-def preallocate(cache: object, extra: int) -> None:
-    """Give every growing layer of a filled DynamicCache room for `extra` more tokens, allocated once.
-
-    DynamicCache appends by concatenation, copying the whole cache at every decode step (O(T^2): 60% of
-    the engine's time on the tiny model); a preallocated layer writes each new token in place.
-    """
-    cache.layers = [PreallocatedLayer.grown_from(layer, extra) if type(layer) is DynamicLayer else layer
-                    for layer in cache.layers]
-
-
-class PreallocatedLayer(DynamicLayer):
-    """A DynamicLayer whose keys/values are views into buffers allocated once; updates write in place."""
-
-    @classmethod
-    def grown_from(cls, layer: DynamicLayer, extra: int) -> DynamicLayer:
-        new = cls()
-        new.dtype, new.device, new.is_initialized = layer.dtype, layer.device, True
-        B, H, L, D = layer.keys.shape
-        new._k, new._v = layer.keys.new_empty(B, H, L + extra, D), layer.values.new_empty(B, H, L + extra, D)
-        new._k[:, :, :L], new._v[:, :, :L], new._len = layer.keys, layer.values, L
-        new.keys, new.values = new._k[:, :, :L], new._v[:, :, :L]
-        return new
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only the `indices` rows (finished sequences leave the batch)."""
-        self._k, self._v = self._k[indices], self._v[indices]
-        self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = key_states.shape[-2]
-        self._k[:, :, self._len:self._len + n] = key_states
-        self._v[:, :, self._len:self._len + n] = value_states
-        self._len += n
-        self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
-        return self.keys, self.values
-
-
 @torch.no_grad()
 def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                     params: SamplingParams) -> Rollout:
@@ -222,8 +184,9 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     model.eval()
     # ---- prefill: once per prompt, then the cache is expanded to its n samples ---------------------------
     cache = DynamicCache(config=model.config)
+    with_cache = cache_kwargs(model, cache)  # {"cache" or "past_key_values": cache}, as this transformers names it
     position = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, **with_cache, use_cache=True,
                 logits_to_keep=1)
     if params.n > 1:
         cache.batch_repeat_interleave(params.n)
@@ -258,7 +221,7 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             next_tokens = next_tokens[keep]
         position = position + 1
         out = model(input_ids=next_tokens[:, None], attention_mask=mask[:, :P + t + 1], position_ids=position,
-                    past_key_values=cache, use_cache=True)
+                    **with_cache, use_cache=True)
         logits = out.logits[:, -1]
     model.train(was_training)
     prompt_ids, prompt_mask = ids.repeat_interleave(params.n, 0), full_prompt_mask

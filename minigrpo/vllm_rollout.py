@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
+from minigrpo.compat import vllm_runner_model
 from minigrpo.config import Config, ConfigError
-from minigrpo.model import merged_lora, resolve_model_path
+from minigrpo.model import MergedLinear, merged_lora, resolve_model_path
 from minigrpo.rollout import Rollout, SamplingParams, eos_token_ids, make_rollout
 
 _ENGINES: dict[int, VLLMEngine] = {}  # one colocated engine per policy model (keyed by id)
@@ -57,7 +58,7 @@ def vllm_weights(model: torch.nn.Module, only_adapted: bool) -> list[tuple[str, 
     Call inside `merged_lora(model)` for a peft model: the adapted layers are then plain Linear modules
     holding the merged weights. `only_adapted` keeps just those (the base never changes under LoRA).
     """
-    adapted = {n for n, m in model.named_modules() if getattr(m, "_minigrpo_merged", False)}
+    adapted = {n for n, m in model.named_modules() if isinstance(m, MergedLinear)}
     out = []
     for name, param in model.named_parameters():
         if only_adapted and name.rpartition(".")[0] not in adapted:
@@ -117,7 +118,7 @@ class VLLMEngine:
 
     def push_weights(self, model: torch.nn.Module) -> None:
         """Load the policy's current weights into vLLM (merged LoRA layers only, or all of them)."""
-        runner_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        runner_model = vllm_runner_model(self.llm)
         with merged_lora(model):
             runner_model.load_weights(vllm_weights(model, only_adapted=self.use_peft))
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights

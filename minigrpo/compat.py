@@ -1,0 +1,183 @@
+"""Every reach into a dependency's internals, in one place.
+
+Fast RL code has to reach inside transformers, peft, DeepSpeed and vLLM: a KV-cache layer that writes in
+place, a forward argument that was renamed, a config field with no public getter, hooks lifted for
+generation. Each reach lives here, with the versions it was tested on and the public path it would take if
+one existed, so an upgrade that breaks one breaks it here (and in `tests/test_compat.py`), not somewhere in
+the loop. No other module of minigrpo touches a dependency's private names: `tests/test_compat.py` scans
+the package and fails on any use outside this file, and on any use here that PRIVATE_NAMES does not list.
+
+Tested stacks (`bash scripts/check_stack.sh`, README "Tested with"): transformers 5.17, 5.19 and 5.24 with
+the peft / accelerate / datasets that resolve with each; DeepSpeed 0.19 (the lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+# Private names (leading underscore) of other libraries that this module uses: name -> whose and why.
+# tests/test_compat.py checks that this list is exact and that no other module uses such a name.
+PRIVATE_NAMES: dict[str, str] = {
+    "_attn_implementation": "transformers PreTrainedConfig: the attention backend; no public getter in 5.17-5.24 "
+                            "(the setter is PreTrainedModel.set_attn_implementation)",
+    "_invalidate_trace": "DeepSpeed ZeRO-3 PartitionedParameterCoordinator: forget the recorded fetch order",
+    "_register_deepspeed_module": "DeepSpeed ZeRO-3 DeepSpeedZeRoOffload: put the per-module fetch hooks back",
+}
+
+
+# ---- transformers: the model's forward ----------------------------------------------------------------------
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside wrappers (DDP's and DeepSpeed's `.module`, peft's base model)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@functools.cache
+def _cache_kwarg_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """{name: cache} for the model's forward: transformers 5.24 renamed `past_key_values` to `cache` (the old
+    name warns, and goes in 5.40); 5.17-5.23 and remote-code models take `past_key_values`. Decided from the
+    model class's own signature, once per class."""
+    return {_cache_kwarg_of(type(unwrap_model(model))): cache}
+
+
+def attn_implementation(model: torch.nn.Module) -> str | None:
+    """'sdpa', 'eager', 'flash_attention_2', ... as the model runs it (None if it does not say).
+
+    transformers 5.17-5.24 keep it in `config._attn_implementation` (no public getter; a public property
+    would be the path if one appears)."""
+    return getattr(getattr(unwrap_model(model), "config", None), "_attn_implementation", None)
+
+
+def checkpointing_enabled(model: torch.nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on. transformers 5 renamed `is_gradient_checkpointing`
+    to `is_activation_checkpointing` (the old name warns with a FutureWarning when read, until v6)."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    if flag is None:
+        flag = getattr(model, "is_gradient_checkpointing", False)
+    return bool(flag)
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing, under whichever name this transformers has (see above)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def drop_gguf_marker(model: torch.nn.Module) -> torch.nn.Module:
+    """A GGUF-loaded model holds dequantized weights already; its quantizer marker (`hf_quantizer`, and
+    `quantization_config` in its config: transformers 5.17-5.24) only blocks saving and training. Removed in
+    place, so it saves as a plain model. No public way to say "dequantized, now plain" exists."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around peft's get_peft_model / PeftModel.from_pretrained: peft 0.21 reads transformers'
+    `is_gradient_checkpointing` while it wraps a model, a name transformers 5 deprecates (FutureWarning until
+    v6). The warning is peft's to act on, not the user's: that message alone is filtered, nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+# ---- transformers: a KV cache that grows in place -------------------------------------------------------------
+
+def preallocate(cache: Any, extra: int) -> None:
+    """Give every growing layer of a filled DynamicCache room for `extra` more tokens, allocated once.
+
+    DynamicCache appends by concatenation, copying the whole cache at every decode step (O(T^2): 60% of
+    the engine's time on the tiny model); a preallocated layer writes each new token in place. Layers of
+    another kind (sliding window, quantized) are left as they are.
+    """
+    cache.layers = [PreallocatedLayer.grown_from(layer, extra) if type(layer) is DynamicLayer else layer
+                    for layer in cache.layers]
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values are views into buffers allocated once; updates write in place.
+
+    Built on the documented layer interface (`lazy_initialization`, `update`, `batch_select_indices`,
+    `keys` / `values`) of transformers 5.17-5.24. `lazy_initialization` sets whatever the installed version
+    records (5.17-5.23 kept a `dtype`, 5.24 does not), so no field of the base class is copied by hand.
+    """
+
+    @classmethod
+    def grown_from(cls, layer: DynamicLayer, extra: int) -> PreallocatedLayer:
+        new = cls()
+        new.lazy_initialization(layer.keys, layer.values)
+        B, H, L, D = layer.keys.shape
+        new.key_buffer = layer.keys.new_empty(B, H, L + extra, D)
+        new.value_buffer = layer.values.new_empty(B, H, L + extra, D)
+        new.key_buffer[:, :, :L], new.value_buffer[:, :, :L], new.length = layer.keys, layer.values, L
+        new.keys, new.values = new.key_buffer[:, :, :L], new.value_buffer[:, :, :L]
+        return new
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the `indices` rows (finished sequences leave the batch)."""
+        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = key_states.shape[-2]
+        self.key_buffer[:, :, self.length:self.length + n] = key_states
+        self.value_buffer[:, :, self.length:self.length + n] = value_states
+        self.length += n
+        self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+        return self.keys, self.values
+
+
+# ---- DeepSpeed ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def zero3_fetch_hooks_lifted(engine: Any) -> Iterator[None]:
+    """Inside (and inside `deepspeed.zero.GatheredParameters`): ZeRO-3's per-module fetch hooks removed, so
+    generation runs on the gathered weights at full speed; put back, with a fresh fetch trace, on exit.
+
+    No public API does this; TRL does the same (trl.models.utils, remove_hooks / add_hooks). Tested on
+    DeepSpeed 0.19 (tests/test_distributed.py, ZeRO-3).
+    """
+    offload = engine.optimizer.parameter_offload
+    for p in engine.module.parameters():
+        p.ds_active_sub_modules.clear()
+    for hook in [*offload.forward_hooks, *offload.backward_hooks]:
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+    try:
+        yield
+    finally:
+        coordinator = offload.param_coordinator
+        if not coordinator.is_invalid_trace():
+            coordinator._invalidate_trace()
+        offload._register_deepspeed_module(offload.module)
+
+
+# ---- vLLM ---------------------------------------------------------------------------------------------------
+
+def vllm_runner_model(llm: Any) -> torch.nn.Module:
+    """The torch model inside a colocated (in-process) vLLM engine, for `load_weights`.
+
+    The path TRL's colocate mode uses (`llm_engine.model_executor.driver_worker.model_runner.model`); not yet
+    run here (no GPU lent, issue 18 brings vLLM's CPU build into CI). vLLM's public `LLM.collective_rpc` /
+    `apply_model` would be the path where available.
+    """
+    return llm.llm_engine.model_executor.driver_worker.model_runner.model
