@@ -131,13 +131,13 @@ def _run_trl(s: dict[str, Any], beta: float) -> dict[str, Any]:
         def __init__(self) -> None:
             self.step_s: list[float] = []
             self.lengths: dict[int, float] = {}
-            self._t = 0.0
+            self.started = 0.0
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self._t = time.perf_counter()
+            self.started = time.perf_counter()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.step_s.append(time.perf_counter() - self._t)
+            self.step_s.append(time.perf_counter() - self.started)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
             if logs and "completions/mean_length" in logs:
@@ -237,15 +237,15 @@ def bench_trl(model: str = "tiny-arith", gguf_file: str | None = None, steps: in
 
 def _dequantized_copy(model: str, gguf_file: str, out: str) -> str:
     """Save the model of a GGUF file as plain safetensors (with its tokenizer) under `out`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from minigrpo.compat import drop_gguf_marker
-    from minigrpo.model import resolve_model_path
+    from minigrpo.config import Config
+    from minigrpo.model import load_tokenizer, resolve_model_path
 
-    path = resolve_model_path(model)
-    drop_gguf_marker(AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
-                     ).save_pretrained(out)
-    AutoTokenizer.from_pretrained(path, gguf_file=gguf_file).save_pretrained(out)
+    drop_gguf_marker(AutoModelForCausalLM.from_pretrained(resolve_model_path(model), gguf_file=gguf_file,
+                                                          dtype=torch.float32)).save_pretrained(out)
+    load_tokenizer(Config(model=model, gguf_file=gguf_file)).save_pretrained(out)
     return out
 
 

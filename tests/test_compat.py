@@ -33,58 +33,106 @@ DEPENDENCIES = {"transformers", "peft", "accelerate", "deepspeed", "vllm", "torc
 ACCESSORS = {"getattr", "hasattr", "setattr", "delattr"}
 
 
+STDLIB_PUBLIC = {"_replace", "_asdict", "_fields", "_make", "_field_defaults", "_exit"}  # namedtuple's API, os._exit
+
+
 def _private(name: str) -> bool:
-    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__")) and name not in STDLIB_PUBLIC
+
+
+def _root(node: ast.AST) -> str | None:
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _string(node: ast.AST) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
 def private_uses(source: str) -> list[tuple[int, str]]:
     """(line, name) of every private name of another library that `source` uses.
 
-    - an import from a private module of a dependency (`from transformers._x import A`, `import torch._dynamo`)
-      or of a private name (`from peft.tuners import _helper`);
-    - an attribute with a leading underscore read or written on anything but `self` / `cls` or a minigrpo
-      module (`config._attn_implementation`, `engine._invalidate_trace()`);
-    - the same name given as a string to getattr / hasattr / setattr / delattr.
+    - an import from a private module of a dependency (`from transformers._x import A`, `import torch._dynamo`,
+      `importlib.import_module("transformers._x")`) or of a private name (`from peft.tuners import _helper`);
+    - an attribute with a leading underscore read or written on anything but a minigrpo module, or on `self` /
+      `cls` in a class of minigrpo's own (`config._attn_implementation`, `engine._invalidate_trace()`; in a
+      subclass of a dependency's class `self._x` may be the parent's);
+    - the same name as a keyword argument (`from_pretrained(p, _attn_implementation="sdpa")`), a string key
+      (`cfg.to_dict()["_x"]`) or a string given to getattr / hasattr / setattr / delattr / attrgetter.
     """
     tree = ast.parse(source)
-    own_modules = {"self", "cls"}
+    own_modules, dependency_names = set(), set()
     found = []
+
+    def check_module(line: int, module: str) -> None:
+        parts = module.split(".")
+        if parts[0] in DEPENDENCIES:
+            found.extend((line, p) for p in parts if _private(p))
+
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            parts = node.module.split(".")
-            if parts[0] == "minigrpo":
+            root = node.module.split(".")[0]
+            if root == "minigrpo":
                 own_modules |= {a.asname or a.name for a in node.names}
-            elif parts[0] in DEPENDENCIES:
-                found += [(node.lineno, p) for p in parts if _private(p)]
+            elif root in DEPENDENCIES:
+                check_module(node.lineno, node.module)
                 found += [(node.lineno, a.name) for a in node.names if _private(a.name)]
+                dependency_names |= {a.asname or a.name for a in node.names}
         elif isinstance(node, ast.Import):
             for a in node.names:
-                parts = a.name.split(".")
-                if parts[0] == "minigrpo":
-                    own_modules.add(a.asname or parts[0])
-                elif parts[0] in DEPENDENCIES:
-                    found += [(node.lineno, p) for p in parts if _private(p)]
+                root = a.name.split(".")[0]
+                if root == "minigrpo":
+                    own_modules.add(a.asname or root)
+                elif root in DEPENDENCIES:
+                    check_module(node.lineno, a.name)
+                    dependency_names.add(a.asname or root)
+    # `self` in methods of classes deriving from a dependency's class is not minigrpo's alone
+    borrowed_self = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any(_root(b) in dependency_names for b in node.bases):
+            borrowed_self |= {id(n) for n in ast.walk(node)}
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and _private(node.attr):
-            if not (isinstance(node.value, ast.Name) and node.value.id in own_modules):
+            own = (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+                   and id(node) not in borrowed_self) or _root(node.value) in own_modules
+            if not own:
                 found.append((node.lineno, node.attr))
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ACCESSORS
-              and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
-              and isinstance(node.args[1].value, str) and _private(node.args[1].value)):
-            found.append((node.lineno, node.args[1].value))
+        elif isinstance(node, ast.keyword) and node.arg and _private(node.arg):
+            found.append((node.value.lineno, node.arg))
+        elif isinstance(node, ast.Subscript) and _private(_string(node.slice) or ""):
+            found.append((node.lineno, _string(node.slice)))
+        elif isinstance(node, ast.Call):
+            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+            if name in ACCESSORS and len(node.args) >= 2 and _private(_string(node.args[1]) or ""):
+                found.append((node.lineno, _string(node.args[1])))
+            elif name == "attrgetter":
+                found += [(node.lineno, _string(a)) for a in node.args if _private(_string(a) or "")]
+            elif name == "import_module" and node.args and _string(node.args[0]):
+                check_module(node.lineno, _string(node.args[0]))
     return sorted(found)
 
 
 def test_the_scanner_finds_each_kind_of_private_use():
-    source = ("from transformers.cache_utils import _private_helper\n"
+    source = ("from transformers.cache_utils import _private_helper, DynamicLayer\n"
               "import torch._dynamo\n"
               "from minigrpo import data\n"
               "x = model.config._attn_implementation\n"
               "y = getattr(cfg, '_attn_implementation', None)\n"
               "engine.coordinator._invalidate_trace()\n"
-              "ok = self._own + data._gold_final('') + obj.__class__.__name__\n")
+              "m = AutoModel.from_pretrained(p, _attn_implementation='eager')\n"
+              "z = cfg.to_dict()['_commit_hash'] + operator.attrgetter('_k')(layer)\n"
+              "w = importlib.import_module('transformers.utils._x')\n"
+              "class Layer(DynamicLayer):\n"
+              "    def f(self):\n"
+              "        return self._len\n"
+              "class Own:\n"
+              "    def f(self):\n"
+              "        return self._own + data._gold_final('') + obj.__class__.__name__ + nt._replace(a=1)\n")
     assert private_uses(source) == [(1, "_private_helper"), (2, "_dynamo"), (4, "_attn_implementation"),
-                                    (5, "_attn_implementation"), (6, "_invalidate_trace")]
+                                    (5, "_attn_implementation"), (6, "_invalidate_trace"),
+                                    (7, "_attn_implementation"), (8, "_commit_hash"), (8, "_k"), (9, "_x"),
+                                    (12, "_len")]
 
 
 def test_no_module_but_compat_uses_a_dependencys_private_names():

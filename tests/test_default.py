@@ -48,11 +48,11 @@ def test_cold_start_build_is_bit_for_bit_reproducible(tmp_path):
     assert digests[0] == digests[1]
 
 
-@pytest.mark.slow
 def test_default_run_prints_no_warning_and_no_third_party_progress(tmp_path):
     """`minigrpo train` with every deprecation / future / user warning shown: the output holds minigrpo's own
     lines only (no warning of any library, no tqdm bar of transformers or the hub, no DeepSpeed notice)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "DS_ACCELERATOR")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE", "DS_ACCELERATOR")}
     r = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-W", "always::FutureWarning",
                         "-W", "always::UserWarning", "-m", "minigrpo", "train", "--max_steps=2", "--eval_limit=20",
                         f"--output_dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, cwd=tmp_path,
