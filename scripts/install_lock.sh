@@ -16,6 +16,12 @@ PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 quiet=(-q --disable-pip-version-check)
 
+# A venv made from another lock (or torch) is made again: uv installs, it does not remove what a lock dropped.
+stamp="$(cat requirements/uv.txt requirements/build.txt "$lock" | sha256sum | cut -c1-16) $TORCH_SPEC"
+if [ -d "$venv" ] && [ "$(cat "$venv/.minigrpo-lock" 2>/dev/null)" != "$stamp" ]; then
+  echo "install_lock: $venv was not made from this lock: making it again"
+  rm -rf "$venv"
+fi
 [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
 py=$venv/bin/python
 if ! "$py" -c 'import platform, sys; sys.exit(not (sys.version_info[:2] == (3, 11) and sys.platform == "linux" and platform.machine() == "x86_64"))'; then
@@ -38,3 +44,4 @@ if [ -n "$problems" ]; then
   echo "$problems" >&2
   exit 1
 fi
+echo "$stamp" > "$venv/.minigrpo-lock"
