@@ -114,10 +114,15 @@ class LossOut:
     kl: torch.Tensor | None  # [B, T] k3 (detached) when beta > 0
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                epsilon: float, epsilon_high: float, beta: float = 0.0, ref_logp: torch.Tensor | None = None,
-                level: str = "token", dual_clip: float | None = None) -> LossOut:
-    """Clipped surrogate (+ beta * k3) per token. logp/old_logp/ref_logp/mask [B, T], advantages [B]."""
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                epsilon: float, epsilon_high: float | None = None, beta: float = 0.0,
+                ref_logp: torch.Tensor | None = None, level: str = "token", dual_clip: float | None = None) -> LossOut:
+    """Clipped surrogate (+ beta * k3) per token. logp/old_logp/ref_logp/mask [B, T], advantages [B].
+
+    The clip range is [1 - epsilon, 1 + epsilon_high] (epsilon_high None: epsilon); keyword-only, like every
+    option here: two clip bounds side by side are too easy to swap."""
+    if epsilon_high is None:
+        epsilon_high = epsilon
     m = mask.bool()
     # Masked positions are zeroed before any exp: an overflow there would give inf * 0 = NaN in the sums.
     log_ratio = torch.where(m, logp - old_logp, 0.0)  # [B, T]

@@ -3,7 +3,7 @@
 `checkpoint-N/` holds the policy as `save_pretrained` writes it (adapter or model, with the tokenizer, so
 `minigrpo export` and peft/transformers read it as is) and `trainer_state.pt`: optimizer, scheduler, the
 RNG states (python, numpy, torch, CUDA), the data order and position, the step and the loop's counters.
-Under DeepSpeed or FSDP, `engine/` holds what accelerate's `save_state` writes: each process's shards of the
+Under DeepSpeed or FSDP, `shards/` holds what accelerate's `save_state` writes: each process's shards of the
 weights and the optimizer.
 It is written to a temporary folder, flushed to disk and renamed into place: a folder named `checkpoint-N`
 is always complete, and a kill mid-write leaves only a `.tmp` folder, ignored and cleaned up later.
@@ -19,9 +19,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 
 STATE = "trainer_state.pt"
-ENGINE_DIR = "engine"  # DeepSpeed / FSDP shards, as accelerate's save_state writes them
+SHARDS_DIR = "shards"  # DeepSpeed / FSDP shards, as accelerate's save_state writes them
+
+
+def shards_dir(checkpoint: Path) -> Path:
+    """Where a checkpoint keeps the strategy's shards (`engine/` in checkpoints of minigrpo before 2026-11-29)."""
+    legacy = Path(checkpoint) / "engine"
+    return legacy if legacy.is_dir() else Path(checkpoint) / SHARDS_DIR
 
 
 def rng_state() -> dict[str, Any]:
@@ -74,7 +82,7 @@ def save_policy(model: torch.nn.Module, tokenizer: Any, path: Path,
 
 
 def start_checkpoint(run_dir: Path, step: int) -> Path:
-    """The empty temporary folder checkpoint-{step} is written in (engines write their shards there too)."""
+    """The empty temporary folder checkpoint-{step} is written in (DeepSpeed / FSDP write their shards there too)."""
     tmp = run_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -84,7 +92,7 @@ def start_checkpoint(run_dir: Path, step: int) -> Path:
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any, state: dict[str, Any],
                     keep: int = 0, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Complete checkpoint-{step} atomically (policy + trainer state into the folder `start_checkpoint` made,
-    which may already hold the engine's shards, then renamed); keep the newest `keep` (0: all)."""
+    which may already hold the strategy's shards, then renamed); keep the newest `keep` (0: all)."""
     final, tmp = run_dir / f"checkpoint-{step}", run_dir / f".checkpoint-{step}.tmp"
     save_policy(model, tokenizer, tmp, weights)
     torch.save(state | {"step": step, "rng": rng_state()}, tmp / STATE)
@@ -103,11 +111,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
 
 def load_policy_weights(model: torch.nn.Module, path: Path) -> None:
     """Put the weights saved in `path` (adapter or full model) into `model`, exactly."""
-    from safetensors.torch import load_file
-
     if (path / "adapter_config.json").is_file():
-        from peft import set_peft_model_state_dict
-
         result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
@@ -128,7 +132,7 @@ def load_policy_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module | None) -> dict[str, Any]:
-    """Policy weights into `model` (None: the engine loads its own shards); returns the trainer state (RNG
+    """Policy weights into `model` (None: the strategy loads its own shards); returns the trainer state (RNG
     states restored by the caller, last)."""
     if model is not None:
         load_policy_weights(model, path)

@@ -1,4 +1,7 @@
-"""`minigrpo train|eval`: the command line. Config errors exit with code 2 and name the key."""
+"""`minigrpo COMMAND`: the command line. One small cmd_* per sub-command: parse, call the library, and map its
+errors to exit codes (README, "Exit codes"): a bad key, value, file or row exits 2 with a message naming it, a
+run that stopped itself (Ctrl-C, non-finite updates) exits 3. Heavy libraries load only once the input is known
+to be good."""
 
 from __future__ import annotations
 
@@ -8,10 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from minigrpo.config import Config, ConfigError, help_text, load_config, parse_overrides
+from minigrpo.config import Config, help_text, load_config, parse_overrides, run_config
+from minigrpo.errors import ConfigError, DataError, TrainingStopped
 from minigrpo.monitor import quiet_libraries
+from minigrpo.rollout import BACKENDS
+from minigrpo.tasks.prompts import TEMPLATES
 
 TRAIN_USAGE = """usage: minigrpo train [--config FILE.yaml] [--key=value ...]
 
@@ -44,10 +48,9 @@ def resume_argv(argv: list[str]) -> list[str]:
             run_dir, rest = arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
         else:
             continue
-        config = Path(run_dir) / "config.yaml"
-        if not config.is_file():
+        if not (Path(run_dir) / "config.yaml").is_file():
             raise ConfigError(f"--resume {run_dir}: no config.yaml there; give the folder of a minigrpo run")
-        return ["--config", str(config), "--resume=true", f"--output_dir={run_dir}", *rest]
+        return ["--config", str(Path(run_dir) / "config.yaml"), "--resume=true", f"--output_dir={run_dir}", *rest]
     return argv
 
 
@@ -58,8 +61,11 @@ def run_stage(argv: list[str], stage: str) -> int:
             "Train with GRPO", "Supervised fine-tuning on worked solutions (targets end in '#### N')")
         print(usage + help_text())
         return 0
-    cfg = config_from_argv(resume_argv(argv) if stage == "train" else argv)
-    # heavy imports only once the config is known to be valid
+    cfg = config_from_argv(resume_argv(argv))
+    if stage == "train":
+        cfg.validate_grpo()
+    # here, not at the top (as in every command below): the loops load torch and transformers, which take
+    # seconds; a bad flag or --help answers at once
     if stage == "train":
         from minigrpo.train import train as run
     else:
@@ -78,7 +84,7 @@ def cmd_sft(argv: list[str]) -> int:
     return run_stage(argv, "sft")
 
 
-def inference_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def inference_parser(prog: str, description: str, backend: bool = True) -> argparse.ArgumentParser:
     """Options shared by `eval` and `sample`: which model, which data, how to generate."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--model", help="hub id, local dir (a run's model/ too), 'tiny-arith', 'tiny-random'; "
@@ -91,50 +97,56 @@ def inference_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use the first N problems (default: all)")
     p.add_argument("--prompt_field", default="question", help="JSONL field with the problem")
     p.add_argument("--answer_field", default="answer", help="JSONL field with the gold answer")
-    p.add_argument("--template", choices=["chat", "r1", "fewshot"], default=None,
+    p.add_argument("--template", choices=list(TEMPLATES), default=None,
                    help="prompt template (default: the run's, else chat)")
     p.add_argument("--max_new_tokens", type=int, default=None, help="default: the run's max_completion_length")
     p.add_argument("--batch_size", type=int, default=32, help="sequences per generate call")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--backend", choices=["engine", "hf"], default="engine",
-                   help="generation: minigrpo's engine (default; greedy gives HF generate's tokens) or hf")
+    if backend:
+        p.add_argument("--backend", choices=list(BACKENDS), default="engine",
+                       help="generation: " + "; ".join(f"{name}: {what}" for name, (_, what) in BACKENDS.items()))
     return p
 
 
 def load_for_inference(args: argparse.Namespace) -> tuple[Config, Any, Any, list[Any], list[str]]:
     """Config (from the run that made the adapter/model, then the flags), model, tokenizer, examples, prompts."""
     # A run's config.yaml, beside its adapter/ or model/, tells the base model and how its prompts looked.
-    source = args.adapter or args.model
-    run_cfg = Path(source).parent / "config.yaml" if source else None
-    base = yaml.safe_load(run_cfg.read_text()) if run_cfg and run_cfg.is_file() else {}
-    keys = {"model", "gguf_file", "seed", "template", "system_prompt", "num_fewshot", "max_completion_length",
-            "dtype", "dataset", "arith_steps", "arith_max_number", "prompt_field", "answer_field"}
-    values = {k: v for k, v in base.items() if k in keys}
-    for key, flag in (("model", "model"), ("gguf_file", "gguf_file"), ("template", "template"),
-                      ("dataset", "data"), ("max_completion_length", "max_new_tokens")):
-        if getattr(args, flag) is not None:
-            values[key] = getattr(args, flag)
-    if "model" not in values:
-        raise ConfigError("--model: give a model (hub id, dir, tiny-arith) or an --adapter from a minigrpo run")
-    values.setdefault("dataset", "gsm8k")
+    source = Path(args.adapter or args.model or ".")
+    is_policy = source.name in ("adapter", "model") or source.name.startswith("checkpoint-")  # of a run folder
+    run_dir = source.parent if args.adapter or (args.model and is_policy) else None
+    values = {key: getattr(args, flag) for key, flag in (("model", "model"), ("gguf_file", "gguf_file"),
+              ("template", "template"), ("dataset", "data"), ("max_completion_length", "max_new_tokens"))
+              if getattr(args, flag) is not None}
     if args.prompt_field != "question" or args.answer_field != "answer":
         values |= {"prompt_field": args.prompt_field, "answer_field": args.answer_field}
-    cfg = Config(**values | {"use_peft": False, "device": args.device})
+    values |= {"use_peft": False, "load_in_4bit": False, "device": args.device, "resume": False,
+               "rollout_backend": getattr(args, "backend", "engine")}
+    if run_dir and (run_dir / "config.yaml").is_file():
+        cfg = run_config(run_dir, strict=False, **values)
+    elif "model" not in values:
+        raise ConfigError("--model: give a model (hub id, dir, tiny-arith) or an --adapter from a minigrpo run")
+    else:
+        cfg = Config(**{"dataset": "gsm8k"} | values)
 
-    from minigrpo.data import build_prompt, load_split
+    # here: heavy (torch, transformers, peft), loaded once the flags are good
+    from minigrpo import rollout
     from minigrpo.model import load_model
+    from minigrpo.tasks.prompts import render_prompts
+    from minigrpo.tasks.sources import load_split
 
+    rollout.check(cfg)
     model, tok = load_model(cfg)
     if args.adapter:
-        from peft import PeftModel
+        from peft import PeftModel  # here: heavy, as above
 
         from minigrpo.compat import peft_wrapping
         with peft_wrapping():
             model = PeftModel.from_pretrained(model, args.adapter)
+    rollout.start(cfg, model)
     examples = load_split(cfg, args.split, args.limit)
     fewshot = load_split(cfg, "train", cfg.num_fewshot) if cfg.template == "fewshot" else None
-    prompts = [build_prompt(tok, ex.question, cfg.template, cfg.system_prompt, fewshot) for ex in examples]
+    prompts = render_prompts(cfg, tok, examples, fewshot, check_length=False)  # no training: any length
     return cfg, model, tok, examples, prompts
 
 
@@ -148,12 +160,12 @@ def cmd_eval(argv: list[str]) -> int:
                    "adapter, else in the current folder)")
     args = p.parse_args(argv)
     cfg, model, tok, examples, prompts = load_for_inference(args)
-    from minigrpo.evaluate import evaluate
+    from minigrpo.evaluate import evaluate  # here: heavy, as in load_for_inference
     from minigrpo.monitor import print0
 
     report = evaluate(model, tok, prompts, [ex.columns["answer"] for ex in examples],
                       max_new_tokens=cfg.max_completion_length, batch_size=args.batch_size, k=args.k,
-                      temperature=args.temperature, keep_records=True, backend=args.backend)
+                      temperature=args.temperature, keep_records=True, backend=cfg.rollout_backend)
     report["settings"] = {"model": cfg.model, "gguf_file": cfg.gguf_file, "adapter": args.adapter,
                           "data": cfg.dataset, "split": args.split, "template": cfg.template,
                           "max_new_tokens": cfg.max_completion_length, "decoding": "greedy", "k": args.k,
@@ -179,21 +191,18 @@ def cmd_sample(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="output JSONL; statistics go to OUT with .stats.json")
     args = p.parse_args(argv if "--split" in argv else [*argv, "--split", "train"])
     cfg, model, tok, examples, prompts = load_for_inference(args)
-    from minigrpo.monitor import print0
-    from minigrpo.rewards import load_reward
-    from minigrpo.rollout import SamplingParams
-    from minigrpo.sample import rejection_sample, write_jsonl
+    from minigrpo.monitor import print0  # here: heavy, as in load_for_inference
+    from minigrpo.rollout.types import SamplingParams
+    from minigrpo.tasks.rewards import load_reward
+    from minigrpo.tools.sample import sample_to_jsonl
 
     funcs = [(name, load_reward(name), 1.0) for name in args.reward_funcs.split(",")]
     params = SamplingParams(n=args.n, max_new_tokens=cfg.max_completion_length, temperature=args.temperature)
-    rows, stats = rejection_sample(model, tok, prompts, examples, params, funcs, args.keep, args.best_k,
-                                   args.batch_size, backend=args.backend)
-    out = Path(args.out)
-    write_jsonl(rows, out)
-    out.with_suffix(".stats.json").write_text(json.dumps(stats, indent=2))
+    stats = sample_to_jsonl(model, tok, prompts, examples, params, funcs, Path(args.out), args.keep, args.best_k,
+                            args.batch_size, backend=cfg.rollout_backend)
     print0(f"kept {stats['kept']}/{stats['samples']} samples ({stats['kept_fraction']:.3f}); "
            f"{stats['prompts_with_a_kept_sample']:.3f} of prompts have one; mean pass rate "
-           f"{stats['mean_pass_rate']:.3f} -> {out}")
+           f"{stats['mean_pass_rate']:.3f} -> {args.out}")
     return 0
 
 
@@ -203,7 +212,7 @@ def cmd_plot(argv: list[str]) -> int:
     p.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
     p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
     args = p.parse_args(argv)
-    from minigrpo.plot import plot_run
+    from minigrpo.tools.plot import plot_run  # here: matplotlib takes a second to load
 
     print(plot_run(args.run_dir, args.out))
     return 0
@@ -217,7 +226,7 @@ def cmd_demo(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="folder for the stages' runs (default runs/demo-<time>)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's length (e.g. 0.1 for a smoke run)")
     args = p.parse_args(argv)
-    from minigrpo.demo import run_demo
+    from minigrpo.tools.demo import run_demo  # here: heavy (the loops)
 
     run_demo(args.out, args.scale)
     return 0
@@ -231,7 +240,7 @@ def cmd_bench(argv: list[str]) -> int:
         return cmd_bench_trl(argv[1:], memory=True)
     p = inference_parser("minigrpo bench rollout", "Rollout engine vs transformers generate: same model, prompts "
                          "and sampling, interleaved repetitions in one process; median tokens/s and the ratio. "
-                         "`minigrpo bench trl --help`: minigrpo vs TRL's GRPOTrainer.")
+                         "`minigrpo bench trl --help`: minigrpo vs TRL's GRPOTrainer.", backend=False)
     p.add_argument("what", choices=["rollout", "trl"], help="what to benchmark")
     p.add_argument("--n", type=int, default=8, help="completions per prompt")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions of each backend (after one warm-up)")
@@ -239,11 +248,11 @@ def cmd_bench(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.limit is None:
         args.limit = 16
-    import torch
+    import torch  # here: heavy, loaded once the flags are good
 
     torch.set_num_threads(args.threads)
     cfg, model, tok, _, prompts = load_for_inference(args)
-    from minigrpo.bench import bench_rollout
+    from minigrpo.tools.bench import bench_rollout  # here: heavy
 
     report = bench_rollout(model, tok, prompts, args.n, cfg.max_completion_length, args.reps, args.temperature)
     report["settings"] = {"model": cfg.model, "gguf_file": cfg.gguf_file, "prompts": len(prompts), "n": args.n,
@@ -288,7 +297,7 @@ def cmd_bench_trl(argv: list[str], memory: bool = False) -> int:
     except ImportError:
         print("minigrpo bench trl: TRL is not installed; pip install -e '.[bench]'", file=sys.stderr)
         return 2
-    from minigrpo.bench import bench_trl
+    from minigrpo.tools.bench import bench_trl  # here: heavy
 
     report = bench_trl(args.model, args.gguf_file, args.steps, args.num_generations, args.prompts_per_step,
                        args.max_completion_length, tuple(float(b) for b in args.beta.split(",")),
@@ -321,7 +330,7 @@ def cmd_export(argv: list[str]) -> int:
     p.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
     p.add_argument("--checkpoint", type=int, default=None, help="export checkpoint-N instead of the final policy")
     args = p.parse_args(argv)
-    from minigrpo.export import export
+    from minigrpo.tools.export import export  # here: heavy when merging
 
     out = export(args.run_dir, args.out, args.merge, args.checkpoint)
     print(f"exported to {out}")
@@ -354,7 +363,7 @@ def cmd_plan(argv: list[str]) -> int:
     cfg = config_from_argv(rest)
     if limit is None and cfg.device.startswith("cuda"):
         device = "cuda"
-    from minigrpo.plan import plan, report
+    from minigrpo.tools.plan import plan, report  # here: heavy (transformers)
 
     result = plan(cfg, device, limit)
     print(report(cfg, result, device))
@@ -385,21 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except ConfigError as e:
-        print(f"minigrpo {argv[0]}: config error: {e}", file=sys.stderr)
+    except (ConfigError, DataError) as e:  # DataNotFound (a FileNotFoundError) is a DataError
+        kind = "config" if isinstance(e, ConfigError) else "data"
+        print(f"minigrpo {argv[0]}: {kind} error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # DataError (a FileNotFoundError too), from minigrpo.data
-        from minigrpo.data import DataError
-
-        if not isinstance(e, DataError):
-            raise
-        print(f"minigrpo {argv[0]}: data error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        from minigrpo.train import TrainingStopped
-
-        if not isinstance(e, TrainingStopped):
-            raise
+    except TrainingStopped as e:
         print(f"minigrpo {argv[0]}: stopped: {e}", file=sys.stderr)
         return 3
 

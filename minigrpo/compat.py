@@ -3,8 +3,8 @@
 Fast RL code has to reach inside transformers, peft, DeepSpeed and vLLM: a KV-cache layer that writes in
 place, a forward argument that was renamed, a config field with no public getter, hooks lifted for
 generation. Each reach lives here, with the versions it was tested on and the public path it would take if
-one existed, so an upgrade that breaks one breaks it here (and in `tests/test_compat.py`), not somewhere in
-the loop. No other module of minigrpo touches a dependency's private names: `tests/test_compat.py` scans
+one existed, so an upgrade that breaks one breaks it here (and in `tests/unit/test_compat.py`), not somewhere in
+the loop. No other module of minigrpo touches a dependency's private names: `tests/unit/test_compat.py` scans
 the package and fails on any use outside this file, and on any use here that PRIVATE_NAMES does not list.
 What the scan enforces is the underscore convention (private attributes, keyword arguments, string keys,
 modules); the other reaches here are public names whose meaning changed across versions (a renamed
@@ -27,12 +27,13 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import gguf
 import torch
 import transformers
 from transformers.cache_utils import DynamicLayer
 
 # Private names (leading underscore) of other libraries that this module uses: name -> whose and why.
-# tests/test_compat.py checks that this list is exact and that no other module uses such a name.
+# tests/unit/test_compat.py checks that this list is exact and that no other module uses such a name.
 PRIVATE_NAMES: dict[str, str] = {
     "_attn_implementation": "transformers PreTrainedConfig: the attention backend; no public getter in 5.17-5.24 "
                             "(the setter is PreTrainedModel.set_attn_implementation)",
@@ -122,8 +123,6 @@ def gguf_eos_restored(tokenizer: Any, model_dir: str, gguf_file: str) -> Any:
     from the bos id (integrations/ggml.py, `eos_token = proto.tokens[proto.bos_token_id]`; gone in 5.19's
     rewrite), so generation would stop on <|im_start|> instead of <|im_end|>. The GGUF file's own
     `tokenizer.ggml.eos_token_id` is put back (read with gguf's reader: the header only, the file is mapped)."""
-    import gguf
-
     path = os.path.join(model_dir, gguf_file)
     if not os.path.isfile(path):  # a hub id: transformers fetched the file into its cache; left as loaded
         return tokenizer
@@ -195,7 +194,7 @@ def zero3_fetch_hooks_lifted(engine: Any) -> Iterator[None]:
     generation runs on the gathered weights at full speed; put back, with a fresh fetch trace, on exit.
 
     No public API does this; TRL does the same (trl.models.utils, remove_hooks / add_hooks). Tested on
-    DeepSpeed 0.19 (tests/test_distributed.py, ZeRO-3).
+    DeepSpeed 0.19 (tests/distributed/test_distributed.py, ZeRO-3).
     """
     offload = engine.optimizer.parameter_offload
     for p in engine.module.parameters():

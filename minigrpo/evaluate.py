@@ -1,6 +1,6 @@
 """Evaluation: greedy accuracy, and pass@k / maj@k from k samples per problem.
 
-It scores with `rewards.is_correct`, the same extractor the correctness reward uses, so the training
+It scores with `answers.is_correct`, the same extractor the correctness reward uses, so the training
 reward and the reported accuracy cannot drift apart. Generation goes through the rollout backend.
 """
 
@@ -11,8 +11,9 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from minigrpo.rewards import extract_answer, is_correct
-from minigrpo.rollout import SamplingParams, generate
+from minigrpo.rollout import generate
+from minigrpo.rollout.types import SamplingParams
+from minigrpo.tasks.answers import extract_answer, is_correct
 
 
 def _batched(items: list[Any], size: int) -> list[list[Any]]:

@@ -177,7 +177,7 @@ def logprob_layout(model: PreTrainedModel, attention_mask: torch.Tensor, C: int,
     can_pack = (attn in ("sdpa", "eager") and (not window or P + K <= window)
                 and n_groups * (P + K) ** 2 <= MAX_PACKED_MASK)
     # The shared prefix calls the model twice per pass: not under activation checkpointing, nor through an
-    # engine's wrapper (DDP, DeepSpeed, FSDP expect one forward per backward). Then packing competes with
+    # distributed strategy's wrapper (DDP, DeepSpeed, FSDP expect one forward per backward). Then packing competes with
     # plain rows, each carrying its prompt.
     wrapped = hasattr(model, "module") or type(model).__name__.startswith("FSDP")
     shared = not (checkpointing_enabled(model) or wrapped)

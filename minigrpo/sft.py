@@ -1,9 +1,10 @@
 """Supervised fine-tuning: the cold-start stage of the R1 recipe (and the SFT after rejection sampling).
 
-Same config, run folder, logging and evaluation as `train`. The data is any dataset `train` reads: the
-target of each problem is its worked solution reformatted to end in `#### N` (`data.sft_target`), so
-GSM8K solutions, the arith task's solutions and rejection-sampled JSONL (`minigrpo sample`) all work.
-The loss is the mean cross-entropy of the target tokens (EOS included), prompt tokens masked out.
+Same config, run folder, logging, evaluation, checkpoints, `--resume`, Ctrl-C and bad-step guard as `train`
+(the run machinery of run.py). The data is any dataset `train` reads: the target of each problem is its
+worked solution reformatted to end in `#### N` (`sources.sft_target`), so GSM8K solutions, the arith task's
+solutions and rejection-sampled JSONL (`minigrpo sample`) all work. The loss is the mean cross-entropy of
+the target tokens (EOS included), prompt tokens masked out. GRPO's rules (groups, rewards) do not apply.
 """
 
 from __future__ import annotations
@@ -16,10 +17,20 @@ import torch
 import torch.nn.functional as F
 
 from minigrpo.config import Config
-from minigrpo.data import sft_target
 from minigrpo.model import trainable_parameters
-from minigrpo.monitor import Monitor
-from minigrpo.train import PromptSampler, finish_run, make_optimizer, run_eval, setup_run
+from minigrpo.run import (
+    Interrupt,
+    LoopState,
+    PromptSampler,
+    end_step,
+    finish_run,
+    prepare_training,
+    run_eval,
+    setup_run,
+    start_loop,
+    step_schedule,
+)
+from minigrpo.tasks.sources import sft_target
 
 
 def encode_pairs(tokenizer: Any, prompts: list[str], targets: list[str]) -> list[tuple[list[int], int]]:
@@ -42,49 +53,50 @@ def collate(pairs: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tens
     return ids, attention, loss_mask.float()
 
 
+# How each metric of a step is reduced over processes (reduce_metrics): mean unless named here.
+REDUCTIONS = {"perf/step_s": "max", "perf/tokens_per_s": "max"}
+
+
 def sft(cfg: Config, show_progress: bool = True) -> Path:
     """Fine-tune on worked solutions; returns the run folder (config, metrics, adapter or model).
 
-    With several processes (torchrun / accelerate launch, any engine) each takes its share of every
+    With several processes (torchrun / accelerate launch, any strategy) each takes its share of every
     step's examples; the mean is over the tokens of all of them, so the step is the one-process step."""
     # ---- setup ----------------------------------------------------------------------------------------
-    run = setup_run(cfg)
-    model, tok, ranks = run.model, run.tokenizer, run.ranks
-    device = next(model.parameters()).device
+    run = setup_run(cfg, "SFT")
+    model, tok, dist, device = run.model, run.tokenizer, run.dist, run.device
     pairs = encode_pairs(tok, run.train_prompts, [sft_target(ex) for ex in run.train_set])
-    optimizer, scheduler = make_optimizer(cfg, model, cfg.max_steps, ranks.offloads_optimizer)
-    wrapped, optimizer = ranks.prepare(model, optimizer, cfg.per_device_train_batch_size, cfg.max_grad_norm)
-    sampler = PromptSampler(len(pairs), cfg.seed)
-    monitor = Monitor(run.run_dir, cfg.max_steps, cfg.logging_steps, show=show_progress, stage="SFT",
-                      enabled=ranks.main)
-    before = run_eval(cfg, model, tok, run.eval_prompts, run.eval_set, ranks)
-    if before:
-        monitor.log(0, before)
+    opt = prepare_training(run, cfg.max_steps)
+    state = LoopState(PromptSampler(len(pairs), cfg.seed))
+    monitor = start_loop(run, opt, state, show_progress)  # resume, or evaluate before training
 
     mb = cfg.per_device_train_batch_size
-    for step in range(1, cfg.max_steps + 1):
-        t0 = time.perf_counter()
-        model.train()
-        micro = []  # every process draws the step's examples for all and takes its share of each micro-batch
-        for _ in range(cfg.gradient_accumulation_steps):
-            idx = sampler.take(mb * ranks.world)[ranks.rank * mb:(ranks.rank + 1) * mb]
-            micro.append(collate([pairs[i] for i in idx], tok.pad_token_id))
-        num_tokens = ranks.sum([sum(m[2].sum().item() for m in micro)])[0]  # mean over the whole global batch
-        loss_sum = 0.0
-        for j, (ids, attention, loss_mask) in enumerate(micro):
-            ids, attention, loss_mask = ids.to(device), attention.to(device), loss_mask.to(device)
-            logits = wrapped(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
-            loss = (nll * loss_mask).sum() / num_tokens
-            ranks.backward(loss * ranks.world, last=j == len(micro) - 1)  # the engine averages over processes
-            loss_sum += loss.item() * ranks.world  # averaged over processes below: the global mean
-        grad_norm, _ = ranks.step(optimizer, trainable_parameters(model), cfg.max_grad_norm)
-        scheduler.step()
-        metrics = {"train/loss": loss_sum, "train/grad_norm": grad_norm,
-                   "train/learning_rate": scheduler.get_last_lr()[0], "perf/step_s": time.perf_counter() - t0,
-                   "perf/tokens_per_s": num_tokens / ranks.world / (time.perf_counter() - t0)}
-        if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
-            metrics |= run_eval(cfg, model, tok, run.eval_prompts, run.eval_set, ranks)
-        monitor.log(step, ranks.mean_metrics(metrics))
+    with Interrupt() as interrupt:  # Ctrl-C: finish the step, save a checkpoint, stop; again: stop at once
+        for step in range(state.step + 1, cfg.max_steps + 1):
+            t0 = time.perf_counter()
+            model.train()
+            micro = []  # every process draws the step's examples for all and takes its share of each micro-batch
+            for _ in range(cfg.gradient_accumulation_steps):
+                idx = state.sampler.take(mb * dist.world)[dist.rank * mb:(dist.rank + 1) * mb]
+                micro.append(collate([pairs[i] for i in idx], tok.pad_token_id))
+            num_tokens = dist.sum([sum(m[2].sum().item() for m in micro)])[0]  # mean over the whole global batch
+            loss_sum = 0.0
+            for j, (ids, attention, loss_mask) in enumerate(micro):
+                ids, attention, loss_mask = ids.to(device), attention.to(device), loss_mask.to(device)
+                logits = opt.wrapped(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
+                nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
+                loss = (nll * loss_mask).sum() / num_tokens
+                dist.backward(loss * dist.world, last=j == len(micro) - 1)  # the strategy averages over processes
+                loss_sum += loss.item() * dist.world  # averaged over processes below: the global mean
+            grad_norm, applied = dist.step(opt.optimizer, trainable_parameters(model), cfg.max_grad_norm)
+            step_schedule(opt.scheduler)  # skipped updates count too
+            metrics = {"train/loss": loss_sum, "train/grad_norm": grad_norm,
+                       "train/skipped_updates": float(not applied),
+                       "train/learning_rate": opt.scheduler.get_last_lr()[0], "perf/step_s": time.perf_counter() - t0,
+                       "perf/tokens_per_s": num_tokens / dist.world / (time.perf_counter() - t0)}
+            if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
+                metrics |= run_eval(run)
+            monitor.log(step, dist.reduce_metrics(metrics, REDUCTIONS))
+            end_step(run, opt, state, monitor, interrupt, step, all_skipped=not applied)
 
-    return finish_run(cfg, run, monitor, before)
+    return finish_run(run, monitor, state.before)

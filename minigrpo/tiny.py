@@ -8,8 +8,10 @@ LoRA, generation, the loss) is the one a real model takes.
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from minigrpo.tasks.arith import SPLIT_PATTERN, arith_vocab
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
@@ -66,10 +68,6 @@ ARITH_TEMPLATE = (
 
 def arith_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer over the arithmetic task's vocabulary; digits are single tokens; eos = pad."""
-    from tokenizers import Regex
-
-    from minigrpo.arith import SPLIT_PATTERN, arith_vocab
-
     vocab = {t: i for i, t in enumerate(ARITH_SPECIALS + arith_vocab())}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")

@@ -25,7 +25,7 @@ CONFIGS = {
 
 
 def planned_gb(args: list[str]) -> float:
-    code = ("import sys; from minigrpo.cli import config_from_argv; from minigrpo.plan import plan, GB; "
+    code = ("import sys; from minigrpo.cli import config_from_argv; from minigrpo.tools.plan import plan, GB; "
             "print(plan(config_from_argv(sys.argv[1:])).peak / GB)")
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])

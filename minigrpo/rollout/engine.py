@@ -1,0 +1,124 @@
+"""minigrpo's rollout engine (`rollout_backend: engine`, the default): a sampler made for GRPO's groups.
+
+Each prompt is prefilled once and its KV cache shared by its n samples; the cache is preallocated for the
+whole completion (no re-allocation per token); rows that finish leave the batch; each prompt samples from
+its own seed, so what it samples does not depend on the rest of the batch. Greedy decoding gives
+transformers' `generate` tokens (tests/unit/test_engine.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from minigrpo.compat import cache_kwargs, preallocate
+from minigrpo.model import merged_lora
+from minigrpo.rollout.types import Rollout, SamplingParams, encode_prompts, eos_token_ids, make_rollout
+
+
+def sample_tokens(logits: torch.Tensor, params: SamplingParams,
+                  groups: tuple[torch.Tensor, list[torch.Generator]] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens [B] and their log-probs [B] under softmax(logits / temperature). logits: [B, V].
+
+    `groups` = (prompt index of each row, one generator per prompt), rows of a prompt contiguous: each
+    prompt's rows draw from its own generator, so what a prompt samples does not depend on the batch.
+
+    top-k / top-p restrict what can be drawn; the returned log-prob stays the full tempered distribution's,
+    the one the trainer computes (with top-p < 1 the sampler and the trained policy differ: see README).
+    """
+    logits = logits.float()
+    if params.temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
+    scaled = logits / params.temperature
+    logp_all = torch.log_softmax(scaled, -1)  # [B, V]
+    if params.top_k > 0:
+        kth = torch.topk(scaled, min(params.top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, -torch.inf)
+    if params.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+        sorted_logits, order = torch.sort(scaled, descending=True)
+        probs = torch.softmax(sorted_logits, -1)
+        drop = probs.cumsum(-1) - probs > params.top_p  # the first token is always kept
+        scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(drop, -torch.inf))
+    probs = torch.softmax(scaled, -1)
+    if groups is None:
+        tokens = torch.multinomial(probs, 1)[:, 0]
+    else:
+        ids, counts = torch.unique_consecutive(groups[0], return_counts=True)
+        blocks = probs.split(counts.tolist())
+        tokens = torch.cat([torch.multinomial(block, 1, generator=groups[1][g])[:, 0]
+                            for g, block in zip(ids.tolist(), blocks)])
+    return tokens, logp_all.gather(-1, tokens[:, None])[:, 0]
+
+
+def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+             params: SamplingParams, merge_lora: bool = True) -> Rollout:
+    """The `engine` backend: `engine_generate` with LoRA folded into the weights while it runs (faster decoding),
+    unless merge_lora is False."""
+    with merged_lora(model, merge_lora):
+        return engine_generate(model, tokenizer, prompts, params)
+
+
+@torch.no_grad()
+def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                    params: SamplingParams) -> Rollout:
+    """minigrpo's rollout engine: each prompt is prefilled once and its KV cache shared by its n samples.
+
+    Then one decode step per token for the batch, with per-sequence EOS: once a quarter of the rows have
+    finished they leave the batch (and its KV cache), and decoding stops when every sequence has finished.
+    Positions follow the attention mask exactly as in `generate`, so greedy decoding gives generate's tokens.
+    The sampled tokens' log-probs come back in `Rollout.logprobs`.
+    """
+    device = next(model.parameters()).device
+    ids, mask = encode_prompts(tokenizer, prompts, device)  # [P, L]
+    eos = torch.tensor(eos_token_ids(model, tokenizer), device=device)
+    pad = tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    # ---- prefill: once per prompt, then the cache is expanded to its n samples ---------------------------
+    cache = DynamicCache(config=model.config)
+    with_cache = cache_kwargs(model, cache)  # {"cache" or "past_key_values": cache}, as this transformers names it
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, **with_cache, use_cache=True,
+                logits_to_keep=1)
+    if params.n > 1:
+        cache.batch_repeat_interleave(params.n)
+    preallocate(cache, params.max_new_tokens)
+    logits = out.logits[:, -1].repeat_interleave(params.n, 0)  # [B, V]
+    P = ids.shape[1]
+    mask = torch.cat([mask.repeat_interleave(params.n, 0),
+                      mask.new_ones((mask.shape[0] * params.n, params.max_new_tokens))], 1)  # [B, P+T], sliced
+    position = position[:, -1:].repeat_interleave(params.n, 0)  # [B, 1]
+    B, T = logits.shape[0], params.max_new_tokens
+    full_prompt_mask = mask[:, :P]
+    tokens = torch.full((B, T), pad, dtype=torch.long, device=device)
+    logprobs = torch.zeros((B, T), device=device)
+    live = torch.arange(B, device=device)  # original row of each row still in the compute batch
+    gens = None if params.seeds is None or params.temperature == 0 else [
+        torch.Generator(device=device).manual_seed(int(seed)) for seed in params.seeds]
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # per compute-batch row
+    # ---- decode ---------------------------------------------------------------------------------------
+    steps = 0
+    for t in range(T):
+        next_tokens, next_logp = sample_tokens(logits, params, None if gens is None else (live // params.n, gens))
+        tokens[live, t] = torch.where(done, pad, next_tokens)
+        logprobs[live, t] = torch.where(done, 0.0, next_logp)
+        done |= torch.isin(next_tokens, eos)
+        steps = t + 1
+        if bool(done.all()) or t == T - 1:
+            break
+        if int(done.sum()) * 4 >= len(done):  # a quarter of the batch has finished: drop those rows
+            keep = (~done).nonzero()[:, 0]
+            live, done, mask, position = live[keep], done[keep], mask[keep], position[keep]
+            cache.batch_select_indices(keep)
+            next_tokens = next_tokens[keep]
+        position = position + 1
+        out = model(input_ids=next_tokens[:, None], attention_mask=mask[:, :P + t + 1], position_ids=position,
+                    **with_cache, use_cache=True)
+        logits = out.logits[:, -1]
+    model.train(was_training)
+    prompt_ids, prompt_mask = ids.repeat_interleave(params.n, 0), full_prompt_mask
+    ro = make_rollout(tokenizer, prompts, params.n, prompt_ids, prompt_mask, tokens[:, :steps], eos.tolist())
+    ro.logprobs = logprobs[:, :steps] * ro.completion_mask
+    return ro

@@ -1,0 +1,341 @@
+"""What both loops (GRPO in train.py, SFT in sft.py) share: the run's set-up, its state, checkpoints and exact
+resume, the Ctrl-C and bad-step guards, held-out evaluation, and the finish.
+
+A loop reads, top to bottom:
+
+    run = setup_run(cfg, "GRPO")                           folder, seeds, policy, data and prompts
+    opt = prepare_training(run, num_updates)               optimizer, schedule, the distributed strategy
+    state = LoopState(PromptSampler(len(data), cfg.seed))  where the loop is: what a checkpoint saves
+    monitor = start_loop(run, opt, state)                  resume (or evaluate before training), logging
+    with Interrupt() as interrupt:
+        for step in range(state.step + 1, cfg.max_steps + 1):
+            ... the stage's own work ...
+            end_step(run, opt, state, monitor, interrupt, step, all_skipped)   checkpoint, guards
+    finish_run(run, monitor, state.before)                 final evaluation, the policy, curves
+
+Nothing here knows GRPO or SFT: each loop's own state is passed in, never captured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import signal
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import get_scheduler
+
+from minigrpo import rollout
+from minigrpo.checkpoint import (
+    checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    save_policy,
+    set_rng_state,
+    shards_dir,
+    start_checkpoint,
+)
+from minigrpo.config import Config, save_config
+from minigrpo.dist import Distributed
+from minigrpo.errors import ConfigError, TrainingStopped
+from minigrpo.evaluate import evaluate
+from minigrpo.model import load_model, make_optimizer_class, trainable_parameters
+from minigrpo.monitor import Monitor, make_run_dir, print0
+from minigrpo.tasks.prompts import render_prompts
+from minigrpo.tasks.sources import Example, load_split
+from minigrpo.tools.plot import plot_run
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class PromptSampler:
+    """Endless shuffled passes over the dataset indices, reproducible from the seed."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.gen, self.order, self.pos = size, torch.Generator().manual_seed(seed), [], 0
+        self.drawn = 0  # indices handed out so far
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.gen.get_state(), "order": list(self.order), "pos": self.pos, "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["generator"])
+        self.order, self.pos, self.drawn = list(state["order"]), state["pos"], state["drawn"]
+
+    def take(self, n: int) -> list[int]:
+        """The next n indices (a new permutation starts when a pass is used up)."""
+        out = []
+        while len(out) < n:
+            if self.pos == len(self.order):
+                self.order, self.pos = torch.randperm(self.size, generator=self.gen).tolist(), 0
+            out.append(self.order[self.pos])
+            self.pos += 1
+            self.drawn += 1
+        return out
+
+
+class Interrupt:
+    """`with Interrupt() as interrupt:` the first SIGINT only sets `requested` (the loop saves and stops after
+    the step); the second raises KeyboardInterrupt at once. The previous handler is back on leaving."""
+
+    def __init__(self) -> None:
+        self.requested, self._previous = False, None
+
+    def __enter__(self) -> Interrupt:
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = True
+        print0("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)")
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+@dataclass
+class Run:
+    """What every stage starts from: the config, the run folder, the policy, the data and its prompts."""
+    cfg: Config
+    run_dir: Path
+    model: torch.nn.Module
+    tokenizer: Any
+    train_set: list[Example]
+    eval_set: list[Example]
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    dist: Distributed = field(default_factory=Distributed)
+    stage: str = "GRPO"  # "GRPO" or "SFT": a checkpoint resumes only in the stage that wrote it
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+@dataclass
+class Optimization:
+    """What updates the policy: the optimizer, its schedule, and the model the loss pass goes through (the
+    strategy's wrapper under DDP / DeepSpeed / FSDP; the model itself in one plain process)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    wrapped: torch.nn.Module
+
+
+@dataclass
+class LoopState:
+    """Where a loop is: what a checkpoint saves besides the weights, the optimizer and the RNG."""
+    sampler: PromptSampler  # the data order and position
+    step: int = 0  # the last finished step
+    bad_streak: int = 0  # steps in a row whose every update was skipped (non-finite loss or gradient)
+    before: dict[str, float] = field(default_factory=dict)  # held-out metrics before training
+
+
+def setup_run(cfg: Config, stage: str = "GRPO") -> Run:
+    """Run folder with the resolved config, seeds and threads, the model, both splits rendered as prompts."""
+    rollout.check(cfg)  # the backend refuses at start, before any folder or download, when it cannot run
+    dist = Distributed(cfg.device)
+    run_dir = dist.broadcast(make_run_dir(cfg.output_dir) if dist.main else None)
+    if dist.main:
+        save_config(cfg, str(run_dir / "config.yaml"))
+    if dist.world > 1:
+        cfg = dataclasses.replace(cfg, device=str(dist.device))  # this process's device
+    set_seed(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    model, tok = load_model(cfg)
+    rollout.start(cfg, model)
+    train_set = load_split(cfg, cfg.train_split)
+    eval_set = load_split(cfg, cfg.eval_split, cfg.eval_limit, cfg.eval_dataset) if cfg.eval_limit else []
+    fewshot = train_set[:cfg.num_fewshot] if cfg.template == "fewshot" else None
+    eval_name = f"{cfg.eval_dataset or cfg.dataset} [{cfg.eval_split}]"
+    return Run(cfg, run_dir, model, tok, train_set, eval_set,
+               render_prompts(cfg, tok, train_set, fewshot, f"{cfg.dataset} [{cfg.train_split}]"),
+               render_prompts(cfg, tok, eval_set, fewshot, eval_name), dist, stage)
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module, num_updates: int, cpu_offload: bool = False,
+                   ) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable parameters and its learning-rate schedule.
+
+    cpu_offload (DeepSpeed keeps the optimizer on the CPU): DeepSpeed's vectorised CPU AdamW."""
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam as optimizer_class  # optional dependency; adamw_mode
+    else:
+        optimizer_class = make_optimizer_class(cfg, next(model.parameters()).device)
+    optimizer = optimizer_class(trainable_parameters(model), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                betas=(cfg.adam_beta1, cfg.adam_beta2))
+    return optimizer, get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                    num_training_steps=num_updates)
+
+
+def step_schedule(scheduler: Any) -> None:
+    """Advance the learning-rate schedule by one update, skipped updates included (torch would warn once that the
+    optimizer did not step first: it did not, on purpose)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        scheduler.step()
+
+
+def prepare_training(run: Run, num_updates: int) -> Optimization:
+    """The optimizer and schedule over `num_updates` updates, handed to the distributed strategy."""
+    cfg, dist = run.cfg, run.dist
+    optimizer, scheduler = make_optimizer(cfg, run.model, num_updates, dist.offloads_optimizer)
+    wrapped, optimizer = dist.prepare(run.model, optimizer, cfg.per_device_train_batch_size, cfg.max_grad_norm)
+    return Optimization(optimizer, scheduler, wrapped)
+
+
+def run_eval(run: Run) -> dict[str, float]:
+    """Greedy held-out accuracy (the task metric, independent of the reward weights), split over processes."""
+    if not run.eval_prompts:
+        return {}
+    cfg, dist = run.cfg, run.dist
+    prompts, golds = dist.share(run.eval_prompts), dist.share([ex.columns["answer"] for ex in run.eval_set])
+    keys = ["accuracy", "format", "mean_length"]
+    totals = [0.0] * (len(keys) + 1)
+    with dist.full_weights(run.model):  # every process enters (ZeRO-3 gathers), even one without prompts
+        if prompts:
+            report = evaluate(run.model, run.tokenizer, prompts, golds, max_new_tokens=cfg.max_completion_length,
+                              batch_size=cfg.eval_batch_size, backend=cfg.rollout_backend)
+            totals = [report[k] * len(prompts) for k in keys] + [len(prompts)]
+    totals = dist.sum(totals)
+    return {f"eval/{k}": v / totals[-1] for k, v in zip(keys, totals)}
+
+
+def trim_logs(run_dir: Path, step: int) -> None:
+    """Drop metrics and samples logged after `step` (the steps a resumed run will do again)."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = run_dir / name
+        if path.is_file():
+            keep = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            path.write_text("".join(keep))
+
+
+def resume(run: Run, opt: Optimization, state: LoopState) -> bool:
+    """With `resume: true`, load the run's last complete checkpoint (weights, optimizer, schedule, data position,
+    counters, RNG last); whether one was loaded. A run killed before its first checkpoint starts again."""
+    cfg, dist = run.cfg, run.dist
+    found = checkpoints(run.run_dir) if cfg.resume else []
+    if cfg.resume and not found:  # killed before its first checkpoint: nothing to keep
+        print0(f"resume: no complete checkpoint in {run.run_dir} yet: starting at step 1")
+        if dist.main:
+            trim_logs(run.run_dir, -1)
+    if not found:
+        return False
+    done, path = found[-1]
+    saved = load_checkpoint(path, None if dist.saves_shards else run.model)
+    stage = saved.get("stage", "GRPO")
+    if stage != run.stage:
+        raise ConfigError(f"{path} is a checkpoint of {stage}, not {run.stage}: resume it with "
+                          f"`minigrpo {'train' if stage == 'GRPO' else 'sft'} --resume {run.run_dir}`")
+    launch = saved.get("launch", {"strategy": None, "world": 1})
+    launched = {"strategy": launch.get("strategy", launch.get("engine")), "world": launch["world"]}
+    if dist.saves_shards and launched != {"strategy": dist.strategy, "world": dist.world}:
+        raise ConfigError(f"{path} holds {launched['strategy'] or 'one-process'} shards of {launched['world']} "
+                          f"process(es); this launch is {dist.strategy} with {dist.world}: resume it the "
+                          f"way it was launched (same accelerate config and process count)")
+    if dist.saves_shards:  # DeepSpeed / FSDP: each process loads its shards of weights and optimizer
+        dist.load_shards(shards_dir(path))
+    else:
+        opt.optimizer.load_state_dict(saved["optimizer"])
+    opt.scheduler.load_state_dict(saved["scheduler"])
+    state.sampler.load_state_dict(saved["sampler"])
+    state.step, state.bad_streak, state.before = done, saved["bad_streak"], saved["before"]
+    if dist.main:
+        trim_logs(run.run_dir, done)
+    set_rng_state(saved["rng"])  # last: nothing may draw between here and the next step
+    print0(f"resumed from {path}: continuing at step {done + 1}")
+    return True
+
+
+def start_loop(run: Run, opt: Optimization, state: LoopState, show_progress: bool = True) -> Monitor:
+    """Resume when asked, else evaluate the policy before training; the monitor that logs the steps."""
+    resumed = resume(run, opt, state)
+    monitor = Monitor(run.run_dir, run.cfg.max_steps, run.cfg.logging_steps, show=show_progress, stage=run.stage,
+                      enabled=run.dist.main)
+    if not resumed:
+        state.before = run_eval(run)
+        if state.before:
+            monitor.log(0, state.before)
+            print0(f"held-out accuracy before training: {state.before['eval/accuracy']:.3f} "
+                   f"(n={len(run.eval_set)}, greedy)")
+    return monitor
+
+
+def save(run: Run, opt: Optimization, state: LoopState) -> Path:
+    """checkpoint-{state.step}: policy, optimizer (or the strategy's shards), schedule, loop state, RNG."""
+    cfg, dist = run.cfg, run.dist
+    saved = {"stage": run.stage, "scheduler": opt.scheduler.state_dict(), "sampler": state.sampler.state_dict(),
+             "bad_streak": state.bad_streak, "before": state.before,
+             "launch": {"strategy": dist.strategy, "world": dist.world}}
+    saved |= {} if dist.saves_shards else {"optimizer": opt.optimizer.state_dict()}
+    weights = dist.policy_state()  # ZeRO-3 / FSDP: gathered from every process; else None
+    tmp = dist.broadcast(start_checkpoint(run.run_dir, state.step) if dist.main else None)
+    dist.save_shards(shards_dir(tmp))  # DeepSpeed / FSDP: every process writes its shards
+    dist.barrier()
+    if dist.main:  # the rest is the same on every process (RNG: process 0's)
+        save_checkpoint(run.run_dir, state.step, run.model, run.tokenizer, saved, cfg.save_total_limit, weights)
+    dist.barrier()
+    return run.run_dir / f"checkpoint-{state.step}"
+
+
+def end_step(run: Run, opt: Optimization, state: LoopState, monitor: Monitor, interrupt: Interrupt, step: int,
+             all_skipped: bool) -> None:
+    """After step `step` is logged: checkpoint when due, and stop (TrainingStopped, checkpoint saved) on Ctrl-C or
+    after max_bad_steps steps in a row whose every update was skipped."""
+    cfg = run.cfg
+    state.step = step
+    state.bad_streak = state.bad_streak + 1 if all_skipped else 0
+    too_bad = cfg.max_bad_steps and state.bad_streak >= cfg.max_bad_steps
+    due = cfg.save_steps and (step % cfg.save_steps == 0 or step == cfg.max_steps)
+    if not (due or interrupt.requested or too_bad):
+        return
+    path = save(run, opt, state)
+    if too_bad:  # skipped updates left the weights as the last good update made them
+        monitor.close()
+        raise TrainingStopped(f"step {step}: {state.bad_streak} steps in a row had a non-finite loss or gradient "
+                              f"(every update skipped). The policy as of the last good update is in {path}. "
+                              f"Lower learning_rate, look for huge or NaN rewards, or set max_bad_steps: 0 to "
+                              f"go on regardless.")
+    if interrupt.requested:
+        monitor.close()
+        command = "train" if run.stage == "GRPO" else "sft"
+        raise TrainingStopped(f"interrupted: checkpoint of step {step} saved in {path}; continue with "
+                              f"`minigrpo {command} --resume {run.run_dir}`")
+
+
+def finish_run(run: Run, monitor: Monitor, before: dict[str, float]) -> Path:
+    """Final evaluation, the trained policy, summary.json and curves.png; returns the run folder."""
+    after = run_eval(run)
+    if after:
+        monitor.log(run.cfg.max_steps, after)
+        print0(f"held-out accuracy: before {before['eval/accuracy']:.3f} -> after {after['eval/accuracy']:.3f}")
+    monitor.close()
+    weights = run.dist.policy_state()  # ZeRO-3 / FSDP: gathered from every process; else None
+    if run.dist.main:
+        save_policy(run.model, run.tokenizer, run.run_dir / ("adapter" if run.cfg.use_peft else "model"), weights)
+        (run.run_dir / "summary.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
+        print0(f"curves: {plot_run(run.run_dir)}\nrun folder: {run.run_dir}")
+    run.dist.barrier()
+    return run.run_dir

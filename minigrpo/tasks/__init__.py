@@ -1,0 +1,1 @@
+"""Where examples and scores come from: data sources, prompts, THE answer extractor, rewards, the arith task."""

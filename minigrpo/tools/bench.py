@@ -1,0 +1,268 @@
+"""`minigrpo bench rollout`: the rollout engine vs transformers' generate, same model, prompts and sampling.
+
+Repetitions are interleaved (engine, hf, engine, hf, ...) in one process so machine noise hits both alike;
+the report gives the median tokens/s of each, the spread (min-max) and the ratio of medians.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from minigrpo.compat import drop_gguf_marker
+from minigrpo.config import Config
+from minigrpo.model import load_tokenizer, resolve_model_path
+from minigrpo.monitor import peak_memory_gb, peak_rss_bytes
+from minigrpo.rollout.engine import engine_generate
+from minigrpo.rollout.hf import hf_generate
+from minigrpo.rollout.types import SamplingParams
+from minigrpo.tasks.prompts import render_prompts
+from minigrpo.tasks.rewards import correctness_reward
+from minigrpo.tasks.sources import load_split
+
+
+def bench_rollout(model: Any, tokenizer: Any, prompts: list[str], n: int, max_new_tokens: int, reps: int = 5,
+                  temperature: float = 1.0, warmup: int = 1) -> dict[str, Any]:
+    """Tokens/s of each backend over `reps` interleaved repetitions (seeded identically per repetition)."""
+    params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature)
+    backends = {"engine": engine_generate, "hf": hf_generate}
+    rates: dict[str, list[float]] = {k: [] for k in backends}
+    for rep in range(warmup + reps):
+        for name, fn in backends.items():
+            torch.manual_seed(rep)
+            t0 = time.perf_counter()
+            ro = fn(model, tokenizer, prompts, params)
+            seconds = time.perf_counter() - t0
+            if rep >= warmup:
+                rates[name].append(ro.num_completion_tokens / seconds)  # real tokens, up to each EOS
+    report: dict[str, Any] = {}
+    for name, values in rates.items():
+        report[name] = {"median_tokens_per_s": statistics.median(values), "min": min(values), "max": max(values)}
+    report["ratio_engine_over_hf"] = report["engine"]["median_tokens_per_s"] / report["hf"]["median_tokens_per_s"]
+    return report
+
+
+# ---- `minigrpo bench trl`: minigrpo vs TRL's GRPOTrainer, same settings ------------------------------------------
+#
+# Each run is a fresh spawned process (so ru_maxrss is that framework's own peak RSS); runs are interleaved
+# (trl, minigrpo, trl, minigrpo, ...) so machine noise hits both alike. The first step of each run is warm-up
+# and left out of the medians.
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+VLLM_MEMORY = 0.3  # share of GPU memory each framework's colocated vLLM takes (sleep mode off in both)
+
+
+def _peak_rss_mb() -> float:
+    return peak_rss_bytes() / 2**20
+
+
+def _peak_gpu_gb() -> float:
+    return peak_memory_gb(torch.device("cuda")) if torch.cuda.is_available() else 0.0
+
+
+def _minigrpo_config(s: dict[str, Any], beta: float, output_dir: str) -> Any:
+    return Config(model=s["model"], gguf_file=s["gguf_file"], use_peft=True, lora_r=16, lora_alpha=32,
+                  lora_dropout=0.0, lora_target_modules=list(LORA_TARGETS), gradient_checkpointing=False,
+                  dtype=s.get("dtype", "float32"), device=s.get("device", "cpu"), beta=beta, learning_rate=s["lr"],
+                  rollout_backend="vllm" if s.get("vllm") else "engine", vllm_sleep=False,
+                  vllm_gpu_memory_utilization=VLLM_MEMORY,
+                  num_generations=s["num_generations"],
+                  per_device_train_batch_size=s["num_generations"] * s["prompts_per_step"],
+                  max_completion_length=s["max_completion_length"], max_steps=s["steps"], eval_limit=0,
+                  eval_steps=0, seed=s["seed"], output_dir=output_dir, num_threads=s["threads"],
+                  logging_steps=max(s["steps"], 1), arith_train_size=s["train_size"],
+                  dataset=s.get("data", "arith"))
+
+
+def _run_minigrpo(s: dict[str, Any], beta: float) -> dict[str, Any]:
+    """One minigrpo run (in a fresh process): per-step seconds and completion tokens/s from metrics.jsonl."""
+    torch.set_num_threads(s["threads"])
+    from minigrpo.train import train  # here: only this child runs minigrpo's loop (its own peak RSS)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        run_dir = train(_minigrpo_config(s, beta, str(Path(tmp) / "run")), show_progress=False)
+        run_s = time.perf_counter() - t0
+        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "perf/step_s" in r]
+    return {"step_s": [r["perf/step_s"] for r in rows], "tokens_per_s": [r["perf/tokens_per_s"] for r in rows],
+            "mean_length": [r["completions/mean_length"] for r in rows], "run_s": run_s,
+            "peak_rss_mb": _peak_rss_mb(), "peak_gpu_gb": _peak_gpu_gb()}
+
+
+def _run_trl(s: dict[str, Any], beta: float) -> dict[str, Any]:
+    """One TRL GRPOTrainer run (in a fresh process), timed per step by a callback."""
+    torch.set_num_threads(s["threads"])
+    # here: TRL is optional (the bench extra), and only this child loads it
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    t0 = time.perf_counter()
+    cfg = _minigrpo_config(s, beta, "")
+    path = resolve_model_path(s["model"])
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=s["gguf_file"])
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=s["gguf_file"], dtype=getattr(torch, cfg.dtype))
+    # The same prompt text as minigrpo (chat template + system prompt), passed as plain text so the reward
+    # gets completion strings; the token ids equal those of TRL's own chat-template path.
+    examples = load_split(cfg, "train")
+    rows = [{"prompt": prompt, "answer": ex.columns["answer"]}
+            for prompt, ex in zip(render_prompts(cfg, tok, examples), examples)]
+    G, B = s["num_generations"], s["num_generations"] * s["prompts_per_step"]
+
+    def correctness(prompts: list[str], completions: list[str], answer: list[str], **kwargs: Any) -> list[float]:
+        return correctness_reward(prompts, completions, answer)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.step_s: list[float] = []
+            self.lengths: dict[int, float] = {}
+            self.started = 0.0
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.step_s.append(time.perf_counter() - self.started)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            if logs and "completions/mean_length" in logs:
+                self.lengths[state.global_step] = logs["completions/mean_length"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = GRPOConfig(
+            output_dir=tmp, use_cpu=cfg.device == "cpu", bf16=cfg.dtype == "bfloat16", fp16=False,
+            gradient_checkpointing=False, seed=s["seed"], use_vllm=bool(s.get("vllm")), vllm_mode="colocate",
+            vllm_gpu_memory_utilization=VLLM_MEMORY, vllm_enable_sleep_mode=False,
+            data_seed=s["seed"], per_device_train_batch_size=B, gradient_accumulation_steps=1,
+            num_generations=G, max_completion_length=s["max_completion_length"], temperature=cfg.temperature,
+            top_p=cfg.top_p, top_k=cfg.top_k, beta=beta, epsilon=cfg.epsilon, num_iterations=cfg.num_iterations,
+            loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards, mask_truncated_completions=False,
+            learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, max_grad_norm=cfg.max_grad_norm,
+            optim="adamw_torch", max_steps=s["steps"], logging_steps=1, report_to="none", save_strategy="no",
+            disable_tqdm=True, log_completions=False, dataloader_num_workers=0)
+        timer = StepTimer()
+        trainer = GRPOTrainer(
+            model=model, processing_class=tok, reward_funcs=[correctness], args=args,
+            train_dataset=Dataset.from_list(rows), callbacks=[timer],
+            peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
+                                   target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"))
+        trainer.train()
+        run_s = time.perf_counter() - t0
+    lengths = [timer.lengths.get(i + 1, float("nan")) for i in range(len(timer.step_s))]
+    return {"step_s": timer.step_s, "tokens_per_s": [n * B / t for n, t in zip(lengths, timer.step_s)],
+            "mean_length": lengths, "run_s": run_s, "peak_rss_mb": _peak_rss_mb(), "peak_gpu_gb": _peak_gpu_gb()}
+
+
+RUNNERS = {"trl": _run_trl, "minigrpo": _run_minigrpo}
+
+
+def _child(name: str, settings: dict[str, Any], beta: float, queue: Any) -> None:
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # trainers' log lines must not mix with the JSON report
+            result = RUNNERS[name](settings, beta)
+        queue.put(("ok", result))
+    except BaseException as e:  # report the failure to the parent instead of hanging it
+        queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def run_isolated(name: str, settings: dict[str, Any], beta: float) -> dict[str, Any]:
+    """Run one framework's training in a fresh spawned process; its own peak RSS comes back with the times."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(name, settings, beta, queue))
+    proc.start()
+    status, result = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"{name} run failed:\n{result}")
+    return result
+
+
+def _summary(runs: list[dict[str, Any]], warmup_steps: int) -> dict[str, Any]:
+    step_s = [t for r in runs for t in r["step_s"][warmup_steps:]]
+    tps = [t for r in runs for t in r["tokens_per_s"][warmup_steps:] if t == t]  # drop NaN
+    lengths = [n for r in runs for n in r["mean_length"][warmup_steps:] if n == n]
+    return {"median_step_s": statistics.median(step_s), "min_step_s": min(step_s), "max_step_s": max(step_s),
+            "median_tokens_per_s": statistics.median(tps) if tps else float("nan"),
+            "mean_completion_length": statistics.fmean(lengths) if lengths else float("nan"),
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+            "peak_gpu_gb": statistics.median(r.get("peak_gpu_gb", 0.0) for r in runs),
+            "median_run_s": statistics.median(r["run_s"] for r in runs), "timed_steps": len(step_s)}
+
+
+def bench_trl(model: str = "tiny-arith", gguf_file: str | None = None, steps: int = 10, num_generations: int = 8,
+              prompts_per_step: int = 4, max_completion_length: int = 64, betas: tuple[float, ...] = (0.04, 0.0),
+              lr: float = 1e-4, seed: int = 42, reps: int = 2, threads: int = 1, train_size: int = 2000,
+              warmup_steps: int = 1, data: str = "arith", device: str = "cpu", dtype: str = "float32",
+              vllm: tuple[bool, ...] = (False,), log: Any = None) -> dict[str, Any]:
+    """minigrpo vs TRL GRPOTrainer, identical settings, interleaved isolated runs; medians and ratios per variant.
+
+    Variants: each beta, times each vllm choice (False: each framework's own generation; True: each one's
+    colocated vLLM). Results are keyed by the beta ("0.04"), or "0.04 vllm" / "0.04 no-vllm" when vllm is varied.
+    """
+    settings = {"model": model, "gguf_file": None, "steps": steps, "num_generations": num_generations,
+                "prompts_per_step": prompts_per_step, "max_completion_length": max_completion_length, "lr": lr,
+                "seed": seed, "threads": threads, "train_size": train_size, "data": data, "device": device,
+                "dtype": dtype}
+    with contextlib.ExitStack() as stack:
+        if gguf_file:  # TRL's Trainer refuses GGUF-loaded models (quantized): both load one dequantized fp32 copy
+            settings["model"] = _dequantized_copy(model, gguf_file, stack.enter_context(tempfile.TemporaryDirectory()))
+        report = _bench_trl(settings, betas, vllm, reps, warmup_steps, log)
+    report["settings"] |= {"model": model, "gguf_file": gguf_file}
+    return report
+
+
+def _dequantized_copy(model: str, gguf_file: str, out: str) -> str:
+    """Save the model of a GGUF file as plain safetensors (with its tokenizer) under `out`."""
+    drop_gguf_marker(AutoModelForCausalLM.from_pretrained(resolve_model_path(model), gguf_file=gguf_file,
+                                                          dtype=torch.float32)).save_pretrained(out)
+    load_tokenizer(Config(model=model, gguf_file=gguf_file)).save_pretrained(out)
+    return out
+
+
+def _bench_trl(settings: dict[str, Any], betas: tuple[float, ...], vllm: tuple[bool, ...], reps: int,
+               warmup_steps: int, log: Any) -> dict[str, Any]:
+    def key(beta: float, v: bool) -> str:
+        return str(beta) if vllm == (False,) else f"{beta} {'vllm' if v else 'no-vllm'}"
+
+    variants = [(beta, v) for beta in betas for v in vllm]
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {key(b, v): {"trl": [], "minigrpo": []} for b, v in variants}
+    for rep in range(reps):
+        for beta, v in variants:
+            for name in ("trl", "minigrpo"):
+                result = run_isolated(name, settings | {"vllm": v}, beta)
+                runs[key(beta, v)][name].append(result)
+                if log:
+                    log(f"rep {rep + 1}/{reps} {key(beta, v)} {name}: median step "
+                        f"{statistics.median(result['step_s'][warmup_steps:] or result['step_s']):.3f} s, "
+                        f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    report: dict[str, Any] = {"settings": settings | {"betas": list(betas), "vllm": list(vllm), "reps": reps,
+                                                      "warmup_steps_dropped": warmup_steps}, "results": {}}
+    for name, by_framework in runs.items():
+        trl, mini = _summary(by_framework["trl"], warmup_steps), _summary(by_framework["minigrpo"], warmup_steps)
+        report["results"][name] = {
+            "trl": trl, "minigrpo": mini,
+            "ratio_minigrpo_over_trl": {
+                "step_s": mini["median_step_s"] / trl["median_step_s"],
+                "tokens_per_s": mini["median_tokens_per_s"] / trl["median_tokens_per_s"],
+                "peak_rss": mini["peak_rss_mb"] / trl["peak_rss_mb"]}}
+    return report

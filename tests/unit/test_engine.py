@@ -1,0 +1,168 @@
+"""The rollout engine: greedy = HF generate, reproducible sampling, the sampled distribution is the model's."""
+
+import math
+
+import pytest
+import torch
+
+from minigrpo.logprobs import policy_logprobs
+from minigrpo.rollout.engine import engine_generate, sample_tokens
+from minigrpo.rollout.hf import hf_generate
+from minigrpo.rollout.types import SamplingParams
+from minigrpo.tasks.arith import arith_rows
+from minigrpo.tiny import arith_model, arith_tokenizer, tiny_model, tiny_tokenizer
+
+
+def _prompts(tok, n=6):
+    qs = [row["question"] for row in arith_rows("test", n)]
+    if n > 1:
+        qs[1] = qs[1][:20]  # prompts of different lengths: left padding must not change the result
+    return [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            for q in qs]
+
+
+@pytest.mark.parametrize("family", ["byte", "arith"])
+def test_greedy_equals_hf_generate(family):
+    tok = tiny_tokenizer() if family == "byte" else arith_tokenizer()
+    model = tiny_model(tok, seed=4) if family == "byte" else arith_model(tok, seed=4, hidden=64, layers=2)
+    greedy = SamplingParams(n=1, max_new_tokens=24, temperature=0.0)
+    ours, ref = engine_generate(model, tok, _prompts(tok), greedy), hf_generate(model, tok, _prompts(tok), greedy)
+    assert torch.equal(ours.completion_ids, ref.completion_ids)
+    assert ours.completions == ref.completions
+    assert torch.equal(ours.completion_mask, ref.completion_mask)
+
+
+def test_sampling_reproducible_and_logprobs_match_trainer():
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=5)
+    params = SamplingParams(n=4, max_new_tokens=16, temperature=0.8)
+    torch.manual_seed(123)
+    a = engine_generate(model, tok, _prompts(tok, 2), params)
+    torch.manual_seed(123)
+    b = engine_generate(model, tok, _prompts(tok, 2), params)
+    p0, p1 = _prompts(tok, 2)
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.prompts == [p0] * 4 + [p1] * 4
+    # The engine's sampled log-probs are the trainer's log-probs of the same tokens at the same temperature.
+    ids = torch.cat([a.prompt_ids, a.completion_ids], 1)
+    attention = torch.cat([a.prompt_mask, a.completion_mask.long()], 1)
+    with torch.no_grad():
+        logp, _ = policy_logprobs(model, ids, attention, a.completion_ids.shape[1], 0.8)
+    torch.testing.assert_close(a.logprobs, logp * a.completion_mask, atol=1e-4, rtol=1e-4)
+
+
+def _first_token_counts(params, n=6000):
+    tok = arith_tokenizer()
+    model = arith_model(tok, seed=6, hidden=64, layers=2)
+    prompt = _prompts(tok, 1)
+    torch.manual_seed(7)
+    ro = engine_generate(model, tok, prompt, SamplingParams(n=n, max_new_tokens=1, temperature=params.temperature,
+                                                            top_k=params.top_k, top_p=params.top_p))
+    with torch.no_grad():
+        ids = ro.prompt_ids[:1]
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+    counts = torch.bincount(ro.completion_ids[:, 0], minlength=logits.shape[0]).float()
+    return counts, logits
+
+
+def _assert_matches(counts, probs):
+    n = counts.sum()
+    expected = n * probs
+    keep = expected > 5  # Pearson chi-square over the well-populated tokens, the rest pooled
+    chi2 = (((counts[keep] - expected[keep]) ** 2) / expected[keep]).sum()
+    rest_obs, rest_exp = counts[~keep].sum(), expected[~keep].sum()
+    if rest_exp > 5:
+        chi2 += (rest_obs - rest_exp) ** 2 / rest_exp
+    dof = int(keep.sum()) - 1 + int(rest_exp > 5)
+    # The chi-square 99.9% quantile is below dof + 4.5 sqrt(2 dof) + 10 for these dof (Wilson-Hilferty).
+    assert chi2 < dof + 4.5 * math.sqrt(2 * dof) + 10, (chi2, dof)
+
+
+def test_sampled_distribution_matches_model():
+    counts, logits = _first_token_counts(SamplingParams(temperature=0.7))
+    _assert_matches(counts, torch.softmax(logits / 0.7, -1))
+    # and a wrong temperature is detected: the same counts do not fit softmax(logits / 1.5)
+    with pytest.raises(AssertionError):
+        _assert_matches(counts, torch.softmax(logits / 1.5, -1))
+
+
+def test_top_k_and_top_p_restrict_and_renormalise():
+    counts, logits = _first_token_counts(SamplingParams(temperature=1.0, top_k=5))
+    top = torch.topk(logits, 5).indices
+    assert counts[top].sum() == counts.sum()  # nothing outside the top 5
+    probs = torch.zeros_like(logits)
+    probs[top] = torch.softmax(logits[top], -1)
+    _assert_matches(counts, probs)
+    # top-p: the smallest prefix of the sorted distribution reaching p; nothing else is ever drawn
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
+    p = torch.softmax(logits, -1)[0]  # [0.61, 0.22, 0.14, 0.03, 0.004]
+    params = SamplingParams(temperature=1.0, top_p=0.8)  # 0.61 < 0.8 <= 0.61 + 0.22: the first two
+    torch.manual_seed(0)
+    drawn, logp = sample_tokens(logits.repeat(4000, 1), params)
+    assert set(drawn.tolist()) == {0, 1}
+    assert abs((drawn == 0).float().mean().item() - p[0] / (p[0] + p[1])) < 0.03
+    assert torch.allclose(logp[drawn == 0], torch.log(p[0]))  # log-prob of the full tempered distribution
+
+
+def test_per_sequence_eos_finished_rows_leave_and_early_exit(monkeypatch):
+    """Sequences stop at their own EOS (pads after it); finished rows leave the batch; decoding stops at the end."""
+    from minigrpo.rollout import engine
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=8)
+    eos, batch_sizes = tok.eos_token_id, []
+    # Per original row: sequence 0 ends at step 1, sequences 2 and 3 at step 2, sequences 1, 4 and 5 at step 3.
+    plan = iter([[5, 6, 7, 8, 9, 10], [eos, 6, 7, 8, 9, 10], [5, 6, eos, eos, 9, 10], [5, eos, 7, 8, eos, eos]])
+    rows, finished = list(range(6)), set()
+
+    def scripted(logits, params, groups=None):
+        nonlocal rows
+        if logits.shape[0] != len(rows):  # the engine dropped every row finished so far, keeping the order
+            rows = [r for r in rows if r not in finished]
+        batch_sizes.append(logits.shape[0])
+        step = next(plan)
+        finished.update(r for r in rows if step[r] == eos)
+        return torch.tensor([step[r] for r in rows]), torch.zeros(len(rows))
+
+    monkeypatch.setattr(engine, "sample_tokens", scripted)
+    forwards = []
+    model.register_forward_hook(lambda *a: forwards.append(1))
+    ro = engine_generate(model, tok, _prompts(tok, 2), SamplingParams(n=3, max_new_tokens=50))
+    assert len(forwards) == 4  # prefill + 3 decode steps, then every sequence has ended
+    assert batch_sizes == [6, 6, 6, 3]  # 1 of 6 done: kept; 3 of 6 done (>= a quarter): dropped
+    assert ro.completion_ids.shape[1] == 4
+    assert ro.completion_mask.sum(1).tolist() == [2, 4, 3, 3, 4, 4]
+    assert ro.completion_ids[0].tolist() == [5, eos, eos, eos]  # pad == eos after the end
+    assert ro.completion_ids[1].tolist() == [6, 6, 6, eos] and ro.completion_ids[4].tolist() == [9, 9, 9, eos]
+    assert not ro.truncated.any()
+
+
+def test_bench_rollout_reports_both_backends_and_ratio():
+    from minigrpo.tools.bench import bench_rollout
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=10)
+    report = bench_rollout(model, tok, _prompts(tok, 2), n=2, max_new_tokens=4, reps=2, warmup=0)
+    for name in ("engine", "hf"):
+        r = report[name]
+        assert 0 < r["min"] <= r["median_tokens_per_s"] <= r["max"]
+    assert report["ratio_engine_over_hf"] == report["engine"]["median_tokens_per_s"] / report["hf"][
+        "median_tokens_per_s"]
+
+
+def test_per_prompt_seeds_make_samples_independent_of_the_batch():
+    tok = arith_tokenizer()
+    model = arith_model(tok, seed=8, hidden=64, layers=2)
+    prompts = _prompts(tok, 3)
+
+    def run(ps, seeds):
+        torch.manual_seed(999)  # the global stream must not matter
+        return engine_generate(model, tok, ps, SamplingParams(n=4, max_new_tokens=12, seeds=seeds))
+
+    together = run(prompts, [10, 11, 12])
+    alone = run(prompts[1:2], [11])
+    assert torch.equal(together.completion_ids[4:8, :alone.completion_ids.shape[1]], alone.completion_ids)
+    assert together.completions[4:8] == alone.completions
+    again = run(prompts, [10, 11, 12])
+    assert torch.equal(again.completion_ids, together.completion_ids)
+    other = run(prompts, [20, 21, 22])
+    assert not torch.equal(other.completion_ids[:, :4], together.completion_ids[:, :4])
