@@ -61,9 +61,7 @@ def run_stage(argv: list[str], stage: str) -> int:
             "Train with GRPO", "Supervised fine-tuning on worked solutions (targets end in '#### N')")
         print(usage + help_text())
         return 0
-    cfg = config_from_argv(resume_argv(argv))
-    if stage == "train":
-        cfg.validate_grpo()
+    cfg = config_from_argv(resume_argv(argv))  # GRPO's own rules: train() checks them before any work
     # here, not at the top (as in every command below): the loops load torch and transformers, which take
     # seconds; a bad flag or --help answers at once
     if stage == "train":
