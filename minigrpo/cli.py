@@ -6,6 +6,7 @@ to be good."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -93,10 +94,10 @@ def inference_parser(prog: str, description: str, backend: bool = True) -> argpa
                    ".jsonl file (default: the run's dataset)")
     p.add_argument("--split", default="test", help="split to use (default: test)")
     p.add_argument("--limit", type=int, default=None, help="use the first N problems (default: all)")
-    p.add_argument("--prompt_field", default="question", help="JSONL field with the problem")
+    p.add_argument("--prompt_field", default=None, help="column with the prompt (default: 'prompt', else 'question')")
     p.add_argument("--answer_field", default="answer", help="JSONL field with the gold answer")
     p.add_argument("--template", choices=list(TEMPLATES), default=None,
-                   help="prompt template (default: the run's, else chat)")
+                   help="prompt template (default: the run's, else auto)")
     p.add_argument("--max_new_tokens", type=int, default=None, help="default: the run's max_completion_length")
     p.add_argument("--batch_size", type=int, default=32, help="sequences per generate call")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -116,7 +117,7 @@ def load_for_inference(args: argparse.Namespace) -> tuple[Config, Any, Any, list
     values = {key: getattr(args, flag) for key, flag in (("model", "model"), ("gguf_file", "gguf_file"),
               ("template", "template"), ("dataset", "data"), ("max_completion_length", "max_new_tokens"))
               if getattr(args, flag) is not None}
-    if args.prompt_field != "question" or args.answer_field != "answer":
+    if args.prompt_field is not None or args.answer_field != "answer":
         values |= {"prompt_field": args.prompt_field, "answer_field": args.answer_field}
     values |= {"use_peft": False, "load_in_4bit": False, "device": args.device, "resume": False,
                "rollout_backend": getattr(args, "backend", "engine")}
@@ -129,12 +130,19 @@ def load_for_inference(args: argparse.Namespace) -> tuple[Config, Any, Any, list
 
     # here: heavy (torch, transformers, peft), loaded once the flags are good
     from minigrpo import rollout
-    from minigrpo.model import load_model
-    from minigrpo.tasks.prompts import render_prompts
+    from minigrpo.model import load_model, load_tokenizer
+    from minigrpo.tasks.prompts import render_prompts, resolve_template
     from minigrpo.tasks.sources import load_split
 
     rollout.check(cfg)
-    model, tok = load_model(cfg)
+    tok = load_tokenizer(cfg)
+    # --data names the rows (a file is taken whole); else the run's: its eval_dataset for the eval split, its
+    # dataset's split otherwise (a single training file has no other split: an error, not the training rows)
+    named = args.data or (cfg.eval_dataset if run_dir and args.split == cfg.eval_split else None)
+    examples = load_split(cfg, args.split, args.limit, named)
+    cfg = dataclasses.replace(cfg, template=resolve_template(cfg, tok, examples))  # "auto" made concrete
+    fewshot = load_split(cfg, "train", cfg.num_fewshot) if cfg.template == "fewshot" else None
+    model, tok = load_model(cfg, tok)
     if args.adapter:
         from peft import PeftModel  # here: heavy, as above
 
@@ -142,8 +150,6 @@ def load_for_inference(args: argparse.Namespace) -> tuple[Config, Any, Any, list
         with peft_wrapping():
             model = PeftModel.from_pretrained(model, args.adapter)
     rollout.start(cfg, model)
-    examples = load_split(cfg, args.split, args.limit)
-    fewshot = load_split(cfg, "train", cfg.num_fewshot) if cfg.template == "fewshot" else None
     prompts = render_prompts(cfg, tok, examples, fewshot, check_length=False)  # no training: any length
     return cfg, model, tok, examples, prompts
 
@@ -158,16 +164,23 @@ def cmd_eval(argv: list[str]) -> int:
                    "adapter, else in the current folder)")
     args = p.parse_args(argv)
     cfg, model, tok, examples, prompts = load_for_inference(args)
-    from minigrpo.evaluate import evaluate  # here: heavy, as in load_for_inference
+    from minigrpo.evaluate import evaluate, evaluate_metric, resolve_metric  # here: heavy, as in load_for_inference
     from minigrpo.monitor import print0
+    from minigrpo.tasks.prompts import stop_strings
 
-    report = evaluate(model, tok, prompts, [ex.columns["answer"] for ex in examples],
-                      max_new_tokens=cfg.max_completion_length, batch_size=args.batch_size, k=args.k,
-                      temperature=args.temperature, keep_records=True, backend=cfg.rollout_backend)
+    name, metric = resolve_metric(cfg, examples)  # the run's eval_metric: math accuracy, or its own
+    if metric is None:
+        report = evaluate(model, tok, prompts, [ex.columns["answer"] for ex in examples],
+                          max_new_tokens=cfg.max_completion_length, batch_size=args.batch_size, k=args.k,
+                          temperature=args.temperature, keep_records=True, backend=cfg.rollout_backend,
+                          stop=stop_strings(cfg))
+    else:
+        report = evaluate_metric(model, tok, prompts, examples, metric, name, cfg.max_completion_length,
+                                 args.batch_size, cfg.rollout_backend, stop=stop_strings(cfg))
     report["settings"] = {"model": cfg.model, "gguf_file": cfg.gguf_file, "adapter": args.adapter,
                           "data": cfg.dataset, "split": args.split, "template": cfg.template,
                           "max_new_tokens": cfg.max_completion_length, "decoding": "greedy", "k": args.k,
-                          "extraction": "last '#### N', then \\boxed{}; numeric equality, math-verify fallback"}
+                          "metric": name, "extraction": "last '#### N', then \\boxed{}; numeric equality, math-verify fallback"}
     out = Path(args.out) if args.out else (Path(args.adapter).parent if args.adapter else Path(".")) / \
         f"eval_{args.split}.json"
     out.write_text(json.dumps(report, indent=2))
@@ -191,11 +204,13 @@ def cmd_sample(argv: list[str]) -> int:
     cfg, model, tok, examples, prompts = load_for_inference(args)
     from minigrpo.monitor import print0  # here: heavy, as in load_for_inference
     from minigrpo.rollout.types import SamplingParams
+    from minigrpo.tasks.prompts import stop_strings
     from minigrpo.tasks.rewards import load_reward
     from minigrpo.tools.sample import sample_to_jsonl
 
     funcs = [(name, load_reward(name), 1.0) for name in args.reward_funcs.split(",")]
-    params = SamplingParams(n=args.n, max_new_tokens=cfg.max_completion_length, temperature=args.temperature)
+    params = SamplingParams(n=args.n, max_new_tokens=cfg.max_completion_length, temperature=args.temperature,
+                            stop=stop_strings(cfg))
     stats = sample_to_jsonl(model, tok, prompts, examples, params, funcs, Path(args.out), args.keep, args.best_k,
                             args.batch_size, backend=cfg.rollout_backend)
     print0(f"kept {stats['kept']}/{stats['samples']} samples ({stats['kept_fraction']:.3f}); "
@@ -318,20 +333,38 @@ def cmd_bench_trl(argv: list[str], memory: bool = False) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    """`minigrpo export RUN_DIR --out DIR [--merge] [--checkpoint N]`."""
+    """`minigrpo export RUN_DIR --out DIR [--merge] [--checkpoint N] [--base NAME] [--push_to_hub REPO_ID]`."""
     p = argparse.ArgumentParser(prog="minigrpo export", description="Export a run's trained policy: the LoRA adapter "
-                                "(for peft.PeftModel.from_pretrained) or, with --merge, one standalone model "
-                                "(safetensors, config, generation config, tokenizer and chat template) for "
-                                "transformers and vLLM. Full fine-tunes are always standalone.")
+                                "(for peft.AutoPeftModelForCausalLM.from_pretrained(DIR)) or, with --merge, one "
+                                "standalone model (safetensors, config, generation config, tokenizer and chat "
+                                "template) for transformers and vLLM, with a README.md model card; optionally upload "
+                                "it to the Hugging Face Hub. Full fine-tunes are always standalone.")
     p.add_argument("run_dir", help="a minigrpo run folder (holds config.yaml and adapter/ or model/)")
     p.add_argument("--out", required=True, help="new folder to write")
     p.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
     p.add_argument("--checkpoint", type=int, default=None, help="export checkpoint-N instead of the final policy")
+    p.add_argument("--base", default=None, help="the base the adapter names (adapter_config.json, model card): a hub "
+                   "id or a model folder; default the run's own (a hub id as is, a folder by absolute path; a GGUF "
+                   "or seeded base is written to --base_out). A GGUF run was trained on the dequantized weights: "
+                   "the model the GGUF was made from gives slightly different outputs")
+    p.add_argument("--base_out", default=None, help="where a base no name loads (GGUF, seeded) is written as a plain "
+                   "model (default OUT/base)")
+    p.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="upload OUT to this Hub model repo (made "
+                   "if missing; token from HF_TOKEN or `hf auth login`); an adapter needs a hub base (--base)")
+    p.add_argument("--private", action="store_true", help="with --push_to_hub: make the repo private")
+    p.add_argument("--commit_message", default=None, help="with --push_to_hub: the commit message")
     args = p.parse_args(argv)
-    from minigrpo.tools.export import export  # here: heavy when merging
+    if (args.private or args.commit_message) and not args.push_to_hub:
+        raise ConfigError("--private / --commit_message: only with --push_to_hub REPO_ID")
+    from minigrpo.tools.export import export  # here: heavy
 
-    out = export(args.run_dir, args.out, args.merge, args.checkpoint)
+    out = export(args.run_dir, args.out, args.merge, args.checkpoint, base=args.base, push_to_hub=args.push_to_hub,
+                 private=args.private, base_out=args.base_out, commit_message=args.commit_message)
     print(f"exported to {out}")
+    if (out / "adapter_config.json").is_file():
+        print(f"base model: {json.loads((out / 'adapter_config.json').read_text())['base_model_name_or_path']}")
+    if args.push_to_hub:
+        print(f"pushed to the Hub: {args.push_to_hub}")
     return 0
 
 

@@ -80,9 +80,12 @@ class Config:
     eval_dataset: str | None = _f(None, "dataset for evaluation, when not `dataset` (same forms)")
     train_split: str = _f("train", "split used for training")
     eval_split: str = _f("test", "split used for evaluation")
-    prompt_field: str = _f("question", "JSONL field holding the problem text")
-    answer_field: str = _f("answer", "JSONL field holding the gold answer (a '#### N' solution or a bare N)")
-    template: str = _f("chat", "prompt: chat template, R1 <think> chat, plain few-shot (minigrpo/tasks/prompts.py)")
+    prompt_field: str | None = _f(None, "column holding the prompt: a text or TRL's conversational list of "
+                                        "messages; default 'prompt', else 'question'")
+    answer_field: str = _f("answer", "column holding the gold answer (a '#### N' solution, a bare N or a text); "
+                                     "optional unless a reward or eval_metric needs it")
+    template: str = _f("auto", "prompt: 'auto' (chat if the tokenizer has a chat template, else fewshot), chat "
+                               "template, R1 <think> chat, plain few-shot (minigrpo/tasks/prompts.py)")
     system_prompt: str | None = _f(None, "override the template's system prompt")
     num_fewshot: int = _f(2, "examples shown by the 'fewshot' template (taken from the train split)")
     max_prompt_length: int = _f(512, "prompts longer than this many tokens are an error")
@@ -90,7 +93,8 @@ class Config:
     # ---- rewards ------------------------------------------------------------------------------------
     reward_funcs: list[str] = _f(["correctness"],
                                  "built-in names (correctness, format_strict, format_soft, think_format, "
-                                 "overlong) or package.module:function")
+                                 "overlong) or package.module:function; from Python also callables, sync or "
+                                 "async (minigrpo/tasks/rewards.py)")
     reward_weights: list[float] | None = _f(None, "one weight per reward function; default all 1.0")
     overlong_buffer: int = _f(0, "L_cache of the 'overlong' reward (DAPO soft overlong punishment): the last "
                                  "N tokens before max_completion_length are penalised linearly down to -1")
@@ -108,6 +112,8 @@ class Config:
     temperature: float = _f(1.0, "sampling temperature; log-probs are computed at the same temperature")
     top_p: float = _f(1.0, "nucleus sampling; 1.0 disables it (keeps the sampler equal to the trained policy)")
     top_k: int = _f(0, "top-k sampling; 0 disables it")
+    stop_strings: list[str] | None = _f(None, "texts that end a completion (it keeps the token completing one); "
+                                              "null: the template's ('\\nQuestion:' for fewshot), []: none")
     # ---- algorithm ----------------------------------------------------------------------------------
     loss_type: str = _f("dapo", "token aggregation, see minigrpo/algo.py")
     scale_rewards: Literal["group", "batch", "none"] = _f("group", "divide advantages by the std of the group, "
@@ -149,6 +155,12 @@ class Config:
     output_dir: str | None = _f(None, "run folder; default runs/<date-time>")
     logging_steps: int = _f(10, "print a log line every N steps (metrics.jsonl gets every step)")
     log_completions: int = _f(2, "sample completions written to samples.jsonl per logging interval")
+    report_to: list[str] = _f(["tensorboard"], "where metrics go besides metrics.jsonl: tensorboard, wandb, "
+                                               "trackio, mlflow; [none] or [] for metrics.jsonl only "
+                                               "(minigrpo/monitor.py)")
+    eval_metric: str = _f("auto", "held-out metric on greedy completions: 'auto' (correctness when the eval data "
+                                  "has an answer column, else the weighted reward), 'reward', a reward name or "
+                                  "package.module:function (from Python, a callable); logged as eval/<name>")
     eval_steps: int = _f(25, "evaluate greedy accuracy every N steps (0: only before and after training)")
     eval_limit: int = _f(500, "held-out problems per evaluation (0: skip evaluation)")
     eval_batch_size: int = _f(500, "prompts per generate call during evaluation")
@@ -178,11 +190,17 @@ class Config:
         """Check types, ranges and names; raise ConfigError naming the key and the fix. Rules about GRPO's
         groups and rewards are `validate_grpo`'s: SFT has neither."""
         for key in _HINTS:  # the Python API gets the type checks the YAML / CLI path applies
-            setattr(self, key, coerce(key, getattr(self, key), from_cli=False))
+            if key not in CALLABLE_KEYS:
+                setattr(self, key, coerce(key, getattr(self, key), from_cli=False))
+        self.reward_funcs = _functions("reward_funcs", self.reward_funcs, many=True)
+        self.eval_metric = _functions("eval_metric", self.eval_metric, many=False)
         for key in TABLES:
             names = table_names(key)
             if getattr(self, key) not in names:
                 raise ConfigError(f"{key}: got {getattr(self, key)!r}, expected one of {names}")
+        from minigrpo.monitor import report_backends  # here: the names live with the backends (monitor.py)
+
+        report_backends(self.report_to)  # unknown names, or 'none' beside others: ConfigError naming the choices
         positive = ["num_generations", "max_completion_length", "per_device_train_batch_size",
                     "gradient_accumulation_steps", "max_steps", "num_iterations", "lora_r", "logging_steps",
                     "max_prompt_length", "max_sampling_tries", "arith_steps", "arith_max_number"]
@@ -195,6 +213,9 @@ class Config:
             raise ConfigError(f"temperature: must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.stop_strings is not None and not all(self.stop_strings):
+            raise ConfigError(f"stop_strings: an empty string would end every completion at once, got "
+                              f"{self.stop_strings}; remove it (null: the template's stop strings, []: none)")
         for key in ("beta", "epsilon", "learning_rate", "weight_decay", "max_grad_norm", "top_k",
                     "warmup_steps", "eval_steps", "eval_limit", "save_steps", "num_fewshot", "log_completions",
                     "logprob_chunk_size", "max_bad_steps", "save_total_limit"):
@@ -231,8 +252,39 @@ class Config:
                               f"{len(self.reward_funcs)} reward_funcs {self.reward_funcs}; give one per function")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of every field (for YAML and logging)."""
-        return dataclasses.asdict(self)
+        """Plain dict of every field (for YAML and logging); a callable is written as its name (function_name)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["reward_funcs"] = [function_name(fn) for fn in self.reward_funcs]
+        out["eval_metric"] = function_name(self.eval_metric)
+        return {k: list(v) if isinstance(v, list) else v for k, v in out.items()}
+
+
+# Keys that take, from Python, functions as well as names (a YAML file holds their names).
+CALLABLE_KEYS = ("reward_funcs", "eval_metric")
+
+
+def function_name(fn: Any) -> str:
+    """How a config file names a reward or metric: a name stays; a function importable by its path is
+    'module:qualname' (a run started from Python can be resumed from the shell); any other function
+    (a lambda, one defined in a script or inside a function) is 'python:<name>', which only Python can pass again."""
+    if isinstance(fn, str):
+        return fn
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", type(fn).__name__)
+    if module and module != "__main__" and "<" not in qualname:
+        return f"{module}:{qualname}"
+    return f"python:{getattr(fn, '__name__', type(fn).__name__)}"
+
+
+def _functions(key: str, value: Any, many: bool) -> Any:
+    """reward_funcs (a list; one function alone is taken as a list of one, as TRL does) or eval_metric: each
+    entry a name (str) or a callable."""
+    values = [value] if many and (callable(value) or isinstance(value, str)) else value
+    for i, v in enumerate(values if many else [values]):
+        if not (isinstance(v, str) or callable(v)):
+            where = f"{key}[{i}]" if many else key
+            raise ConfigError(f"{where}: got {v!r} ({type(v).__name__}), expected a built-in name, "
+                              f"'package.module:function' or (from Python) a function")
+    return list(values) if many else values
 
 
 # ---- parsing ------------------------------------------------------------------------------------------
@@ -260,7 +312,12 @@ def coerce(key: str, value: Any, from_cli: bool) -> Any:
     try:
         return _coerce(tp, value, from_cli)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {describe_type(tp)}") from None
+        hint = ""
+        if key in ("dataset", "eval_dataset") and not isinstance(value, str):  # rows belong to the trainer
+            hint = "; rows in memory go to GRPOTrainer(train_dataset=..., eval_dataset=...), not to the config"
+        shown = repr(value) if len(repr(value)) < 200 and "\n" not in repr(value) else "a value"
+        raise ConfigError(f"{key}: got {shown} ({type(value).__name__}), expected {describe_type(tp)}{hint}") \
+            from None
 
 
 def _coerce(tp: Any, value: Any, from_cli: bool) -> Any:
@@ -371,7 +428,7 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    """Write the resolved config as YAML (reloadable with --config)."""
+    """Write the resolved config as YAML (reloadable with --config; functions by their names)."""
     with open(path, "w") as fh:
         yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
 

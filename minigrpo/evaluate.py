@@ -1,12 +1,15 @@
-"""Evaluation: greedy accuracy, and pass@k / maj@k from k samples per problem.
+"""Evaluation: greedy accuracy, and pass@k / maj@k from k samples per problem; or, for any task, the mean of a
+named metric on greedy completions.
 
-It scores with `answers.is_correct`, the same extractor the correctness reward uses, so the training
-reward and the reported accuracy cannot drift apart. Generation goes through the rollout backend.
+Math accuracy scores with `answers.is_correct`, the same extractor the correctness reward uses, so the training
+reward and the reported accuracy cannot drift apart. Another task names its metric (`eval_metric`: a reward, the
+run's weighted reward, or a function of its own; `resolve_metric`). Generation goes through the rollout backend.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -14,6 +17,44 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from minigrpo.rollout import generate
 from minigrpo.rollout.types import SamplingParams
 from minigrpo.tasks.answers import extract_answer, is_correct
+from minigrpo.tasks.rewards import load_reward, load_rewards, reward_inputs, reward_name, score
+from minigrpo.tasks.sources import Example, require_columns
+
+Metric = list[tuple[str, Callable, float]] | None  # functions summed as a reward is; None: math accuracy
+
+
+def resolve_metric(cfg: Any, examples: list[Example]) -> tuple[str, Metric]:
+    """The run's held-out metric: its name (logged as eval/<name>; math accuracy is eval/accuracy) and the
+    functions to score it with (None: `evaluate`'s accuracy, format and length). `auto` is accuracy when every
+    eval row has a gold answer, else the weighted reward of the run."""
+    metric = cfg.eval_metric
+    if metric == "auto":
+        metric = "correctness" if all("answer" in ex.columns for ex in examples) else "reward"
+    if metric == "correctness":
+        require_columns(examples, ["answer"], "the eval data", "eval_metric correctness compares to it")
+        return "accuracy", None
+    if metric == "reward":
+        return "reward", load_rewards(cfg)
+    return reward_name(metric), [(reward_name(metric), load_reward(metric, {
+        "max_completion_length": cfg.max_completion_length, "overlong_buffer": cfg.overlong_buffer}), 1.0)]
+
+
+def evaluate_metric(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                    examples: list[Example], metric: list[tuple[str, Callable, float]], name: str,
+                    max_new_tokens: int, batch_size: int = 32, backend: str = "hf",
+                    stop: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The mean of `metric` (samples it scores None are left out) over greedy completions, and their mean length."""
+    greedy = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
+    values, lengths = [], []
+    for chunk, exs in zip(_batched(prompts, batch_size), _batched(examples, batch_size)):
+        ro = generate(backend, model, tokenizer, chunk, greedy)
+        reward_prompts, completions, columns = reward_inputs(exs, ro.prompts, ro.completions, 1)
+        lengths += ro.completion_mask.sum(1).tolist()
+        ids = [row[:int(n)] for row, n in zip(ro.completion_ids.tolist(), ro.completion_mask.sum(1).tolist())]
+        totals, _ = score(metric, reward_prompts, completions, columns | {"completion_ids": ids})
+        values += [v for v in totals if v is not None]
+    return {"n": len(prompts), name: sum(values) / max(len(values), 1), "scored": len(values),
+            "mean_length": sum(lengths) / max(len(lengths), 1)}
 
 
 def _batched(items: list[Any], size: int) -> list[list[Any]]:
@@ -32,9 +73,11 @@ def majority_correct(completions: list[str], gold: str) -> bool:
 
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], golds: list[str],
              max_new_tokens: int, batch_size: int = 32, backend: str = "hf", k: int = 0,
-             temperature: float = 1.0, top_p: float = 1.0, keep_records: bool = False) -> dict[str, Any]:
-    """Greedy accuracy, format compliance and mean length; with k > 1 also pass@k, maj@k and sampled pass@1."""
-    greedy = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0)
+             temperature: float = 1.0, top_p: float = 1.0, keep_records: bool = False,
+             stop: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Greedy accuracy, format compliance and mean length; with k > 1 also pass@k, maj@k and sampled pass@1.
+    `stop`: the strings that end a completion (the template's, prompts.stop_strings)."""
+    greedy = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
     texts, lengths, truncated = [], [], []
     for chunk in _batched(prompts, batch_size):
         ro = generate(backend, model, tokenizer, chunk, greedy)
@@ -49,7 +92,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         "mean_length": sum(lengths) / n, "truncated_ratio": sum(truncated) / n,
     }
     if k > 1:
-        sampled = SamplingParams(n=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        sampled = SamplingParams(n=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop)
         groups: list[list[str]] = []
         for chunk in _batched(prompts, max(batch_size // k, 1)):
             ro = generate(backend, model, tokenizer, chunk, sampled)

@@ -79,20 +79,28 @@ def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
             tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model), gguf_file=cfg.gguf_file)
         if cfg.gguf_file:
             tok = gguf_eos_restored(tok, resolve_model_path(cfg.model), cfg.gguf_file)
+    return prepare_tokenizer(tok)
+
+
+def prepare_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """What the loops need of a tokenizer (one loaded here or handed over from Python): a pad token, left padding."""
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # safe: the completion mask is built from the first EOS, not from pads
     tok.padding_side = "left"  # prompts are left-padded so every completion starts at the same column
     return tok
 
 
-def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None,
+def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None, model: PreTrainedModel | None = None,
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the policy model (with LoRA adapters when cfg.use_peft) and its tokenizer onto cfg.device."""
-    tok = tokenizer or load_tokenizer(cfg)
+    """Load the policy model (with LoRA adapters when cfg.use_peft) and its tokenizer onto cfg.device. A `model`
+    handed over from Python is used as it is (its dtype kept), moved to the device and adapted the same way."""
+    tok = prepare_tokenizer(tokenizer) if tokenizer is not None else load_tokenizer(cfg)
     device = resolve_device(cfg.device)
     quantize = cfg.load_in_4bit and _explain_unavailable("load_in_4bit", device, f"the base weights load in "
                                                                                f"{cfg.dtype} instead") is None
-    if cfg.model in RANDOM_INITS:
+    if model is not None:
+        quantize = False
+    elif cfg.model in RANDOM_INITS:
         model = getattr(tiny, RANDOM_INITS[cfg.model][1])(tok, seed=cfg.seed).to(DTYPES[cfg.dtype])
     elif quantize:  # QLoRA: NF4 base weights, double-quantized, computing in dtype
         nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

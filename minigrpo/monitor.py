@@ -1,11 +1,25 @@
-"""Run folder and monitoring: metrics.jsonl, TensorBoard events, samples.jsonl, a rich progress bar.
+"""Run folder and monitoring: metrics.jsonl, samples.jsonl, a rich progress bar, and the `report_to` backends.
 
 The loop calls `log(step, metrics)` and `samples(step, rows)`; nothing else in it knows where numbers go.
-Metric names live under fixed prefixes (train/, completions/, perf/, eval/, memory/).
+Metric names live under fixed prefixes (train/, completions/, perf/, eval/, memory/); every backend gets the
+same names, and wandb / trackio also get the sampled completions as a table named "completions".
+
+`report_to` (REPORTERS) picks the backends besides metrics.jsonl; each is imported only when asked for, and
+reads its own environment variables:
+  tensorboard  event files in <run>/tensorboard (`tensorboard --logdir runs`)
+  wandb        WANDB_PROJECT (default minigrpo), WANDB_ENTITY, WANDB_API_KEY; WANDB_MODE=offline keeps the run
+               on disk in <run>/wandb, or WANDB_DIR (`wandb sync` uploads it later). Quiet unless WANDB_SILENT=false.
+  trackio      local by default: a SQLite file in TRACKIO_DIR (default ~/.cache/huggingface/trackio), shown by
+               `trackio show`; TRACKIO_PROJECT (default minigrpo)
+  mlflow       MLFLOW_TRACKING_URI (default: mlflow's local store in the working directory),
+               MLFLOW_EXPERIMENT_NAME; the config as parameters
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
 import math
 import os
@@ -17,7 +31,15 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from minigrpo.errors import ConfigError
+
 console = Console(highlight=False)
+
+# report_to's names (config.py checks the key against these; 'none' or [] leaves metrics.jsonl alone).
+REPORTERS = {"tensorboard": "TensorBoard event files in the run folder",
+             "wandb": "Weights & Biases (WANDB_MODE=offline: a local run in the run folder)",
+             "trackio": "Trackio, local by default (TRACKIO_DIR; `trackio show`)",
+             "mlflow": "MLflow (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME)"}
 
 
 def print0(*args: Any) -> None:
@@ -79,20 +101,136 @@ def make_run_dir(output_dir: str | None) -> Path:
     return path
 
 
+def report_backends(names: list[str]) -> list[str]:
+    """The backends `report_to` names, in order, without repeats ('none' and [] give none); ConfigError naming the
+    key and the choices for an unknown name, or for 'none' beside others."""
+    for name in names:
+        if name not in REPORTERS and name != "none":
+            raise ConfigError(f"report_to: got {name!r}, expected entries from {[*REPORTERS, 'none']}")
+    if "none" in names and len(set(names)) > 1:
+        raise ConfigError(f"report_to: 'none' means metrics.jsonl only; it cannot stand beside others, got {names}")
+    return [name for name in dict.fromkeys(names) if name != "none"]
+
+
+def check_report_to(names: list[str]) -> None:
+    """ConfigError when a backend `report_to` names is not installed: called before the run folder is made, so a
+    missing package costs no model loading (the packages are only looked up here, not imported)."""
+    for name in report_backends(names):
+        if importlib.util.find_spec(name) is None:  # each backend's package has the backend's name
+            raise ConfigError(f"report_to: {name} is not installed: pip install {name}")
+
+
+class _TensorBoard:
+    """Event files in <run>/tensorboard; no tables (samples.jsonl has the completions)."""
+
+    def __init__(self, run_dir: Path, run_name: str, config: dict[str, Any] | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # here: see quiet_libraries (this module loads first)
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+
+    def table(self, step: int, columns: list[str], data: list[list[Any]]) -> None:
+        pass
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    """A wandb run named after the run folder, its files in <run>/wandb (or WANDB_DIR); the completions as a
+    wandb.Table."""
+
+    def __init__(self, run_dir: Path, run_name: str, config: dict[str, Any] | None) -> None:
+        os.environ.setdefault("WANDB_SILENT", "true")  # wandb's own switch for its banner; an explicit value wins
+        import wandb  # here: heavy, and only for runs that ask for it
+
+        self.wandb = wandb
+        # dir= would override the user's WANDB_DIR: the run folder only when none is set
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "minigrpo"), name=run_name,
+                              dir=os.environ.get("WANDB_DIR") or str(run_dir), config=config)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+
+    def table(self, step: int, columns: list[str], data: list[list[Any]]) -> None:
+        # allow_mixed_types: a custom reward may give None for one row and a float for the next
+        self.run.log({"completions": self.wandb.Table(columns=columns, data=data, allow_mixed_types=True)}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _Trackio:
+    """A trackio run named after the run folder, in project TRACKIO_PROJECT (default minigrpo)."""
+
+    def __init__(self, run_dir: Path, run_name: str, config: dict[str, Any] | None) -> None:
+        import trackio  # here: heavy, and only for runs that ask for it
+
+        self.trackio = trackio
+        with contextlib.redirect_stdout(io.StringIO()):  # trackio print()s a banner and has no switch for it
+            self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", "minigrpo"), name=run_name,
+                                    config=config)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+
+    def table(self, step: int, columns: list[str], data: list[list[Any]]) -> None:
+        self.run.log({"completions": self.trackio.Table(columns=columns, data=data)}, step=step)
+
+    def close(self) -> None:
+        # trackio.finish(), not run.finish(): it also forgets the run, which trackio would otherwise finish again
+        # (and announce) when Python exits. It prints "Run finished. Uploading logs ..." even when local.
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.trackio.finish()
+
+
+class _MLflow:
+    """An MLflow run named after the run folder, with the config as parameters; no tables."""
+
+    def __init__(self, run_dir: Path, run_name: str, config: dict[str, Any] | None) -> None:
+        import mlflow  # here: heavy, and only for runs that ask for it
+
+        self.mlflow = mlflow
+        mlflow.start_run(run_name=run_name)
+        # Parameters are strings, at most 500 characters in older mlflow (6000 in newer): a long system_prompt
+        # would be refused whole. Metric names may hold '/', so train/reward keeps its name.
+        mlflow.log_params({key: str(value)[:500] for key, value in (config or {}).items()})
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.mlflow.log_metrics(metrics, step=step)
+
+    def table(self, step: int, columns: list[str], data: list[list[Any]]) -> None:
+        pass
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+BACKENDS = {"tensorboard": _TensorBoard, "wandb": _Wandb, "trackio": _Trackio, "mlflow": _MLflow}  # REPORTERS' names
+
+
 class Monitor:
-    """Writes every step's metrics to metrics.jsonl and TensorBoard; shows a progress bar with the headline."""
+    """Writes every step's metrics to metrics.jsonl and the `report_to` backends; shows a progress bar with the
+    headline. `config` (the run's config as a dict) and `run_name` (default: the run folder's name) go to the
+    backends that keep them (wandb, trackio, mlflow)."""
 
     def __init__(self, run_dir: Path, total_steps: int, logging_steps: int = 1, show: bool = True,
-                 stage: str = "GRPO", enabled: bool = True) -> None:
+                 stage: str = "GRPO", enabled: bool = True, report_to: list[str] | None = None,
+                 config: dict[str, Any] | None = None, run_name: str | None = None,
+                 callbacks: list[Any] | None = None) -> None:
         self.enabled = enabled  # False on processes other than 0: every method does nothing
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter  # here: see quiet_libraries (this module loads first)
-
+        self.callbacks = list(callbacks or [])  # the Python API's: on_log, on_evaluate, on_save (api.Callback)
+        names = report_backends(["tensorboard"] if report_to is None else report_to)
+        check_report_to(names)
+        self.backends = [BACKENDS[name](run_dir, run_name or run_dir.name, config) for name in names]
         self.run_dir = run_dir
         self.metrics_file = open(run_dir / "metrics.jsonl", "a")
         self.samples_file = open(run_dir / "samples.jsonl", "a")
-        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         self.logging_steps = logging_steps
         self.progress = Progress(TextColumn("[bold]{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.description}"),
@@ -107,10 +245,11 @@ class Monitor:
         row = {"step": step, **{k: (v if math.isfinite(v) else None) for k, v in metrics.items()}}
         self.metrics_file.write(json.dumps(row) + "\n")
         self.metrics_file.flush()
-        for key, value in metrics.items():
-            self.tb.add_scalar(key, value, step)
+        for backend in self.backends:
+            backend.log(step, metrics)
         if "train/reward" in metrics:
-            head = (f"reward {metrics['train/reward']:.3f}  acc {metrics['train/accuracy']:.3f}  "
+            acc = f"acc {metrics['train/accuracy']:.3f}  " if "train/accuracy" in metrics else ""  # math tasks
+            head = (f"reward {metrics['train/reward']:.3f}  {acc}"
                     f"len {metrics['completions/mean_length']:.0f}  {metrics['perf/step_s']:.2f}s/step")
             self.progress.update(self.task, completed=step, description=head)
             if step % self.logging_steps == 0 and not self.progress.disable:
@@ -121,23 +260,46 @@ class Monitor:
             self.progress.update(self.task, completed=step, description=head)
             if step % self.logging_steps == 0 and not self.progress.disable:
                 self.progress.console.print(f"step {step:>4}  {head}")
-        if "eval/accuracy" in metrics and not self.progress.disable:
-            self.progress.console.print(f"step {step:>4}  eval accuracy {metrics['eval/accuracy']:.3f}  "
-                                        f"format {metrics['eval/format']:.3f}")
+        held_out = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/")}
+        if held_out and not self.progress.disable:
+            shown = "  ".join(f"{k} {v:.3f}" for k, v in held_out.items() if k != "mean_length")
+            self.progress.console.print(f"step {step:>4}  eval {shown}")
+        self.notify("on_log", step, metrics)
+        if held_out:
+            self.notify("on_evaluate", step, {k: v for k, v in metrics.items() if k.startswith("eval/")})
+
+    def notify(self, event: str, *args: Any) -> None:
+        """Call `event` (on_log, on_evaluate, on_save) on every callback that has it; a plain function is an
+        on_log."""
+        if not self.enabled:
+            return
+        for callback in self.callbacks:
+            if hasattr(callback, event):
+                getattr(callback, event)(*args)
+            elif event == "on_log" and callable(callback):
+                callback(*args)
 
     def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
-        """Record a few completions (prompt, completion, reward, answer) for reading later."""
+        """Record a few completions (prompt, completion, reward, answer, ...: whatever keys the rows have) in
+        samples.jsonl, and as the "completions" table of the backends that show tables (wandb, trackio)."""
         if not self.enabled:
             return
         for row in rows:
             self.samples_file.write(json.dumps({"step": step, **row}) + "\n")
         self.samples_file.flush()
+        if rows:
+            columns = ["step", *dict.fromkeys(key for row in rows for key in row)]  # every row's keys, in order
+            data = [[step, *(row.get(key) for key in columns[1:])] for row in rows]
+            for backend in self.backends:
+                backend.table(step, columns, data)
 
     def close(self) -> None:
-        """Stop the progress bar and flush every file."""
+        """Stop the progress bar, flush every file and finish every backend's run."""
         if not self.enabled:
             return
         self.progress.stop()
         self.metrics_file.close()
         self.samples_file.close()
-        self.tb.close()
+        for backend in self.backends:
+            backend.close()
+        self.backends = []  # a second close() (an error path after the first) finishes no run twice

@@ -45,11 +45,11 @@ from minigrpo.checkpoint import (
 from minigrpo.config import Config, save_config
 from minigrpo.dist import Distributed
 from minigrpo.errors import ConfigError, TrainingStopped
-from minigrpo.evaluate import evaluate
-from minigrpo.model import load_model, make_optimizer_class, trainable_parameters
-from minigrpo.monitor import Monitor, make_run_dir, print0
-from minigrpo.tasks.prompts import render_prompts
-from minigrpo.tasks.sources import Example, load_split
+from minigrpo.evaluate import evaluate, evaluate_metric, resolve_metric
+from minigrpo.model import load_model, load_tokenizer, make_optimizer_class, prepare_tokenizer, trainable_parameters
+from minigrpo.monitor import Monitor, check_report_to, make_run_dir, print0
+from minigrpo.tasks.prompts import render_prompts, resolve_template, stop_strings
+from minigrpo.tasks.sources import Example, has_held_out, load_split, require_columns
 from minigrpo.tools.plot import plot_run
 
 
@@ -87,15 +87,18 @@ class PromptSampler:
 
 
 class Interrupt:
-    """`with Interrupt() as interrupt:` the first SIGINT only sets `requested` (the loop saves and stops after
-    the step); the second raises KeyboardInterrupt at once. The previous handler is back on leaving."""
+    """`with Interrupt() as interrupt:` the first SIGINT (Ctrl-C), SIGTERM (how SLURM and Kubernetes pre-empt) or
+    SIGUSR1 only sets `requested` (the loop finishes the step, saves a checkpoint and stops); a second one raises
+    KeyboardInterrupt at once. The previous handlers are back on leaving."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
-        self.requested, self._previous = False, None
+        self.requested, self._previous = False, {}
 
     def __enter__(self) -> Interrupt:
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -106,12 +109,13 @@ class Interrupt:
             self.restore()
             raise KeyboardInterrupt
         self.requested = True
-        print0("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)")
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print0(f"{name}: finishing this step, then saving a checkpoint (again to stop at once)")
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
 
 @dataclass
@@ -127,6 +131,7 @@ class Run:
     eval_prompts: list[str]
     dist: Distributed = field(default_factory=Distributed)
     stage: str = "GRPO"  # "GRPO" or "SFT": a checkpoint resumes only in the stage that wrote it
+    callbacks: list[Any] = field(default_factory=list)  # the Python API's (Inputs.callbacks)
 
     @property
     def device(self) -> torch.device:
@@ -151,9 +156,24 @@ class LoopState:
     before: dict[str, float] = field(default_factory=dict)  # held-out metrics before training
 
 
-def setup_run(cfg: Config, stage: str = "GRPO") -> Run:
-    """Run folder with the resolved config, seeds and threads, the model, both splits rendered as prompts."""
+@dataclass
+class Inputs:
+    """What the Python API (minigrpo/api.py) hands a loop besides the config: objects a YAML file cannot hold.
+    The command line passes none of them; everything else is the same path."""
+    model: Any = None  # a loaded model, used instead of loading cfg.model
+    tokenizer: Any = None  # its tokenizer (default: loaded from cfg.model)
+    train_set: list[Example] | None = None  # rows from Python (sources.rows_to_examples), instead of cfg.dataset
+    eval_set: list[Example] | None = None  # held-out rows from Python, instead of cfg.eval_dataset
+    callbacks: list[Any] = field(default_factory=list)  # objects with on_log / on_evaluate / on_save (api.py)
+
+
+def setup_run(cfg: Config, stage: str = "GRPO", inputs: Inputs | None = None) -> Run:
+    """Everything a bad value can stop first (the backend, the loggers, the data, the tokenizer, the template, the
+    prompts), then the run folder with the resolved config, seeds and threads, and the model."""
+    inputs = inputs or Inputs()
     rollout.check(cfg)  # the backend refuses at start, before any folder or download, when it cannot run
+    check_report_to(cfg.report_to)  # so does a logging package that is not installed
+    cfg, tok, train_set, eval_set, train_prompts, eval_prompts = prepare_data(cfg, stage, inputs)
     dist = Distributed(cfg.device)
     run_dir = dist.broadcast(make_run_dir(cfg.output_dir) if dist.main else None)
     if dist.main:
@@ -163,15 +183,52 @@ def setup_run(cfg: Config, stage: str = "GRPO") -> Run:
     set_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    model, tok = load_model(cfg)
+    model, tok = load_model(cfg, tok, inputs.model)
     rollout.start(cfg, model)
-    train_set = load_split(cfg, cfg.train_split)
-    eval_set = load_split(cfg, cfg.eval_split, cfg.eval_limit, cfg.eval_dataset) if cfg.eval_limit else []
+    return Run(cfg, run_dir, model, tok, train_set, eval_set, train_prompts, eval_prompts, dist, stage,
+               inputs.callbacks)
+
+
+def prepare_data(cfg: Config, stage: str, inputs: Inputs) -> tuple[Config, Any, list[Example], list[Example],
+                                                                  list[str], list[str]]:
+    """The data, the tokenizer, the template ("auto" made concrete: the returned config records it) and both
+    splits' prompts, checked (columns the config needs, prompt lengths): what can be wrong with the input, found
+    before any folder or model."""
+    train_set = inputs.train_set if inputs.train_set is not None else load_split(cfg, cfg.train_split)
+    eval_set = held_out(cfg, inputs.eval_set)
+    tok = prepare_tokenizer(inputs.tokenizer) if inputs.tokenizer is not None else load_tokenizer(cfg)
+    cfg = dataclasses.replace(cfg, template=resolve_template(cfg, tok, train_set))
+    needs = required_columns(cfg, stage)
+    require_columns(train_set, list(needs), f"{cfg.dataset} [{cfg.train_split}]", "; ".join(needs.values()))
     fewshot = train_set[:cfg.num_fewshot] if cfg.template == "fewshot" else None
-    eval_name = f"{cfg.eval_dataset or cfg.dataset} [{cfg.eval_split}]"
-    return Run(cfg, run_dir, model, tok, train_set, eval_set,
-               render_prompts(cfg, tok, train_set, fewshot, f"{cfg.dataset} [{cfg.train_split}]"),
-               render_prompts(cfg, tok, eval_set, fewshot, eval_name), dist, stage)
+    train_prompts = render_prompts(cfg, tok, train_set, fewshot, f"{cfg.dataset} [{cfg.train_split}]")
+    eval_prompts = render_prompts(cfg, tok, eval_set, fewshot, f"{cfg.eval_dataset or cfg.dataset} [{cfg.eval_split}]")
+    return cfg, tok, train_set, eval_set, train_prompts, eval_prompts
+
+
+def required_columns(cfg: Config, stage: str) -> dict[str, str]:
+    """The columns every training row must have for this config: column -> why."""
+    needs = {}
+    if stage == "GRPO" and "correctness" in cfg.reward_funcs:
+        needs["answer"] = "the correctness reward compares to it"
+    if cfg.template == "fewshot":
+        needs["answer"] = "the fewshot template shows solved examples"
+    return needs
+
+
+def held_out(cfg: Config, rows: list[Example] | None = None) -> list[Example]:
+    """The evaluation rows: `rows` from Python, else eval_dataset, else the dataset's eval split. Never the
+    training rows unless asked (eval_dataset naming the same file): a single .jsonl file or rows from Python
+    with no eval set evaluate nothing, and say so."""
+    if not cfg.eval_limit:
+        return []
+    if rows is not None:
+        return rows[:cfg.eval_limit]
+    if not has_held_out(cfg):
+        print0(f"no held-out evaluation: {cfg.dataset} holds the training rows only; set eval_dataset (a file, "
+               f"or the same one to evaluate on the training rows) to evaluate")
+        return []
+    return load_split(cfg, cfg.eval_split, cfg.eval_limit, cfg.eval_dataset)
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module, num_updates: int, cpu_offload: bool = False,
@@ -206,20 +263,35 @@ def prepare_training(run: Run, num_updates: int) -> Optimization:
 
 
 def run_eval(run: Run) -> dict[str, float]:
-    """Greedy held-out accuracy (the task metric, independent of the reward weights), split over processes."""
+    """The held-out metric on greedy completions, split over processes: math accuracy (eval/accuracy, eval/format:
+    the task metric, independent of the reward weights) or the run's eval_metric (eval/<name>)."""
     if not run.eval_prompts:
         return {}
     cfg, dist = run.cfg, run.dist
-    prompts, golds = dist.share(run.eval_prompts), dist.share([ex.columns["answer"] for ex in run.eval_set])
-    keys = ["accuracy", "format", "mean_length"]
+    name, metric = resolve_metric(cfg, run.eval_set)
+    prompts, examples = dist.share(run.eval_prompts), dist.share(run.eval_set)
+    keys = ["accuracy", "format", "mean_length"] if metric is None else [name, "mean_length"]
     totals = [0.0] * (len(keys) + 1)
     with dist.full_weights(run.model):  # every process enters (ZeRO-3 gathers), even one without prompts
         if prompts:
-            report = evaluate(run.model, run.tokenizer, prompts, golds, max_new_tokens=cfg.max_completion_length,
-                              batch_size=cfg.eval_batch_size, backend=cfg.rollout_backend)
+            if metric is None:
+                report = evaluate(run.model, run.tokenizer, prompts, [ex.columns["answer"] for ex in examples],
+                                  max_new_tokens=cfg.max_completion_length, batch_size=cfg.eval_batch_size,
+                                  backend=cfg.rollout_backend, stop=stop_strings(cfg))
+            else:
+                report = evaluate_metric(run.model, run.tokenizer, prompts, examples, metric, name,
+                                         cfg.max_completion_length, cfg.eval_batch_size, cfg.rollout_backend,
+                                         stop=stop_strings(cfg))
             totals = [report[k] * len(prompts) for k in keys] + [len(prompts)]
     totals = dist.sum(totals)
     return {f"eval/{k}": v / totals[-1] for k, v in zip(keys, totals)}
+
+
+def headline(metrics: dict[str, float]) -> tuple[str, float] | None:
+    """The held-out figure a run reports: eval/accuracy, else its eval metric; (name, value), or None."""
+    keys = [k for k in metrics if k.startswith("eval/") and k != "eval/mean_length"]
+    key = "eval/accuracy" if "eval/accuracy" in keys else (keys[0] if keys else None)
+    return (key.removeprefix("eval/"), metrics[key]) if key else None
 
 
 def trim_logs(run_dir: Path, step: int) -> None:
@@ -273,13 +345,14 @@ def start_loop(run: Run, opt: Optimization, state: LoopState, show_progress: boo
     """Resume when asked, else evaluate the policy before training; the monitor that logs the steps."""
     resumed = resume(run, opt, state)
     monitor = Monitor(run.run_dir, run.cfg.max_steps, run.cfg.logging_steps, show=show_progress, stage=run.stage,
-                      enabled=run.dist.main)
+                      enabled=run.dist.main, report_to=run.cfg.report_to, config=run.cfg.to_dict(),
+                      callbacks=run.callbacks)
     if not resumed:
         state.before = run_eval(run)
         if state.before:
             monitor.log(0, state.before)
-            print0(f"held-out accuracy before training: {state.before['eval/accuracy']:.3f} "
-                   f"(n={len(run.eval_set)}, greedy)")
+            name, value = headline(state.before)
+            print0(f"held-out {name} before training: {value:.3f} (n={len(run.eval_set)}, greedy)")
     return monitor
 
 
@@ -312,6 +385,7 @@ def end_step(run: Run, opt: Optimization, state: LoopState, monitor: Monitor, in
     if not (due or interrupt.requested or too_bad):
         return
     path = save(run, opt, state)
+    monitor.notify("on_save", step, path)
     if too_bad:  # skipped updates left the weights as the last good update made them
         monitor.close()
         raise TrainingStopped(f"step {step}: {state.bad_streak} steps in a row had a non-finite loss or gradient "
@@ -330,7 +404,9 @@ def finish_run(run: Run, monitor: Monitor, before: dict[str, float]) -> Path:
     after = run_eval(run)
     if after:
         monitor.log(run.cfg.max_steps, after)
-        print0(f"held-out accuracy: before {before['eval/accuracy']:.3f} -> after {after['eval/accuracy']:.3f}")
+        (name, value), earlier = headline(after), headline(before)
+        print0(f"held-out {name}: before {earlier[1]:.3f} -> after {value:.3f}" if earlier else
+               f"held-out {name} after training: {value:.3f}")
     monitor.close()
     weights = run.dist.policy_state()  # ZeRO-3 / FSDP: gathered from every process; else None
     if run.dist.main:

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from minigrpo.config import Config
 from minigrpo.model import trainable_parameters
 from minigrpo.run import (
+    Inputs,
     Interrupt,
+    Run,
     LoopState,
     PromptSampler,
     end_step,
@@ -58,12 +60,18 @@ REDUCTIONS = {"perf/step_s": "max", "perf/tokens_per_s": "max"}
 
 
 def sft(cfg: Config, show_progress: bool = True) -> Path:
-    """Fine-tune on worked solutions; returns the run folder (config, metrics, adapter or model).
+    """Fine-tune on worked solutions; returns the run folder (config, metrics, adapter or model)."""
+    return run_sft(cfg, show_progress).run_dir
+
+
+def run_sft(cfg: Config, show_progress: bool = True, inputs: Inputs | None = None) -> Run:
+    """Fine-tune on worked solutions; returns the run (folder, and the trained model and tokenizer in memory).
 
     With several processes (torchrun / accelerate launch, any strategy) each takes its share of every
     step's examples; the mean is over the tokens of all of them, so the step is the one-process step."""
     # ---- setup ----------------------------------------------------------------------------------------
-    run = setup_run(cfg, "SFT")
+    run = setup_run(cfg, "SFT", inputs)
+    cfg = run.cfg  # as resolved at start (the template "auto" made concrete)
     model, tok, dist, device = run.model, run.tokenizer, run.dist, run.device
     pairs = encode_pairs(tok, run.train_prompts, [sft_target(ex) for ex in run.train_set])
     opt = prepare_training(run, cfg.max_steps)
@@ -99,4 +107,5 @@ def sft(cfg: Config, show_progress: bool = True) -> Path:
             monitor.log(step, dist.reduce_metrics(metrics, REDUCTIONS))
             end_step(run, opt, state, monitor, interrupt, step, all_skipped=not applied)
 
-    return finish_run(run, monitor, state.before)
+    finish_run(run, monitor, state.before)
+    return run

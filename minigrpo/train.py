@@ -31,6 +31,7 @@ from minigrpo.model import Reference, trainable_parameters
 from minigrpo.monitor import peak_memory_gb, print0
 from minigrpo.rollout.types import Rollout, SamplingParams, merge_rollouts, select_rows
 from minigrpo.run import (
+    Inputs,
     Interrupt,
     LoopState,
     PromptSampler,
@@ -44,7 +45,8 @@ from minigrpo.run import (
     step_schedule,
 )
 from minigrpo.tasks.answers import is_correct
-from minigrpo.tasks.rewards import load_reward, score
+from minigrpo.tasks.prompts import stop_strings
+from minigrpo.tasks.rewards import load_rewards, reward_inputs, score
 from minigrpo.tasks.sources import Example
 
 
@@ -67,11 +69,11 @@ def rollout_and_score(cfg: Config, model: torch.nn.Module, tokenizer: Any, examp
     t0 = time.perf_counter()
     ro = rollout.generate(cfg.rollout_backend, model, tokenizer, prompts, sampling, cfg.rollout_merge_lora)
     t1 = time.perf_counter()
-    columns = {key: [ex.columns[key] for ex in examples for _ in range(sampling.n)] for key in examples[0].columns}
+    reward_prompts, completions, columns = reward_inputs(examples, ro.prompts, ro.completions, sampling.n)
     lengths = ro.completion_mask.sum(1).long().tolist()
     ids = [row[:n] for row, n in zip(ro.completion_ids.tolist(), lengths)]  # TRL passes completion_ids too
     errors: dict[str, int] = {}
-    totals, per_func = score(reward_funcs, ro.prompts, ro.completions, columns | {"completion_ids": ids}, errors)
+    totals, per_func = score(reward_funcs, reward_prompts, completions, columns | {"completion_ids": ids}, errors)
     return Scored(ro, columns, totals, per_func, t1 - t0, time.perf_counter() - t1, sum(errors.values()))
 
 
@@ -183,14 +185,14 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
     return run_grpo(cfg, show_progress).run_dir
 
 
-def run_grpo(cfg: Config, show_progress: bool = True) -> Run:
-    """Run GRPO as configured; returns the run (folder, and the trained model and tokenizer in memory)."""
+def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = None) -> Run:
+    """Run GRPO as configured; returns the run (folder, and the trained model and tokenizer in memory).
+    `inputs`: what the Python API hands over besides the config (a loaded model, rows, callbacks)."""
     # ---- setup ----------------------------------------------------------------------------------------
     cfg.validate_grpo()
-    weights = cfg.reward_weights or [1.0] * len(cfg.reward_funcs)
-    options = {"max_completion_length": cfg.max_completion_length, "overlong_buffer": cfg.overlong_buffer}
-    reward_funcs = [(name, load_reward(name, options), w) for name, w in zip(cfg.reward_funcs, weights)]
-    run = setup_run(cfg, "GRPO")
+    reward_funcs = load_rewards(cfg)
+    run = setup_run(cfg, "GRPO", inputs)
+    cfg = run.cfg  # as resolved at start (the template "auto" made concrete)
     model, tok, dist, device, G = run.model, run.tokenizer, run.dist, run.device, cfg.num_generations
     ref = Reference(model, cfg.use_peft) if cfg.beta > 0 else None  # before the strategy may split the weights
     # The strategy (DDP, DeepSpeed, FSDP with several processes) takes the model and optimizer; the loss pass
@@ -198,7 +200,7 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> Run:
     opt = prepare_training(run, cfg.max_steps * cfg.num_iterations)
     state = LoopState(PromptSampler(len(run.train_set), cfg.seed))
     sampling = SamplingParams(n=G, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                              top_p=cfg.top_p, top_k=cfg.top_k)
+                              top_p=cfg.top_p, top_k=cfg.top_k, stop=stop_strings(cfg))
     monitor = start_loop(run, opt, state, show_progress)  # resume, or evaluate before training
 
     with Interrupt() as interrupt:  # Ctrl-C: finish the step, save a checkpoint, stop; again: stop at once
@@ -220,7 +222,9 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> Run:
             if cfg.dynamic_sampling and informative < cfg.prompts_per_step:
                 print0(f"step {step}: dynamic sampling hit max_sampling_tries={cfg.max_sampling_tries} with "
                        f"{informative}/{cfg.prompts_per_step} informative groups; the rest have no signal")
-            correct = [is_correct(c, a) for c, a in zip(ro.completions, columns["answer"])]
+            # the task's accuracy, when its rows have gold answers (independent of the reward weights)
+            correct = [is_correct(c, a) for c, a in zip(ro.completions, columns["answer"])] \
+                if all(a is not None for a in columns.get("answer", [None])) else None
             # ---- 4. advantages ----------------------------------------------------------------------------
             valid = torch.tensor([r is not None for r in totals], dtype=torch.float32)
             rewards = torch.tensor([r if r is not None else 0.0 for r in totals], dtype=torch.float32)
@@ -244,7 +248,6 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> Run:
             metrics = stats | {
                 "train/reward": masked_mean(rewards, valid).item(),
                 "train/reward_std": rewards[valid.bool()].std().item() if valid.sum() > 1 else 0.0,
-                "train/accuracy": sum(correct) / len(correct),
                 "train/frac_reward_zero_std": zero_std.float().mean().item(),
                 "train/skipped_samples": float(len(totals) - int(valid.sum())),
                 "train/reward_errors": float(scored.reward_errors),
@@ -257,12 +260,20 @@ def run_grpo(cfg: Config, show_progress: bool = True) -> Run:
                 "perf/tokens_per_s": ro.num_completion_tokens / (t_end - t0),
                 "memory/peak_gb": peak_memory_gb(device),
             }
-            for name, values in scored.per_func.items():
-                vals = [v for v in values if v is not None]
-                metrics[f"train/rewards/{name}"] = sum(vals) / len(vals) if vals else float("nan")
-            if step % cfg.logging_steps == 0:
-                monitor.samples(step, [{"prompt": ro.prompts[i], "completion": ro.completions[i],
-                                        "reward": totals[i], "answer": columns["answer"][i]}
+            if correct is not None:
+                metrics["train/accuracy"] = sum(correct) / len(correct)
+            for name, values in scored.per_func.items():  # each reward's mean and spread (TRL's names)
+                vals = torch.tensor([v for v in values if v is not None], dtype=torch.float64)
+                metrics[f"train/rewards/{name}/mean"] = vals.mean().item() if len(vals) else float("nan")
+                metrics[f"train/rewards/{name}/std"] = vals.std().item() if len(vals) > 1 else 0.0
+            scored_adv = advantages[valid.bool()]  # what the tutorial says to watch: ~0 mean, spread > 0
+            metrics["train/advantage_mean"] = scored_adv.mean().item() if len(scored_adv) else 0.0
+            metrics["train/advantage_std"] = scored_adv.std().item() if len(scored_adv) > 1 else 0.0
+            if step % cfg.logging_steps == 0:  # the completions table: a group's first samples
+                gold = columns.get("answer") or [None] * len(totals)
+                monitor.samples(step, [{"prompt": ro.prompts[i], "completion": ro.completions[i], "reward": totals[i],
+                                        **{f"rewards/{k}": v[i] for k, v in scored.per_func.items()},
+                                        "advantage": advantages[i].item(), "answer": gold[i]}
                                        for i in range(min(cfg.log_completions, G))])
             # ---- 7. evaluation, checkpoint, guards --------------------------------------------------------
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:

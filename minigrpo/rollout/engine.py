@@ -13,7 +13,15 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from minigrpo.compat import cache_kwargs, preallocate
 from minigrpo.model import merged_lora
-from minigrpo.rollout.types import Rollout, SamplingParams, encode_prompts, eos_token_ids, make_rollout
+from minigrpo.rollout.types import (
+    Rollout,
+    SamplingParams,
+    encode_prompts,
+    eos_token_ids,
+    hits_stop,
+    make_rollout,
+    stop_window,
+)
 
 
 def sample_tokens(logits: torch.Tensor, params: SamplingParams,
@@ -65,8 +73,9 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                     params: SamplingParams) -> Rollout:
     """minigrpo's rollout engine: each prompt is prefilled once and its KV cache shared by its n samples.
 
-    Then one decode step per token for the batch, with per-sequence EOS: once a quarter of the rows have
-    finished they leave the batch (and its KV cache), and decoding stops when every sequence has finished.
+    Then one decode step per token for the batch, with per-sequence EOS and stop strings (`params.stop`: a row
+    whose last tokens' text holds one has finished): once a quarter of the rows have finished they leave the
+    batch (and its KV cache), and decoding stops when every sequence has finished.
     Positions follow the attention mask exactly as in `generate`, so greedy decoding gives generate's tokens.
     The sampled tokens' log-probs come back in `Rollout.logprobs`.
     """
@@ -98,6 +107,7 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     gens = None if params.seeds is None or params.temperature == 0 else [
         torch.Generator(device=device).manual_seed(int(seed)) for seed in params.seeds]
     done = torch.zeros(B, dtype=torch.bool, device=device)  # per compute-batch row
+    window = stop_window(params.stop) if params.stop else 0
     # ---- decode ---------------------------------------------------------------------------------------
     steps = 0
     for t in range(T):
@@ -105,6 +115,11 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         tokens[live, t] = torch.where(done, pad, next_tokens)
         logprobs[live, t] = torch.where(done, 0.0, next_logp)
         done |= torch.isin(next_tokens, eos)
+        if params.stop:  # decode only the unfinished rows' last tokens: enough to hold a stop string just completed
+            open_rows = (~done).nonzero()[:, 0]
+            tails = tokens[live[open_rows], max(0, t + 1 - window):t + 1].tolist()
+            hit = torch.tensor(hits_stop(tokenizer, tails, params.stop), dtype=torch.bool, device=device)
+            done[open_rows[hit]] = True
         steps = t + 1
         if bool(done.all()) or t == T - 1:
             break
@@ -119,6 +134,7 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         logits = out.logits[:, -1]
     model.train(was_training)
     prompt_ids, prompt_mask = ids.repeat_interleave(params.n, 0), full_prompt_mask
-    ro = make_rollout(tokenizer, prompts, params.n, prompt_ids, prompt_mask, tokens[:, :steps], eos.tolist())
+    ro = make_rollout(tokenizer, prompts, params.n, prompt_ids, prompt_mask, tokens[:, :steps], eos.tolist(),
+                      params.stop)
     ro.logprobs = logprobs[:, :steps] * ro.completion_mask
     return ro

@@ -4,6 +4,13 @@ helpers that build one from token ids.
 A `Rollout` holds left-padded prompts, right-padded completions, the completion mask (tokens up to and
 including the first EOS) and the decoded texts. Completions come in groups: the n samples of prompt i are
 rows i*n ... i*n + n - 1.
+
+Stop strings (`SamplingParams.stop`), the same in every backend: a completion ends with the token whose
+decoded text completes a stop string (matched in the completion's own text, special tokens removed; never across
+the prompt). That token is kept, as an EOS is: it is in the completion and in its mask, the text the rewards see
+ends with the stop string (and whatever else that token spells), and the completion is not truncated. Backends
+stop generating a row there (the engine and `hf` decode each unfinished row's last `stop_window` tokens per step);
+`make_rollout` then finds that token from the text alone, so the convention has one definition.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seeds: list[int] | None = None  # engine: one per prompt; its samples then depend on nothing else
+    stop: tuple[str, ...] | list[str] = ()  # texts that end a completion (kept in it, as EOS is: module docstring)
 
 
 @dataclass
@@ -32,9 +40,9 @@ class Rollout:
     """A batch of B = num_prompts * n completions, each prompt's n samples in consecutive rows."""
     prompt_ids: torch.Tensor  # [B, P] left-padded
     prompt_mask: torch.Tensor  # [B, P] 1 on real prompt tokens
-    completion_ids: torch.Tensor  # [B, C] right-padded after the first EOS
-    completion_mask: torch.Tensor  # [B, C] float, 1 up to and including the first EOS
-    truncated: torch.Tensor  # [B] bool: no EOS within max_new_tokens
+    completion_ids: torch.Tensor  # [B, C] right-padded after the first EOS (or the token completing a stop string)
+    completion_mask: torch.Tensor  # [B, C] float, 1 up to and including the first EOS (or that stop token)
+    truncated: torch.Tensor  # [B] bool: no EOS nor stop string within max_new_tokens
     prompts: list[str]  # [B] prompt text of each completion
     completions: list[str]  # [B] decoded completion text, special tokens removed
     logprobs: torch.Tensor | None = None  # [B, C] sampled tokens' log-probs, when the backend gives them
@@ -61,15 +69,63 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], devic
     return enc.input_ids.to(device), enc.attention_mask.to(device)
 
 
+def stop_window(stop: tuple[str, ...] | list[str]) -> int:
+    """Tokens to decode to see a stop string the newest token completes: one per byte of the longest (a token
+    spells at least one byte), and one before it (a tokenizer may drop the leading space of the first it decodes)."""
+    return max(len(s.encode()) for s in stop) + 1
+
+
+def hits_stop(tokenizer: PreTrainedTokenizerBase, tails: list[list[int]], stop: tuple[str, ...] | list[str],
+              ) -> list[bool]:
+    """Per row of token ids (a completion's last `stop_window` tokens): whether its text holds a stop string."""
+    if not tails:  # batch_decode([]) is [""] in transformers 5.17, [] in 5.24
+        return []
+    return [any(s in text for s in stop) for text in tokenizer.batch_decode(tails, skip_special_tokens=True)]
+
+
+def stop_length(tokenizer: PreTrainedTokenizerBase, ids: list[int], stop: tuple[str, ...] | list[str]) -> int | None:
+    """Tokens of `ids` up to and including the one that completes the first stop string in the text, or None.
+
+    A binary search on the text of the first k tokens (a text holds a stop string from that token on): log2(len)
+    decodes, only for a completion whose text holds one."""
+    def holds(k: int) -> bool:
+        return hits_stop(tokenizer, [ids[:k]], stop)[0]
+
+    if not ids or not holds(len(ids)):
+        return None
+    lo, hi = 1, len(ids)  # holds(hi); find the smallest such k
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if holds(mid) else (mid + 1, hi)
+    return lo
+
+
 def make_rollout(tokenizer: PreTrainedTokenizerBase, prompts: list[str], n: int, prompt_ids: torch.Tensor,
-                 prompt_mask: torch.Tensor, completion_ids: torch.Tensor, eos: list[int]) -> Rollout:
-    """Assemble a Rollout from generated ids: mask, truncation flags, decoded texts."""
+                 prompt_mask: torch.Tensor, completion_ids: torch.Tensor, eos: list[int],
+                 stop: tuple[str, ...] | list[str] = ()) -> Rollout:
+    """Assemble a Rollout from generated ids: mask, truncation flags, decoded texts. With `stop`, a completion
+    whose text (before any EOS) holds a stop string ends with the token completing it (module docstring): the
+    mask and text end there, the ids after it become padding and the completion is not truncated."""
     cmask = completion_mask(completion_ids, eos)  # [B, C]
     has_eos = torch.isin(completion_ids, torch.tensor(eos, device=completion_ids.device)).any(1)
     # Decode only the masked-in tokens: text after the first EOS is padding, not part of the answer.
     lengths = cmask.sum(1).long().tolist()
-    texts = tokenizer.batch_decode([row[:n_tok] for row, n_tok in zip(completion_ids.tolist(), lengths)],
-                                   skip_special_tokens=True)
+    rows = completion_ids.tolist()
+    texts = tokenizer.batch_decode([row[:n_tok] for row, n_tok in zip(rows, lengths)], skip_special_tokens=True)
+    stopped = [False] * len(rows)
+    if stop:
+        for i, text in enumerate(texts):
+            if any(s in text for s in stop):
+                lengths[i] = stop_length(tokenizer, rows[i][:lengths[i]], stop)
+                texts[i] = tokenizer.decode(rows[i][:lengths[i]], skip_special_tokens=True)
+                stopped[i] = True
+        if any(stopped):
+            ends = torch.tensor(lengths, device=completion_ids.device)  # [B]
+            cmask = (torch.arange(completion_ids.shape[1], device=completion_ids.device)[None, :]
+                     < ends[:, None]).float()  # [B, C]
+            is_stopped = torch.tensor(stopped, device=completion_ids.device)
+            completion_ids = completion_ids.masked_fill(is_stopped[:, None] & (cmask == 0), tokenizer.pad_token_id)
+            has_eos = has_eos | is_stopped
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                    completion_mask=cmask, truncated=~has_eos, prompts=[p for p in prompts for _ in range(n)],
                    completions=texts)

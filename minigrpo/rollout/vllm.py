@@ -67,7 +67,8 @@ def vllm_weights(model: torch.nn.Module, only_adapted: bool) -> list[tuple[str, 
 
 
 def rollout_from_outputs(tokenizer: Any, prompts: list[str], n: int, prompt_token_ids: list[list[int]],
-                         outputs: list[Any], eos: list[int], pad_id: int, device: torch.device) -> Rollout:
+                         outputs: list[Any], eos: list[int], pad_id: int, device: torch.device,
+                         stop: tuple[str, ...] | list[str] = ()) -> Rollout:
     """A Rollout (left-padded prompts, right-padded completions, masks) from vLLM's RequestOutputs."""
     P = max(len(p) for p in prompt_token_ids)
     prompt_ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
@@ -79,7 +80,9 @@ def rollout_from_outputs(tokenizer: Any, prompts: list[str], n: int, prompt_toke
         assert len(out.outputs) == n, f"vLLM returned {len(out.outputs)} completions for a prompt, expected {n}"
         for c in out.outputs:
             ids = list(c.token_ids)
-            if c.finish_reason == "stop" and (not ids or ids[-1] not in eos):
+            # stop_reason: None for EOS, the string for a stop string (its last token is in token_ids already)
+            on_eos = c.finish_reason == "stop" and not isinstance(getattr(c, "stop_reason", None), str)
+            if on_eos and (not ids or ids[-1] not in eos):
                 ids.append(eos[0])  # stopped on EOS without returning it: the mask must include the EOS
             completions.append(ids)
     C = max(1, max(len(c) for c in completions))
@@ -87,7 +90,7 @@ def rollout_from_outputs(tokenizer: Any, prompts: list[str], n: int, prompt_toke
     for i, ids in enumerate(completions):
         completion_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
     return make_rollout(tokenizer, prompts, n, prompt_ids.repeat_interleave(n, 0).to(device),
-                        prompt_mask.repeat_interleave(n, 0).to(device), completion_ids.to(device), eos)
+                        prompt_mask.repeat_interleave(n, 0).to(device), completion_ids.to(device), eos, stop)
 
 
 class ColocatedVLLM:
@@ -137,7 +140,8 @@ class ColocatedVLLM:
         sampling = VLLMSampling(n=params.n, max_tokens=params.max_new_tokens, temperature=params.temperature,
                                 top_p=1.0 if greedy else params.top_p,
                                 top_k=params.top_k if params.top_k > 0 and not greedy else -1,
-                                stop_token_ids=eos)
+                                stop_token_ids=eos, stop=list(params.stop) or None,
+                                include_stop_str_in_output=True)  # the rollout convention: rollout/types.py
         prompt_token_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids], sampling,
                                     use_tqdm=False)
@@ -145,7 +149,7 @@ class ColocatedVLLM:
             self._sleep()
         device = next(model.parameters()).device
         return rollout_from_outputs(tokenizer, prompts, params.n, prompt_token_ids, outputs, eos,
-                                    tokenizer.pad_token_id, device)
+                                    tokenizer.pad_token_id, device, params.stop)
 
 
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], params: SamplingParams,

@@ -1,21 +1,35 @@
 """Reward functions: built-ins by name, custom ones by import path, and the weighted sum over a batch.
 
-Every reward follows TRL's convention, so users can bring their own:
-``fn(prompts, completions, **columns) -> list[float | None]``, where ``columns`` are the dataset's
-columns as keyword lists aligned with ``completions`` (``answer`` is the normalised gold answer,
-``answers.gold_answer`` of the data's answer field); ``None`` means "no opinion on this sample".
-Answers are extracted by `minigrpo.tasks.answers`, the extractor evaluation uses too.
+Every reward follows TRL's convention, so users can bring their own: called with keyword arguments
+``fn(prompts=..., completions=..., completion_ids=..., **columns) -> list[float | None]``, where ``columns``
+are the dataset's columns as keyword lists aligned with ``completions`` (``answer`` is the normalised gold
+answer, ``answers.gold_answer`` of the data's answer field); ``None`` means "no opinion on this sample".
+With a conversational dataset, as in TRL, ``prompts`` are the message lists and each completion is
+``[{"role": "assistant", "content": text}]``; the built-ins take either form. A reward may be ``async def``:
+the async rewards of a batch run concurrently. Answers are extracted by `minigrpo.tasks.answers`, the
+extractor evaluation uses too.
 """
 
+import asyncio
+import concurrent.futures
 import importlib
+import inspect
 import math
 import numbers
 import sys
 import traceback
 from collections.abc import Callable
+from typing import Any
 
 from minigrpo.errors import ConfigError
 from minigrpo.tasks.answers import FINAL_NUMBER_RE, extract_hash_answer, is_correct
+
+
+def text_of(message: Any) -> str:
+    """The text of a completion or prompt in either form: a string, or a list of messages (their contents joined)."""
+    if isinstance(message, str):
+        return message
+    return "".join(m["content"] for m in message)
 
 
 def correctness_reward(
@@ -26,7 +40,7 @@ def correctness_reward(
     >>> correctness_reward(["Q1", "Q2"], ["6 * 12 = 72\\n#### 72", "\\\\boxed{70}"], answer=["72", "72"])
     [1.0, 0.0]
     """
-    return [1.0 if is_correct(c, a) else 0.0 for c, a in zip(completions, answer, strict=True)]
+    return [1.0 if is_correct(text_of(c), a) else 0.0 for c, a in zip(completions, answer, strict=True)]
 
 
 def _think_parts(prompt: str, completion: str) -> tuple[str, str] | None:
@@ -65,12 +79,12 @@ def format_reward_strict(prompts: list[str], completions: list[str], **kwargs) -
 
     An optional ``<think>...</think>`` block may come first.
     """
-    return [1.0 if _is_strict(p, c) else 0.0 for p, c in zip(prompts, completions, strict=True)]
+    return [1.0 if _is_strict(text_of(p), text_of(c)) else 0.0 for p, c in zip(prompts, completions, strict=True)]
 
 
 def format_reward_soft(prompts: list[str], completions: list[str], **kwargs) -> list[float | None]:
     """1.0 where a ``#### N`` appears anywhere in the completion, else 0.0."""
-    return [0.0 if extract_hash_answer(c) is None else 1.0 for c in completions]
+    return [0.0 if extract_hash_answer(text_of(c)) is None else 1.0 for c in completions]
 
 
 def _is_think_format(prompt: str, completion: str) -> bool:
@@ -85,7 +99,7 @@ def think_format_reward(prompts: list[str], completions: list[str], **kwargs) ->
 
     The opening ``<think>`` may sit at the end of the prompt (a prefilling chat template).
     """
-    return [1.0 if _is_think_format(p, c) else 0.0 for p, c in zip(prompts, completions, strict=True)]
+    return [1.0 if _is_think_format(text_of(p), text_of(c)) else 0.0 for p, c in zip(prompts, completions, strict=True)]
 
 
 REWARD_FUNCS: dict[str, Callable] = {
@@ -123,12 +137,19 @@ REWARD_FACTORIES: dict[str, Callable[..., Callable]] = {
 }
 
 
-def load_reward(name: str, options: dict | None = None) -> Callable:
-    """A built-in reward by name (see ``REWARD_FUNCS``), or a custom one as ``package.module:function``.
+def load_reward(name: str | Callable, options: dict | None = None) -> Callable:
+    """A built-in reward by name (see ``REWARD_FUNCS``), a custom one as ``package.module:function``, or a
+    function handed over from Python (returned as it is).
 
     `options` carries run settings for the built-ins that need them (``overlong``: max_completion_length
     and overlong_buffer).
     """
+    if callable(name):
+        return name
+    if name.startswith("python:"):  # config.function_name: a function only Python can pass again
+        raise ConfigError(f"reward {name!r} was a function handed over from Python (a lambda, or defined in a "
+                          f"script); pass it again from Python (GRPOTrainer(reward_funcs=...)), or make it "
+                          f"importable and name it 'package.module:function'")
     if name in REWARD_FUNCS:
         return REWARD_FUNCS[name]
     if name in REWARD_FACTORIES:
@@ -152,6 +173,20 @@ def load_reward(name: str, options: dict | None = None) -> Callable:
     return fn
 
 
+def load_rewards(cfg: Any) -> list[tuple[str, Callable, float]]:
+    """The run's rewards as (name, function, weight): each name unique (a second function with the same name is
+    logged as name_2), the names train/rewards/<name> uses."""
+    weights = cfg.reward_weights or [1.0] * len(cfg.reward_funcs)
+    options = {"max_completion_length": cfg.max_completion_length, "overlong_buffer": cfg.overlong_buffer}
+    table: list[tuple[str, Callable, float]] = []
+    for fn, weight in zip(cfg.reward_funcs, weights):
+        name, k = reward_name(fn), 2
+        while any(name == n for n, _, _ in table):
+            name, k = f"{reward_name(fn)}_{k}", k + 1
+        table.append((name, load_reward(fn, options), weight))
+    return table
+
+
 def _as_reward(value: object) -> float | None:
     """A finite float, or None for anything else (None, NaN, inf, strings): the sample is skipped."""
     if isinstance(value, numbers.Real) and math.isfinite(value):
@@ -159,10 +194,28 @@ def _as_reward(value: object) -> float | None:
     return None
 
 
+def reward_inputs(examples: list[Any], prompts: list[str], completions: list[str], n: int,
+                  ) -> tuple[list[Any], list[Any], dict[str, list[Any]]]:
+    """What rewards receive for `n` completions per example (rows example-major, as a rollout's), in TRL's forms:
+    a conversational example's prompt as its messages and each completion as [{"role": "assistant", ...}];
+    otherwise the prompt as rendered (what the model saw) and the completion text. Plus the dataset columns."""
+    rows = [ex for ex in examples for _ in range(n)]
+    prompts = [ex.messages if ex.messages is not None else p for ex, p in zip(rows, prompts, strict=True)]
+    completions = [[{"role": "assistant", "content": c}] if ex.messages is not None else c
+                   for ex, c in zip(rows, completions, strict=True)]
+    keys = dict.fromkeys(k for ex in examples for k in ex.columns)  # every row's columns (None where absent)
+    return prompts, completions, {k: [ex.columns.get(k) for ex in rows] for k in keys}
+
+
+def reward_name(fn: str | Callable) -> str:
+    """The name a reward is logged under (train/rewards/<name>): its config name, or a function's __name__."""
+    return fn if isinstance(fn, str) else getattr(fn, "__name__", type(fn).__name__)
+
+
 def score(
     funcs: list[tuple[str, Callable, float]],
-    prompts: list[str],
-    completions: list[str],
+    prompts: list[Any],
+    completions: list[Any],
     columns: dict[str, list],
     errors: dict[str, int] | None = None,
 ) -> tuple[list[float | None], dict[str, list[float | None]]]:
@@ -172,13 +225,16 @@ def score(
     that no function scored gets ``None``. A reward function that raises is called again one sample at a
     time: the samples it still fails on get ``None`` (counted in `errors[name]`; its first traceback is
     printed once) and the run goes on. Returning the wrong number of values is a bug and an error.
+    The async functions run concurrently, on an event loop of their own (also inside a notebook's).
     """
     totals: list[float | None] = [None] * len(completions)
     per_func: dict[str, list[float | None]] = {}
+    kwargs = {"prompts": prompts, "completions": completions, **columns}
+    waiting = [(name, fn) for name, fn, _ in funcs if inspect.iscoroutinefunction(fn)]
+    awaited = dict(zip([n for n, _ in waiting], _run_async([fn(**kwargs) for _, fn in waiting]))) if waiting else {}
     for name, fn, weight in funcs:
-        try:
-            raw = fn(prompts, completions, **columns)
-        except Exception:
+        raw = awaited[name] if name in awaited else _call(fn, kwargs)
+        if isinstance(raw, BaseException):
             raw = _score_one_by_one(name, fn, prompts, completions, columns, errors)
         if not isinstance(raw, (list, tuple)) or len(raw) != len(completions):
             got = len(raw) if isinstance(raw, (list, tuple)) else type(raw).__name__
@@ -191,16 +247,38 @@ def score(
     return totals, per_func
 
 
+def _call(fn: Callable, kwargs: dict[str, Any]) -> Any:
+    """fn(**kwargs), or the exception it raised (the caller retries one sample at a time)."""
+    try:
+        return fn(**kwargs)
+    except Exception as e:  # noqa: BLE001  (a reward's bug costs its samples, not the run)
+        return e
+
+
+def _run_async(coroutines: list[Any]) -> list[Any]:
+    """Await the coroutines together on a fresh event loop in a worker thread (works where a loop already runs,
+    e.g. Jupyter); each result, or the exception it raised."""
+    async def gather() -> list[Any]:
+        return await asyncio.gather(*coroutines, return_exceptions=True)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, gather()).result()
+
+
 _REPORTED: set[str] = set()  # reward functions whose first traceback has been printed
 
 
-def _score_one_by_one(name: str, fn: Callable, prompts: list[str], completions: list[str], columns: dict[str, list],
+def _score_one_by_one(name: str, fn: Callable, prompts: list[Any], completions: list[Any], columns: dict[str, list],
                       errors: dict[str, int] | None) -> list[object]:
     """After a batch call raised: each sample alone, so a sample that breaks the function costs only itself."""
     out: list[object] = []
     for i in range(len(completions)):
         try:
-            value = fn(prompts[i:i + 1], completions[i:i + 1], **{k: v[i:i + 1] for k, v in columns.items()})
+            kwargs = {"prompts": prompts[i:i + 1], "completions": completions[i:i + 1],
+                      **{k: v[i:i + 1] for k, v in columns.items()}}
+            value = _run_async([fn(**kwargs)])[0] if inspect.iscoroutinefunction(fn) else fn(**kwargs)
+            if isinstance(value, BaseException):
+                raise value
             out.append(value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else None)
         except Exception:
             if errors is not None:

@@ -1,10 +1,16 @@
 """Where examples come from: the built-in arith task, JSONL files and folders, the Hugging Face hub.
 
-A dataset is a list of `Example`s. Each carries the question, the gold answer as written in the data,
-and every column of the row; the columns are passed to reward functions as keyword arguments (TRL's
-convention), with `columns["answer"]` holding the normalised gold final answer that rewards compare to.
+A dataset is a list of `Example`s. Each carries the prompt (a text, or TRL's conversational form: a list of
+`{"role", "content"}` messages), the gold answer as written in the data when there is one, and every column of
+the row; the columns are passed to reward functions as keyword arguments (TRL's convention), with
+`columns["answer"]` holding the normalised gold final answer that rewards compare to.
 
-Three sources, picked from the `dataset` string by `load_examples`:
+The prompt column is TRL's `prompt` (standard text or conversational), else `question` (GSM8K's), unless
+`prompt_field` names another. The answer column (`answer_field`) is optional: rows without one train with
+rewards that need no gold answer; a task that needs one says so at start (`require_columns`).
+
+Sources, picked from the `dataset` string by `load_examples`, or rows handed over from Python (`rows_to_examples`:
+a `datasets.Dataset`, an `IterableDataset` or a list of dicts):
 - a `.jsonl` file (the split is ignored);
 - a directory holding `{split}.jsonl` (e.g. a local GSM8K copy with train.jsonl and test.jsonl);
 - anything else is a Hugging Face hub id (`gsm8k` is an alias of `openai/gsm8k`, config "main").
@@ -21,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minigrpo.errors import DataError, DataNotFound
+from minigrpo.errors import ConfigError, DataError, DataNotFound
 from minigrpo.tasks.answers import gold_answer
 from minigrpo.tasks.arith import arith_rows
 
@@ -36,9 +42,17 @@ _CALCULATOR_RE = re.compile(r"<<.*?>>")
 class Example:
     """One problem: the question, the gold answer as written, and all columns of its row."""
 
-    question: str  # the problem text
-    answer: str  # the gold answer as written in the data (GSM8K: the full solution ending in "#### N")
+    question: str  # the problem text (conversational prompts: the last user message's)
+    answer: str | None  # the gold answer as written in the data (GSM8K: the full solution ending in "#### N")
     columns: dict[str, Any]  # every field of the row, passed to rewards; "answer" is the gold final answer
+    messages: list[dict[str, str]] | None = None  # a conversational prompt, rendered by the chat template
+    where: str = ""  # where the row came from ("FILE, line N"), for messages about it
+    field: str = "question"  # the column the prompt came from ('prompt': TRL's formats, template auto -> raw)
+
+    @property
+    def prompt(self) -> str | list[dict[str, str]]:
+        """The prompt as the data gave it: TRL passes this to rewards as `prompts`."""
+        return self.messages if self.messages is not None else self.question
 
 
 def strip_calculator(text: str) -> str:
@@ -46,25 +60,79 @@ def strip_calculator(text: str) -> str:
     return _CALCULATOR_RE.sub("", text)
 
 
-def _to_example(row: dict[str, Any], where: str, prompt_field: str, answer_field: str) -> Example:
+PROMPT_FIELDS = ("prompt", "question")  # looked for in this order when prompt_field is not set
+
+
+def _messages(value: Any, where: str) -> list[dict[str, str]]:
+    """A conversational prompt checked: a non-empty list of {"role": str, "content": str}."""
+    ok = bool(value) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                             and isinstance(m.get("content"), str) for m in value)
+    if not ok:
+        raise DataError(f"{where}: a conversational prompt must be a non-empty list of "
+                        f'{{"role": ..., "content": ...}} messages with string values, got {str(value)[:200]}')
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _to_example(row: dict[str, Any], where: str, prompt_field: str | None, answer_field: str) -> Example:
     """Turn one data row into an Example; `where` names the row's origin for error messages."""
-    missing = [key for key in (prompt_field, answer_field) if key not in row]
-    if missing:
+    field = prompt_field or next((f for f in PROMPT_FIELDS if f in row), None)
+    if field is None or field not in row:
+        wanted = repr(prompt_field) if prompt_field else " or ".join(map(repr, PROMPT_FIELDS))
         raise DataError(
-            f"{where}: missing key {', '.join(map(repr, missing))}; the row has keys {sorted(row)}. "
+            f"{where}: missing key {wanted}; the row has keys {sorted(row)}. "
             "Pass prompt_field= / answer_field= to name the question and answer columns."
         )
-    question, answer = str(row[prompt_field]), str(row[answer_field])
+    value, messages = row[field], None
+    if isinstance(value, (list, tuple)):  # TRL's conversational format
+        messages = _messages(value, where)
+        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+    elif isinstance(value, str):
+        question = value
+    else:
+        raise DataError(f"{where}: {field!r} must be a text or a list of messages, got {type(value).__name__}")
+    if not question.strip() and messages is None:
+        raise DataError(f"{where}: {field!r} is empty; remove the row or fill it in")
     # Rewards receive the columns as keyword arguments; "answer" must be the comparable final answer,
     # so the full worked solution moves to "solution".
     columns = dict(row)
     columns["question"] = question
-    columns["solution"] = answer
-    columns["answer"] = gold_answer(answer)
-    return Example(question=question, answer=answer, columns=columns)
+    answer = None
+    if answer_field in row and row[answer_field] is not None:
+        answer = str(row[answer_field])
+        columns["solution"] = answer
+        columns["answer"] = gold_answer(answer)
+    return Example(question=question, answer=answer, columns=columns, messages=messages, where=where, field=field)
 
 
-def _read_jsonl(path: Path, prompt_field: str, answer_field: str, limit: int | None,
+def rows_to_examples(rows: Iterable[dict[str, Any]], where: str, prompt_field: str | None = None,
+                     answer_field: str = "answer", limit: int | None = None) -> list[Example]:
+    """Examples from rows handed over in Python: a `datasets.Dataset`, an `IterableDataset` (the first `limit`
+    rows: a stream may not end) or a list of dicts."""
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
+        raise DataError(f"{where}: expected a datasets.Dataset, an IterableDataset or a list of dicts, got "
+                        f"{type(rows).__name__}")
+    examples = []
+    for i, row in enumerate(itertools.islice(rows, limit)):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}, row {i}: expected a dict of columns, got {type(row).__name__}")
+        examples.append(_to_example(dict(row), f"{where}, row {i}", prompt_field, answer_field))
+    if not examples:
+        raise DataError(f"{where}: the dataset is empty.")
+    return examples
+
+
+def require_columns(examples: list[Example], columns: list[str], where: str, why: str) -> None:
+    """Every example has each of `columns`: else a DataError naming the first row without one, and `why`."""
+    for i, ex in enumerate(examples):
+        missing = [c for c in columns if c not in ex.columns]
+        if missing:
+            raise DataError(f"{ex.where or f'{where}, row {i}'}: no {missing[0]!r} column ({why}); the row has "
+                            f"keys {sorted(k for k in ex.columns if k != 'question')}. Pass prompt_field= / "
+                            f"answer_field= to name the question and answer columns, or choose rewards and "
+                            f"an eval_metric that need no gold answer")
+
+
+def _read_jsonl(path: Path, prompt_field: str | None, answer_field: str, limit: int | None,
                 skip_bad: bool = False) -> list[Example]:
     """Read a JSONL file by hand so a bad line is reported with its file and line number (or, with
     `skip_bad`, skipped and counted)."""
@@ -111,7 +179,7 @@ def _read_jsonl(path: Path, prompt_field: str, answer_field: str, limit: int | N
 
 
 def _load_hub(
-    name: str, split: str, prompt_field: str, answer_field: str, limit: int | None
+    name: str, split: str, prompt_field: str | None, answer_field: str, limit: int | None
 ) -> list[Example]:
     """Load a split from the Hugging Face hub (or its local cache) with `datasets.load_dataset`."""
     import datasets  # imported here: it is slow to import and only the hub path needs it
@@ -131,7 +199,7 @@ def _load_hub(
 def load_examples(
     dataset: str,
     split: str,
-    prompt_field: str = "question",
+    prompt_field: str | None = None,
     answer_field: str = "answer",
     limit: int | None = None,
     skip_bad_rows: bool = False,
@@ -140,7 +208,7 @@ def load_examples(
 
     `dataset` is a `.jsonl` file (split ignored), a directory containing `{split}.jsonl`, or a hub id
     (`gsm8k` means `openai/gsm8k` with config "main"). `prompt_field` and `answer_field` name the
-    question and answer columns.
+    question and answer columns (prompt_field None: `prompt`, else `question`).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of rows or None, got {limit}.")
@@ -164,8 +232,14 @@ def sft_target(example: Example) -> str:
     """Return the gold solution as a completion: no calculator annotations, ending with `#### N`.
 
     The final line is rewritten to the normalised gold answer, so the SFT target has exactly the format
-    the reward's extractor expects. A bare answer with no worked solution becomes just `#### N`.
+    the reward's extractor expects. A bare answer with no worked solution becomes just `#### N`. A row with a
+    `completion` column (TRL's prompt-completion format, text or assistant messages) trains on it as written.
     """
+    completion = example.columns.get("completion")
+    if completion is not None:
+        return completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
+    if example.answer is None:
+        raise DataError("an SFT row needs a target: an answer or a completion column")
     gold = gold_answer(example.answer)
     lines = strip_calculator(example.answer).strip().splitlines()
     body = "\n".join(line for line in lines if not line.lstrip().startswith("####")).strip()
@@ -174,9 +248,34 @@ def sft_target(example: Example) -> str:
     return f"{body}\n#### {gold}"
 
 
+IN_MEMORY = "<python>"  # `dataset` of a run whose rows were handed over from Python (GRPOTrainer(train_dataset=))
+
+
+def single_file(dataset: str) -> bool:
+    """A dataset that is one .jsonl file: one set of rows, no splits."""
+    return dataset.endswith(".jsonl") or Path(dataset).expanduser().is_file()
+
+
+def has_held_out(cfg: Any) -> bool:
+    """Whether the run's data has rows apart from the training rows: an eval_dataset, or a dataset with splits
+    (arith, a folder of {split}.jsonl, a hub id). One file, or rows from Python, evaluate only when told where."""
+    return cfg.eval_dataset is not None or not (cfg.dataset == IN_MEMORY or single_file(cfg.dataset))
+
+
 def load_split(cfg: Any, split: str, limit: int | None = None, dataset: str | None = None) -> list[Example]:
-    """The examples of one split for a run config (`dataset` overrides cfg.dataset): arith, or `load_examples`."""
+    """The examples of one split for a run config (`dataset` overrides cfg.dataset): arith, or `load_examples`.
+
+    A single .jsonl file has one split, its training rows: asking cfg.dataset for another split (held-out rows,
+    `minigrpo sample --split test`) is an error, never the training rows again. A file named in `dataset`
+    (eval_dataset, `--data FILE`) is taken whole."""
+    named = dataset is not None
     dataset = dataset or cfg.dataset
+    if dataset == IN_MEMORY:
+        raise ConfigError("dataset: this run's rows were handed over from Python (train_dataset=); pass them "
+                          "again from Python, or give a dataset name, folder or .jsonl file")
+    if not named and split != cfg.train_split and single_file(dataset):
+        raise DataError(f"{dataset}: one .jsonl file, whose rows are the training data: it has no {split!r} "
+                        f"split. Give those rows as their own file (eval_dataset: FILE, or --data FILE)")
     if dataset == "arith":
         size = cfg.arith_train_size if split == "train" else (limit or 1000)
         rows = arith_rows(split, min(size, limit or size), cfg.arith_steps, cfg.arith_max_number,

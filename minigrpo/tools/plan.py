@@ -38,7 +38,7 @@ from minigrpo import tiny
 from minigrpo.config import Config
 from minigrpo.model import RANDOM_INITS, load_tokenizer, model_errors, resolve_model_path
 from minigrpo.monitor import peak_rss_bytes
-from minigrpo.tasks.prompts import render_prompts
+from minigrpo.tasks.prompts import render_prompts, resolve_template
 from minigrpo.tasks.sources import load_split
 
 GB = 1024**3
@@ -113,7 +113,7 @@ def prompt_tokens(cfg: Config, sample: int = 256) -> int:
     try:
         tok = load_tokenizer(cfg)
         examples = load_split(cfg, cfg.train_split, sample)
-        fewshot = examples[:cfg.num_fewshot] if cfg.template == "fewshot" else None
+        fewshot = examples[:cfg.num_fewshot] if resolve_template(cfg, tok, examples) == "fewshot" else None
         texts = render_prompts(cfg, tok, examples, fewshot)
         return max(len(tok(t, add_special_tokens=False).input_ids) for t in texts)
     except Exception:  # no data or tokenizer at hand: the configured bound

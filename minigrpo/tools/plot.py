@@ -38,7 +38,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
-    reward_keys = sorted({k for r in rows for k in r if k.startswith("train/rewards/")})
+    reward_keys = sorted({k for r in rows for k in r if k.startswith("train/rewards/") and not k.endswith("/std")})
     panels = [(t, keys + reward_keys if t == "reward" else keys) for t, keys in PANELS]
     # A series that is absent or all zero (KL with beta = 0) gets no line; a panel with no line is dropped.
     panels = [(t, [k for k in keys if any(series(rows, k)[1])]) for t, keys in panels]

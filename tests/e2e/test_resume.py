@@ -43,6 +43,28 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path):
     assert not list(run.glob(".checkpoint-*.tmp"))
 
 
+def test_sigterm_saves_a_checkpoint_and_resume_gives_identical_weights(tmp_path):
+    """SLURM / Kubernetes pre-emption: SIGTERM finishes the step, checkpoints (even with save_steps 0) and exits 3."""
+    assert main(["train", *ARGS, f"--output_dir={tmp_path / 'straight'}"]) == 0
+    run = tmp_path / "terminated"
+    proc = subprocess.Popen([sys.executable, "-m", "minigrpo", "train", *ARGS, "--save_steps=0",
+                             f"--output_dir={run}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    metrics = run / "metrics.jsonl"
+    while proc.poll() is None and time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, out + err
+    assert "SIGTERM: finishing this step" in out + err and f"minigrpo train --resume {run}" in out + err
+    saved = [s for s, _ in checkpoints(run)]
+    assert len(saved) == 1 and 2 <= saved[0] < 5
+    assert main(["train", "--resume", str(run)]) == 0
+    a, b = _weights(tmp_path / "straight"), _weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_without_a_checkpoint_starts_over(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()

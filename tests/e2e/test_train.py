@@ -12,7 +12,8 @@ from minigrpo.tasks import rewards
 from minigrpo.train import train
 
 METRIC_KEYS = {
-    "train/reward", "train/rewards/digits", "train/rewards/correctness", "train/accuracy", "train/kl",
+    "train/reward", "train/rewards/digits/mean", "train/rewards/digits/std", "train/rewards/correctness/mean",
+    "train/rewards/correctness/std", "train/advantage_mean", "train/advantage_std", "train/accuracy", "train/kl",
     "train/clip_ratio", "train/entropy", "train/grad_norm", "train/learning_rate", "train/loss",
     "train/frac_reward_zero_std", "completions/mean_length", "completions/truncated_ratio", "perf/generate_s",
     "perf/score_s", "perf/train_s", "perf/step_s", "perf/tokens_per_s", "memory/peak_gb",

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from minigrpo.tasks.answers import gold_answer
 from minigrpo.tasks.prompts import R1_SYSTEM_PROMPT, SYSTEM_PROMPT, TEMPLATES, build_prompt
-from minigrpo.tasks.sources import Example, load_examples, sft_target, strip_calculator
+from minigrpo.tasks.sources import Example, load_examples, require_columns, sft_target, strip_calculator
 
 GSM8K_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k"
 needs_gsm8k = pytest.mark.skipif(not GSM8K_DIR.is_dir(), reason=f"no local GSM8K copy at {GSM8K_DIR}")
@@ -127,12 +127,17 @@ def test_jsonl_non_object_line(tmp_path: Path) -> None:
 
 
 def test_jsonl_missing_key_names_key_line_and_fix(tmp_path: Path) -> None:
+    # The answer column is optional when read (a task may need none); a run whose rewards need it checks every row.
     rows = [{"question": "q", "answer": "#### 1"}, {"question": "q", "solution": "#### 2"}]
     path = write_lines(tmp_path / "miss.jsonl", [json.dumps(r) for r in rows])
-    with pytest.raises(ValueError, match=r"miss\.jsonl, line 2: missing key 'answer'") as err:
-        load_examples(str(path), "train")
-    assert "['question', 'solution']" in str(err.value)
+    examples = load_examples(str(path), "train")
+    assert [ex.answer for ex in examples] == ["#### 1", None] and "answer" not in examples[1].columns
+    with pytest.raises(ValueError, match=r"miss\.jsonl, line 2: no 'answer' column \(the reward needs it\)") as err:
+        require_columns(examples, ["answer"], "miss.jsonl", "the reward needs it")
+    assert "['solution']" in str(err.value)
     assert "answer_field=" in str(err.value)
+    with pytest.raises(ValueError, match=r"noq\.jsonl, line 1: missing key 'prompt' or 'question'"):
+        load_examples(str(write_lines(tmp_path / "noq.jsonl", [json.dumps({"problem": "q"})])), "train")
 
 
 def test_jsonl_empty_file(tmp_path: Path) -> None:
@@ -172,7 +177,7 @@ def test_hub_path_uses_gsm8k_alias_and_main_config(monkeypatch: pytest.MonkeyPat
 
 
 def test_templates_constant() -> None:
-    assert tuple(TEMPLATES) == ("chat", "r1", "fewshot")  # a dict: name -> description
+    assert tuple(TEMPLATES) == ("auto", "chat", "r1", "fewshot", "raw")  # a dict: name -> description
     assert "#### <number>" in SYSTEM_PROMPT and "<think>" not in SYSTEM_PROMPT
     assert "<think>" in R1_SYSTEM_PROMPT and "#### <number>" in R1_SYSTEM_PROMPT
 

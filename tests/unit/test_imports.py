@@ -19,9 +19,13 @@ def modules() -> dict[str, Path]:
 
 
 def runtime_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
-    """Every import statement that runs (those under `if TYPE_CHECKING:` do not)."""
+    """Every import statement that can run while modules import each other: not those under `if TYPE_CHECKING:`,
+    nor those in a module-level `__getattr__` (PEP 562: it runs only once its module has finished importing, so it
+    cannot close a cycle; minigrpo/__init__.py loads the API that way)."""
     skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
             for child in node.body for n in ast.walk(child)}
+    skip |= {id(n) for node in getattr(tree, "body", []) if isinstance(node, ast.FunctionDef)
+             and node.name == "__getattr__" for n in ast.walk(node)}
     return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in skip]
 
 
