@@ -38,12 +38,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minigrpo.config import Config
+from minigrpo.config import PACKAGED_MODELS, Config, check_key
 from minigrpo.errors import ConfigError
 from minigrpo.tasks.sources import IN_MEMORY, Example, rows_to_examples
 
-GRPOConfig = Config  # one config for every stage: the names TRL's GRPOConfig and SFTConfig use, where they exist
-SFTConfig = Config
+def GRPOConfig(**values: Any) -> Config:  # noqa: N802  (TRL's name: a TRL script ports by its import line)
+    """The config of every stage (`minigrpo.config.Config`, the command line's): the names TRL's GRPOConfig and
+    SFTConfig use where the concept is the same. A key minigrpo does not have (a TRL-only one, e.g. bf16) is a
+    ConfigError naming it and the closest keys, as on the command line."""
+    for key in values:
+        check_key(key, "in GRPOConfig(...)")
+    return Config(**values)
+
+
+SFTConfig = GRPOConfig
 
 
 @dataclass
@@ -86,9 +94,10 @@ class _Trainer:
     def __init__(self, model: Any = None, args: Config | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, processing_class: Any = None, callbacks: list[Any] | None = None,
                  peft_config: Any = None, **changes: Any) -> None:
-        if args is not None and not isinstance(args, Config):
+        if args is not None and not isinstance(args, Config):  # GRPOConfig(...) makes a Config
             raise ConfigError(f"args: expected a minigrpo GRPOConfig, got {type(args).__name__}")
         self._model = None
+        base = args or Config()
         if isinstance(model, (str, os.PathLike)):
             changes["model"] = os.fspath(model)
         elif model is not None:  # a loaded model: config.yaml records where it came from
@@ -106,19 +115,25 @@ class _Trainer:
                 [targets] if isinstance(targets, str) else sorted(targets)
             changes |= {"use_peft": True, "lora_r": peft_config.r, "lora_alpha": peft_config.lora_alpha,
                         "lora_dropout": peft_config.lora_dropout, "lora_target_modules": targets}
-        self.args = dataclasses.replace(args or Config(), **changes)  # every check of the CLI, now
+        if "model" in changes and changes["model"] != base.model and \
+                base.gguf_file == PACKAGED_MODELS.get(base.model, (None, None))[1]:
+            changes["gguf_file"] = None  # the config's packaged GGUF belongs to its model, not to this one
+        self.args = dataclasses.replace(base, **changes)  # every check of the CLI, now
         if self.stage == "GRPO":
             self.args.validate_grpo()
         cfg = self.args
-        draws = cfg.max_steps * cfg.prompts_per_step * (cfg.max_sampling_tries if cfg.dynamic_sampling else 1)
-        self.train_set = _rows(train_dataset, "train_dataset", cfg, draws)
-        self.eval_set = _rows(eval_dataset, "eval_dataset", cfg, cfg.eval_limit or None)
+        # A stream gives as many rows as the run can draw (every process draws all of them, and keeps its share).
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        per_step = cfg.prompts_per_step * (cfg.max_sampling_tries if cfg.dynamic_sampling else 1) \
+            if self.stage == "GRPO" else cfg.completions_per_step
+        self.train_set = _rows(train_dataset, "train_dataset", cfg, cfg.max_steps * per_step * world)
+        self.eval_set = _rows(eval_dataset, "eval_dataset", cfg, cfg.eval_limit) if cfg.eval_limit else None
         self.tokenizer = processing_class
         self.callbacks = list(callbacks or [])
         self.model, self.run_dir, self._run, self._start = self._model, None, None, None
 
     def _inputs(self) -> Any:
-        from minigrpo.run import Inputs  # here: the loops load torch; making a config does not
+        from minigrpo.run import Inputs  # here: the loops load transformers and peft; making a trainer does not
 
         return Inputs(self._model, self.tokenizer, self.train_set, self.eval_set, self.callbacks)
 

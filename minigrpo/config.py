@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import numbers
 import os
 import sys
@@ -269,16 +270,24 @@ def function_name(fn: Any) -> str:
     (a lambda, one defined in a script or inside a function) is 'python:<name>', which only Python can pass again."""
     if isinstance(fn, str):
         return fn
-    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", type(fn).__name__)
-    if module and module != "__main__" and "<" not in qualname:
-        return f"{module}:{qualname}"
-    return f"python:{getattr(fn, '__name__', type(fn).__name__)}"
+    name = getattr(fn, "__name__", type(fn).__name__)
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if inspect.isfunction(fn) and module and module != "__main__" and "<" not in qualname and "." not in qualname:
+        try:  # only a name that imports back to this very function (not a partial, an instance, a method)
+            if getattr(importlib.import_module(module), qualname, None) is fn:
+                return f"{module}:{qualname}"
+        except Exception:  # noqa: BLE001  (a module that fails to import again: not a name to resume by)
+            pass
+    return f"python:{name}"
 
 
 def _functions(key: str, value: Any, many: bool) -> Any:
     """reward_funcs (a list; one function alone is taken as a list of one, as TRL does) or eval_metric: each
     entry a name (str) or a callable."""
     values = [value] if many and (callable(value) or isinstance(value, str)) else value
+    if many and not isinstance(values, (list, tuple)):
+        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected a list of reward names, "
+                          f"'package.module:function' paths or functions")
     for i, v in enumerate(values if many else [values]):
         if not (isinstance(v, str) or callable(v)):
             where = f"{key}[{i}]" if many else key
@@ -371,7 +380,7 @@ def _is_number(s: str) -> bool:
         return False
 
 
-def _check_key(key: str, where: str) -> None:
+def check_key(key: str, where: str) -> None:
     if key not in FIELDS:
         close = [k for k in FIELDS if key.replace("-", "_") == k or key in k or k in key]
         hint = f" Did you mean {close}?" if close else ""
@@ -396,11 +405,11 @@ def load_config(path: str | None = None, overrides: dict[str, str] | None = None
             if not strict and str(key) not in FIELDS:
                 print(f"{path}: ignoring key {key!r}, unknown to this minigrpo", file=sys.stderr)
                 continue
-            _check_key(str(key), f"in {path}")
+            check_key(str(key), f"in {path}")
             values[key] = coerce(key, value, from_cli=False)
     for key, value in (overrides or {}).items():
         key = key.replace("-", "_")
-        _check_key(key, "on the command line")
+        check_key(key, "on the command line")
         values[key] = coerce(key, value, from_cli=True)
     return Config(**values)
 
@@ -418,7 +427,7 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
             if i + 1 < len(args) and not args[i + 1].startswith("--"):
                 value, i = args[i + 1], i + 1
             else:  # a bare flag: only booleans may omit the value
-                _check_key(key.replace("-", "_"), "on the command line")
+                check_key(key.replace("-", "_"), "on the command line")
                 if _HINTS[key.replace("-", "_")] is not bool:
                     raise ConfigError(f"{key}: needs a value, {describe_type(_HINTS[key.replace('-', '_')])}")
                 value = "true"

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from minigrpo.rollout import generate
 from minigrpo.rollout.types import SamplingParams
 from minigrpo.tasks.answers import extract_answer, is_correct
-from minigrpo.tasks.rewards import load_reward, load_rewards, reward_inputs, reward_name, score
+from minigrpo.tasks.rewards import correctness_reward, load_reward, load_rewards, reward_inputs, reward_name, score
 from minigrpo.tasks.sources import Example, require_columns
 
 Metric = list[tuple[str, Callable, float]] | None  # functions summed as a reward is; None: math accuracy
@@ -34,9 +34,14 @@ def resolve_metric(cfg: Any, examples: list[Example]) -> tuple[str, Metric]:
         require_columns(examples, ["answer"], "the eval data", "eval_metric correctness compares to it")
         return "accuracy", None
     if metric == "reward":
-        return "reward", load_rewards(cfg)
-    return reward_name(metric), [(reward_name(metric), load_reward(metric, {
-        "max_completion_length": cfg.max_completion_length, "overlong_buffer": cfg.overlong_buffer}), 1.0)]
+        funcs = load_rewards(cfg)
+    else:
+        funcs = [(reward_name(metric), load_reward(metric, {
+            "max_completion_length": cfg.max_completion_length, "overlong_buffer": cfg.overlong_buffer}), 1.0)]
+    if any(fn is correctness_reward for _, fn, _ in funcs):
+        require_columns(examples, ["answer"], "the eval data", f"eval_metric {metric}: the correctness reward "
+                                                               f"compares to it")
+    return ("reward" if metric == "reward" else funcs[0][0]), funcs
 
 
 def evaluate_metric(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
@@ -53,7 +58,7 @@ def evaluate_metric(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         ids = [row[:int(n)] for row, n in zip(ro.completion_ids.tolist(), ro.completion_mask.sum(1).tolist())]
         totals, _ = score(metric, reward_prompts, completions, columns | {"completion_ids": ids})
         values += [v for v in totals if v is not None]
-    return {"n": len(prompts), name: sum(values) / max(len(values), 1), "scored": len(values),
+    return {"n": len(prompts), name: sum(values) / len(values) if values else float("nan"), "scored": len(values),
             "mean_length": sum(lengths) / max(len(lengths), 1)}
 
 

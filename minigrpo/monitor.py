@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -200,7 +201,8 @@ class _MLflow:
         mlflow.log_params({key: str(value)[:500] for key, value in (config or {}).items()})
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.mlflow.log_metrics(metrics, step=step)
+        # mlflow's names allow letters, digits, _ - . / and spaces: train/rewards/<lambda>/mean -> _lambda_
+        self.mlflow.log_metrics({re.sub(r"[^\w./\- ]", "_", k): v for k, v in metrics.items()}, step=step)
 
     def table(self, step: int, columns: list[str], data: list[list[Any]]) -> None:
         pass

@@ -49,7 +49,7 @@ from minigrpo.evaluate import evaluate, evaluate_metric, resolve_metric
 from minigrpo.model import load_model, load_tokenizer, make_optimizer_class, prepare_tokenizer, trainable_parameters
 from minigrpo.monitor import Monitor, check_report_to, make_run_dir, print0
 from minigrpo.tasks.prompts import render_prompts, resolve_template, stop_strings
-from minigrpo.tasks.sources import Example, has_held_out, load_split, require_columns
+from minigrpo.tasks.sources import IN_MEMORY, Example, has_held_out, load_split, require_columns
 from minigrpo.tools.plot import plot_run
 
 
@@ -200,6 +200,11 @@ def prepare_data(cfg: Config, stage: str, inputs: Inputs) -> tuple[Config, Any, 
     cfg = dataclasses.replace(cfg, template=resolve_template(cfg, tok, train_set))
     needs = required_columns(cfg, stage)
     require_columns(train_set, list(needs), f"{cfg.dataset} [{cfg.train_split}]", "; ".join(needs.values()))
+    if stage == "SFT":  # a target for every row: its completion, or its answer / worked solution
+        require_columns([ex for ex in train_set if "completion" not in ex.columns], ["answer"],
+                        f"{cfg.dataset} [{cfg.train_split}]", "an SFT row trains on its completion or answer")
+    if eval_set:  # the held-out metric, found (and its columns checked) now, not at the first evaluation
+        resolve_metric(cfg, eval_set)
     fewshot = train_set[:cfg.num_fewshot] if cfg.template == "fewshot" else None
     train_prompts = render_prompts(cfg, tok, train_set, fewshot, f"{cfg.dataset} [{cfg.train_split}]")
     eval_prompts = render_prompts(cfg, tok, eval_set, fewshot, f"{cfg.eval_dataset or cfg.dataset} [{cfg.eval_split}]")
@@ -225,8 +230,9 @@ def held_out(cfg: Config, rows: list[Example] | None = None) -> list[Example]:
     if rows is not None:
         return rows[:cfg.eval_limit]
     if not has_held_out(cfg):
-        print0(f"no held-out evaluation: {cfg.dataset} holds the training rows only; set eval_dataset (a file, "
-               f"or the same one to evaluate on the training rows) to evaluate")
+        rows = "the rows handed over from Python are" if cfg.dataset == IN_MEMORY else f"{cfg.dataset} holds"
+        print0(f"no held-out evaluation: {rows} the training rows only; give eval_dataset (GRPOTrainer's "
+               f"eval_dataset=, or a file: the same one to evaluate on the training rows) to evaluate")
         return []
     return load_split(cfg, cfg.eval_split, cfg.eval_limit, cfg.eval_dataset)
 
@@ -395,8 +401,11 @@ def end_step(run: Run, opt: Optimization, state: LoopState, monitor: Monitor, in
     if interrupt.requested:
         monitor.close()
         command = "train" if run.stage == "GRPO" else "sft"
-        raise TrainingStopped(f"interrupted: checkpoint of step {step} saved in {path}; continue with "
-                              f"`minigrpo {command} --resume {run.run_dir}`")
+        python = run.cfg.dataset == IN_MEMORY or any(name.startswith("python:") for name in
+                                                     run.cfg.to_dict()["reward_funcs"])
+        how = (f"the same trainer with output_dir={str(run.run_dir)!r}, resume=True (its rows or functions came "
+               f"from Python)") if python else f"`minigrpo {command} --resume {run.run_dir}`"
+        raise TrainingStopped(f"interrupted: checkpoint of step {step} saved in {path}; continue with {how}")
 
 
 def finish_run(run: Run, monitor: Monitor, before: dict[str, float]) -> Path:

@@ -11,12 +11,12 @@ extractor evaluation uses too.
 """
 
 import asyncio
-import concurrent.futures
 import importlib
 import inspect
 import math
 import numbers
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -188,7 +188,10 @@ def load_rewards(cfg: Any) -> list[tuple[str, Callable, float]]:
 
 
 def _as_reward(value: object) -> float | None:
-    """A finite float, or None for anything else (None, NaN, inf, strings): the sample is skipped."""
+    """A finite float, or None for anything else (None, NaN, inf, strings): the sample is skipped. A numpy or
+    torch scalar counts as its number."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # np.float32(1), torch.tensor(1.0)
+        value = value.item()
     if isinstance(value, numbers.Real) and math.isfinite(value):
         return float(value)
     return None
@@ -236,6 +239,8 @@ def score(
         raw = awaited[name] if name in awaited else _call(fn, kwargs)
         if isinstance(raw, BaseException):
             raw = _score_one_by_one(name, fn, prompts, completions, columns, errors)
+        if hasattr(raw, "tolist") and getattr(raw, "ndim", None) == 1:  # a numpy array or torch tensor of values
+            raw = raw.tolist()
         if not isinstance(raw, (list, tuple)) or len(raw) != len(completions):
             got = len(raw) if isinstance(raw, (list, tuple)) else type(raw).__name__
             raise ValueError(f"reward {name!r} returned {got} values for {len(completions)} completions")
@@ -255,14 +260,22 @@ def _call(fn: Callable, kwargs: dict[str, Any]) -> Any:
         return e
 
 
+_LOOP: asyncio.AbstractEventLoop | None = None  # the async rewards' event loop, in a thread of its own
+
+
 def _run_async(coroutines: list[Any]) -> list[Any]:
-    """Await the coroutines together on a fresh event loop in a worker thread (works where a loop already runs,
-    e.g. Jupyter); each result, or the exception it raised."""
+    """Await the coroutines together on the rewards' event loop: one loop, kept in a daemon thread for the whole
+    process (a reward may keep a loop-bound client, an HTTP session, from one batch to the next; and it works where
+    a loop already runs, e.g. Jupyter); each result, or the exception it raised."""
+    global _LOOP
+    if _LOOP is None or _LOOP.is_closed():
+        _LOOP = asyncio.new_event_loop()
+        threading.Thread(target=_LOOP.run_forever, name="minigrpo-rewards", daemon=True).start()
+
     async def gather() -> list[Any]:
         return await asyncio.gather(*coroutines, return_exceptions=True)
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, gather()).result()
+    return asyncio.run_coroutine_threadsafe(gather(), _LOOP).result()
 
 
 _REPORTED: set[str] = set()  # reward functions whose first traceback has been printed
@@ -279,6 +292,8 @@ def _score_one_by_one(name: str, fn: Callable, prompts: list[Any], completions: 
             value = _run_async([fn(**kwargs)])[0] if inspect.iscoroutinefunction(fn) else fn(**kwargs)
             if isinstance(value, BaseException):
                 raise value
+            if hasattr(value, "tolist") and getattr(value, "ndim", None) == 1:
+                value = value.tolist()
             out.append(value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else None)
         except Exception:
             if errors is not None:

@@ -94,7 +94,7 @@ def _to_example(row: dict[str, Any], where: str, prompt_field: str | None, answe
         raise DataError(f"{where}: {field!r} is empty; remove the row or fill it in")
     # Rewards receive the columns as keyword arguments; "answer" must be the comparable final answer,
     # so the full worked solution moves to "solution".
-    columns = dict(row)
+    columns = {k: v for k, v in row.items() if not (k == answer_field and v is None)}  # None: no gold answer
     columns["question"] = question
     answer = None
     if answer_field in row and row[answer_field] is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 PANELS = [  # (title, metric names drawn in the panel)
     ("reward", ["train/reward"]),  # the per-function rewards are added below
-    ("accuracy", ["train/accuracy", "eval/accuracy"]),
+    ("accuracy", ["train/accuracy", "eval/accuracy"]),  # and the run's eval/<metric>, added below
     ("completion length", ["completions/mean_length"]),
     ("KL to reference", ["train/kl"]),
     ("entropy", ["train/entropy"]),
@@ -39,7 +39,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     reward_keys = sorted({k for r in rows for k in r if k.startswith("train/rewards/") and not k.endswith("/std")})
-    panels = [(t, keys + reward_keys if t == "reward" else keys) for t, keys in PANELS]
+    # a run's own held-out metric (eval_metric: eval/<name>) joins the accuracy panel
+    eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/") and k not in
+                        ("eval/accuracy", "eval/format", "eval/mean_length")})
+    panels = [(t, keys + reward_keys if t == "reward" else keys + eval_keys if t == "accuracy" else keys)
+              for t, keys in PANELS]
     # A series that is absent or all zero (KL with beta = 0) gets no line; a panel with no line is dropped.
     panels = [(t, [k for k in keys if any(series(rows, k)[1])]) for t, keys in panels]
     panels = [(t, keys) for t, keys in panels if keys]

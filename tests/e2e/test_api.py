@@ -102,6 +102,17 @@ def test_trained_weights_change_and_a_loaded_model_is_used(tmp_path):
     lambda: GRPOTrainer(reward_funcs=["no_such_reward"], args=GRPOConfig(num_generations=1)),
     lambda: GRPOTrainer(train_dataset=[{"text": "no prompt column"}]),
     lambda: GRPOTrainer(train_dataset=[{"prompt": [{"role": "user"}]}]),
+    lambda: GRPOConfig(reward_funcs=None),
+    lambda: GRPOConfig(bf16=True),  # a TRL-only key: named, with the closest keys
+    lambda: GRPOTrainer(reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                        args=GRPOConfig(**TINY, eval_metric="no_such_metric"),
+                        train_dataset=[{"prompt": "p"}] * 8, eval_dataset=[{"prompt": "q"}] * 4).train(),
+    lambda: GRPOTrainer(reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                        args=GRPOConfig(**TINY, eval_metric="correctness"),  # eval rows without an answer
+                        train_dataset=[{"prompt": "p"}] * 8, eval_dataset=[{"prompt": "q", "answer": None}] * 4
+                        ).train(),
+    lambda: SFTTrainer(model="tiny-random", train_dataset=[{"prompt": "no target"}] * 4,
+                       args=GRPOConfig(model="tiny-random", max_steps=1)).train(),
 ])
 def test_bad_values_are_refused_before_any_folder(make, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -120,6 +131,26 @@ def test_config_error_messages_name_the_key():
     with pytest.raises(ConfigError, match=r"reward_funcs\[1\]: got 42 \(int\)"):
         GRPOConfig(reward_funcs=["correctness", 42])
     assert GRPOConfig(reward_funcs=len).reward_funcs == [len]  # one function alone, as TRL takes it
+    with pytest.raises(ConfigError, match=r"bf16: unknown key \(in GRPOConfig\(\.\.\.\)\)"):
+        GRPOConfig(bf16=True)
+
+
+def test_functions_are_saved_by_a_name_that_loads_them_back():
+    import functools
+
+    from minigrpo.config import function_name
+    from minigrpo.tasks.rewards import correctness_reward, format_reward_soft
+
+    assert function_name(correctness_reward) == "minigrpo.tasks.rewards:correctness_reward"
+    assert function_name(lambda completions, **kw: []) == "python:<lambda>"
+    # a partial or a callable object is not the thing its module and qualname would import
+    assert function_name(functools.partial(format_reward_soft)) == "python:partial"
+
+    class Scorer:
+        def __call__(self, completions, **kwargs):
+            return [0.0] * len(completions)
+
+    assert function_name(Scorer()) == "python:Scorer"
 
 
 def test_a_run_with_a_python_function_resumes_only_from_python(tmp_path):

