@@ -380,10 +380,18 @@ def _is_number(s: str) -> bool:
         return False
 
 
+# TRL keys with another name (or form) here: what a TRL recipe's key becomes.
+TRL_KEYS = {"bf16": "dtype: bfloat16", "fp16": "dtype: float16", "use_vllm": "rollout_backend: vllm",
+            "num_train_epochs": "max_steps (a step is one generated batch)", "model_init_kwargs": "dtype, gguf_file",
+            "max_length": "max_prompt_length and max_completion_length"}
+
+
 def check_key(key: str, where: str) -> None:
     if key not in FIELDS:
         close = [k for k in FIELDS if key.replace("-", "_") == k or key in k or k in key]
         hint = f" Did you mean {close}?" if close else ""
+        if key in TRL_KEYS:
+            hint = f" TRL's {key} is {TRL_KEYS[key]} here."
         raise ConfigError(f"{key}: unknown key ({where}).{hint} Run `minigrpo train --help` for the keys.")
 
 

@@ -131,7 +131,7 @@ def test_config_error_messages_name_the_key():
     with pytest.raises(ConfigError, match=r"reward_funcs\[1\]: got 42 \(int\)"):
         GRPOConfig(reward_funcs=["correctness", 42])
     assert GRPOConfig(reward_funcs=len).reward_funcs == [len]  # one function alone, as TRL takes it
-    with pytest.raises(ConfigError, match=r"bf16: unknown key \(in GRPOConfig\(\.\.\.\)\)"):
+    with pytest.raises(ConfigError, match=r"bf16: unknown key \(in GRPOConfig\(\.\.\.\)\)\. TRL's bf16 is dtype: bfloat16"):
         GRPOConfig(bf16=True)
 
 
