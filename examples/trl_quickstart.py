@@ -1,6 +1,7 @@
 # TRL's GRPO quick start (docs: "GRPO Trainer", train_grpo.py), ported to minigrpo: same model, data and
 # reward; the import line is what changes. README, "From Python", shows both side by side.
 from datasets import load_dataset
+
 from minigrpo import GRPOConfig, GRPOTrainer
 
 dataset = load_dataset("trl-lib/tldr", split="train")

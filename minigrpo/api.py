@@ -42,6 +42,7 @@ from minigrpo.config import PACKAGED_MODELS, Config, check_key
 from minigrpo.errors import ConfigError
 from minigrpo.tasks.sources import IN_MEMORY, Example, rows_to_examples
 
+
 def GRPOConfig(**values: Any) -> Config:  # noqa: N802  (TRL's name: a TRL script ports by its import line)
     """The config of every stage (`minigrpo.config.Config`, the command line's): the names TRL's GRPOConfig and
     SFTConfig use where the concept is the same. A key minigrpo does not have (a TRL-only one, e.g. bf16) is a

@@ -180,7 +180,8 @@ def cmd_eval(argv: list[str]) -> int:
     report["settings"] = {"model": cfg.model, "gguf_file": cfg.gguf_file, "adapter": args.adapter,
                           "data": cfg.dataset, "split": args.split, "template": cfg.template,
                           "max_new_tokens": cfg.max_completion_length, "decoding": "greedy", "k": args.k,
-                          "metric": name, "extraction": "last '#### N', then \\boxed{}; numeric equality, math-verify fallback"}
+                          "metric": name,
+                          "extraction": "last '#### N', then \\boxed{}; numeric equality, math-verify fallback"}
     out = Path(args.out) if args.out else (Path(args.adapter).parent if args.adapter else Path(".")) / \
         f"eval_{args.split}.json"
     out.write_text(json.dumps(report, indent=2))

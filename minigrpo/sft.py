@@ -21,9 +21,9 @@ from minigrpo.model import trainable_parameters
 from minigrpo.run import (
     Inputs,
     Interrupt,
-    Run,
     LoopState,
     PromptSampler,
+    Run,
     end_step,
     finish_run,
     prepare_training,

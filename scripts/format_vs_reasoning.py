@@ -51,7 +51,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="held-out rows (default: the run's eval_limit)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    overrides = {"use_peft": False, "device": "cpu", "resume": False} | ({"eval_limit": args.limit} if args.limit else {})
+    overrides = {"use_peft": False, "device": "cpu", "resume": False}
+    overrides |= {"eval_limit": args.limit} if args.limit else {}
     cfg = run_config(args.run_dir, **overrides)
     tok = load_tokenizer(cfg)
     rows = held_out(cfg)

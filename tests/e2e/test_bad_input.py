@@ -23,7 +23,8 @@ BASE = ["--max_steps=1", "--eval_limit=0", "--num_generations=2", "--per_device_
 
 @pytest.mark.parametrize("lines, message", [
     (GOOD[:2] + ['{"question": "3+1?", "answer": '] + GOOD[2:], r"train\.jsonl, line 3: not valid JSON"),
-    (GOOD[:1] + [json.dumps({"question": "2+2?"})] + GOOD[1:], r"train\.jsonl, line 2: no 'answer' column \(the correctness reward compares to it\)"),
+    (GOOD[:1] + [json.dumps({"question": "2+2?"})] + GOOD[1:],
+     r"train\.jsonl, line 2: no 'answer' column \(the correctness reward compares to it\)"),
     (GOOD[:3] + ["[1, 2]"], r"train\.jsonl, line 4: expected a JSON object"),
     ([], r"train\.jsonl: the dataset is empty"),
 ])

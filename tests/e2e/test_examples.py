@@ -85,7 +85,8 @@ def test_trl_quickstart_port(hf_home, tmp_path):
     assert (run / "model" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("name,metric", [("custom_task.py", "eval/uses_keyword"), ("conversational.py", "eval/accuracy")])
+@pytest.mark.parametrize("name,metric", [("custom_task.py", "eval/uses_keyword"),
+                                         ("conversational.py", "eval/accuracy")])
 def test_examples_run_on_a_tiny_model(name, metric, tmp_path):
     out = run_example(name, tmp_path, {"MODEL": "tiny-random"})
     assert out.returncode == 0, out.stdout + out.stderr

@@ -59,7 +59,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_gives_identical_weights(tmp_path,
                             env=os.environ | {"OMP_NUM_THREADS": "1"})
     deadline = time.time() + 300
     metrics = run / "metrics.jsonl"
-    while proc.poll() is None and time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+    while proc.poll() is None and time.time() < deadline and not (
+            metrics.is_file() and metrics.read_text().count("\n") >= 2):  # step 2 logged
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
