@@ -7,10 +7,14 @@ Under DeepSpeed or FSDP, `shards/` holds what accelerate's `save_state` writes: 
 weights and the optimizer.
 It is written to a temporary folder, flushed to disk and renamed into place: a folder named `checkpoint-N`
 is always complete, and a kill mid-write leaves only a `.tmp` folder, ignored and cleaned up later.
+`checksums.sha256` (the format of `sha256sum -c`) lists every file's digest: a checkpoint damaged later (a disk
+error, a copy cut short) is found at resume, set aside, and the previous one is used (run.resume).
+The final policy (RUN/model or RUN/adapter) is written the same way: complete, or the previous one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -23,6 +27,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 STATE = "trainer_state.pt"
+CHECKSUMS = "checksums.sha256"
 SHARDS_DIR = "shards"  # DeepSpeed / FSDP shards, as accelerate's save_state writes them
 
 
@@ -55,6 +60,33 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """checksums.sha256 in `folder`: one `<sha256>  <relative path>` line per file (`sha256sum -c` reads it)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    (folder / CHECKSUMS).write_text("".join(f"{_digest(p)}  {p.relative_to(folder).as_posix()}\n" for p in files))
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """None when every file `checksums.sha256` lists is there with its digest (a checkpoint written before
+    checksums existed is trusted); else what is wrong, for the message."""
+    listed = Path(folder) / CHECKSUMS
+    if not listed.is_file():
+        return None if (Path(folder) / STATE).is_file() else f"{STATE} is missing"
+    for line in listed.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _digest(path) != digest:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -96,6 +128,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
     final, tmp = run_dir / f"checkpoint-{step}", run_dir / f".checkpoint-{step}.tmp"
     save_policy(model, tokenizer, tmp, weights)
     torch.save(state | {"step": step, "rng": rng_state()}, tmp / STATE)
+    write_checksums(tmp)
     _fsync_tree(tmp)
     if final.exists():  # the same step saved again (e.g. a stop right after a periodic save)
         shutil.rmtree(final)
@@ -107,6 +140,22 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
     for stale in run_dir.glob(".checkpoint-*.tmp"):  # left by a kill during an earlier write
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def save_final_policy(model: torch.nn.Module, tokenizer: Any, path: Path,
+                      weights: dict[str, torch.Tensor] | None = None) -> None:
+    """The trained policy into `path` (RUN/model or RUN/adapter) atomically: written beside it, then swapped in;
+    a kill leaves the previous one (or none), never half of one."""
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_policy(model, tokenizer, tmp, weights)
+    _fsync_tree(tmp)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_tree(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_policy_weights(model: torch.nn.Module, path: Path) -> None:

@@ -12,7 +12,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from minigrpo.config import Config, help_text, load_config, parse_overrides, run_config
+from minigrpo.config import (
+    DEVICE_RE,
+    RANGES,
+    Config,
+    check_number,
+    check_out_path,
+    help_text,
+    load_config,
+    parse_overrides,
+    run_config,
+)
 from minigrpo.errors import ConfigError, DataError, TrainingStopped
 from minigrpo.monitor import quiet_libraries
 from minigrpo.rollout import BACKENDS
@@ -51,6 +61,9 @@ def resume_argv(argv: list[str]) -> list[str]:
             continue
         if not (Path(run_dir) / "config.yaml").is_file():
             raise ConfigError(f"--resume {run_dir}: no config.yaml there; give the folder of a minigrpo run")
+        if any(a == "--output_dir" or a.startswith(("--output_dir=", "--output-dir")) for a in rest):
+            raise ConfigError(f"--output_dir: a resumed run stays in its folder ({run_dir}); leave --output_dir out "
+                              f"(to train on from it elsewhere, start a new run with --model {run_dir}/model)")
         return ["--config", str(Path(run_dir) / "config.yaml"), "--resume=true", f"--output_dir={run_dir}", *rest]
     return argv
 
@@ -81,6 +94,49 @@ def cmd_train(argv: list[str]) -> int:
 def cmd_sft(argv: list[str]) -> int:
     """Parse `sft` options (the same keys as train) and run supervised fine-tuning."""
     return run_stage(argv, "sft")
+
+
+def check_flags(args: argparse.Namespace, bounds: dict[str, tuple | str]) -> None:
+    """Every numeric flag finite and in range before any work: a ConfigError names the flag as typed (`--batch_size:
+    must be >= 1, got -4`). bounds: flag -> (low, high, low_open, high_open) as check_number takes them, or the
+    Config key the flag mirrors, whose RANGES entry holds its bounds (they live in one place)."""
+    for flag, b in bounds.items():
+        check_number(f"--{flag}", getattr(args, flag), *(RANGES[b] if isinstance(b, str) else b))
+
+
+def check_device(flag: str, device: str) -> None:
+    """The device names Config's `device` accepts (one pattern, config.DEVICE_RE), for a flag."""
+    if not DEVICE_RE.fullmatch(device):
+        raise ConfigError(f"{flag}: got {device!r}, expected 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or 'xpu[:N]'")
+
+
+def check_samples(args: argparse.Namespace, flag: str, consequence: str, fallback: int = 1) -> None:
+    """Temperature 0 is greedy: more than one sample per problem would be the same completion again (`flag`: the
+    count's flag, `consequence`: what that would do to the command's figures, `fallback`: the count for greedy)."""
+    n = getattr(args, flag)
+    if args.temperature == 0 and n > 1:
+        raise ConfigError(f"--temperature: 0 is greedy decoding: the --{flag} {n} samples of a problem would all be "
+                          f"the same completion ({consequence}); give --temperature > 0 (e.g. 1.0), or "
+                          f"--{flag} {fallback}")
+
+
+# Bounds of the flags every inference command shares: --max_new_tokens and --temperature mirror Config keys.
+INFERENCE_BOUNDS: dict[str, tuple | str] = {"limit": (1,), "batch_size": (1,),
+                                            "max_new_tokens": "max_completion_length", "temperature": "temperature"}
+
+
+def check_inference(args: argparse.Namespace, bounds: dict[str, tuple | str]) -> None:
+    """The shared flags of `eval`, `sample` and `bench rollout` and the command's own `bounds`, and --adapter's
+    folder: checked before anything loads."""
+    check_flags(args, INFERENCE_BOUNDS | bounds)
+    check_device("--device", args.device)
+    if args.adapter is not None:
+        if not Path(args.adapter).is_dir():
+            raise ConfigError(f"--adapter {args.adapter}: no such folder; give a LoRA run's RUN_DIR/adapter (or "
+                              f"one of its checkpoint-N folders)")
+        if not (Path(args.adapter) / "adapter_config.json").is_file():
+            raise ConfigError(f"--adapter {args.adapter}: no adapter_config.json there: not a LoRA adapter (a full "
+                              f"fine-tune's policy is RUN_DIR/model: give it as --model)")
 
 
 def inference_parser(prog: str, description: str, backend: bool = True) -> argparse.ArgumentParser:
@@ -130,11 +186,12 @@ def load_for_inference(args: argparse.Namespace) -> tuple[Config, Any, Any, list
 
     # here: heavy (torch, transformers, peft), loaded once the flags are good
     from minigrpo import rollout
-    from minigrpo.model import load_model, load_tokenizer
+    from minigrpo.model import check_device, load_model, load_tokenizer
     from minigrpo.tasks.prompts import render_prompts, resolve_template
     from minigrpo.tasks.sources import load_split
 
     rollout.check(cfg)
+    check_device(cfg.device)  # a device this machine lacks: named, before anything loads
     tok = load_tokenizer(cfg)
     # --data names the rows (a file is taken whole); else the run's: its eval_dataset for the eval split, its
     # dataset's split otherwise (a single training file has no other split: an error, not the training rows)
@@ -163,6 +220,14 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="JSON report path (default: eval_<split>.json beside the "
                    "adapter, else in the current folder)")
     args = p.parse_args(argv)
+    check_inference(args, {"k": (0,)})
+    if args.k == 1:
+        raise ConfigError("--k: 1 gives no pass@k or maj@k (they need k >= 2 samples per problem); give --k 0 "
+                          "(greedy accuracy only) or --k >= 2")
+    check_samples(args, "k", "pass@k and maj@k would repeat the greedy accuracy", fallback=0)
+    out = Path(args.out) if args.out else (Path(args.adapter).parent if args.adapter else Path(".")) / \
+        f"eval_{args.split}.json"
+    check_out_path("--out", out)
     cfg, model, tok, examples, prompts = load_for_inference(args)
     from minigrpo.evaluate import evaluate, evaluate_metric, resolve_metric  # here: heavy, as in load_for_inference
     from minigrpo.monitor import print0
@@ -182,8 +247,7 @@ def cmd_eval(argv: list[str]) -> int:
                           "max_new_tokens": cfg.max_completion_length, "decoding": "greedy", "k": args.k,
                           "metric": name,
                           "extraction": "last '#### N', then \\boxed{}; numeric equality, math-verify fallback"}
-    out = Path(args.out) if args.out else (Path(args.adapter).parent if args.adapter else Path(".")) / \
-        f"eval_{args.split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     summary = {k: v for k, v in report.items() if k not in ("records", "settings")}
     print0("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
@@ -202,14 +266,22 @@ def cmd_sample(argv: list[str]) -> int:
     p.add_argument("--reward_funcs", default="correctness", help="comma-separated reward names (for --keep best)")
     p.add_argument("--out", required=True, help="output JSONL; statistics go to OUT with .stats.json")
     args = p.parse_args(argv if "--split" in argv else [*argv, "--split", "train"])
+    check_inference(args, {"n": (1,), "best_k": (1,)})
+    if args.keep == "best" and args.best_k > args.n:
+        raise ConfigError(f"--best_k: {args.best_k} is more than the --n {args.n} completions sampled per problem "
+                          f"(all would be kept); give --best_k <= --n")
+    check_samples(args, "n", "at most one distinct completion would be kept per problem")
+    check_out_path("--out", args.out)
+    check_out_path("--out", Path(args.out).with_suffix(".stats.json"))  # the statistics beside it
+    from minigrpo.tasks.rewards import load_reward  # here: an unknown name fails before the model loads
+
+    funcs = [(name, load_reward(name), 1.0) for name in args.reward_funcs.split(",")]
     cfg, model, tok, examples, prompts = load_for_inference(args)
     from minigrpo.monitor import print0  # here: heavy, as in load_for_inference
     from minigrpo.rollout.types import SamplingParams
     from minigrpo.tasks.prompts import stop_strings
-    from minigrpo.tasks.rewards import load_reward
     from minigrpo.tools.sample import sample_to_jsonl
 
-    funcs = [(name, load_reward(name), 1.0) for name in args.reward_funcs.split(",")]
     params = SamplingParams(n=args.n, max_new_tokens=cfg.max_completion_length, temperature=args.temperature,
                             stop=stop_strings(cfg))
     stats = sample_to_jsonl(model, tok, prompts, examples, params, funcs, Path(args.out), args.keep, args.best_k,
@@ -226,7 +298,9 @@ def cmd_plot(argv: list[str]) -> int:
     p.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
     p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
     args = p.parse_args(argv)
-    from minigrpo.tools.plot import plot_run  # here: matplotlib takes a second to load
+    if args.out is not None or Path(args.run_dir).is_dir():  # (a bad RUN_DIR is plot_run's to name)
+        check_out_path("--out", args.out or Path(args.run_dir) / "curves.png")
+    from minigrpo.tools.plot import plot_run  # here: matplotlib takes a second to load (RUN_DIR is checked first)
 
     print(plot_run(args.run_dir, args.out))
     return 0
@@ -240,6 +314,9 @@ def cmd_demo(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="folder for the stages' runs (default runs/demo-<time>)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's length (e.g. 0.1 for a smoke run)")
     args = p.parse_args(argv)
+    check_flags(args, {"scale": (0, None, True)})  # > 0: a stage's length is scaled by it
+    if args.out is not None:
+        check_out_path("--out", args.out, folder=True)
     from minigrpo.tools.demo import run_demo  # here: heavy (the loops)
 
     run_demo(args.out, args.scale)
@@ -262,6 +339,8 @@ def cmd_bench(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.limit is None:
         args.limit = 16
+    check_inference(args, {"n": (1,), "reps": (1,), "threads": (1,)})
+    check_samples(args, "n", "the benchmark would time copies of one greedy completion")
     import torch  # here: heavy, loaded once the flags are good
 
     torch.set_num_threads(args.threads)
@@ -306,6 +385,20 @@ def cmd_bench_trl(argv: list[str], memory: bool = False) -> int:
     p.add_argument("--train_size", type=int, default=2000, help="arith train problems (the prompt pool)")
     p.add_argument("--out", default=None, help="also write the JSON report here")
     args = p.parse_args(argv)
+    # --steps >= 2: each run's first step is warm-up and left out of the medians; flags that mirror a Config key
+    # name it (its RANGES entry), --num_generations >= 2 as GRPO needs (Config.validate_grpo)
+    check_flags(args, {"steps": (2,), "reps": (1,), "num_generations": (2,), "prompts_per_step": (1,),
+                       "max_completion_length": "max_completion_length", "learning_rate": "learning_rate",
+                       "seed": "seed", "threads": (1,), "train_size": "arith_train_size"})
+    try:
+        betas = tuple(float(b) for b in args.beta.split(","))
+    except ValueError:
+        raise ConfigError(f"--beta: expected comma-separated numbers, got {args.beta!r}") from None
+    for beta in betas:
+        check_number("--beta", beta, *RANGES["beta"])
+    check_device("--device", args.device)
+    if args.out is not None:
+        check_out_path("--out", args.out)
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -314,7 +407,7 @@ def cmd_bench_trl(argv: list[str], memory: bool = False) -> int:
     from minigrpo.tools.bench import bench_trl  # here: heavy
 
     report = bench_trl(args.model, args.gguf_file, args.steps, args.num_generations, args.prompts_per_step,
-                       args.max_completion_length, tuple(float(b) for b in args.beta.split(",")),
+                       args.max_completion_length, betas,
                        args.learning_rate, args.seed, args.reps, args.threads, args.train_size,
                        data=args.data, device=args.device, dtype=args.dtype,
                        vllm={"off": (False,), "on": (True,), "both": (False, True)}[args.vllm],
@@ -328,6 +421,7 @@ def cmd_bench_trl(argv: list[str], memory: bool = False) -> int:
                              for name, r in report["results"].items()}} | report
     text = json.dumps(report, indent=2)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
     print(text)
     return 0
@@ -379,7 +473,7 @@ def cmd_plan(argv: list[str]) -> int:
               "(RAM), say whether\nthe run fits and which options would make it fit. Exit status 0 if it fits "
               "(or no size is given), 1 if not.")
         return 0
-    limit, device, rest = None, "cpu", []
+    limit, device, rest, given = None, "cpu", [], None
     it = iter(argv)
     for arg in it:
         key, _, value = arg.partition("=")
@@ -389,7 +483,10 @@ def cmd_plan(argv: list[str]) -> int:
                 limit = float(value)
             except ValueError:
                 raise ConfigError(f"{key}: expected a number of GB, got {value!r}") from None
-            device = "cuda" if key == "--gpu_gb" else "cpu"
+            check_number(key, limit, 0, None, True)
+            if given not in (None, key):
+                raise ConfigError(f"{key}: with {given}; give one memory size, --gpu_gb or --cpu_gb")
+            device, given = "cuda" if key == "--gpu_gb" else "cpu", key
         else:
             rest.append(arg)
     cfg = config_from_argv(rest)
@@ -433,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         print(f"minigrpo {argv[0]}: stopped: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM): stopped at once, outside a step's end
+        print(f"minigrpo {argv[0]}: stopped at once; a run folder keeps its last complete checkpoint (resume it "
+              f"with --resume RUN_DIR)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import math
 import numbers
 import os
+import re
 import sys
 import types
 import typing
@@ -97,6 +99,10 @@ class Config:
                                  "overlong) or package.module:function; from Python also callables, sync or "
                                  "async (minigrpo/tasks/rewards.py)")
     reward_weights: list[float] | None = _f(None, "one weight per reward function; default all 1.0")
+    reward_timeout: float = _f(300.0, "seconds a reward function may take on one batch (0: no limit); past it the "
+                                      "batch's samples are skipped for that reward (minigrpo/tasks/rewards.py)")
+    reward_timeout_limit: int = _f(3, "timeouts in a row after which a reward function is disabled (with a "
+                                      "message); its samples are then skipped for it")
     overlong_buffer: int = _f(0, "L_cache of the 'overlong' reward (DAPO soft overlong punishment): the last "
                                  "N tokens before max_completion_length are penalised linearly down to -1")
     # ---- rollout ------------------------------------------------------------------------------------
@@ -168,6 +174,12 @@ class Config:
     save_steps: int = _f(0, "checkpoint every N steps and at the end (policy, optimizer, schedule, RNG, data "
                             "position: exact resume); 0: only the final policy")
     save_total_limit: int = _f(2, "checkpoints kept (the newest); 0 keeps all")
+    overwrite_output_dir: bool = _f(False, "start a new run in output_dir although an earlier run is there: "
+                                           "its files are moved to output_dir/replaced-<time>/ (nothing deleted)")
+    resume_allow_changes: list[str] = _f([], "with resume: keys whose change from the checkpoint's config is "
+                                             "accepted although it breaks exact resume ('all': any)")
+    no_signal_steps: int = _f(5, "warn when this many steps in a row carry no learning signal (every group's "
+                                 "rewards tie, or every sample skipped), with the likely cause; 0: never")
     resume: bool = _f(False, "continue output_dir's run from its last complete checkpoint (`minigrpo train|sft "
                              "--resume RUN_DIR` sets this and output_dir, and reads RUN_DIR/config.yaml)")
 
@@ -202,42 +214,44 @@ class Config:
         from minigrpo.monitor import report_backends  # here: the names live with the backends (monitor.py)
 
         report_backends(self.report_to)  # unknown names, or 'none' beside others: ConfigError naming the choices
-        positive = ["num_generations", "max_completion_length", "per_device_train_batch_size",
-                    "gradient_accumulation_steps", "max_steps", "num_iterations", "lora_r", "logging_steps",
-                    "max_prompt_length", "max_sampling_tries", "arith_steps", "arith_max_number"]
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        for key, bounds in RANGES.items():  # every number: finite and in its range
+            check_number(key, getattr(self, key), *bounds)
+        for i, w in enumerate(self.reward_weights or []):
+            check_number(f"reward_weights[{i}]", w)
+        if not DEVICE_RE.fullmatch(self.device):
+            raise ConfigError(f"device: got {self.device!r}, expected 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or "
+                              f"'xpu[:N]'")
         if self.load_in_4bit and not self.use_peft:
             raise ConfigError("load_in_4bit: 4-bit base weights cannot be trained; set use_peft: true (QLoRA)")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature: must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.stop_strings is not None and not all(self.stop_strings):
             raise ConfigError(f"stop_strings: an empty string would end every completion at once, got "
                               f"{self.stop_strings}; remove it (null: the template's stop strings, []: none)")
-        for key in ("beta", "epsilon", "learning_rate", "weight_decay", "max_grad_norm", "top_k",
-                    "warmup_steps", "eval_steps", "eval_limit", "save_steps", "num_fewshot", "log_completions",
-                    "logprob_chunk_size", "max_bad_steps", "save_total_limit"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
-        if self.epsilon_high is not None and self.epsilon_high < 0:
-            raise ConfigError(f"epsilon_high: must be >= 0, got {self.epsilon_high}")
-        if not 0 <= self.arith_direct_fraction <= 1:
-            raise ConfigError(f"arith_direct_fraction: must be in [0, 1], got {self.arith_direct_fraction}")
-        if not 1 <= self.arith_train_size <= 20000:
-            raise ConfigError(f"arith_train_size: must be in [1, 20000], got {self.arith_train_size}")
-        if self.dual_clip is not None and self.dual_clip <= 1:
-            raise ConfigError(f"dual_clip: must be > 1 (or null to disable), got {self.dual_clip}")
-        if self.std_floor < 0:
-            raise ConfigError(f"std_floor: must be >= 0, got {self.std_floor}")
+        if not self.lora_target_modules or not all(m.strip() for m in self.lora_target_modules):
+            raise ConfigError(f"lora_target_modules: got {self.lora_target_modules}, expected 'all-linear' or "
+                              f"module names such as q_proj,v_proj")
+        if 0 < self.temperature < 1e-3:
+            raise ConfigError(f"temperature: {self.temperature:g} is too close to 0 (logits / temperature overflow); "
+                              f"use >= 0.001, or 0 for greedy decoding")
+        for key in ("output_dir", "train_split", "eval_split", "answer_field", "prompt_field", "model", "dataset",
+                    "gguf_file", "eval_dataset"):
+            value = getattr(self, key)
+            if value is not None and not str(value).strip():
+                raise ConfigError(f"{key}: an empty string; give a value or leave the key out")
+        if self.resume and not self.output_dir:
+            raise ConfigError("resume: needs output_dir, the run folder to continue (`minigrpo train --resume "
+                              "RUN_DIR` sets both)")
+        unknown = [k for k in self.resume_allow_changes if k not in FIELDS and k != "all"]
+        if unknown:
+            raise ConfigError(f"resume_allow_changes: {unknown} are not config keys; name keys (or 'all')")
 
     def validate_grpo(self) -> None:
         """The rules only GRPO has (groups, rewards); `train` checks them before any work, `sft` does not."""
         if self.num_generations < 2:
             raise ConfigError(f"num_generations: must be >= 2 (a group of 1 has no relative advantage), "
                               f"got {self.num_generations}")
+        if self.temperature == 0:
+            raise ConfigError(f"temperature: 0 samples the same completion {self.num_generations} times: every group "
+                              f"ties and nothing is learned; sample with temperature > 0 (e.g. 1.0; 0.6-1.0 is usual)")
         if self.completions_per_step % self.num_generations:
             raise ConfigError(
                 f"num_generations: {self.num_generations} must divide the completions per step = "
@@ -258,6 +272,69 @@ class Config:
         out["reward_funcs"] = [function_name(fn) for fn in self.reward_funcs]
         out["eval_metric"] = function_name(self.eval_metric)
         return {k: list(v) if isinstance(v, list) else v for k, v in out.items()}
+
+
+# Every numeric key's range: key -> (low, high, low excluded, high excluded); None: unbounded on that side. A value
+# must also be finite (NaN and inf pass no comparison here). Optional keys (null) pass.
+RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "lora_r": (1, None, False, False), "lora_alpha": (0, None, True, False), "lora_dropout": (0, 1, False, True),
+    "arith_steps": (1, None, False, False), "arith_max_number": (1, None, False, False),
+    "arith_direct_fraction": (0, 1, False, False), "arith_train_size": (1, 20000, False, False),
+    "num_fewshot": (0, None, False, False), "max_prompt_length": (1, None, False, False),
+    "overlong_buffer": (0, None, False, False), "vllm_gpu_memory_utilization": (0, 1, True, False),
+    "num_generations": (1, None, False, False), "max_completion_length": (1, None, False, False),
+    "temperature": (0, None, False, False), "top_p": (0, 1, True, False), "top_k": (0, None, False, False),
+    "std_floor": (0, None, False, False), "max_sampling_tries": (1, None, False, False),
+    "beta": (0, None, False, False), "epsilon": (0, None, False, False), "epsilon_high": (0, None, False, False),
+    "dual_clip": (1, None, True, False), "num_iterations": (1, None, False, False),
+    "learning_rate": (0, None, False, False), "warmup_steps": (0, None, False, False),
+    "weight_decay": (0, None, False, False), "adam_beta1": (0, 1, False, True), "adam_beta2": (0, 1, False, True),
+    "max_grad_norm": (0, None, False, False), "max_bad_steps": (0, None, False, False),
+    "per_device_train_batch_size": (1, None, False, False), "logprob_chunk_size": (0, None, False, False),
+    "gradient_accumulation_steps": (1, None, False, False), "max_steps": (1, None, False, False),
+    "seed": (0, 2**32 - 1, False, False), "num_threads": (0, None, False, False),
+    "logging_steps": (1, None, False, False), "log_completions": (0, None, False, False),
+    "eval_steps": (0, None, False, False), "eval_limit": (0, None, False, False),
+    "eval_batch_size": (1, None, False, False), "save_steps": (0, None, False, False),
+    "save_total_limit": (0, None, False, False), "reward_timeout": (0, None, False, False),
+    "reward_timeout_limit": (1, None, False, False), "no_signal_steps": (0, None, False, False),
+}
+
+DEVICE_RE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+
+
+def check_number(key: str, value: Any, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """ConfigError naming `key` unless `value` is a finite number in its range (None passes: an optional key).
+    The one range check: Config.validate and every sub-command's own flags (cli.py) use it."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ConfigError(f"{key}: must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ConfigError(f"{key}: must be {'<' if high_open else '<='} {high}, got {value}")
+
+
+def check_out_path(key: str, path: str | os.PathLike, folder: bool = False) -> None:
+    """ConfigError naming `key` and `path` unless `path` can be written: a file (not a folder there) or, with
+    folder=True, a new folder (nothing there, or an empty folder), in a folder this process may write in (folders
+    missing on the way are made by the writer). Checked at start, so a bad output fails before the work, not after."""
+    shown, path = os.fspath(path), os.path.abspath(path)  # the path as given, in messages
+    if folder and os.path.isfile(path):
+        raise ConfigError(f"{key} {shown}: a file is there; give a new folder")
+    if folder and os.path.isdir(path) and os.listdir(path):
+        raise ConfigError(f"{key} {shown}: exists and is not empty; choose a new folder")
+    if not folder and os.path.isdir(path):
+        raise ConfigError(f"{key} {shown}: a folder is there; give a file path")
+    existing = path
+    while not os.path.exists(existing):  # the nearest part that exists (the root always does)
+        existing = os.path.dirname(existing)
+    if existing != path and not os.path.isdir(existing):
+        raise ConfigError(f"{key} {shown}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | (os.X_OK if os.path.isdir(existing) else 0)):
+        raise ConfigError(f"{key} {shown}: {existing} is not writable (permission denied)")
 
 
 # Keys that take, from Python, functions as well as names (a YAML file holds their names).
@@ -340,8 +417,10 @@ def _coerce(tp: Any, value: Any, from_cli: bool) -> Any:
             raise ValueError
         return value
     if origin is list:
-        if from_cli and isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if from_cli and isinstance(value, str):  # "" is the empty list; "a,,b" a mistake, not [a, b]
+            value = [v.strip() for v in value.split(",")] if value.strip() else []
+            if not all(value):
+                raise ValueError
         if not isinstance(value, (list, tuple)):
             raise TypeError
         return [_coerce(args[0], v, from_cli) for v in value]
@@ -356,6 +435,8 @@ def _coerce(tp: Any, value: Any, from_cli: bool) -> Any:
     if tp is int:
         if isinstance(value, bool) or (not from_cli and not isinstance(value, numbers.Integral)):
             raise TypeError
+        if isinstance(value, str) and not value.strip().lstrip("+-").isascii():  # int("٣") is 3
+            raise ValueError
         return int(value)
     if tp is float:
         if isinstance(value, bool) or (not from_cli and not isinstance(value, numbers.Real)):

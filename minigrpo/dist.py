@@ -146,8 +146,9 @@ class Distributed:
             loss.backward()
 
     def step(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-             max_grad_norm: float | None) -> tuple[float, bool]:
-        """Clip, then update unless the gradient is not finite; (gradient norm, whether the update happened)."""
+             max_grad_norm: float | None, loss_finite: bool = True) -> tuple[float, bool]:
+        """Clip, then update unless the gradient or (on any process) the loss is not finite; (gradient norm,
+        whether the update happened)."""
         if self.strategy == "deepspeed":  # DeepSpeed clips, steps (or skips a non-finite step) and zeroes
             self.prepared.step()
             norm = self.prepared.get_global_grad_norm()
@@ -155,7 +156,8 @@ class Distributed:
         clip = self.acc.clip_grad_norm_ if self.strategy == "fsdp" else torch.nn.utils.clip_grad_norm_
         norm = clip(params, max_grad_norm or float("inf"))
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        applied = math.isfinite(norm)
+        applied = math.isfinite(norm) and (self.max(0.0 if loss_finite else 1.0) == 0.0 if self.world > 1
+                                           else loss_finite)
         if applied:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)

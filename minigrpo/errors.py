@@ -23,3 +23,14 @@ class DataNotFound(DataError, FileNotFoundError):
 class TrainingStopped(MinigrpoError, RuntimeError):
     """The run stopped itself (Ctrl-C, or too many non-finite updates in a row); the message says why, where
     its last checkpoint is and how to go on."""
+
+
+class DiskError(TrainingStopped):
+    """A write failed because the disk is full or the folder cannot be written; the message names the path and
+    what is still safe."""
+
+
+class NonFiniteError(TrainingStopped):
+    """The model's logits were NaN or inf while generating: its weights are broken (e.g. a learning rate far too
+    high). The GRPO loop says more (the step, the learning rate, the last checkpoint); elsewhere (evaluation of a
+    broken model) it stops the command as it is (exit 3)."""

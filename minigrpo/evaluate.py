@@ -17,7 +17,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from minigrpo.rollout import generate
 from minigrpo.rollout.types import SamplingParams
 from minigrpo.tasks.answers import extract_answer, is_correct
-from minigrpo.tasks.rewards import correctness_reward, load_reward, load_rewards, reward_inputs, reward_name, score
+from minigrpo.tasks.rewards import (
+    RewardGuard,
+    correctness_reward,
+    load_reward,
+    load_rewards,
+    reward_inputs,
+    reward_name,
+    score,
+)
 from minigrpo.tasks.sources import Example, require_columns
 
 Metric = list[tuple[str, Callable, float]] | None  # functions summed as a reward is; None: math accuracy
@@ -47,8 +55,9 @@ def resolve_metric(cfg: Any, examples: list[Example]) -> tuple[str, Metric]:
 def evaluate_metric(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                     examples: list[Example], metric: list[tuple[str, Callable, float]], name: str,
                     max_new_tokens: int, batch_size: int = 32, backend: str = "hf",
-                    stop: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """The mean of `metric` (samples it scores None are left out) over greedy completions, and their mean length."""
+                    stop: list[str] | tuple[str, ...] = (), guard: RewardGuard | None = None) -> dict[str, Any]:
+    """The mean of `metric` (samples it scores None are left out) over greedy completions, and their mean length.
+    `guard`: the run's time limit on reward calls (a metric is a reward)."""
     greedy = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
     values, lengths = [], []
     for chunk, exs in zip(_batched(prompts, batch_size), _batched(examples, batch_size)):
@@ -56,7 +65,7 @@ def evaluate_metric(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         reward_prompts, completions, columns = reward_inputs(exs, ro.prompts, ro.completions, 1)
         lengths += ro.completion_mask.sum(1).tolist()
         ids = [row[:int(n)] for row, n in zip(ro.completion_ids.tolist(), ro.completion_mask.sum(1).tolist())]
-        totals, _ = score(metric, reward_prompts, completions, columns | {"completion_ids": ids})
+        totals, _ = score(metric, reward_prompts, completions, columns | {"completion_ids": ids}, None, guard)
         values += [v for v in totals if v is not None]
     return {"n": len(prompts), name: sum(values) / len(values) if values else float("nan"), "scored": len(values),
             "mean_length": sum(lengths) / max(len(lengths), 1)}

@@ -32,6 +32,20 @@ from minigrpo.errors import ConfigError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_device(name: str) -> None:
+    """ConfigError naming `device` when this machine has no such device (before any folder or model)."""
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            have = f"{count} CUDA GPU(s)" if count else "no CUDA GPU (torch.cuda.is_available() is False)"
+            raise ConfigError(f"device: {name!r}, but torch sees {have}; use device: auto or cpu")
+    elif name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device: 'mps', but torch sees no Apple GPU (torch.backends.mps.is_available() is False)")
+    elif name.startswith("xpu") and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ConfigError(f"device: {name!r}, but torch sees no Intel GPU (torch.xpu.is_available() is False)")
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; anything else as torch spells it."""
     if name == "auto":

@@ -18,12 +18,15 @@ reads its own environment variables:
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import io
 import json
 import math
 import os
 import re
+import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -32,7 +35,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from minigrpo.errors import ConfigError
+from minigrpo.errors import ConfigError, DiskError
 
 console = Console(highlight=False)
 
@@ -90,7 +93,8 @@ def peak_memory_gb(device: Any) -> float:
 
 
 def make_run_dir(output_dir: str | None) -> Path:
-    """The run folder: output_dir, or runs/<date-time> (a suffix is added if it exists)."""
+    """The run folder: output_dir, or runs/<date-time> (a suffix is added if it exists). An output_dir that is a
+    file, or cannot be made, is a ConfigError naming the key and the path."""
     if output_dir:
         path = Path(output_dir)
     else:
@@ -98,8 +102,148 @@ def make_run_dir(output_dir: str | None) -> Path:
         path, i = base, 1
         while path.exists():
             path, i = Path(f"{base}-{i}"), i + 1
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir: {path} is a file; give a folder (new or holding a run to resume)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output_dir: cannot make {path}: {e.strerror or e}; give a folder you can write") from None
     return path
+
+
+# What makes a folder hold a run (a new run into it would mix with it): progress that a run wrote. A folder with
+# only a config.yaml (a start that failed before its first evaluation or step) holds none, and may be reused.
+RUN_PROGRESS = ("checkpoint-*", "model", "adapter", "summary.json")
+LOCK_FILE = ".lock"
+_HELD: dict[str, Any] = {}  # run folder (resolved) -> the open lock file this process holds on it
+
+
+def run_progress(path: Path) -> list[str]:
+    """The names in `path` that show a run made progress there (empty: no run to mix with)."""
+    found = sorted({p.name for pattern in RUN_PROGRESS for p in path.glob(pattern)})
+    metrics = path / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    return found
+
+
+def lock_run_dir(path: Path) -> None:
+    """Hold `path`'s lock until `release_run_dir` or the end of this process: another process asking for it gets a
+    ConfigError at once, naming the holder. An advisory lock of the OS (flock), so a killed run never leaves a
+    stale one behind; a run of this same process that ended without releasing it (an error) is taken over."""
+    import fcntl  # here: POSIX only, and only a run folder needs it
+
+    key = str(path.resolve())
+    release_run_dir(path)  # a run of this process that ended without releasing (its lock is not another run's)
+    try:
+        f = open(path / LOCK_FILE, "a+")
+    except OSError as e:
+        raise ConfigError(f"output_dir: cannot write in {path}: {e.strerror or e}; give a folder you can write") \
+            from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"output_dir: {path} is in use by a run that is still going ({holder}); wait for it to "
+                          f"end, or give another output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _HELD[key] = f
+
+
+def release_run_dir(path: Path) -> None:
+    """Let go of `path`'s lock, if this process holds it."""
+    f = _HELD.pop(str(Path(path).resolve()), None)
+    if f is not None:
+        f.close()  # closing the file releases the lock
+
+
+def claim_run_dir(output_dir: str | None, resume: bool, overwrite: bool) -> Path:
+    """The run folder, locked for this run (see lock_run_dir). A new run (resume off) into a folder that holds
+    another run's progress is refused unless `overwrite` (set_aside_run then moves that run, once the new run's
+    input is known to be good); `resume` needs a run there (its config.yaml) to continue."""
+    if resume and output_dir and not (Path(output_dir) / "config.yaml").is_file():
+        raise ConfigError(f"resume: {output_dir} holds no run to continue (no config.yaml there); give the folder of "
+                          f"a run, or start a new one (resume: false)")
+    path = make_run_dir(output_dir)
+    lock_run_dir(path)
+    found = run_progress(path)
+    if found and not resume and not overwrite:
+        release_run_dir(path)
+        raise ConfigError(f"output_dir: {path} already holds a run ({', '.join(found[:4])}); continue it with "
+                          f"`minigrpo train --resume {path}` (resume: true), start afresh there with "
+                          f"overwrite_output_dir: true (its files are kept in {path}/replaced-<time>/), or "
+                          f"give another output_dir")
+    return path
+
+
+# What a run writes in its folder: what overwrite_output_dir moves aside (anything else there stays).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "summary.json", "curves.png", "checkpoint-*",
+             ".checkpoint-*.tmp", "model", "adapter", ".model.*", ".adapter.*", "tensorboard", "wandb",
+             "eval_*.json", ".summary.json.tmp", ".metrics.jsonl.tmp", ".samples.jsonl.tmp")
+
+
+def set_aside_run(path: Path) -> None:
+    """overwrite_output_dir: the files of the run in `path` (RUN_FILES) move into replaced-<date-time>/ there;
+    nothing is deleted, and files that are not a run's stay where they are."""
+    entries = sorted({p for pattern in RUN_FILES for p in path.glob(pattern)})
+    if not run_progress(path) or not entries:
+        return
+    keep = path / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    keep.mkdir()
+    for entry in entries:
+        entry.rename(keep / entry.name)
+    print0(f"overwrite_output_dir: the run that was in {path} is now in {keep}")
+
+
+# The errors of a full or unwritable disk, however a library reports them (torch: "file write failed"; safetensors:
+# "StorageFull"); named as such, with the path, instead of a library's own words.
+DISK_FULL = ("No space left", "StorageFull", "file write failed", "Disk quota exceeded")
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path, after: str) -> Any:
+    """Inside, a full disk, a read-only or unwritable folder raises DiskError naming `path` and the cause; `after`
+    says what is still safe (e.g. the previous checkpoint) and how to go on."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(m in str(e) for m in DISK_FULL)
+        denied = getattr(e, "errno", None) in (errno.EACCES, errno.EROFS, errno.EPERM)
+        if not (full or denied):
+            raise
+        probe = Path(path).absolute()
+        while not probe.exists():
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free / 1e9
+        cause = f"the disk is full ({free:.2f} GB free)" if full else f"it cannot be written ({e.strerror or e})"
+        raise DiskError(f"writing {path}: {cause}. {after}") from e
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL log (metrics.jsonl, samples.jsonl). A line that is not a whole JSON object (the torn last
+    line of a run killed mid-write) is left out, and said once on stderr: a crash never makes its own log unreadable."""
+    rows, torn = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                torn += 1
+    if torn:
+        print(f"{path}: left out {torn} line(s) that are not whole JSON rows (a run killed while writing)",
+              file=sys.stderr)
+    return rows
 
 
 def report_backends(names: list[str]) -> list[str]:
@@ -245,8 +389,9 @@ class Monitor:
         if not self.enabled:
             return
         row = {"step": step, **{k: (v if math.isfinite(v) else None) for k, v in metrics.items()}}
-        self.metrics_file.write(json.dumps(row) + "\n")
-        self.metrics_file.flush()
+        with disk_errors(self.run_dir / "metrics.jsonl", "The last checkpoint is intact; free space and resume"):
+            self.metrics_file.write(json.dumps(row) + "\n")
+            self.metrics_file.flush()
         for backend in self.backends:
             backend.log(step, metrics)
         if "train/reward" in metrics:
@@ -286,18 +431,27 @@ class Monitor:
         samples.jsonl, and as the "completions" table of the backends that show tables (wandb, trackio)."""
         if not self.enabled:
             return
-        for row in rows:
-            self.samples_file.write(json.dumps({"step": step, **row}) + "\n")
-        self.samples_file.flush()
+        with disk_errors(self.run_dir / "samples.jsonl", "The last checkpoint is intact; free space and resume"):
+            for row in rows:
+                self.samples_file.write(json.dumps({"step": step, **row}) + "\n")
+            self.samples_file.flush()
         if rows:
             columns = ["step", *dict.fromkeys(key for row in rows for key in row)]  # every row's keys, in order
             data = [[step, *(row.get(key) for key in columns[1:])] for row in rows]
             for backend in self.backends:
                 backend.table(step, columns, data)
 
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, error: type[BaseException] | None, *exc: Any) -> None:
+        """`with monitor:` around a loop: closed when an error leaves it (a normal end logs on, then closes)."""
+        if error is not None:
+            self.close()
+
     def close(self) -> None:
         """Stop the progress bar, flush every file and finish every backend's run."""
-        if not self.enabled:
+        if not self.enabled or self.metrics_file.closed:
             return
         self.progress.stop()
         self.metrics_file.close()

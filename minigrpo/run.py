@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
+import shutil
 import signal
 import threading
 import warnings
@@ -36,19 +38,38 @@ from minigrpo import rollout
 from minigrpo.checkpoint import (
     checkpoints,
     load_checkpoint,
+    load_policy_weights,
     save_checkpoint,
-    save_policy,
+    save_final_policy,
     set_rng_state,
     shards_dir,
     start_checkpoint,
+    verify_checkpoint,
 )
-from minigrpo.config import Config, save_config
+from minigrpo.config import FIELDS, Config, load_config, save_config
 from minigrpo.dist import Distributed
 from minigrpo.errors import ConfigError, TrainingStopped
 from minigrpo.evaluate import evaluate, evaluate_metric, resolve_metric
-from minigrpo.model import load_model, load_tokenizer, make_optimizer_class, prepare_tokenizer, trainable_parameters
-from minigrpo.monitor import Monitor, check_report_to, make_run_dir, print0
+from minigrpo.model import (
+    check_device,
+    load_model,
+    load_tokenizer,
+    make_optimizer_class,
+    prepare_tokenizer,
+    trainable_parameters,
+)
+from minigrpo.monitor import (
+    Monitor,
+    check_report_to,
+    claim_run_dir,
+    disk_errors,
+    print0,
+    read_jsonl,
+    release_run_dir,
+    set_aside_run,
+)
 from minigrpo.tasks.prompts import render_prompts, resolve_template, stop_strings
+from minigrpo.tasks.rewards import RewardGuard
 from minigrpo.tasks.sources import IN_MEMORY, Example, has_held_out, load_split, require_columns
 from minigrpo.tools.plot import plot_run
 
@@ -89,12 +110,13 @@ class PromptSampler:
 class Interrupt:
     """`with Interrupt() as interrupt:` the first SIGINT (Ctrl-C), SIGTERM (how SLURM and Kubernetes pre-empt) or
     SIGUSR1 only sets `requested` (the loop finishes the step, saves a checkpoint and stops); a second one raises
-    KeyboardInterrupt at once. The previous handlers are back on leaving."""
+    KeyboardInterrupt at once. `at_once`: the first one does (where nothing is left to save: the final evaluation).
+    The previous handlers are back on leaving."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self) -> None:
-        self.requested, self._previous = False, {}
+    def __init__(self, at_once: bool = False) -> None:
+        self.requested, self._previous, self.at_once = at_once, {}, at_once
 
     def __enter__(self) -> Interrupt:
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
@@ -105,7 +127,7 @@ class Interrupt:
         self.restore()
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        if self.requested:  # the second signal, or the first with at_once
             self.restore()
             raise KeyboardInterrupt
         self.requested = True
@@ -132,6 +154,7 @@ class Run:
     dist: Distributed = field(default_factory=Distributed)
     stage: str = "GRPO"  # "GRPO" or "SFT": a checkpoint resumes only in the stage that wrote it
     callbacks: list[Any] = field(default_factory=list)  # the Python API's (Inputs.callbacks)
+    eval_guard: RewardGuard = field(default_factory=RewardGuard)  # the eval metric's time limit (setup_run)
 
     @property
     def device(self) -> torch.device:
@@ -153,6 +176,7 @@ class LoopState:
     sampler: PromptSampler  # the data order and position
     step: int = 0  # the last finished step
     bad_streak: int = 0  # steps in a row whose every update was skipped (non-finite loss or gradient)
+    quiet_streak: int = 0  # steps in a row whose rewards carried no learning signal (train.py warns)
     before: dict[str, float] = field(default_factory=dict)  # held-out metrics before training
 
 
@@ -168,15 +192,26 @@ class Inputs:
 
 
 def setup_run(cfg: Config, stage: str = "GRPO", inputs: Inputs | None = None) -> Run:
-    """Everything a bad value can stop first (the backend, the loggers, the data, the tokenizer, the template, the
-    prompts), then the run folder with the resolved config, seeds and threads, and the model."""
+    """Everything a bad value can stop first (the backend, the loggers, the device, the run folder's lock and
+    whether it may be used, the data, the tokenizer, the template, the prompts, a resumed run's config), then the
+    resolved config in the run folder, seeds and threads, and the model."""
     inputs = inputs or Inputs()
     rollout.check(cfg)  # the backend refuses at start, before any folder or download, when it cannot run
     check_report_to(cfg.report_to)  # so does a logging package that is not installed
-    cfg, tok, train_set, eval_set, train_prompts, eval_prompts = prepare_data(cfg, stage, inputs)
+    check_device(cfg.device)
     dist = Distributed(cfg.device)
-    run_dir = dist.broadcast(make_run_dir(cfg.output_dir) if dist.main else None)
+    def claim() -> Path:  # the folder is this run's from here: a lock, and a run of another process is refused
+        return dist.broadcast(claim_run_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir) if dist.main
+                              else None)
+
+    run_dir = claim() if cfg.output_dir else None  # a named folder at once; a new runs/<time> once the data is good
+    cfg, tok, train_set, eval_set, train_prompts, eval_prompts = prepare_data(cfg, stage, inputs)
+    run_dir = run_dir or claim()
     if dist.main:
+        if cfg.resume:
+            check_resume(cfg, run_dir, stage)
+        elif cfg.overwrite_output_dir:  # the input is good: now the old run may move aside
+            set_aside_run(run_dir)
         save_config(cfg, str(run_dir / "config.yaml"))
     if dist.world > 1:
         cfg = dataclasses.replace(cfg, device=str(dist.device))  # this process's device
@@ -186,7 +221,74 @@ def setup_run(cfg: Config, stage: str = "GRPO", inputs: Inputs | None = None) ->
     model, tok = load_model(cfg, tok, inputs.model)
     rollout.start(cfg, model)
     return Run(cfg, run_dir, model, tok, train_set, eval_set, train_prompts, eval_prompts, dist, stage,
-               inputs.callbacks)
+               inputs.callbacks, RewardGuard(cfg.reward_timeout, cfg.reward_timeout_limit))
+
+
+# Keys a resumed run may change and still be the run that was started, bit for bit: where it logs, evaluates and
+# saves, its guards. max_steps too when the learning rate is constant (a schedule is laid over max_steps).
+RESUME_FREE = {"output_dir", "resume", "overwrite_output_dir", "resume_allow_changes", "save_steps",
+               "save_total_limit", "logging_steps", "log_completions", "report_to", "eval_steps", "eval_limit",
+               "eval_batch_size", "eval_metric", "eval_dataset", "eval_split", "max_bad_steps", "no_signal_steps",
+               "reward_timeout", "reward_timeout_limit"}
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """summary.json: {"before", "after", "steps", "finished", "stage"}; written when training ends (finished false) and
+    again after the final evaluation (finished true). None when the run has not ended training."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # torn by a kill: as if training had not ended (checkpoints decide)
+    return summary | {"finished": summary.get("finished", summary.get("after") is not None)}
+
+
+def check_resume(cfg: Config, run_dir: Path, stage: str) -> None:
+    """Before any model loads: ConfigError when `resume` cannot continue this run folder exactly: a run that is
+    finished, one that ended without a checkpoint of its last step and is asked for more steps, or a config that
+    differs from the run's in keys that change the result (unless resume_allow_changes names them)."""
+    summary, found = read_summary(run_dir), checkpoints(run_dir)
+    last = found[-1][0] if found else 0
+    if summary is not None:
+        done = summary.get("stage", stage)
+        if done != stage:
+            raise ConfigError(f"{run_dir} is a run of {done}, not {stage}: resume it with "
+                              f"`minigrpo {'train' if done == 'GRPO' else 'sft'} --resume {run_dir}`")
+        steps = summary.get("steps", cfg.max_steps)
+        if summary["finished"] and cfg.max_steps <= steps:
+            longer = f"train it longer with a larger max_steps (--resume {run_dir} --max_steps {steps * 2})" \
+                if last >= steps else f"train on from its policy in a new run (--model {run_dir}/model or the " \
+                                      f"adapter: it kept no checkpoint of its last step to resume from)"
+            raise ConfigError(f"resume: {run_dir} is a finished run ({steps} steps; summary.json): nothing to "
+                              f"continue. Evaluate it with `minigrpo eval`, or {longer}")
+        if cfg.max_steps > steps and last < steps:
+            raise ConfigError(f"resume: {run_dir} ended training at step {steps} without a checkpoint of that "
+                              f"step (save_steps: 0 keeps only the final policy), so it cannot continue exactly. "
+                              f"Start a new run from its policy: --model {run_dir}/model (or the adapter)")
+        if cfg.max_steps < steps:
+            raise ConfigError(f"max_steps: {cfg.max_steps} is below the {steps} steps {run_dir} has done")
+    if last > cfg.max_steps:
+        raise ConfigError(f"max_steps: {cfg.max_steps} is below the {last} steps {run_dir} has done "
+                          f"(checkpoint-{last})")
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        saved, now = load_config(str(path), strict=False).to_dict(), cfg.to_dict()
+    except ConfigError as e:
+        raise ConfigError(f"resume: the run's own config, {path}, is not valid here: {e}") from None
+    free = RESUME_FREE | ({"max_steps"} if cfg.lr_scheduler_type == "constant" else set())
+    allowed = set(FIELDS) if "all" in cfg.resume_allow_changes else set(cfg.resume_allow_changes)
+    changed = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k] and k not in free | allowed
+               and not (k == "template" and saved.get(k) == "auto")}  # a config written by hand, unresolved
+    if changed:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changed.items()))
+        raise ConfigError(f"resume: the config differs from the run's ({path}) in keys that change the result: "
+                          f"{shown}. Resume with the run's values, or accept the change with "
+                          f"--resume_allow_changes={','.join(changed)} (the resumed run is then not the one that "
+                          f"was started). Keys that may change: {', '.join(sorted(free))}")
 
 
 def prepare_data(cfg: Config, stage: str, inputs: Inputs) -> tuple[Config, Any, list[Example], list[Example],
@@ -287,7 +389,7 @@ def run_eval(run: Run) -> dict[str, float]:
             else:
                 report = evaluate_metric(run.model, run.tokenizer, prompts, examples, metric, name,
                                          cfg.max_completion_length, cfg.eval_batch_size, cfg.rollout_backend,
-                                         stop=stop_strings(cfg))
+                                         stop=stop_strings(cfg), guard=run.eval_guard)
             totals = [report[k] * len(prompts) for k in keys] + [len(prompts)]
     totals = dist.sum(totals)
     return {f"eval/{k}": v / totals[-1] for k, v in zip(keys, totals)}
@@ -301,28 +403,67 @@ def headline(metrics: dict[str, float]) -> tuple[str, float] | None:
 
 
 def trim_logs(run_dir: Path, step: int) -> None:
-    """Drop metrics and samples logged after `step` (the steps a resumed run will do again)."""
+    """Drop metrics and samples logged after `step` (the steps a resumed run will do again), and a torn last line."""
     for name in ("metrics.jsonl", "samples.jsonl"):
         path = run_dir / name
         if path.is_file():
-            keep = [line for line in path.read_text().splitlines(keepends=True)
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
-            path.write_text("".join(keep))
+            keep = [row for row in read_jsonl(path) if row.get("step", 0) <= step]
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
+            os.replace(tmp, path)
+
+
+def load_usable_checkpoint(run: Run) -> tuple[int, Path, dict[str, Any]] | None:
+    """The newest checkpoint that is whole (its checksums match and it loads): (step, path, trainer state), its
+    weights in the policy. A damaged one is set aside as checkpoint-N.damaged (nothing deleted), with a message,
+    and the one before it is tried. None when the run has no checkpoint."""
+    found, dist = checkpoints(run.run_dir), run.dist
+    for done, path in reversed(found):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            try:
+                return done, path, load_checkpoint(path, None if dist.saves_shards else run.model)
+            except Exception as e:  # noqa: BLE001  (unreadable in any way: the previous checkpoint is tried)
+                problem = f"it cannot be read: {type(e).__name__}: {str(e)[:200]}"
+        aside = path.with_name(f"{path.name}.damaged")
+        dist.barrier()
+        if dist.main:
+            shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
+        dist.barrier()
+        print0(f"resume: {path} is damaged ({problem}); set aside as {aside.name}; "
+               f"{'trying the checkpoint before it' if done != found[0][0] else 'no checkpoint before it'}")
+    if found or list(run.run_dir.glob("checkpoint-*.damaged")):  # (set aside by this resume or an earlier one)
+        raise ConfigError(f"resume: every checkpoint of {run.run_dir} is damaged (set aside as checkpoint-N.damaged); "
+                          f"nothing to resume from exactly. Start afresh with overwrite_output_dir: true (the old "
+                          f"run is kept), or give another output_dir")
+    return None
 
 
 def resume(run: Run, opt: Optimization, state: LoopState) -> bool:
-    """With `resume: true`, load the run's last complete checkpoint (weights, optimizer, schedule, data position,
-    counters, RNG last); whether one was loaded. A run killed before its first checkpoint starts again."""
+    """With `resume: true`, load the run's last whole checkpoint (weights, optimizer, schedule, data position,
+    counters, RNG last), falling back to the one before a damaged one; whether the run goes on from saved state.
+    A run killed before its first checkpoint starts again; one killed after training, during its final
+    evaluation, loads its final policy and only evaluates."""
     cfg, dist = run.cfg, run.dist
-    found = checkpoints(run.run_dir) if cfg.resume else []
-    if cfg.resume and not found:  # killed before its first checkpoint: nothing to keep
+    if not cfg.resume:
+        return False
+    loaded = load_usable_checkpoint(run)
+    summary = read_summary(run.run_dir)
+    if loaded is None and summary is not None and not summary["finished"]:  # trained, not evaluated
+        if dist.saves_shards:
+            raise ConfigError(f"resume: {run.run_dir} ended training without a checkpoint; under "
+                              f"{dist.strategy} its final evaluation cannot be resumed: run `minigrpo eval`")
+        load_policy_weights(run.model, run.run_dir / ("adapter" if cfg.use_peft else "model"))
+        state.step, state.before = summary["steps"], summary["before"]
+        print0(f"resume: {run.run_dir} finished training (step {state.step}); its final evaluation runs now")
+        return True
+    if loaded is None:  # killed before its first checkpoint: nothing to keep
         print0(f"resume: no complete checkpoint in {run.run_dir} yet: starting at step 1")
         if dist.main:
             trim_logs(run.run_dir, -1)
-    if not found:
         return False
-    done, path = found[-1]
-    saved = load_checkpoint(path, None if dist.saves_shards else run.model)
+    done, path, saved = loaded
     stage = saved.get("stage", "GRPO")
     if stage != run.stage:
         raise ConfigError(f"{path} is a checkpoint of {stage}, not {run.stage}: resume it with "
@@ -340,6 +481,7 @@ def resume(run: Run, opt: Optimization, state: LoopState) -> bool:
     opt.scheduler.load_state_dict(saved["scheduler"])
     state.sampler.load_state_dict(saved["sampler"])
     state.step, state.bad_streak, state.before = done, saved["bad_streak"], saved["before"]
+    state.quiet_streak = saved.get("quiet_streak", 0)
     if dist.main:
         trim_logs(run.run_dir, done)
     set_rng_state(saved["rng"])  # last: nothing may draw between here and the next step
@@ -362,21 +504,32 @@ def start_loop(run: Run, opt: Optimization, state: LoopState, show_progress: boo
     return monitor
 
 
+def resume_hint(run: Run) -> str:
+    """How to continue this run: the command, or (rows or functions from Python) the trainer call."""
+    command = "train" if run.stage == "GRPO" else "sft"
+    python = run.cfg.dataset == IN_MEMORY or any(name.startswith("python:") for name in
+                                                 run.cfg.to_dict()["reward_funcs"])
+    return (f"the same trainer with output_dir={str(run.run_dir)!r}, resume=True (its rows or functions came "
+            f"from Python)") if python else f"`minigrpo {command} --resume {run.run_dir}`"
+
+
 def save(run: Run, opt: Optimization, state: LoopState) -> Path:
     """checkpoint-{state.step}: policy, optimizer (or the strategy's shards), schedule, loop state, RNG."""
     cfg, dist = run.cfg, run.dist
     saved = {"stage": run.stage, "scheduler": opt.scheduler.state_dict(), "sampler": state.sampler.state_dict(),
-             "bad_streak": state.bad_streak, "before": state.before,
+             "bad_streak": state.bad_streak, "quiet_streak": state.quiet_streak, "before": state.before,
              "launch": {"strategy": dist.strategy, "world": dist.world}}
     saved |= {} if dist.saves_shards else {"optimizer": opt.optimizer.state_dict()}
     weights = dist.policy_state()  # ZeRO-3 / FSDP: gathered from every process; else None
-    tmp = dist.broadcast(start_checkpoint(run.run_dir, state.step) if dist.main else None)
-    dist.save_shards(shards_dir(tmp))  # DeepSpeed / FSDP: every process writes its shards
-    dist.barrier()
-    if dist.main:  # the rest is the same on every process (RNG: process 0's)
-        save_checkpoint(run.run_dir, state.step, run.model, run.tokenizer, saved, cfg.save_total_limit, weights)
-    dist.barrier()
-    return run.run_dir / f"checkpoint-{state.step}"
+    final = run.run_dir / f"checkpoint-{state.step}"
+    with disk_errors(final, f"The previous checkpoint is intact; free space and continue with {resume_hint(run)}"):
+        tmp = dist.broadcast(start_checkpoint(run.run_dir, state.step) if dist.main else None)
+        dist.save_shards(shards_dir(tmp))  # DeepSpeed / FSDP: every process writes its shards
+        dist.barrier()
+        if dist.main:  # the rest is the same on every process (RNG: process 0's)
+            save_checkpoint(run.run_dir, state.step, run.model, run.tokenizer, saved, cfg.save_total_limit, weights)
+        dist.barrier()
+    return final
 
 
 def end_step(run: Run, opt: Optimization, state: LoopState, monitor: Monitor, interrupt: Interrupt, step: int,
@@ -400,27 +553,46 @@ def end_step(run: Run, opt: Optimization, state: LoopState, monitor: Monitor, in
                               f"go on regardless.")
     if interrupt.requested:
         monitor.close()
-        command = "train" if run.stage == "GRPO" else "sft"
-        python = run.cfg.dataset == IN_MEMORY or any(name.startswith("python:") for name in
-                                                     run.cfg.to_dict()["reward_funcs"])
-        how = (f"the same trainer with output_dir={str(run.run_dir)!r}, resume=True (its rows or functions came "
-               f"from Python)") if python else f"`minigrpo {command} --resume {run.run_dir}`"
-        raise TrainingStopped(f"interrupted: checkpoint of step {step} saved in {path}; continue with {how}")
+        raise TrainingStopped(f"interrupted: checkpoint of step {step} saved in {path}; continue with "
+                              f"{resume_hint(run)}")
+
+
+def write_summary(run: Run, before: dict[str, float], after: dict[str, float] | None) -> None:
+    """summary.json (read_summary), replaced whole."""
+    tmp = run.run_dir / ".summary.json.tmp"
+    tmp.write_text(json.dumps({"before": before, "after": after, "steps": run.cfg.max_steps,
+                               "finished": after is not None, "stage": run.stage}, indent=2))
+    os.replace(tmp, run.run_dir / "summary.json")
 
 
 def finish_run(run: Run, monitor: Monitor, before: dict[str, float]) -> Path:
-    """Final evaluation, the trained policy, summary.json and curves.png; returns the run folder."""
-    after = run_eval(run)
+    """The trained policy and summary.json first (nothing to lose after that), then the final evaluation, the
+    summary with it, and curves.png; returns the run folder. Ctrl-C during the final evaluation stops it at once:
+    resuming the run evaluates the saved policy."""
+    cfg, dist = run.cfg, run.dist
+    policy = run.run_dir / ("adapter" if cfg.use_peft else "model")
+    weights = dist.policy_state()  # ZeRO-3 / FSDP: gathered from every process; else None
+    if dist.main:
+        with disk_errors(policy, f"Free space and continue with {resume_hint(run)}"):
+            save_final_policy(run.model, run.tokenizer, policy, weights)
+            write_summary(run, before, None)
+    dist.barrier()
+    try:
+        with Interrupt(at_once=True):
+            after = run_eval(run)
+    except KeyboardInterrupt:
+        monitor.close()
+        raise TrainingStopped(f"final evaluation interrupted; the trained policy is saved in {policy}; to run the "
+                              f"final evaluation and end the run, continue with {resume_hint(run)}") from None
     if after:
-        monitor.log(run.cfg.max_steps, after)
+        monitor.log(cfg.max_steps, after)
         (name, value), earlier = headline(after), headline(before)
         print0(f"held-out {name}: before {earlier[1]:.3f} -> after {value:.3f}" if earlier else
                f"held-out {name} after training: {value:.3f}")
     monitor.close()
-    weights = run.dist.policy_state()  # ZeRO-3 / FSDP: gathered from every process; else None
-    if run.dist.main:
-        save_policy(run.model, run.tokenizer, run.run_dir / ("adapter" if run.cfg.use_peft else "model"), weights)
-        (run.run_dir / "summary.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
+    if dist.main:
+        write_summary(run, before, after)
         print0(f"curves: {plot_run(run.run_dir)}\nrun folder: {run.run_dir}")
-    run.dist.barrier()
+        release_run_dir(run.run_dir)
+    dist.barrier()
     return run.run_dir

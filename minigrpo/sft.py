@@ -9,6 +9,7 @@ the target tokens (EOS included), prompt tokens masked out. GRPO's rules (groups
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,8 @@ def run_sft(cfg: Config, show_progress: bool = True, inputs: Inputs | None = Non
     monitor = start_loop(run, opt, state, show_progress)  # resume, or evaluate before training
 
     mb = cfg.per_device_train_batch_size
-    with Interrupt() as interrupt:  # Ctrl-C: finish the step, save a checkpoint, stop; again: stop at once
+    # Ctrl-C: finish the step, save a checkpoint, stop; again: stop at once. An error closes the monitor.
+    with Interrupt() as interrupt, monitor:
         for step in range(state.step + 1, cfg.max_steps + 1):
             t0 = time.perf_counter()
             model.train()
@@ -96,7 +98,8 @@ def run_sft(cfg: Config, show_progress: bool = True, inputs: Inputs | None = Non
                 loss = (nll * loss_mask).sum() / num_tokens
                 dist.backward(loss * dist.world, last=j == len(micro) - 1)  # the strategy averages over processes
                 loss_sum += loss.item() * dist.world  # averaged over processes below: the global mean
-            grad_norm, applied = dist.step(opt.optimizer, trainable_parameters(model), cfg.max_grad_norm)
+            grad_norm, applied = dist.step(opt.optimizer, trainable_parameters(model), cfg.max_grad_norm,
+                                           math.isfinite(loss_sum))  # a non-finite loss skips the update
             step_schedule(opt.scheduler)  # skipped updates count too
             metrics = {"train/loss": loss_sum, "train/grad_norm": grad_norm,
                        "train/skipped_updates": float(not applied),

@@ -14,6 +14,7 @@ is ~0 while the gradient is not; watch train/reward and eval/accuracy instead.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +25,10 @@ import torch
 
 from minigrpo import rollout
 from minigrpo.algo import LOSS_TYPES, Norm, group_advantages, masked_mean, policy_loss
+from minigrpo.checkpoint import checkpoints
 from minigrpo.config import Config
 from minigrpo.dist import Distributed
+from minigrpo.errors import NonFiniteError, TrainingStopped
 from minigrpo.logprobs import policy_logprobs
 from minigrpo.model import Reference, trainable_parameters
 from minigrpo.monitor import peak_memory_gb, print0
@@ -46,7 +49,7 @@ from minigrpo.run import (
 )
 from minigrpo.tasks.answers import is_correct
 from minigrpo.tasks.prompts import stop_strings
-from minigrpo.tasks.rewards import load_rewards, reward_inputs, score
+from minigrpo.tasks.rewards import RewardGuard, load_rewards, reward_inputs, score
 from minigrpo.tasks.sources import Example
 
 
@@ -64,8 +67,8 @@ class Scored:
 
 def rollout_and_score(cfg: Config, model: torch.nn.Module, tokenizer: Any, examples: list[Example],
                       prompts: list[str], reward_funcs: list[tuple[str, Callable, float]],
-                      sampling: SamplingParams) -> Scored:
-    """Sample G completions per prompt, then score each with every reward function."""
+                      sampling: SamplingParams, guard: RewardGuard | None = None) -> Scored:
+    """Sample G completions per prompt, then score each with every reward function (time-limited by `guard`)."""
     t0 = time.perf_counter()
     ro = rollout.generate(cfg.rollout_backend, model, tokenizer, prompts, sampling, cfg.rollout_merge_lora)
     t1 = time.perf_counter()
@@ -73,7 +76,8 @@ def rollout_and_score(cfg: Config, model: torch.nn.Module, tokenizer: Any, examp
     lengths = ro.completion_mask.sum(1).long().tolist()
     ids = [row[:n] for row, n in zip(ro.completion_ids.tolist(), lengths)]  # TRL passes completion_ids too
     errors: dict[str, int] = {}
-    totals, per_func = score(reward_funcs, reward_prompts, completions, columns | {"completion_ids": ids}, errors)
+    totals, per_func = score(reward_funcs, reward_prompts, completions, columns | {"completion_ids": ids}, errors,
+                             guard)
     return Scored(ro, columns, totals, per_func, t1 - t0, time.perf_counter() - t1, sum(errors.values()))
 
 
@@ -130,6 +134,7 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
     params, grad_norms, skipped = trainable_parameters(model), [], 0
     model.train()
     for _ in range(cfg.num_iterations):
+        finite = True  # a non-finite loss skips the update, as a non-finite gradient does
         for j, s in enumerate(micro):
             logp, entropy = policy_logprobs(wrapped, input_ids[s], attention[s], C, cfg.temperature, group_size,
                                             cfg.logprob_chunk_size)
@@ -143,13 +148,15 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
             dist.backward(loss * dist.world, last=j == len(micro) - 1)
             # token-weighted over the global batch: the mean over processes of these is the global token mean
             share = loss_mask[s].sum().item() * dist.world / max(tokens, 1) / cfg.num_iterations
-            sums["loss"] += loss.item() * dist.world / cfg.num_iterations  # averaged over processes: the total
+            value = loss.item()
+            finite = finite and math.isfinite(value)
+            sums["loss"] += value * dist.world / cfg.num_iterations  # averaged over processes: the total
             for key, value in (("kl", out.kl), ("clip_ratio", out.clipped), ("entropy", entropy.detach()),
                                ("ratio", out.ratio)):
                 if value is not None:
                     sums[key] += masked_mean(value, loss_mask[s]).item() * share
-        grad_norm, applied = dist.step(optimizer, params, cfg.max_grad_norm)  # clip; a non-finite
-        grad_norms.append(grad_norm)  # gradient would poison the weights: that update is skipped
+        grad_norm, applied = dist.step(optimizer, params, cfg.max_grad_norm, finite)  # clip; a non-finite
+        grad_norms.append(grad_norm)  # loss or gradient would poison the weights: that update is skipped
         skipped += not applied
         step_schedule(scheduler)  # skipped updates count too
     return {f"train/{k}": v for k, v in sums.items()} | {
@@ -157,7 +164,7 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
 
 
 def sample_batch(run: Run, state: LoopState, n: int, reward_funcs: list[tuple[str, Callable, float]],
-                 sampling: SamplingParams) -> Scored:
+                 sampling: SamplingParams, guard: RewardGuard) -> Scored:
     """Phases 1-3 for this process's n of the next prompts of the data order: rollout, then rewards.
 
     Every process draws the prompts of all (the same draw) and keeps its share. Each prompt samples from its
@@ -168,14 +175,45 @@ def sample_batch(run: Run, state: LoopState, n: int, reward_funcs: list[tuple[st
     idx = state.sampler.take(n * dist.world)
     mine = slice(dist.rank * n, (dist.rank + 1) * n)
     idx, seeds = idx[mine], seeds[mine]
-    with dist.full_weights(run.model):  # ZeRO-3 / FSDP: whole weights while generating
-        return rollout_and_score(cfg, run.model, run.tokenizer, [run.train_set[i] for i in idx],
-                                 [run.train_prompts[i] for i in idx], reward_funcs,
-                                 dataclasses.replace(sampling, seeds=seeds))
+    try:
+        with dist.full_weights(run.model):  # ZeRO-3 / FSDP: whole weights while generating
+            return rollout_and_score(cfg, run.model, run.tokenizer, [run.train_set[i] for i in idx],
+                                     [run.train_prompts[i] for i in idx], reward_funcs,
+                                     dataclasses.replace(sampling, seeds=seeds), guard)
+    except NonFiniteError as e:  # the last update broke the weights: nothing here is worth saving
+        found = checkpoints(run.run_dir)
+        then = (f"resume from the last checkpoint, {found[-1][1].name}, with a lower one: --resume {run.run_dir} "
+                f"--learning_rate=... --resume_allow_changes=learning_rate") if found else \
+            "start again with a lower one (the run has no checkpoint: save_steps 0)"
+        raise TrainingStopped(f"step {state.step + 1}: {e} (after {state.step} steps at learning_rate "
+                              f"{cfg.learning_rate:g}): an update made them so large that the model overflows. "
+                              f"Nothing was saved; {then}") from e
+
+
+def no_signal_cause(steps: int, scored: Scored, guard: RewardGuard) -> str:
+    """Why `steps` steps in a row carried no learning signal (every group's rewards tied), from this step's
+    rewards and what the reward guard saw: the warning's words."""
+    head = f"no learning signal for {steps} steps in a row: "
+    values = [t for t in scored.totals if t is not None]
+    if not values:
+        causes = [f"reward {name!r} is disabled after timeouts" for name in sorted(guard.disabled)]
+        causes += [f"reward {name!r} returned values that are not finite numbers ({count} so far, e.g. {example})"
+                   for name, (count, example) in guard.invalid.items()]
+        if scored.reward_errors:
+            causes.append(f"rewards raised on {scored.reward_errors} samples (train/reward_errors)")
+        return head + "every sample was skipped, no reward scored one: " + "; ".join(
+            causes or ["every reward returned None"]) + ". A reward must return finite numbers."
+    if len(set(values)) == 1:
+        return head + (f"every completion got the same reward {values[0]:g}. The task may be too hard for the model "
+                       f"(no completion right: look at samples.jsonl, the template, max_completion_length), too "
+                       f"easy, or the rewards may not depend on the completion (or its answer column)")
+    return head + ("within each group the rewards are equal (groups differ from each other): the G samples of a "
+                   "prompt end alike; raise temperature or num_generations")
 
 
 # How each metric of a step is reduced over processes (reduce_metrics): mean unless named here.
 REDUCTIONS = {"completions/max_length": "max", "train/skipped_samples": "sum", "train/reward_errors": "sum",
+              "train/reward_timeouts": "sum",
               "perf/generate_s": "max", "perf/score_s": "max", "perf/train_s": "max", "perf/step_s": "max",
               "perf/tokens_per_s": "max", "memory/peak_gb": "max"}
 
@@ -191,6 +229,7 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
     # ---- setup ----------------------------------------------------------------------------------------
     cfg.validate_grpo()
     reward_funcs = load_rewards(cfg)
+    guard = RewardGuard(cfg.reward_timeout, cfg.reward_timeout_limit)  # time limits; what rewards did wrong
     run = setup_run(cfg, "GRPO", inputs)
     cfg = run.cfg  # as resolved at start (the template "auto" made concrete)
     model, tok, dist, device, G = run.model, run.tokenizer, run.dist, run.device, cfg.num_generations
@@ -203,18 +242,19 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
                               top_p=cfg.top_p, top_k=cfg.top_k, stop=stop_strings(cfg))
     monitor = start_loop(run, opt, state, show_progress)  # resume, or evaluate before training
 
-    with Interrupt() as interrupt:  # Ctrl-C: finish the step, save a checkpoint, stop; again: stop at once
+    # Ctrl-C: finish the step, save a checkpoint, stop; again: stop at once. An error closes the monitor.
+    with Interrupt() as interrupt, monitor:
         for step in range(state.step + 1, cfg.max_steps + 1):
-            t0 = time.perf_counter()
+            t0, timeouts = time.perf_counter(), guard.timeouts
             # ---- 1-3. prompts -> rollout (G completions each) -> rewards --------------------------------------
-            parts = [sample_batch(run, state, cfg.prompts_per_step, reward_funcs, sampling)]
+            parts = [sample_batch(run, state, cfg.prompts_per_step, reward_funcs, sampling, guard)]
             # DAPO dynamic sampling: groups whose rewards are all equal carry no signal; draw fresh prompts.
             while cfg.dynamic_sampling and len(parts) < cfg.max_sampling_tries:
                 missing = cfg.prompts_per_step - sum(not f for p in parts for f in flat_groups(p.totals, G))
                 missing = int(dist.max(missing))  # every process draws as many: the prompt stream stays shared
                 if missing <= 0:
                     break
-                parts.append(sample_batch(run, state, missing, reward_funcs, sampling))
+                parts.append(sample_batch(run, state, missing, reward_funcs, sampling, guard))
             scored = keep_informative(parts, cfg.prompts_per_step, G, tok.pad_token_id) if len(parts) > 1 \
                 else parts[0]
             ro, totals, columns = scored.rollout, scored.totals, scored.columns
@@ -246,11 +286,12 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
             # ---- 6. logging -------------------------------------------------------------------------------
             lengths = ro.completion_mask.sum(1)
             metrics = stats | {
-                "train/reward": masked_mean(rewards, valid).item(),
+                "train/reward": masked_mean(rewards, valid).item() if valid.any() else float("nan"),
                 "train/reward_std": rewards[valid.bool()].std().item() if valid.sum() > 1 else 0.0,
                 "train/frac_reward_zero_std": zero_std.float().mean().item(),
                 "train/skipped_samples": float(len(totals) - int(valid.sum())),
                 "train/reward_errors": float(scored.reward_errors),
+                "train/reward_timeouts": float(guard.timeouts - timeouts),
                 "train/learning_rate": opt.scheduler.get_last_lr()[0],
                 "completions/mean_length": lengths.mean().item(), "completions/max_length": lengths.max().item(),
                 "completions/truncated_ratio": ro.truncated.float().mean().item(),
@@ -275,7 +316,11 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
                                         **{f"rewards/{k}": v[i] for k, v in scored.per_func.items()},
                                         "advantage": advantages[i].item(), "answer": gold[i]}
                                        for i in range(min(cfg.log_completions, G))])
-            # ---- 7. evaluation, checkpoint, guards --------------------------------------------------------
+            # ---- 7. evaluation, checkpoint, guards (a run that learns nothing says so, and why) --------------
+            quiet = dist.sum([float(informative)])[0] == 0  # no group of the global batch carries signal
+            state.quiet_streak = state.quiet_streak + 1 if quiet else 0
+            if cfg.no_signal_steps and quiet and state.quiet_streak % cfg.no_signal_steps == 0:
+                print0(f"[bold red]warning:[/] step {step}: {no_signal_cause(state.quiet_streak, scored, guard)}")
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
                 metrics |= run_eval(run)
             monitor.log(step, dist.reduce_metrics(metrics, REDUCTIONS))

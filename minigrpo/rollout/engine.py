@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from minigrpo.compat import cache_kwargs, preallocate
+from minigrpo.errors import NonFiniteError
 from minigrpo.model import merged_lora
 from minigrpo.rollout.types import (
     Rollout,
@@ -36,6 +37,8 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
     the one the trainer computes (with top-p < 1 the sampler and the trained policy differ: see README).
     """
     logits = logits.float()
+    if not torch.isfinite(logits.amax(-1)).all():  # NaN anywhere in a row, +inf, or nothing drawable
+        raise NonFiniteError("the model's logits are NaN or inf while generating: its weights are broken")
     if params.temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from minigrpo.errors import NonFiniteError
 from minigrpo.model import merged_lora
 from minigrpo.rollout.types import (
     Rollout,
@@ -52,12 +53,17 @@ def hf_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
     stops = StoppingCriteriaList([StopStrings(tokenizer, params.stop, ids.shape[1])] if params.stop else [])
     was_training = model.training
     model.eval()
-    out = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens, do_sample=not greedy,
-        temperature=None if greedy else params.temperature, top_p=None if greedy else params.top_p,
-        top_k=None if greedy else params.top_k, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-        stopping_criteria=stops,
-    )
+    try:
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens, do_sample=not greedy,
+            temperature=None if greedy else params.temperature, top_p=None if greedy else params.top_p,
+            top_k=None if greedy else params.top_k, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+            stopping_criteria=stops,
+        )
+    except RuntimeError as e:  # torch.multinomial's words for NaN / inf probabilities
+        if "probability tensor contains" not in str(e):
+            raise
+        raise NonFiniteError("the model's logits are NaN or inf while generating: its weights are broken") from e
     model.train(was_training)
     completion_ids = out[:, ids.shape[1]:]
     return make_rollout(tokenizer, prompts, params.n, ids, mask, completion_ids, eos, params.stop)

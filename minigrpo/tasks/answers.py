@@ -4,10 +4,12 @@ Protocol (GSM8K, see GRPO_NOTES.md): the last ``#### N`` wins; if there is none,
 Numbers compare exactly as ``Decimal`` after normalisation (``1,234.50`` -> ``1234.5``, ``**18**`` -> ``18``);
 anything else (LaTeX such as ``\\frac{1}{2}``) falls back to math-verify, gold first. The data's ``answer``
 column, the correctness reward, the accuracy of `evaluate` and rejection sampling all call these functions,
-so the training reward and the reported accuracy cannot drift apart.
+so the training reward and the reported accuracy cannot drift apart. `gold_problem` and `readable_gold` say
+when a gold answer cannot be compared at all (null, a boolean, a list, empty text ...), so data checks refuse it.
 """
 
 
+import math
 import re
 import threading
 from decimal import Decimal
@@ -90,16 +92,27 @@ def extract_answer(text: str) -> str | None:
     return number if number is not None else boxed.strip()
 
 
+def _verify_text(gold: str) -> str:
+    """The gold as math-verify reads it: as written when it has its own delimiters (``$``, ``\\boxed{}``,
+    ``\\(``, ``\\[``), else in ``$...$`` like the model's answer (bare, ``5\\sqrt{3}`` would read as 5 and
+    ``\\pi`` as nothing)."""
+    return gold if any(d in gold for d in ("$", "\\boxed", "\\(", "\\[")) else f"${gold}$"
+
+
+def _verify_timeout() -> int | None:
+    """math-verify times out with signal.alarm, which raises off the main thread; there we pass None."""
+    return _VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
 def _math_verify_equal(gold: str, answer: str) -> bool:
     """math-verify equivalence (gold first: the order matters); False on any failure."""
     if len(answer) > _MAX_VERIFY_CHARS or len(gold) > _MAX_VERIFY_CHARS:
         return False
-    # math-verify times out with signal.alarm, which raises off the main thread; there we pass None.
-    timeout = _VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    timeout = _verify_timeout()
     try:
         from math_verify import parse, verify  # lazy: sympy costs ~1 s to import, only LaTeX needs it
 
-        gold_parsed = parse(gold, parsing_timeout=timeout)
+        gold_parsed = parse(_verify_text(gold), parsing_timeout=timeout)
         answer_parsed = parse("$" + answer + "$", parsing_timeout=timeout)
         return bool(verify(gold_parsed, answer_parsed, timeout_seconds=timeout))
     except Exception:  # noqa: BLE001  (a reward must never crash training over one odd completion)
@@ -109,19 +122,61 @@ def _math_verify_equal(gold: str, answer: str) -> bool:
 def is_correct(completion: str, gold: str) -> bool:
     """Whether the completion's extracted answer equals ``gold`` (a number, or a GSM8K answer field)."""
     answer = extract_answer(completion)
-    gold = str(gold)  # JSONL datasets often store the answer as a JSON number
     if answer is None:
         return False
-    gold_number = extract_gold(gold)
+    gold = gold_answer(gold)  # a number, or text for math-verify; the raw answer field works too
+    gold_number = normalize_number(gold)
     answer_number = normalize_number(answer)
     if gold_number is not None and answer_number is not None:
         return Decimal(gold_number) == Decimal(answer_number)
-    return _math_verify_equal(gold_number if gold_number is not None else gold.strip(), answer)
+    return _math_verify_equal(gold, answer)
 
 
 def gold_answer(answer: object) -> str:
     """The normalised gold answer rewards compare to: the number of the last ``#### N`` (or of a bare number),
-    else the stripped text (a LaTeX or word answer, left to math-verify)."""
+    else the content of the last ``\\boxed{}`` (a MATH-style solution), else the stripped text (a LaTeX or word
+    answer, left to math-verify)."""
     text = str(answer)  # JSONL datasets often store the answer as a JSON number
     found = extract_gold(text)
-    return found if found is not None else text.strip()
+    if found is not None:
+        return found
+    boxed = _last_boxed(text)
+    if boxed is not None and boxed.strip():
+        return normalize_number(boxed) or boxed.strip()
+    return text.strip()
+
+
+def gold_problem(answer: object) -> str | None:
+    """Why a data row's gold answer cannot be compared to a model's answer, in a few words ("is null"), or None.
+
+    Cheap, for every row: null, a boolean, a list or object, a non-finite number, empty text, or text with no
+    number that math-verify would not read (too long). `readable_gold` asks math-verify itself.
+    """
+    if answer is None:
+        return "is null"
+    if isinstance(answer, bool):  # before the numbers: True is an int
+        return f"is a boolean ({str(answer).lower()})"
+    if isinstance(answer, (list, tuple, set, dict)):
+        return f"is {'an object' if isinstance(answer, dict) else 'a list'} ({str(answer)[:60]})"
+    if isinstance(answer, float) and not math.isfinite(answer):
+        return f"is not a finite number ({answer})"
+    text = gold_answer(answer)
+    if not text:
+        return "is empty"
+    if normalize_number(text) is None and len(text) > _MAX_VERIFY_CHARS:
+        return (f"has no '#### N' line, number or \\boxed{{}} answer, and its {len(text)} characters are more than "
+                f"math-verify compares ({_MAX_VERIFY_CHARS})")
+    return None
+
+
+def readable_gold(gold: str) -> bool:
+    """Whether a gold answer (`gold_answer`'s text) holds a number or math that math-verify reads, so that a
+    model's answer can equal it (a word is read as a product of symbols; ``\\text{}`` as nothing)."""
+    if normalize_number(gold) is not None:
+        return True
+    try:
+        from math_verify import parse  # lazy: see _math_verify_equal
+
+        return bool(parse(_verify_text(gold), parsing_timeout=_verify_timeout()))
+    except Exception:  # noqa: BLE001  (unreadable, whatever the reason)
+        return False

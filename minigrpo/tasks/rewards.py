@@ -11,6 +11,7 @@ extractor evaluation uses too.
 """
 
 import asyncio
+import concurrent.futures
 import importlib
 import inspect
 import math
@@ -19,6 +20,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from minigrpo.errors import ConfigError
@@ -215,92 +217,183 @@ def reward_name(fn: str | Callable) -> str:
     return fn if isinstance(fn, str) else getattr(fn, "__name__", type(fn).__name__)
 
 
+TIMED_OUT = object()  # what a call that ran past the time limit gives instead of values
+
+
+@dataclass
+class RewardGuard:
+    """What keeps a reward function from stopping or silently starving a run: a time limit per call (a call past
+    it costs the batch's samples for that function; `limit` such calls in a row disable the function for the rest
+    of the run, with a message), and a count of the values that were not finite numbers (NaN, inf, strings,
+    None), with one example each, for the "no learning signal" warning (train.py)."""
+    timeout: float = 0.0  # seconds per call; 0: none (the call runs in this thread)
+    limit: int = 3  # timeouts in a row that disable a function
+    streak: dict[str, int] = field(default_factory=dict)  # timeouts in a row, per function
+    disabled: set[str] = field(default_factory=set)
+    timeouts: int = 0  # calls that ran past the limit, so far
+    invalid: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> (values not numbers, an example)
+
+    def timed_out(self, name: str, samples: int) -> None:
+        self.timeouts += 1
+        self.streak[name] = self.streak.get(name, 0) + 1
+        if self.streak[name] >= self.limit:
+            self.disabled.add(name)
+            print(f"reward {name!r} ran past reward_timeout={self.timeout:g}s {self.limit} times in a row: disabled "
+                  f"for the rest of the run (its samples are skipped for it). If it is only slow, raise "
+                  f"reward_timeout.", file=sys.stderr, flush=True)
+        else:
+            print(f"reward {name!r} ran past reward_timeout={self.timeout:g}s on a batch of {samples}: those samples "
+                  f"are skipped for it ({self.streak[name]}/{self.limit} in a row disable it)",
+                  file=sys.stderr, flush=True)
+
+    def not_numbers(self, name: str, raw: list[Any], values: list[float | None]) -> None:
+        bad = [r for r, v in zip(raw, values) if v is None and r is not None]
+        if bad:
+            count, _ = self.invalid.get(name, (0, ""))
+            self.invalid[name] = (count + len(bad), repr(bad[0])[:60])
+
+
 def score(
     funcs: list[tuple[str, Callable, float]],
     prompts: list[Any],
     completions: list[Any],
     columns: dict[str, list],
     errors: dict[str, int] | None = None,
+    guard: RewardGuard | None = None,
 ) -> tuple[list[float | None], dict[str, list[float | None]]]:
     """Weighted total reward per sample, and each function's values by name.
 
     The total sums ``weight * value`` over the functions that scored the sample (TRL's nansum); a sample
-    that no function scored gets ``None``. A reward function that raises is called again one sample at a
-    time: the samples it still fails on get ``None`` (counted in `errors[name]`; its first traceback is
-    printed once) and the run goes on. Returning the wrong number of values is a bug and an error.
+    that no function scored gets ``None``. A reward function that raises (SystemExit included: a reward's
+    sys.exit() is its error, not the run's end) is called again one sample at a time: the samples it still fails
+    on get ``None`` (counted in `errors[name]`; its first traceback is printed once) and the run goes on. With
+    `guard`, each call has a time limit (RewardGuard). Returning the wrong number of values is a bug and an error.
     The async functions run concurrently, on an event loop of their own (also inside a notebook's).
     """
-    totals: list[float | None] = [None] * len(completions)
+    guard = guard or RewardGuard()
+    n = len(completions)
+    totals: list[float | None] = [None] * n
     per_func: dict[str, list[float | None]] = {}
     kwargs = {"prompts": prompts, "completions": completions, **columns}
-    waiting = [(name, fn) for name, fn, _ in funcs if inspect.iscoroutinefunction(fn)]
-    awaited = dict(zip([n for n, _ in waiting], _run_async([fn(**kwargs) for _, fn in waiting]))) if waiting else {}
+    waiting = [(name, fn) for name, fn, _ in funcs if inspect.iscoroutinefunction(fn) and name not in guard.disabled]
+    awaited = dict(zip([n for n, _ in waiting], _run_async([fn(**kwargs) for _, fn in waiting], guard.timeout))) \
+        if waiting else {}
     for name, fn, weight in funcs:
-        raw = awaited[name] if name in awaited else _call(fn, kwargs)
+        if name in guard.disabled:
+            per_func[name] = [None] * n
+            continue
+        raw = awaited[name] if name in awaited else _call(fn, kwargs, guard.timeout)
+        if raw is TIMED_OUT:
+            guard.timed_out(name, n)
+            per_func[name] = [None] * n
+            continue
+        guard.streak[name] = 0
         if isinstance(raw, BaseException):
-            raw = _score_one_by_one(name, fn, prompts, completions, columns, errors)
+            raw = _score_one_by_one(name, fn, prompts, completions, columns, errors, guard)
         if hasattr(raw, "tolist") and getattr(raw, "ndim", None) == 1:  # a numpy array or torch tensor of values
             raw = raw.tolist()
-        if not isinstance(raw, (list, tuple)) or len(raw) != len(completions):
-            got = len(raw) if isinstance(raw, (list, tuple)) else type(raw).__name__
-            raise ValueError(f"reward {name!r} returned {got} values for {len(completions)} completions")
+        if not isinstance(raw, (list, tuple)) or len(raw) != n:  # a broken contract, not one odd sample
+            got = f"{len(raw)} values" if isinstance(raw, (list, tuple)) else f"a {type(raw).__name__}"
+            raise ConfigError(f"reward {name!r} returned {got} for {n} completions: a reward returns a list with one "
+                              f"value per completion (None to skip one); fix it and resume the run")
         values = [_as_reward(v) for v in raw]
+        guard.not_numbers(name, list(raw), values)
         per_func[name] = values
         for i, v in enumerate(values):
             if v is not None:
                 totals[i] = (totals[i] or 0.0) + weight * v
+    overflow = [t for t in totals if t is not None and not math.isfinite(t)]
+    if overflow:  # finite values whose weighted sum is not (1e308 x 10): skipped, and said like other non-numbers
+        guard.not_numbers("the weighted total", overflow, [None] * len(overflow))
+        totals = [t if t is None or math.isfinite(t) else None for t in totals]
     return totals, per_func
 
 
-def _call(fn: Callable, kwargs: dict[str, Any]) -> Any:
-    """fn(**kwargs), or the exception it raised (the caller retries one sample at a time)."""
-    try:
-        return fn(**kwargs)
-    except Exception as e:  # noqa: BLE001  (a reward's bug costs its samples, not the run)
-        return e
+def _call(fn: Callable, kwargs: dict[str, Any], timeout: float = 0.0) -> Any:
+    """fn(**kwargs), or the exception it raised (the caller retries one sample at a time), or TIMED_OUT: with a
+    timeout the call runs in a daemon thread of its own, given up on (left running) once the time is past."""
+    if not timeout:
+        try:
+            return fn(**kwargs)
+        except (Exception, SystemExit) as e:  # noqa: BLE001  (a reward's bug costs its samples, not the run)
+            return e
+    box: list[Any] = []
+
+    def target() -> None:
+        try:
+            box.append(fn(**kwargs))
+        except BaseException as e:  # noqa: BLE001  (anything, even KeyboardInterrupt, is the reward's error here)
+            box.append(e)
+
+    thread = threading.Thread(target=target, name="minigrpo-reward", daemon=True)
+    thread.start()
+    thread.join(timeout)  # a signal (Ctrl-C) still reaches the main thread while it waits
+    return box[0] if box else TIMED_OUT
 
 
 _LOOP: asyncio.AbstractEventLoop | None = None  # the async rewards' event loop, in a thread of its own
 
 
-def _run_async(coroutines: list[Any]) -> list[Any]:
+def _run_async(coroutines: list[Any], timeout: float = 0.0) -> list[Any]:
     """Await the coroutines together on the rewards' event loop: one loop, kept in a daemon thread for the whole
     process (a reward may keep a loop-bound client, an HTTP session, from one batch to the next; and it works where
-    a loop already runs, e.g. Jupyter); each result, or the exception it raised."""
+    a loop already runs, e.g. Jupyter); each result, the exception it raised, or TIMED_OUT (cancelled after
+    `timeout` seconds; a loop blocked by a reward that never awaits is given up for a new one)."""
     global _LOOP
     if _LOOP is None or _LOOP.is_closed():
         _LOOP = asyncio.new_event_loop()
         threading.Thread(target=_LOOP.run_forever, name="minigrpo-rewards", daemon=True).start()
 
-    async def gather() -> list[Any]:
-        return await asyncio.gather(*coroutines, return_exceptions=True)
+    async def caught(coroutine: Any) -> Any:
+        try:
+            return await coroutine
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001  (SystemExit would stop the loop's thread)
+            return e
 
-    return asyncio.run_coroutine_threadsafe(gather(), _LOOP).result()
+    async def gather() -> list[Any]:
+        tasks = [asyncio.ensure_future(caught(c)) for c in coroutines]
+        _, pending = await asyncio.wait(tasks, timeout=timeout or None)
+        for task in pending:
+            task.cancel()
+        return [TIMED_OUT if task in pending else task.result() for task in tasks]
+
+    future = asyncio.run_coroutine_threadsafe(gather(), _LOOP)
+    try:
+        return future.result(timeout + 1 if timeout else None)
+    except concurrent.futures.TimeoutError:  # the loop itself is stuck (a blocking call in an async reward)
+        _LOOP = None
+        return [TIMED_OUT] * len(coroutines)
 
 
 _REPORTED: set[str] = set()  # reward functions whose first traceback has been printed
 
 
 def _score_one_by_one(name: str, fn: Callable, prompts: list[Any], completions: list[Any], columns: dict[str, list],
-                      errors: dict[str, int] | None) -> list[object]:
-    """After a batch call raised: each sample alone, so a sample that breaks the function costs only itself."""
+                      errors: dict[str, int] | None, guard: RewardGuard) -> list[object]:
+    """After a batch call raised: each sample alone, so a sample that breaks the function costs only itself (a
+    sample past the time limit ends the retries: the rest are skipped for this function)."""
     out: list[object] = []
     for i in range(len(completions)):
-        try:
-            kwargs = {"prompts": prompts[i:i + 1], "completions": completions[i:i + 1],
-                      **{k: v[i:i + 1] for k, v in columns.items()}}
-            value = _run_async([fn(**kwargs)])[0] if inspect.iscoroutinefunction(fn) else fn(**kwargs)
-            if isinstance(value, BaseException):
-                raise value
-            if hasattr(value, "tolist") and getattr(value, "ndim", None) == 1:
-                value = value.tolist()
-            out.append(value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else None)
-        except Exception:
+        kwargs = {"prompts": prompts[i:i + 1], "completions": completions[i:i + 1],
+                  **{k: v[i:i + 1] for k, v in columns.items()}}
+        value = _run_async([fn(**kwargs)], guard.timeout)[0] if inspect.iscoroutinefunction(fn) \
+            else _call(fn, kwargs, guard.timeout)
+        if value is TIMED_OUT:
+            guard.timed_out(name, len(completions) - i)
+            return out + [None] * (len(completions) - i)
+        if hasattr(value, "tolist") and getattr(value, "ndim", None) == 1:
+            value = value.tolist()
+        if isinstance(value, BaseException):
             if errors is not None:
                 errors[name] = errors.get(name, 0) + 1
             if name not in _REPORTED:
                 _REPORTED.add(name)
+                trace = "".join(traceback.format_exception(value))
                 print(f"reward {name!r} raised on a sample (scored None, run goes on; later errors only "
-                      f"counted in train/reward_errors):\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+                      f"counted in train/reward_errors):\n{trace}", file=sys.stderr, flush=True)
             out.append(None)
+        else:
+            out.append(value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else None)
     return out

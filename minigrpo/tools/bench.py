@@ -7,7 +7,6 @@ the report gives the median tokens/s of each, the spread (min-max) and the ratio
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing as mp
 import statistics
 import sys
@@ -23,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from minigrpo.compat import drop_gguf_marker
 from minigrpo.config import Config
 from minigrpo.model import load_tokenizer, resolve_model_path
-from minigrpo.monitor import peak_memory_gb, peak_rss_bytes
+from minigrpo.monitor import peak_memory_gb, peak_rss_bytes, read_jsonl
 from minigrpo.rollout.engine import engine_generate
 from minigrpo.rollout.hf import hf_generate
 from minigrpo.rollout.types import SamplingParams
@@ -96,7 +95,7 @@ def _run_minigrpo(s: dict[str, Any], beta: float) -> dict[str, Any]:
         t0 = time.perf_counter()
         run_dir = train(_minigrpo_config(s, beta, str(Path(tmp) / "run")), show_progress=False)
         run_s = time.perf_counter() - t0
-        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
     rows = [r for r in rows if "perf/step_s" in r]
     return {"step_s": [r["perf/step_s"] for r in rows], "tokens_per_s": [r["perf/tokens_per_s"] for r in rows],
             "mean_length": [r["completions/mean_length"] for r in rows], "run_s": run_s,

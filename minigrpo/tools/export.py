@@ -43,7 +43,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minigrpo.checkpoint import SHARDS_DIR, STATE
 from minigrpo.compat import drop_gguf_marker, peft_wrapping
-from minigrpo.config import Config, run_config
+from minigrpo.config import Config, check_out_path, run_config
 from minigrpo.errors import ConfigError
 from minigrpo.model import DTYPES, RANDOM_INITS, load_model, load_tokenizer, resolve_model_path
 
@@ -189,13 +189,14 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, checkpoint
     base: the base the adapter names (hub id or model folder) instead of the one it was trained on; base_out:
     where a base no name loads (GGUF, seeded init) is written, default out/base."""
     run_dir, out = Path(run_dir), Path(out)
+    if not run_dir.is_dir():
+        raise ConfigError(f"RUN_DIR {run_dir}: no such folder; give the folder of a minigrpo run")
     if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: no config.yaml: not a minigrpo run folder")
+        raise ConfigError(f"RUN_DIR {run_dir}: no config.yaml: not a minigrpo run folder")
     source = policy_dir(run_dir, checkpoint)
     is_adapter = (source / "adapter_config.json").is_file()
     adapter_only = is_adapter and not merge
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out {out}: exists and is not empty; choose a new folder")
+    check_out_path("--out", out, folder=True)  # a new (or empty) folder where this process may write
     if push_to_hub is not None and not _hub_id(push_to_hub):
         raise ConfigError(f"--push_to_hub {push_to_hub!r}: not a hub repo id (owner/name)")
     trained = run_config(run_dir)
@@ -221,8 +222,8 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, checkpoint
                           f"--base HUB_ID, the hub model it should load on (for a GGUF run, the model the GGUF was "
                           f"made from; the adapter was trained on the dequantized weights)")
     base_dir = Path(base_out) if base_out is not None else out / "base"
-    if adapter_only and base_name is None and base_dir.exists() and any(base_dir.iterdir()):
-        raise ConfigError(f"--base_out {base_dir}: exists and is not empty; choose a new folder")
+    if adapter_only and base_name is None:
+        check_out_path("--base_out" if base_out is not None else "--out", base_dir, folder=True)
 
     written = False
     if adapter_only:

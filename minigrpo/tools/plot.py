@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from minigrpo.errors import ConfigError, DataError
+from minigrpo.monitor import read_jsonl
 
 PANELS = [  # (title, metric names drawn in the panel)
     ("reward", ["train/reward"]),  # the per-function rewards are added below
@@ -16,11 +18,18 @@ PANELS = [  # (title, metric names drawn in the panel)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
-    """Rows of metrics.jsonl (one per step; evaluation rows share a step with training rows)."""
+    """Rows of metrics.jsonl (one per step; evaluation rows share a step with training rows). A torn last line (a
+    run killed while writing) is left out, with a message (monitor.read_jsonl)."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: RUN_DIR must be a folder written by `minigrpo train`")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"RUN_DIR {run_dir}: no such folder; give a run folder written by `minigrpo train` or `sft`")
+    if not path.is_file():
+        raise ConfigError(f"RUN_DIR {run_dir}: no metrics.jsonl there; give a run folder written by `minigrpo train` "
+                          f"or `sft`")
+    rows = [r for r in read_jsonl(path) if "step" in r]
+    if not rows:
+        raise DataError(f"{path}: no rows with a step yet; a run writes one per step")
+    return rows
 
 
 def series(rows: list[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
@@ -31,13 +40,13 @@ def series(rows: list[dict[str, float]], key: str) -> tuple[list[float], list[fl
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw the panels that have data and save them as RUN_DIR/curves.png (or `out`)."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)  # first: a bad RUN_DIR fails before matplotlib loads
     import matplotlib  # here: the backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt  # after use("Agg")
 
-    run_dir = Path(run_dir)
-    rows = read_metrics(run_dir)
     reward_keys = sorted({k for r in rows for k in r if k.startswith("train/rewards/") and not k.endswith("/std")})
     # a run's own held-out metric (eval_metric: eval/<name>) joins the accuracy panel
     eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/") and k not in
@@ -63,6 +72,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     out = Path(out) if out else run_dir / "curves.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out

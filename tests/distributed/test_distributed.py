@@ -72,8 +72,8 @@ def _assert_same_weights(a_dir, b_dir, atol=1e-4):
 
 
 @pytest.mark.parametrize("engine, loss_type, extra", [
-    _engine("ddp", "dapo", ()), _engine("ddp", "grpo", ()),
-    _engine("ddp", "grpo", ("--scale_rewards=batch",)),  # the std of the whole (gathered) batch
+    _engine("ddp", "dapo", ()),
+    _engine("ddp", "grpo", ("--scale_rewards=batch",)),  # grpo's per-sequence mean; the std of the gathered batch
     _engine("zero2", "dapo", ()), _engine("zero3", "grpo", ("--beta=0.04",))])
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, engine, loss_type, extra):
     one, two = tmp_path / "one", tmp_path / "two"

