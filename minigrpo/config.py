@@ -300,7 +300,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "reward_timeout_limit": (1, None, False, False), "no_signal_steps": (0, None, False, False),
 }
 
-DEVICE_RE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+DEVICE_RE = re.compile(r"auto|mps|(cpu|cuda|xpu)(:\d+)?")
 
 
 def check_number(key: str, value: Any, low: float | None = None, high: float | None = None,
