@@ -22,11 +22,15 @@ ARGS = ["--use_peft=true", "--max_steps=8", "--save_steps=1", "--save_total_limi
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
 PHASES = ["generation", "update", "checkpoint write"]
 
-# Runs `minigrpo train` with a SIGKILL armed in one phase of one step: argv = phase, step, delay_s, args...
+# Runs `minigrpo train ARGS` with a SIGKILL armed in one phase: argv = phase, call, delay_s, args... The phases:
+# generation / update (a timer `delay` s into the `call`-th step's), checkpoint write (files written and flushed,
+# the rename not done: _fsync_tree runs twice per save), final policy write (written beside its place, not yet
+# swapped in), final evaluation (right after summary.json says trained). tests/e2e/test_runs_survive.py runs it too.
 CHILD = r"""
 import os, signal, sys, threading
-phase, step, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+phase, call, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 import minigrpo.checkpoint as C
+import minigrpo.run as R
 import minigrpo.train as T
 
 def die():
@@ -36,7 +40,7 @@ def armed(fn, now=False):
     calls = {"n": 0}
     def wrapper(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == step:
+        if calls["n"] == call:
             if now:
                 die()
             threading.Timer(delay, die).start()
@@ -47,8 +51,21 @@ if phase == "generation":
     T.rollout_and_score = armed(T.rollout_and_score)
 elif phase == "update":
     T.update_policy = armed(T.update_policy)
-else:  # files written and flushed, the rename not done: a half-made checkpoint on disk
+elif phase == "checkpoint write":
     C._fsync_tree = armed(C._fsync_tree, now=True)
+elif phase == "final policy write":
+    def half(model, tokenizer, path, weights=None):
+        C.save_policy(model, tokenizer, path.with_name(f".{path.name}.tmp"), weights)
+        die()
+    R.save_final_policy = half
+elif phase == "final evaluation":
+    write = R.write_summary
+    def written_then_armed(*args):
+        write(*args)
+        threading.Timer(delay, die).start()
+    R.write_summary = written_then_armed
+else:
+    sys.exit(f"unknown phase {phase!r}")
 from minigrpo.cli import main
 sys.exit(main(["train", *sys.argv[4:]]))
 """

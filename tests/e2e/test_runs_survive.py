@@ -2,12 +2,14 @@
 it; a run killed anywhere, again and again, resumes to the uninterrupted result; faults in user code or in the
 numbers are contained or stop the run with a message; a run that learns nothing says so and why."""
 
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,48 +145,11 @@ def test_resume_never_starts_over_when_every_checkpoint_is_damaged(straight, tmp
     assert not (run / "metrics.jsonl").exists()
 
 
-# Runs `minigrpo train ARGS` with a SIGKILL armed in one phase: argv = phase, call, delay_s, args...
-CHILD = r"""
-import os, signal, sys, threading
-phase, call, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-import minigrpo.checkpoint as C
-import minigrpo.run as R
-import minigrpo.train as T
-
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-
-def armed(fn, now=False):
-    calls = {"n": 0}
-    def wrapper(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == call:
-            if now:
-                die()
-            threading.Timer(delay, die).start()
-        return fn(*args, **kwargs)
-    return wrapper
-
-if phase == "generation":
-    T.rollout_and_score = armed(T.rollout_and_score)
-elif phase == "update":
-    T.update_policy = armed(T.update_policy)
-elif phase == "checkpoint write":  # files written and flushed, the rename not done
-    C._fsync_tree = armed(C._fsync_tree, now=True)
-elif phase == "final policy write":  # the policy written beside its place, not yet swapped in
-    def half(model, tokenizer, path, weights=None):
-        C.save_policy(model, tokenizer, path.with_name(f".{path.name}.tmp"), weights)
-        die()
-    R.save_final_policy = half
-else:  # "final evaluation": summary.json says trained (written before the evaluation), then a kill during it
-    write = R.write_summary
-    def written_then_armed(*args):
-        write(*args)
-        threading.Timer(delay, die).start()
-    R.write_summary = written_then_armed
-from minigrpo.cli import main
-sys.exit(main(["train", *sys.argv[4:]]))
-"""
+# The crash harness of scripts/kill_resume.py: `python -c CHILD phase call delay ARGS...` SIGKILLs itself there
+_spec = importlib.util.spec_from_file_location("kill_resume", Path(__file__).parents[2] / "scripts" / "kill_resume.py")
+_kill_resume = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_kill_resume)
+CHILD = _kill_resume.CHILD
 
 
 def test_a_run_killed_again_and_again_resumes_to_the_uninterrupted_result(straight, tmp_path):
