@@ -37,8 +37,6 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
     the one the trainer computes (with top-p < 1 the sampler and the trained policy differ: see README).
     """
     logits = logits.float()
-    if not torch.isfinite(logits.amax(-1)).all():  # NaN anywhere in a row, +inf, or nothing drawable
-        raise NonFiniteError("the model's logits are NaN or inf while generating: its weights are broken")
     if params.temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
@@ -110,10 +108,14 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     gens = None if params.seeds is None or params.temperature == 0 else [
         torch.Generator(device=device).manual_seed(int(seed)) for seed in params.seeds]
     done = torch.zeros(B, dtype=torch.bool, device=device)  # per compute-batch row
+    broken = torch.zeros((), dtype=torch.bool, device=device)  # a row's logits were NaN or +inf (broken weights)
     window = stop_window(params.stop) if params.stop else 0
     # ---- decode ---------------------------------------------------------------------------------------
     steps = 0
     for t in range(T):
+        finite = torch.isfinite(logits.amax(-1))  # [b]: False for a row holding NaN or +inf (no sync here)
+        broken |= ~finite.all()
+        logits = logits.masked_fill(~finite[:, None], 0.0)  # such a row draws garbage, not an error: stopped below
         next_tokens, next_logp = sample_tokens(logits, params, None if gens is None else (live // params.n, gens))
         tokens[live, t] = torch.where(done, pad, next_tokens)
         logprobs[live, t] = torch.where(done, 0.0, next_logp)
@@ -124,7 +126,10 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             hit = torch.tensor(hits_stop(tokenizer, tails, params.stop), dtype=torch.bool, device=device)
             done[open_rows[hit]] = True
         steps = t + 1
-        if bool(done.all()) or t == T - 1:
+        all_done, is_broken = torch.stack([done.all(), broken]).tolist()  # the step's one sync, for both
+        if is_broken:
+            raise NonFiniteError("the model's logits are NaN or inf while generating: its weights are broken")
+        if all_done or t == T - 1:
             break
         if int(done.sum()) * 4 >= len(done):  # a quarter of the batch has finished: drop those rows
             keep = (~done).nonzero()[:, 0]
