@@ -22,6 +22,14 @@ micro-batch contributes its share, so accumulation gives the same gradient as on
 
 Options: clip-higher (`epsilon_high` > `epsilon`, DAPO); dual-clip (Ye et al. 2020): for A < 0 the loss
 is capped at -c * A so a huge ratio cannot blow it up; `std_floor` on the advantage divisor.
+
+Sampler correction (`sampler_correction`, rollout_backend vllm): vLLM's log-probs of the tokens it sampled differ
+from the trainer's by numerics (other kernels, precisions), so the samples come from a slightly different policy
+(Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"). The surrogate of each
+token is weighted by w = exp(logp_old - logp_sampler), per token or per sequence (exp of the mean over its tokens:
+the geometric mean, as GSPO's ratio; a sum would shrink long sequences' weights), then truncated to
+[clip_min, clip_max] (TIS) or set to 0 outside it (MIS, "When speed kills stability", Liu et al. 2025):
+    L_it = w_it * L_clip_it + beta * k3_it
 """
 
 from __future__ import annotations
@@ -105,6 +113,31 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.expm1(d) - d  # expm1 keeps k3 >= 0 near d = 0, where exp(d) - 1 loses precision
 
 
+SAMPLER_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def sampler_correction(logp_old: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, mode: str,
+                       clip_min: float = 0.0, clip_max: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance weights [B, T] for sampling with another implementation of the policy (module docstring), and
+    the ratios they came from [B, T] (before truncation or masking).
+
+    logp_old: the trainer's log-probs of the sampled tokens before any update; sampler_logp: the sampler's (NaN
+    where it gave none: such a token has ratio 1 and stays out of its sequence's mean); mask: 1 on completion
+    tokens. Weights are 0 on masked-out positions."""
+    if mode not in SAMPLER_CORRECTIONS:
+        raise ValueError(f"vllm_importance_sampling_mode: unknown {mode!r}; use one of {list(SAMPLER_CORRECTIONS)}")
+    known = mask.bool() & torch.isfinite(sampler_logp)
+    log_ratio = torch.where(known, logp_old - sampler_logp, 0.0)  # [B, T]
+    if mode.startswith("sequence"):
+        log_ratio = masked_mean(log_ratio, known.float(), dim=1)[:, None].expand_as(log_ratio)  # [B, T]
+    ratio = torch.exp(log_ratio)
+    if mode.endswith("truncate"):
+        weights = ratio.clamp(clip_min, clip_max)
+    else:
+        weights = torch.where((ratio < clip_min) | (ratio > clip_max), 0.0, ratio)
+    return (weights * mask).detach(), ratio.detach()
+
+
 @dataclass
 class LossOut:
     """Per-token loss [B, T] and the per-token quantities logged from it."""
@@ -116,11 +149,13 @@ class LossOut:
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                 epsilon: float, epsilon_high: float | None = None, beta: float = 0.0,
-                ref_logp: torch.Tensor | None = None, level: str = "token", dual_clip: float | None = None) -> LossOut:
+                ref_logp: torch.Tensor | None = None, level: str = "token", dual_clip: float | None = None,
+                sampler_weights: torch.Tensor | None = None) -> LossOut:
     """Clipped surrogate (+ beta * k3) per token. logp/old_logp/ref_logp/mask [B, T], advantages [B].
 
     The clip range is [1 - epsilon, 1 + epsilon_high] (epsilon_high None: epsilon); keyword-only, like every
-    option here: two clip bounds side by side are too easy to swap."""
+    option here: two clip bounds side by side are too easy to swap. `sampler_weights` [B, T] (from
+    `sampler_correction`) multiply the surrogate, not the KL term."""
     if epsilon_high is None:
         epsilon_high = epsilon
     m = mask.bool()
@@ -139,6 +174,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     clipped = ((ratio < 1 - epsilon) & (A < 0)) | ((ratio > 1 + epsilon_high) & (A > 0))
     if dual_clip is not None:
         clipped |= (A < 0) & (ratio > dual_clip)
+    if sampler_weights is not None:
+        per_token = per_token * sampler_weights
     kl = None
     if beta > 0:
         assert ref_logp is not None, "beta > 0 needs reference log-probs"

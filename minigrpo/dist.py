@@ -222,21 +222,22 @@ class Distributed:
     def reduce_metrics(self, metrics: dict[str, float], reductions: dict[str, str] | None = None,
                        ) -> dict[str, float]:
         """Each metric over processes: the mean (each process had the same number of completions), or what
-        `reductions` names for it ("max": a peak or a longest; "sum": a count)."""
+        `reductions` names for it ("max": a peak or a longest; "min": a smallest; "sum": a count)."""
         reductions = reductions or {}
-        unknown = set(reductions.values()) - {"mean", "max", "sum"}
+        unknown = set(reductions.values()) - {"mean", "max", "min", "sum"}
         if unknown:
-            raise ValueError(f"reduce_metrics: unknown reductions {sorted(unknown)}; use mean, max or sum")
+            raise ValueError(f"reduce_metrics: unknown reductions {sorted(unknown)}; use mean, max, min or sum")
         if not self.acc:
             return metrics
         keys = sorted(metrics)
         totals = self.sum([metrics[k] for k in keys])
         out = {k: v / self.world if reductions.get(k, "mean") == "mean" else v for k, v in zip(keys, totals)}
-        maxed = [k for k in keys if reductions.get(k) == "max"]
-        if maxed:
-            t = torch.tensor([metrics[k] for k in maxed], dtype=torch.float64, device=self.acc.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            out |= dict(zip(maxed, t.tolist()))
+        for how, op in (("max", torch.distributed.ReduceOp.MAX), ("min", torch.distributed.ReduceOp.MIN)):
+            picked = [k for k in keys if reductions.get(k) == how]
+            if picked:
+                t = torch.tensor([metrics[k] for k in picked], dtype=torch.float64, device=self.acc.device)
+                torch.distributed.all_reduce(t, op=op)
+                out |= dict(zip(picked, t.tolist()))
         return out
 
     def share(self, items: list[Any]) -> list[Any]:

@@ -203,7 +203,7 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 class MergedLinear(torch.nn.Linear):
-    """A LoRA layer folded into a plain Linear by `merged_lora` (the vLLM backend sends only these under LoRA)."""
+    """A LoRA layer folded into a plain Linear by `merged_lora` (what generation runs: the engine, vLLM's push)."""
 
 
 @contextlib.contextmanager

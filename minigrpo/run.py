@@ -219,7 +219,7 @@ def setup_run(cfg: Config, stage: str = "GRPO", inputs: Inputs | None = None) ->
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     model, tok = load_model(cfg, tok, inputs.model)
-    rollout.start(cfg, model)
+    rollout.start(cfg, model, tok)
     return Run(cfg, run_dir, model, tok, train_set, eval_set, train_prompts, eval_prompts, dist, stage,
                inputs.callbacks, RewardGuard(cfg.reward_timeout, cfg.reward_timeout_limit))
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from minigrpo import rollout
-from minigrpo.algo import LOSS_TYPES, Norm, group_advantages, masked_mean, policy_loss
+from minigrpo.algo import LOSS_TYPES, Norm, group_advantages, kl_k3, masked_mean, policy_loss, sampler_correction
 from minigrpo.checkpoint import checkpoints
 from minigrpo.config import Config
 from minigrpo.dist import Distributed
@@ -104,6 +104,57 @@ def keep_informative(parts: list[Scored], num_groups: int, G: int, pad_id: int) 
                   sum(p.generate_s for p in parts), sum(p.score_s for p in parts), sum(p.reward_errors for p in parts))
 
 
+class SamplerCheck:
+    """The sampler/trainer mismatch of a step, micro-batch by micro-batch: the rollout's log-probs of its sampled
+    tokens (`Rollout.logprobs`, from the backend) against the trainer's before any update, and, with
+    rollout_backend vllm and vllm_importance_sampling_correction, the correction's weights (algo.py)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.correct = cfg.rollout_backend == "vllm" and cfg.vllm_importance_sampling_correction
+        self.tokens = self.units = self.outside = 0
+        self.diff = self.diff_max = self.kl = self.ratio = self.ratio_max = 0.0
+        self.ratio_min = math.inf
+
+    def weights(self, trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                ) -> torch.Tensor | None:
+        """Record one micro-batch [b, C]; the correction's weights [b, C], or None when it is off."""
+        cfg = self.cfg
+        known = mask.bool() & torch.isfinite(sampler_logp)
+        t, s = trainer_logp[known].float(), sampler_logp[known].float()
+        if t.numel():
+            self.tokens += t.numel()
+            self.diff += (t - s).abs().sum().item()
+            self.diff_max = max(self.diff_max, (t - s).abs().max().item())
+            self.kl += kl_k3(s, t).sum().item()  # KL(sampler || trainer), estimated on the sampler's tokens
+        if not self.correct:
+            return None
+        weights, ratio = sampler_correction(trainer_logp, sampler_logp, mask,
+                                            cfg.vllm_importance_sampling_mode, cfg.vllm_importance_sampling_clip_min,
+                                            cfg.vllm_importance_sampling_clip_max)
+        # one ratio per sequence (its completion's tokens share it) or per token
+        r = ratio[:, 0][mask.sum(1) > 0] if cfg.vllm_importance_sampling_mode.startswith("sequence") else ratio[known]
+        if r.numel():
+            self.units += r.numel()
+            self.ratio += r.sum().item()
+            self.ratio_min, self.ratio_max = min(self.ratio_min, r.min().item()), max(self.ratio_max, r.max().item())
+            self.outside += ((r < cfg.vllm_importance_sampling_clip_min)
+                             | (r > cfg.vllm_importance_sampling_clip_max)).sum().item()
+        return weights
+
+    def metrics(self) -> dict[str, float]:
+        """rollout/logprob_diff_mean and _max (|sampler - trainer| per token), rollout/sampler_kl (k3), and the
+        correction's ratios and the share of them truncated or masked."""
+        if not self.tokens:
+            return {}
+        out = {"rollout/logprob_diff_mean": self.diff / self.tokens, "rollout/logprob_diff_max": self.diff_max,
+               "rollout/sampler_kl": self.kl / self.tokens}
+        if self.units:
+            out |= {"rollout/is_ratio_mean": self.ratio / self.units, "rollout/is_ratio_min": self.ratio_min,
+                    "rollout/is_ratio_max": self.ratio_max, "rollout/is_clipped_frac": self.outside / self.units}
+        return out
+
+
 def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, advantages: torch.Tensor,
                   loss_mask: torch.Tensor, cfg: Config, optimizer: torch.optim.Optimizer,
                   scheduler: Any, dist: Distributed | None = None, wrapped: torch.nn.Module | None = None,
@@ -130,6 +181,7 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
                                         cfg.logprob_chunk_size)[0]
                         for s in micro]
     old_logp: list[torch.Tensor | None] = [None] * len(micro)
+    sampler, weights = SamplerCheck(cfg), [None] * len(micro)  # the backend's log-probs against the trainer's
     sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "ratio": 0.0}
     params, grad_norms, skipped = trainable_parameters(model), [], 0
     model.train()
@@ -139,10 +191,13 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
             logp, entropy = policy_logprobs(wrapped, input_ids[s], attention[s], C, cfg.temperature, group_size,
                                             cfg.logprob_chunk_size)
             if old_logp[j] is None:  # no update has happened yet: the current policy IS the sampler
-                old_logp[j] = logp.detach()
+                old_logp[j] = logp.detach()  # (up to the backend's numerics: compared here, corrected for vLLM)
+                if ro.logprobs is not None:
+                    weights[j] = sampler.weights(old_logp[j], ro.logprobs[s], ro.completion_mask[s])
             out = policy_loss(logp, old_logp[j], advantages[s], loss_mask[s], epsilon=cfg.epsilon,
                               epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logp=ref_logp[j],
-                              level=cfg.importance_sampling_level, dual_clip=cfg.dual_clip)
+                              level=cfg.importance_sampling_level, dual_clip=cfg.dual_clip,
+                              sampler_weights=weights[j])
             loss = LOSS_TYPES[cfg.loss_type](out.per_token, loss_mask[s], norm)
             # the strategy averages over processes; the norm already counts them all
             dist.backward(loss * dist.world, last=j == len(micro) - 1)
@@ -159,7 +214,7 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
         grad_norms.append(grad_norm)  # loss or gradient would poison the weights: that update is skipped
         skipped += not applied
         step_schedule(scheduler)  # skipped updates count too
-    return {f"train/{k}": v for k, v in sums.items()} | {
+    return {f"train/{k}": v for k, v in sums.items()} | sampler.metrics() | {
         "train/grad_norm": sum(grad_norms) / len(grad_norms), "train/skipped_updates": float(skipped)}
 
 
@@ -190,6 +245,21 @@ def sample_batch(run: Run, state: LoopState, n: int, reward_funcs: list[tuple[st
                               f"Nothing was saved; {then}") from e
 
 
+def check_sampler(cfg: Config, step: int, metrics: dict[str, float], run: Run) -> None:
+    """Stop the run (TrainingStopped) when the sampler's log-probs are further from the trainer's than
+    vllm_logprob_tolerance: the sampler did not generate with the policy's weights (a push that did not arrive)."""
+    diff = metrics.get("rollout/logprob_diff_mean")
+    if not cfg.vllm_logprob_tolerance or diff is None or diff <= cfg.vllm_logprob_tolerance:
+        return
+    found = checkpoints(run.run_dir)
+    then = f"the last checkpoint is {found[-1][1]}" if found else "the run has no checkpoint"
+    raise TrainingStopped(f"step {step}: the {cfg.rollout_backend} backend's log-probs of its sampled tokens differ "
+                          f"from the trainer's by {diff:.3g} on average (vllm_logprob_tolerance "
+                          f"{cfg.vllm_logprob_tolerance:g}): it did not sample with the policy's weights (a weight "
+                          f"push that did not arrive, or a model it runs differently). This step's update is not "
+                          f"saved; {then}")
+
+
 def no_signal_cause(steps: int, scored: Scored, guard: RewardGuard) -> str:
     """Why `steps` steps in a row carried no learning signal (every group's rewards tied), from this step's
     rewards and what the reward guard saw: the warning's words."""
@@ -215,7 +285,8 @@ def no_signal_cause(steps: int, scored: Scored, guard: RewardGuard) -> str:
 REDUCTIONS = {"completions/max_length": "max", "train/skipped_samples": "sum", "train/reward_errors": "sum",
               "train/reward_timeouts": "sum",
               "perf/generate_s": "max", "perf/score_s": "max", "perf/train_s": "max", "perf/step_s": "max",
-              "perf/tokens_per_s": "max", "memory/peak_gb": "max"}
+              "perf/tokens_per_s": "max", "memory/peak_gb": "max", "rollout/logprob_diff_max": "max",
+              "rollout/is_ratio_max": "max", "rollout/is_ratio_min": "min"}
 
 
 def train(cfg: Config, show_progress: bool = True) -> Path:
@@ -323,7 +394,9 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
                 print0(f"[bold red]warning:[/] step {step}: {no_signal_cause(state.quiet_streak, scored, guard)}")
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
                 metrics |= run_eval(run)
-            monitor.log(step, dist.reduce_metrics(metrics, REDUCTIONS))
+            metrics = dist.reduce_metrics(metrics, REDUCTIONS)
+            monitor.log(step, metrics)
+            check_sampler(cfg, step, metrics, run)
             end_step(run, opt, state, monitor, interrupt, step,
                      all_skipped=stats["train/skipped_updates"] == cfg.num_iterations)
 

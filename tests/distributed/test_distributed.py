@@ -1,4 +1,4 @@
-"""Two processes (gloo on CPU) give the one-process result on the same global batch, and resume.
+"""Two processes (gloo on CPU) give the one-process result on the same global batch, also across a resume.
 
 Engines: DDP (torchrun), DeepSpeed ZeRO-2 with the optimizer offloaded to CPU (accelerate launch with
 configs/accelerate/zero2.yaml) and ZeRO-3 with every parameter partitioned (persistence threshold 0, so the
@@ -71,22 +71,40 @@ def _assert_same_weights(a_dir, b_dir, atol=1e-4):
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-3, msg=lambda m, k=k: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("engine, loss_type, extra", [
-    _engine("ddp", "dapo", ()),
-    _engine("ddp", "grpo", ("--scale_rewards=batch",)),  # grpo's per-sequence mean; the std of the gathered batch
-    _engine("zero2", "dapo", ()), _engine("zero3", "grpo", ("--beta=0.04",))])
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path, engine, loss_type, extra):
+@pytest.mark.parametrize("engine, loss_type, extra, resume", [
+    _engine("ddp", "dapo", (), True),
+    _engine("ddp", "grpo", ("--scale_rewards=batch",), False),  # grpo's per-sequence mean; the gathered batch's std
+    _engine("zero2", "dapo", (), True), _engine("zero3", "grpo", ("--beta=0.04",), True)])
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, engine, loss_type, extra, resume):
+    """3 steps in one process against 3 in two on the same 16 completions per step; with `resume` the two-process
+    run stops after 2 (a checkpoint each step) and a second launch resumes it to 3: one launch per engine less than
+    a straight run and a resumed one, and what is compared is the same (weights, every logged row)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    steps = ["--max_steps=3", f"--loss_type={loss_type}", *extra]
+    args = [*BASE, f"--loss_type={loss_type}", *extra]
     # one process: 16 completions per micro-batch; two: 8 each, the same 16 per step in all
-    assert main(["train", *BASE, *steps, "--per_device_train_batch_size=16", f"--output_dir={one}"]) == 0
-    _run(_launcher(engine, tmp_path), *BASE, *steps, "--per_device_train_batch_size=8", f"--output_dir={two}")
+    assert main(["train", *args, "--max_steps=3", "--per_device_train_batch_size=16", f"--output_dir={one}"]) == 0
+    launch = _launcher(engine, tmp_path)
+    if not resume:
+        _run(launch, *args, "--max_steps=3", "--per_device_train_batch_size=8", f"--output_dir={two}")
+    else:
+        _run(launch, *args, "--max_steps=2", "--save_steps=1", "--per_device_train_batch_size=8",
+             f"--output_dir={two}")
+        assert (two / "checkpoint-2").is_dir()
+        if engine != "ddp":  # each process's shards of weights and optimizer, beside the policy
+            assert (two / "checkpoint-2" / "shards" / "pytorch_model").is_dir()
+        if engine == "zero2":  # engine shards resumed by another launch: refused, and the run is left as it was
+            out = _run([*ACCELERATE[:2], "--num_processes=1", "--mixed_precision=no",
+                        f"--config_file={ROOT}/configs/accelerate/zero2.yaml", "-m", "minigrpo"],
+                       "--resume", str(two), "--max_steps=3", ok=False)  # the launcher reports the exit 2 as 1
+            assert "deepspeed shards of 2 process(es); this launch is deepspeed with 1" in out.stderr, \
+                out.stderr[-3000:]
+        _run(launch, "--resume", str(two), "--max_steps=3")
     # ZeRO-3 reduce-scatters gradients in another order: Adam turns rounding in near-zero gradient entries
     # into differences up to ~2e-4 on a couple of the 233k weights (the 99.9th percentile is 2e-6).
     _assert_same_weights(one, two, atol=3e-4 if engine == "zero3" else 1e-4)
     rows_one, rows_two = _rows(one), _rows(two)
-    assert [r["step"] for r in rows_two] == [1, 2, 3]  # process 0 alone logs
-    for a, b in zip(rows_one, rows_two):
+    assert [r["step"] for r in rows_two] == [1, 2, 3]  # process 0 alone logs; a resumed run's rows continue
+    for a, b in zip(rows_one, rows_two, strict=True):
         for key in ("train/reward", "train/accuracy", "completions/mean_length", "train/frac_reward_zero_std",
                     "completions/max_length"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
@@ -94,32 +112,6 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, engine, loss
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
         assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-4)
         assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-3)
-
-
-@pytest.mark.parametrize("engine", [_engine("ddp"), _engine("zero2"), _engine("zero3")])
-def test_two_processes_resume_from_a_checkpoint(tmp_path, engine):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    launch = _launcher(engine, tmp_path)
-    _run(launch, *BASE, "--max_steps=3", "--per_device_train_batch_size=8", f"--output_dir={straight}")
-    _run(launch, *BASE, "--max_steps=2", "--save_steps=1", "--per_device_train_batch_size=8",
-         f"--output_dir={resumed}")
-    assert (resumed / "checkpoint-2").is_dir()
-    if engine != "ddp":  # each process's shards of weights and optimizer, beside the policy
-        assert (resumed / "checkpoint-2" / "shards" / "pytorch_model").is_dir()
-    _run(launch, "--resume", str(resumed), "--max_steps=3")
-    _assert_same_weights(straight, resumed, atol=1e-6)
-    assert [r["step"] for r in _rows(resumed)] == [1, 2, 3]
-
-
-@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed not installed")
-def test_resuming_engine_shards_with_another_launch_is_refused(tmp_path):
-    run = tmp_path / "run"
-    _run(_launcher("zero2", tmp_path), *BASE, "--max_steps=1", "--save_steps=1", "--per_device_train_batch_size=8",
-         f"--output_dir={run}")
-    out = _run([*ACCELERATE[:2], "--num_processes=1", "--mixed_precision=no",
-                f"--config_file={ROOT}/configs/accelerate/zero2.yaml", "-m", "minigrpo"],
-               "--resume", str(run), "--max_steps=2", ok=False)  # the launcher reports the exit 2 as 1
-    assert "deepspeed shards of 2 process(es); this launch is deepspeed with 1" in out.stderr, out.stderr[-3000:]
 
 
 def test_dynamic_sampling_with_two_processes(tmp_path):

@@ -35,6 +35,11 @@ def test_short_grpo_on_the_shipped_model_improves_held_out_accuracy(tmp_path):
     before, after = summary["before"]["eval/accuracy"], summary["after"]["eval/accuracy"]
     assert after - before >= 0.20, (before, after)
     assert (run / "curves.png").exists()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train/loss" in r]
+    assert len(steps) == 40  # the engine's log-probs of its samples are the trainer's, up to numerics
+    assert max(r["rollout/logprob_diff_max"] for r in steps) < 1e-4
+    assert not any("rollout/is_ratio_mean" in r for r in steps)  # logged, not corrected: only vLLM's are
 
 
 def test_cold_start_build_is_bit_for_bit_reproducible(tmp_path):

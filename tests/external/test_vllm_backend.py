@@ -1,8 +1,11 @@
-"""The vLLM backend's CPU-testable parts: the clear failure at start without CUDA, the weights it would
-push (merged LoRA, under vLLM's names), and the Rollout built from vLLM's outputs. vLLM itself runs on a GPU
-only (see BENCHMARKS.md for the GPU runs)."""
+"""The vLLM backend's parts that need no vLLM: the clear failure at start without it, the weights it pushes (merged
+LoRA, under the checkpoint's names), the folder it starts from, and the Rollout built from vLLM's outputs. vLLM
+itself runs in tests/with_vllm (its CPU build, in .venv-vllm: `pytest -m vllm`)."""
 
 import copy
+import importlib.util
+import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,18 +14,19 @@ import torch
 from minigrpo.cli import main
 from minigrpo.config import Config, ConfigError, load_config
 from minigrpo.model import load_model, merged_lora
-from minigrpo.rollout.vllm import check, rollout_from_outputs, vllm_weights
+from minigrpo.rollout.vllm import check, rollout_from_outputs, served_folder, vllm_weights
 
-needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the failure on a machine without CUDA")
+no_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="checks the failure without vLLM")
 
 
-@needs_no_cuda
-def test_vllm_backend_fails_at_start_without_cuda(tmp_path, capsys):
-    with pytest.raises(ConfigError, match="rollout_backend: vllm needs a CUDA GPU.*rollout_backend: engine"):
+@no_vllm
+def test_vllm_backend_fails_at_start_without_vllm(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="rollout_backend: vllm needs the vllm package.*setup_vllm.sh.*"
+                                          "rollout_backend: engine"):
         check(Config(rollout_backend="vllm"))
     out = tmp_path / "run"
     assert main(["train", "--rollout_backend=vllm", f"--output_dir={out}"]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert "needs the vllm package" in capsys.readouterr().err
     assert not out.exists()  # nothing was started
 
 
@@ -35,31 +39,42 @@ def _peft_model():
     return model, tok
 
 
-def test_vllm_weights_are_the_merged_adapted_layers_under_base_names():
+def test_vllm_weights_are_every_tensor_with_the_lora_layers_merged():
     model, _ = _peft_model()
     merged = copy.deepcopy(model).merge_and_unload().state_dict()  # peft's own merge, as the reference
     with merged_lora(model):
-        adapted = dict(vllm_weights(model, only_adapted=True))
-        everything = dict(vllm_weights(model, only_adapted=False))
-    from peft.tuners.lora import LoraLayer
-
-    lora_layers = [n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, LoraLayer)]
-    assert sorted(adapted) == sorted(f"{n}.weight" for n in lora_layers)
-    assert len(adapted) == 4 * 7  # 4 layers x the 7 Linear layers of each (q/k/v/o, gate/up/down)
-    for name, tensor in adapted.items():
+        sent = dict(vllm_weights(model))
+    assert set(sent) == set(merged)  # every tensor, the tied LM head under its own name too (vLLM's is separate)
+    assert "lm_head.weight" in sent and (
+        sent["lm_head.weight"].data_ptr() == sent["model.embed_tokens.weight"].data_ptr())
+    for name, tensor in sent.items():
         torch.testing.assert_close(tensor, merged[name], atol=1e-6, rtol=1e-6)
-    assert set(everything) == set(merged) - {"lm_head.weight"}  # tied to the embeddings: sent once
-    assert not any("lora" in name for name in everything)
+    assert not any("lora" in name for name in sent)
+    base = load_model(Config())[0].state_dict()  # the same seed: the weights before LoRA
+    assert not any(torch.equal(sent[n], base[n]) for n in sent if "q_proj" in n)  # the adapted layers changed
+    assert all(torch.equal(sent[n], base[n]) for n in sent if "norm" in n)
 
 
 def test_vllm_weights_of_a_full_model_are_its_state_dict():
     model, _ = load_model(Config())
-    names = dict(vllm_weights(model, only_adapted=False))
-    assert set(names) == {n for n, _ in model.named_parameters()}
+    assert set(dict(vllm_weights(model))) == set(model.state_dict())
 
 
-def _out(*completions):
-    return SimpleNamespace(outputs=[SimpleNamespace(token_ids=ids, finish_reason=why) for ids, why in completions])
+def test_the_served_folder_has_the_config_and_tokenizer_and_no_weights():
+    from transformers import AutoConfig, AutoTokenizer
+
+    model, tok = _peft_model()
+    folder = served_folder(model, tok)
+    config = AutoConfig.from_pretrained(folder)
+    assert config.architectures == model.get_base_model().config.architectures
+    assert config.hidden_size == model.get_base_model().config.hidden_size
+    assert AutoTokenizer.from_pretrained(folder)("3+4").input_ids == tok("3+4").input_ids
+    assert not any(p.name.endswith((".safetensors", ".bin")) for p in Path(folder).iterdir())
+
+
+def _completion(ids, why, logprobs=None):
+    lps = None if logprobs is None else [{t: SimpleNamespace(logprob=lp)} for t, lp in zip(ids, logprobs)]
+    return SimpleNamespace(token_ids=ids, finish_reason=why, logprobs=lps)
 
 
 def test_rollout_from_vllm_outputs():
@@ -68,16 +83,24 @@ def test_rollout_from_vllm_outputs():
     digits = tok("12", add_special_tokens=False).input_ids
     prompts = ["<|im_start|>user\n1+1<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\n1<|im_end|>\n"]
     prompt_ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
-    outputs = [_out((digits + [eos], "stop"), (digits, "stop")),  # the second stopped on EOS without returning it
-               _out((digits * 3, "length"), ([eos], "stop"))]
-    ro = rollout_from_outputs(tok, prompts, 2, prompt_ids, outputs, [eos], pad, torch.device("cpu"))
+    lp = [-0.5] * 10
+    groups = [[_completion(digits + [eos], "stop", lp), _completion(digits, "stop", lp)],  # EOS not returned
+              [_completion(digits * 3, "length", lp), _completion([eos], "stop", lp)]]
+    ro = rollout_from_outputs(tok, prompts, 2, prompt_ids, groups, [eos], pad, torch.device("cpu"))
     assert ro.prompts == [prompts[0]] * 2 + [prompts[1]] * 2  # the groups: prompt i's samples in rows 2i, 2i+1
     P = max(len(p) for p in prompt_ids)
     assert ro.prompt_ids.shape == (4, P) and ro.prompt_mask[2:].sum(1).tolist() == [len(prompt_ids[1])] * 2
     assert ro.prompt_ids[2, -len(prompt_ids[1]):].tolist() == prompt_ids[1]  # left-padded
-    assert ro.completion_mask.sum(1).tolist() == [len(digits) + 1, len(digits) + 1, 3 * len(digits), 1]
+    n = len(digits)
+    assert ro.completion_mask.sum(1).tolist() == [n + 1, n + 1, 3 * n, 1]
     assert ro.truncated.tolist() == [False, False, True, False]
     assert ro.completions == ["12", "12", "121212", ""]
+    # the sampled tokens' log-probs; the EOS vLLM did not return has none (NaN), padding 0
+    assert ro.logprobs[0, :n + 1].tolist() == [-0.5] * (n + 1) and ro.logprobs[0, n + 1:].abs().sum() == 0
+    assert ro.logprobs[1, :n].tolist() == [-0.5] * n and math.isnan(ro.logprobs[1, n].item())
+    no_logprobs = [[_completion(digits, "length")] * 2] * 2
+    assert rollout_from_outputs(tok, prompts, 2, prompt_ids, no_logprobs, [eos], pad,
+                                torch.device("cpu")).logprobs is None
 
 
 def test_rollout_backend_vllm_is_a_config_choice():

