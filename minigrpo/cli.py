@@ -294,15 +294,18 @@ def cmd_sample(argv: list[str]) -> int:
 
 def cmd_plot(argv: list[str]) -> int:
     """Draw a run's curves as RUN_DIR/curves.png."""
-    p = argparse.ArgumentParser(prog="minigrpo plot", description="Training curves of a run as one PNG.")
-    p.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
-    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
+    p = argparse.ArgumentParser(prog="minigrpo plot", description="Training curves of a run as one PNG; of "
+                                "several runs, overlaid (to compare them).")
+    p.add_argument("run_dir", nargs="+", help="a run folder (holds metrics.jsonl), or several")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png; with several runs the "
+                                               "first one's compare.png)")
     args = p.parse_args(argv)
-    if args.out is not None or Path(args.run_dir).is_dir():  # (a bad RUN_DIR is plot_run's to name)
-        check_out_path("--out", args.out or Path(args.run_dir) / "curves.png")
+    first = Path(args.run_dir[0])
+    if args.out is not None or first.is_dir():  # (a bad RUN_DIR is plot_run's to name)
+        check_out_path("--out", args.out or first / ("curves.png" if len(args.run_dir) == 1 else "compare.png"))
     from minigrpo.tools.plot import plot_run  # here: matplotlib takes a second to load (RUN_DIR is checked first)
 
-    print(plot_run(args.run_dir, args.out))
+    print(plot_run(args.run_dir if len(args.run_dir) > 1 else first, args.out))
     return 0
 
 

@@ -119,8 +119,9 @@ class Config:
                                                          "(their numerical mismatch), truncated or masked (TRL's "
                                                          "default); see minigrpo/algo.py sampler_correction")
     vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = \
-        _f("sequence_mask", "per token or per sequence (the geometric mean of its tokens' ratios); truncate: "
-                            "clip the ratio to [clip_min, clip_max], mask: weight 0 outside it")
+        _f("sequence_mask", "per token or per sequence (the geometric mean of its tokens' ratios; TRL takes "
+                            "their product); truncate: clip the ratio to [clip_min, clip_max], mask: weight 0 "
+                            "outside it")
     vllm_importance_sampling_clip_max: float = _f(3.0, "upper bound of the sampler correction's ratio (TRL's)")
     vllm_importance_sampling_clip_min: float = _f(0.0, "lower bound of the sampler correction's ratio (0: none)")
     vllm_logprob_tolerance: float = _f(0.0, "stop the run when a step's mean |sampler - trainer| log-prob of the "
@@ -279,13 +280,14 @@ class Config:
         if self.vllm_importance_sampling_clip_min >= self.vllm_importance_sampling_clip_max:
             raise ConfigError(f"vllm_importance_sampling_clip_min: {self.vllm_importance_sampling_clip_min} must be "
                               f"below vllm_importance_sampling_clip_max ({self.vllm_importance_sampling_clip_max})")
-        if self.rollout_backend == "vllm" and self.vllm_importance_sampling_correction and \
-                (self.top_p < 1 or self.top_k > 0):
+        if self.rollout_backend == "vllm" and (self.vllm_importance_sampling_correction or
+                                               self.vllm_logprob_tolerance) and (self.top_p < 1 or self.top_k > 0):
             raise ConfigError(f"top_p: {self.top_p} / top_k: {self.top_k} with rollout_backend vllm: vLLM's "
                               f"log-probs are then over the truncated distribution and the trainer's over the whole "
                               f"vocabulary, so the sampler correction would weight every token by the kept mass, not "
-                              f"the mismatch. Sample with top_p 1 and top_k 0, or set "
-                              f"vllm_importance_sampling_correction: false")
+                              f"the mismatch (and vllm_logprob_tolerance would stop a healthy run). Sample with "
+                              f"top_p 1 and top_k 0, or set vllm_importance_sampling_correction: false and "
+                              f"vllm_logprob_tolerance: 0")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"reward_weights: {len(self.reward_weights)} weights for "
                               f"{len(self.reward_funcs)} reward_funcs {self.reward_funcs}; give one per function")

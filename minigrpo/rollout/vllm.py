@@ -62,6 +62,9 @@ def check(cfg: Config) -> None:
     if not on_cpu and cfg.device not in ("auto", "cuda") and not cfg.device.startswith("cuda"):
         raise ConfigError(f"rollout_backend: vllm is colocated on the training GPU; device is {cfg.device!r}. "
                           f"Set device: cuda, {FIX}")
+    if cfg.load_in_4bit:
+        raise ConfigError(f"rollout_backend: vllm with load_in_4bit: the 4-bit base cannot be pushed into vLLM as "
+                          f"plain weights (not supported yet); {FIX}, or train LoRA on a bf16 base")
 
 
 def vllm_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -69,8 +72,13 @@ def vllm_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 
     Call inside `merged_lora(model)` for a peft model: the adapted layers are then plain Linear modules holding
     the merged weights. Tied weights are sent under each name (vLLM's LM head is its own tensor)."""
-    return [(name.removeprefix("base_model.model."), param.detach())
-            for name, param in model.named_parameters(remove_duplicate=False)]
+    weights = [(name.removeprefix("base_model.model."), param.detach())
+               for name, param in model.named_parameters(remove_duplicate=False)]
+    unmerged = [name for name, _ in weights if "lora_" in name or ".base_layer." in name]
+    if unmerged:  # merged_lora leaves LoRA on embeddings, DoRA and 4-bit bases as they are
+        raise ConfigError(f"rollout_backend: vllm pushes plain weights, and these LoRA layers could not be merged "
+                          f"into their base ({unmerged[0]}, ...): LoRA on Linear layers only, no DoRA; {FIX}")
+    return weights
 
 
 def served_folder(model: torch.nn.Module, tokenizer: Any) -> str:
@@ -81,6 +89,8 @@ def served_folder(model: torch.nn.Module, tokenizer: Any) -> str:
     config = base.config.to_dict()
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)
+    if not config.get("architectures"):  # a model built in code or from a GGUF file has none; vLLM would then
+        config["architectures"] = [type(base).__name__]  # take the bare model class (an embedding model)
     type(base.config).from_dict(config).save_pretrained(folder)
     base.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -103,7 +113,10 @@ def rollout_from_outputs(tokenizer: Any, prompts: list[str], n: int, prompt_toke
         assert len(group) == n, f"vLLM returned {len(group)} completions for a prompt, expected {n}"
         for c in group:
             ids = list(c.token_ids)
-            lps = [d[t].logprob for t, d in zip(ids, c.logprobs)] if getattr(c, "logprobs", None) else None
+            lps = getattr(c, "logprobs", None)
+            if lps is not None:
+                assert len(lps) == len(ids), f"vLLM returned {len(lps)} log-probs for {len(ids)} tokens"
+                lps = [d[t].logprob for t, d in zip(ids, lps)]
             logprobs.append(lps)
             # stop_reason: None for EOS, the string for a stop string (its last token is in token_ids already)
             on_eos = c.finish_reason == "stop" and not isinstance(getattr(c, "stop_reason", None), str)
@@ -181,7 +194,8 @@ class ColocatedVLLM:
         greedy = params.temperature == 0
         # vLLM refuses greedy sampling with n > 1: each prompt is then sent n times with n = 1
         n, repeat = (1, params.n) if greedy and params.n > 1 else (params.n, 1)
-        seeds = params.seeds if params.seeds is not None and not greedy else [None] * len(prompts)
+        # vLLM seeds a request's j-th sample with seed + j: prompt seeds spaced by n keep prompts' streams apart
+        seeds = [s * n for s in params.seeds] if params.seeds is not None and not greedy else [None] * len(prompts)
         sampling = [VLLMSampling(n=n, max_tokens=params.max_new_tokens, temperature=params.temperature,
                                  top_p=1.0 if greedy else params.top_p,
                                  top_k=params.top_k if params.top_k > 0 and not greedy else -1,

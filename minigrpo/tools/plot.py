@@ -1,4 +1,5 @@
-"""`minigrpo plot RUN_DIR`: the training curves of a run (metrics.jsonl) as one PNG."""
+"""`minigrpo plot RUN_DIR [RUN_DIR ...]`: the training curves of a run (metrics.jsonl) as one PNG; of several,
+overlaid."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ PANELS = [  # (title, metric names drawn in the panel)
     ("KL to reference", ["train/kl"]),
     ("entropy", ["train/entropy"]),
     ("step time (s)", ["perf/step_s", "perf/generate_s", "perf/train_s"]),
+    ("|sampler - trainer| log-prob", ["rollout/logprob_diff_mean", "rollout/logprob_diff_max"]),  # log scale
 ]
 
 
@@ -38,10 +40,12 @@ def series(rows: list[dict[str, float]], key: str) -> tuple[list[float], list[fl
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw the panels that have data and save them as RUN_DIR/curves.png (or `out`)."""
-    run_dir = Path(run_dir)
-    rows = read_metrics(run_dir)  # first: a bad RUN_DIR fails before matplotlib loads
+def plot_run(run_dir: str | Path | list[str | Path], out: str | Path | None = None) -> Path:
+    """Draw the panels that have data and save them as RUN_DIR/curves.png (or `out`). Several run folders: their
+    curves overlaid, each line labelled with its run's folder name (saved as the first run's compare.png)."""
+    dirs = [Path(d) for d in (run_dir if isinstance(run_dir, list | tuple) else [run_dir])]
+    runs = [(d, read_metrics(d)) for d in dirs]  # first: a bad RUN_DIR fails before matplotlib loads
+    rows = [r for _, run_rows in runs for r in run_rows]  # every run's rows: which panels have data
     import matplotlib  # here: the backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")  # no display needed
@@ -60,18 +64,26 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     nrows = max(1, -(-len(panels) // cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.2 * nrows), squeeze=False)
     for ax, (title, keys) in zip(axes.flat, panels):
-        for key in keys:
-            x, y = series(rows, key)
-            ax.plot(x, y, marker="o" if len(x) < 20 else None, markersize=3, label=key)
+        for i, (d, run_rows) in enumerate(runs):
+            for j, key in enumerate(keys):
+                x, y = series(run_rows, key)
+                if not x:
+                    continue
+                # several runs: one colour per run, one line style per metric
+                style = {} if len(runs) == 1 else {"color": f"C{i}", "linestyle": ["-", "--", ":", "-."][j % 4]}
+                ax.plot(x, y, marker="o" if len(x) < 20 else None, markersize=3,
+                        label=key if len(runs) == 1 else f"{d.name}: {key}", **style)
+        if title.startswith("|sampler"):
+            ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(str(run_dir))
+    fig.suptitle(" vs ".join(str(d) for d in dirs))
     fig.tight_layout()
-    out = Path(out) if out else run_dir / "curves.png"
+    out = Path(out) if out else dirs[0] / ("curves.png" if len(dirs) == 1 else "compare.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
     plt.close(fig)

@@ -72,6 +72,13 @@ def test_plot_writes_png(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     png = plot_run(tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # several runs: overlaid, one colour per run (minigrpo plot A B): saved as the first run's compare.png
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("".join(json.dumps(r | {"rollout/logprob_diff_mean": 1e-5}) + "\n"
+                                                 for r in rows))
+    both = plot_run([tmp_path, other])
+    assert both == tmp_path / "compare.png" and both.stat().st_size > png.stat().st_size
 
 
 def test_demo_runs_end_to_end(tmp_path, monkeypatch):

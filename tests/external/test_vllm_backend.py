@@ -55,6 +55,19 @@ def test_vllm_weights_are_every_tensor_with_the_lora_layers_merged():
     assert all(torch.equal(sent[n], base[n]) for n in sent if "norm" in n)
 
 
+def test_lora_that_cannot_be_merged_is_refused_by_name():
+    model, _ = load_model(Config(use_peft=True, lora_r=4, lora_target_modules=["embed_tokens", "q_proj"]))
+    with merged_lora(model), pytest.raises(ConfigError, match="could not be merged.*embed_tokens"):
+        vllm_weights(model)
+
+
+def test_vllm_refuses_a_4bit_base_at_start():
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("the check reaches load_in_4bit once vLLM is importable")
+    with pytest.raises(ConfigError, match="load_in_4bit"):
+        check(Config(rollout_backend="vllm", load_in_4bit=True, use_peft=True, device="cpu"))
+
+
 def test_vllm_weights_of_a_full_model_are_its_state_dict():
     model, _ = load_model(Config())
     assert set(dict(vllm_weights(model))) == set(model.state_dict())
@@ -70,6 +83,9 @@ def test_the_served_folder_has_the_config_and_tokenizer_and_no_weights():
     assert config.hidden_size == model.get_base_model().config.hidden_size
     assert AutoTokenizer.from_pretrained(folder)("3+4").input_ids == tok("3+4").input_ids
     assert not any(p.name.endswith((".safetensors", ".bin")) for p in Path(folder).iterdir())
+    # a model built in code has no `architectures` until saved: vLLM would serve the bare (embedding) model
+    random_model, random_tok = load_model(Config(model="tiny-random"))
+    assert AutoConfig.from_pretrained(served_folder(random_model, random_tok)).architectures == ["LlamaForCausalLM"]
 
 
 def _completion(ids, why, logprobs=None):

@@ -107,6 +107,22 @@ def test_sampler_check_logs_the_mismatch_and_corrects_only_for_vllm():
             assert weights[1, 0] == 0
 
 
+def test_sampler_check_logs_nan_not_nothing_when_no_token_counts():
+    """Every process must log the same keys (reduce_metrics pairs them by name): a micro-batch with no known token
+    gives NaN figures, not missing ones."""
+    check = SamplerCheck(Config(rollout_backend="vllm", vllm_importance_sampling_mode="token_truncate"))
+    check.weights(OLD, torch.full_like(SAMPLER, NAN), MASK)
+    m = check.metrics()
+    assert sorted(m) == sorted(["rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/sampler_kl",
+                                "rollout/is_ratio_mean", "rollout/is_ratio_min", "rollout/is_ratio_max",
+                                "rollout/is_clipped_frac"])
+    assert all(math.isnan(v) for v in m.values())
+    sequence = SamplerCheck(Config(rollout_backend="vllm"))  # sequence_mask: a sequence with no known token has ratio 1
+    sequence.weights(OLD, torch.full_like(SAMPLER, NAN), MASK)
+    assert sequence.metrics()["rollout/is_ratio_mean"] == 1 and math.isnan(sequence.metrics()["rollout/sampler_kl"])
+    assert SamplerCheck(Config()).metrics() == {}  # no log-probs from the backend: nothing to log
+
+
 def test_correction_with_a_truncated_sampler_is_refused():
     for key in ("top_p=0.9", "top_k=20"):
         name, value = key.split("=")
@@ -115,6 +131,9 @@ def test_correction_with_a_truncated_sampler_is_refused():
         cfg = load_config(None, {"rollout_backend": "vllm", name: value,
                                  "vllm_importance_sampling_correction": "false"})
         cfg.validate_grpo()  # without the correction: allowed
+        with pytest.raises(ConfigError, match="vllm_logprob_tolerance"):  # nor the tolerance, which would misfire
+            load_config(None, {"rollout_backend": "vllm", name: value, "vllm_importance_sampling_correction": "false",
+                               "vllm_logprob_tolerance": "0.01"}).validate_grpo()
     with pytest.raises(ConfigError, match="clip_min.*below"):
         load_config(None, {"vllm_importance_sampling_clip_min": "3"}).validate_grpo()
     with pytest.raises(ConfigError, match="vllm_importance_sampling_mode"):

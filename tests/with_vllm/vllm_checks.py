@@ -1,6 +1,6 @@
 """One process, one colocated vLLM (CPU build): the checks of tests/with_vllm/test_vllm_cpu.py, printed as JSON.
 
-    python tests/with_vllm/vllm_checks.py MODEL_DIR GSM8K_DIR full|lora
+    python tests/with_vllm/vllm_checks.py MODEL_DIR GSM8K_DIR full|lora [cpu|cuda]
 
 Each check compares the vLLM backend with minigrpo's engine (the reference: fp32 on both sides) on the same model:
 greedy completions, greedy with n > 1, sampled log-probs against the trainer's, per-prompt seeds, a weight push after
@@ -22,9 +22,10 @@ from minigrpo.tasks.sources import load_examples
 from minigrpo.train import SamplerCheck
 
 model_dir, data_dir, mode = sys.argv[1:4]
+device = sys.argv[4] if len(sys.argv) > 4 else "cpu"
 torch.manual_seed(0)
 cfg = Config(model=model_dir, use_peft=mode == "lora", lora_r=8, rollout_backend="vllm", max_prompt_length=256,
-             max_completion_length=48, seed=0)
+             max_completion_length=48, seed=0, device=device, vllm_sleep=False)
 model, tok = load_model(cfg)
 if mode == "lora":  # a trained-looking adapter: B != 0, so the merged push matters
     with torch.no_grad():
