@@ -61,9 +61,10 @@ def test_lora_that_cannot_be_merged_is_refused_by_name():
         vllm_weights(model)
 
 
+@pytest.mark.vllm
 def test_vllm_refuses_a_4bit_base_at_start():
     if importlib.util.find_spec("vllm") is None:
-        pytest.skip("the check reaches load_in_4bit once vLLM is importable")
+        pytest.skip("the check reaches load_in_4bit once vLLM is importable (.venv-vllm: -m vllm)")
     with pytest.raises(ConfigError, match="load_in_4bit"):
         check(Config(rollout_backend="vllm", load_in_4bit=True, use_peft=True, device="cpu"))
 
