@@ -4,6 +4,7 @@ compat makes still works on the installed versions (an upgrade that breaks one f
 from __future__ import annotations
 
 import ast
+import importlib.util
 import inspect
 import logging
 import warnings
@@ -216,3 +217,19 @@ def test_merged_lora_marks_the_layers_it_folds():
         merged = [n for n, m in model.named_modules() if isinstance(m, MergedLinear)]
     assert merged and all(n.endswith("q_proj") for n in merged)
     assert not any(isinstance(m, MergedLinear) for m in model.modules())  # put back on exit
+
+
+@pytest.mark.vllm
+def test_vllm_reaches_exist_on_the_installed_vllm():
+    """compat's vLLM reaches, on the installed vLLM (in .venv-vllm: -m vllm): the worker method the push calls
+    through LLM.collective_rpc, and the platform queries."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM not installed (.venv-vllm: bash scripts/setup_vllm.sh)")
+    from vllm import LLM  # the optional dependency, installed in .venv-vllm
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    from minigrpo.compat import vllm_on_cpu, vllm_sleep_available
+
+    assert "kwargs" in inspect.signature(LLM.collective_rpc).parameters
+    assert callable(CPUWorker.reload_weights)  # the worker method vllm_push_weights names (inherited: gpu_worker)
+    assert vllm_on_cpu() is True and vllm_sleep_available() is False  # the CPU build, as CI installs it

@@ -91,7 +91,7 @@ def assert_greedy_equals_the_engine(r):
 
 
 def assert_sampled_logprobs_match(r, mean=1e-4, most=1e-3):
-    assert r["n4_rows"] == 16 and r["n4_distinct_in_group"] > 1
+    assert r["n4_rows"] == 12 and r["n4_distinct_in_group"] > 1  # 3 prompts x 4
     assert r["seeded_same_without_the_batch"]  # each prompt's samples come from its own seed
     assert r["logprobs_zero_after_the_end"]
     s = r["sampled"]
@@ -133,16 +133,16 @@ def test_the_same_checks_on_cuda(smollm2_dir, gsm8k_dir, tmp_path):
 
 
 def test_grpo_with_vllm_end_to_end(tmp_path):
-    """The embedded default, 3 steps, generating with vLLM: the sampler check on (a stale push would stop it)."""
+    """The embedded default, 2 steps, generating with vLLM: the sampler check on (a stale push would stop it)."""
     cpu_build()
     run = tmp_path / "run"
-    out = subprocess.run([sys.executable, "-m", "minigrpo", "train", "--rollout_backend=vllm", "--max_steps=3",
-                          "--eval_limit=8", "--vllm_logprob_tolerance=1e-3", f"--output_dir={run}"],
+    out = subprocess.run([sys.executable, "-m", "minigrpo", "train", "--rollout_backend=vllm", "--max_steps=2",
+                          "--eval_limit=4", "--vllm_logprob_tolerance=1e-3", f"--output_dir={run}"],
                          capture_output=True, text=True, env=ENV, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "train/loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
         assert r["rollout/logprob_diff_mean"] < 1e-4 and r["rollout/is_ratio_min"] > 0.99, r
     assert "no sleep mode" in out.stdout  # vllm_sleep: said, not silently dropped
