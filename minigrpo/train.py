@@ -107,56 +107,54 @@ def keep_informative(parts: list[Scored], num_groups: int, G: int, pad_id: int) 
 class SamplerCheck:
     """The sampler/trainer mismatch of a step, micro-batch by micro-batch: the rollout's log-probs of its sampled
     tokens (`Rollout.logprobs`, from the backend) against the trainer's before any update, and, with
-    rollout_backend vllm and vllm_importance_sampling_correction, the correction's weights (algo.py)."""
+    rollout_backend vllm and vllm_importance_sampling_correction, the correction's weights (algo.py). Each
+    micro-batch's figures stay on the device; `metrics` reads them all at once (one sync per step)."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.correct = cfg.rollout_backend == "vllm" and cfg.vllm_importance_sampling_correction
-        self.tokens = self.units = self.outside = 0
-        self.diff = self.diff_max = self.kl = self.ratio = self.ratio_max = 0.0
-        self.ratio_min = math.inf
-        self.seen = False
+        self.parts: list[torch.Tensor] = []  # per micro-batch: tokens, sum |d|, max |d|, sum k3, and the ratios'
+        # count, sum, min, max, how many fell outside the bounds
 
     def weights(self, trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
                 ) -> torch.Tensor | None:
         """Record one micro-batch [b, C]; the correction's weights [b, C], or None when it is off."""
-        cfg, self.seen = self.cfg, True
+        cfg = self.cfg
         known = mask.bool() & torch.isfinite(sampler_logp)
-        t, s = trainer_logp[known].float(), sampler_logp[known].float()
-        if t.numel():
-            self.tokens += t.numel()
-            self.diff += (t - s).abs().sum().item()
-            self.diff_max = max(self.diff_max, (t - s).abs().max().item())
-            self.kl += kl_k3(s, t).sum().item()  # KL(sampler || trainer), estimated on the sampler's tokens
-        if not self.correct:
-            return None
-        weights, ratio = sampler_correction(trainer_logp, sampler_logp, mask,
-                                            cfg.vllm_importance_sampling_mode, cfg.vllm_importance_sampling_clip_min,
-                                            cfg.vllm_importance_sampling_clip_max)
-        # one ratio per sequence (its completion's tokens share it) or per token
-        r = ratio[:, 0][mask.sum(1) > 0] if cfg.vllm_importance_sampling_mode.startswith("sequence") else ratio[known]
-        if r.numel():
-            self.units += r.numel()
-            self.ratio += r.sum().item()
-            self.ratio_min, self.ratio_max = min(self.ratio_min, r.min().item()), max(self.ratio_max, r.max().item())
-            self.outside += ((r < cfg.vllm_importance_sampling_clip_min)
-                             | (r > cfg.vllm_importance_sampling_clip_max)).sum().item()
+        t, s = trainer_logp.float(), torch.where(known, sampler_logp.float(), trainer_logp.float())
+        gap = (t - s).abs()  # 0 where unknown
+        stats = [known.sum(), gap.sum(), gap.amax(), kl_k3(s, t).sum()]  # k3: KL(sampler || trainer)
+        weights = None
+        if self.correct:
+            weights, ratio = sampler_correction(trainer_logp, sampler_logp, mask, cfg.vllm_importance_sampling_mode,
+                                                cfg.vllm_importance_sampling_clip_min,
+                                                cfg.vllm_importance_sampling_clip_max)
+            # one ratio per sequence (its completion's tokens share it) or per token
+            sequence = cfg.vllm_importance_sampling_mode.startswith("sequence")
+            r, counted = (ratio[:, 0], mask.sum(1) > 0) if sequence else (ratio, known)
+            outside = (r < cfg.vllm_importance_sampling_clip_min) | (r > cfg.vllm_importance_sampling_clip_max)
+            stats += [counted.sum(), torch.where(counted, r, 0.0).sum(), torch.where(counted, r, torch.inf).amin(),
+                      torch.where(counted, r, -torch.inf).amax(), (outside & counted).sum()]
+        self.parts.append(torch.stack([x.double() for x in stats]))
         return weights
 
     def metrics(self) -> dict[str, float]:
         """rollout/logprob_diff_mean and _max (|sampler - trainer| per token), rollout/sampler_kl (k3), and the
-        correction's ratios and the share of them truncated or masked."""
-        if not self.seen:  # the backend reports no log-probs (hf)
+        correction's ratios and the share of them truncated or masked; NaN, not missing, when nothing counted (every
+        process logs the same keys). Nothing when the backend reports no log-probs (hf)."""
+        if not self.parts:
             return {}
-        nan, tokens, units = float("nan"), self.tokens, self.units  # NaN, not missing: every process logs the same keys
-        out = {"rollout/logprob_diff_mean": self.diff / tokens if tokens else nan,
-               "rollout/logprob_diff_max": self.diff_max if tokens else nan,
-               "rollout/sampler_kl": self.kl / tokens if tokens else nan}
+        parts = torch.stack(self.parts).cpu()  # [micro-batches, stats]: the one sync
+        tokens, nan = parts[:, 0].sum().item(), float("nan")
+        out = {"rollout/logprob_diff_mean": parts[:, 1].sum().item() / tokens if tokens else nan,
+               "rollout/logprob_diff_max": parts[:, 2].max().item() if tokens else nan,
+               "rollout/sampler_kl": parts[:, 3].sum().item() / tokens if tokens else nan}
         if self.correct:
-            out |= {"rollout/is_ratio_mean": self.ratio / units if units else nan,
-                    "rollout/is_ratio_min": self.ratio_min if units else nan,
-                    "rollout/is_ratio_max": self.ratio_max if units else nan,
-                    "rollout/is_clipped_frac": self.outside / units if units else nan}
+            units = parts[:, 4].sum().item()
+            out |= {"rollout/is_ratio_mean": parts[:, 5].sum().item() / units if units else nan,
+                    "rollout/is_ratio_min": parts[:, 6].min().item() if units else nan,
+                    "rollout/is_ratio_max": parts[:, 7].max().item() if units else nan,
+                    "rollout/is_clipped_frac": parts[:, 8].sum().item() / units if units else nan}
         return out
 
 
