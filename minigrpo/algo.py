@@ -28,7 +28,7 @@ from the trainer's by numerics (other kernels, precisions), so the samples come 
 (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"). The surrogate of each
 token is weighted by w = exp(logp_old - logp_sampler), per token or per sequence (exp of the mean over its tokens:
 the geometric mean, as GSPO's ratio; a sum would shrink long sequences' weights), then truncated to
-[clip_min, clip_max] (TIS) or set to 0 outside it (MIS, "When speed kills stability", Liu et al. 2025):
+[clip_min, clip_max] (TIS) or set to 0 outside it (MIS: "When speed kills stability", 2025; IcePop):
     L_it = w_it * L_clip_it + beta * k3_it
 """
 
