@@ -327,16 +327,20 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    """`minigrpo bench rollout` (engine vs HF generate) or `minigrpo bench trl` (minigrpo vs TRL GRPOTrainer)."""
+    """`minigrpo bench rollout` (engine vs HF generate), `bench trl` / `bench memory` (minigrpo vs TRL GRPOTrainer) or
+    `bench step` (a whole step with each rollout backend)."""
     if argv and argv[0] == "trl":
         return cmd_bench_trl(argv[1:])
     if argv and argv[0] == "memory":
         return cmd_bench_trl(argv[1:], memory=True)
+    if argv and argv[0] == "step":
+        return cmd_bench_step(argv[1:])
     p = inference_parser("minigrpo bench rollout", "Rollout engine vs transformers generate (and vLLM with --vllm): "
                          "same model, prompts and sampling, interleaved repetitions in one process; median "
                          "tokens/s and the ratios. "
-                         "`minigrpo bench trl --help`: minigrpo vs TRL's GRPOTrainer.", backend=False)
-    p.add_argument("what", choices=["rollout", "trl"], help="what to benchmark")
+                         "`minigrpo bench trl --help`: minigrpo vs TRL's GRPOTrainer; `minigrpo bench step --help`: "
+                         "a whole step with each rollout backend.", backend=False)
+    p.add_argument("what", choices=["rollout"], help="what to benchmark (trl, memory and step: see above)")
     p.add_argument("--n", type=int, default=8, help="completions per prompt")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions of each backend (after one warm-up)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives steadier numbers)")
@@ -365,37 +369,34 @@ def cmd_bench(argv: list[str]) -> int:
     return 0
 
 
-def cmd_bench_trl(argv: list[str], memory: bool = False) -> int:
-    """`minigrpo bench trl` (step time) or `bench memory` (peak memory): minigrpo vs TRL, same settings."""
-    what = ("Peak memory (RSS on CPU, allocated on GPU) of " if memory else "") + "minigrpo vs TRL's GRPOTrainer"
-    p = argparse.ArgumentParser(prog=f"minigrpo bench {'memory' if memory else 'trl'}",
-                                description=f"{what} with the same "
-                                "model, data, G, completions per step, lengths, LoRA r16 on q/k/v/o, lr, steps, seed, "
-                                "fp32, no gradient checkpointing. Runs alternate (trl, minigrpo, ...), each in a fresh "
-                                "process (its own peak RSS); the first step of each run is dropped. Prints JSON: "
-                                "median step time, tokens/s, peak RSS and the ratios minigrpo/TRL per beta. "
-                                "Needs the `bench` extra (pip install -e '.[bench]').")
+def step_parser(prog: str, description: str, memory: bool = False, beta: str | None = None) -> argparse.ArgumentParser:
+    """The flags `bench trl`, `bench memory` and `bench step` share: the model, data and shape of a GRPO step."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--model", default="tiny-arith", help="hub id, local dir or 'tiny-arith' (default)")
     p.add_argument("--gguf_file", default=None, help="GGUF file name inside --model")
     p.add_argument("--steps", type=int, default=3 if memory else 10, help="training steps per run (the first is "
                    "warm-up)")
-    p.add_argument("--reps", type=int, default=1 if memory else 2, help="runs of each framework per beta")
-    p.add_argument("--beta", default="0" if memory else "0.04,0", help="comma-separated KL coefficients, each "
-                   "benchmarked")
+    p.add_argument("--reps", type=int, default=1 if memory else 2, help="runs of each variant (framework or "
+                   "backend) per beta")
+    p.add_argument("--beta", default=beta or ("0" if memory else "0.04,0"), help="comma-separated KL "
+                   "coefficients, each benchmarked")
     p.add_argument("--num_generations", type=int, default=8, help="G: completions per prompt")
     p.add_argument("--prompts_per_step", type=int, default=4, help="prompts per step (completions = G x this)")
     p.add_argument("--max_completion_length", type=int, default=64, help="max new tokens per completion")
     p.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (constant)")
-    p.add_argument("--seed", type=int, default=42, help="seed of both frameworks")
+    p.add_argument("--seed", type=int, default=42, help="seed of every run")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads in each run")
-    p.add_argument("--data", default="arith", help="dataset of both (arith, gsm8k, a dir or JSONL); default arith")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (both frameworks)")
+    p.add_argument("--data", default="arith", help="dataset of every run (arith, gsm8k, a dir or JSONL); default "
+                   "arith")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (every run)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute dtype")
-    p.add_argument("--vllm", default="off", choices=["off", "on", "both"],
-                   help="generation: each framework's own (off), each one's colocated vLLM (on, CUDA), or both")
     p.add_argument("--train_size", type=int, default=2000, help="arith train problems (the prompt pool)")
     p.add_argument("--out", default=None, help="also write the JSON report here")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_step_flags(args: argparse.Namespace) -> tuple[float, ...]:
+    """The shared flags checked (ConfigError naming the flag); the betas."""
     # --steps >= 2: each run's first step is warm-up and left out of the medians; flags that mirror a Config key
     # name it (its RANGES entry), --num_generations >= 2 as GRPO needs (Config.validate_grpo)
     check_flags(args, {"steps": (2,), "reps": (1,), "num_generations": (2,), "prompts_per_step": (1,),
@@ -410,6 +411,68 @@ def cmd_bench_trl(argv: list[str], memory: bool = False) -> int:
     check_device("--device", args.device)
     if args.out is not None:
         check_out_path("--out", args.out)
+    return betas
+
+
+def print_report(report: dict[str, Any], out: str | None) -> None:
+    text = json.dumps(report, indent=2)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    print(text)
+
+
+STEP_BACKENDS = (*BACKENDS, "vllm-adapter")  # what `bench step` times: each rollout backend, and vLLM's adapter push
+
+
+def cmd_bench_step(argv: list[str]) -> int:
+    """`minigrpo bench step`: a whole minigrpo step with each rollout backend, same settings."""
+    p = step_parser("minigrpo bench step", "minigrpo's whole GRPO step (generate, score, train) with each rollout "
+                    "backend: the same model, data, G, lengths, LoRA r16 on q/k/v/o, lr, steps, seed. Runs "
+                    "alternate (engine, hf, ...), each in a fresh process; the first step of each run is dropped. "
+                    "Prints JSON: median step and generation time per backend and the step time over the first "
+                    "backend's. vllm: LoRA merged into every pushed weight; vllm-adapter: the adapter pushed alone.",
+                    beta="0.04")
+    p.add_argument("--backends", default="engine,hf", help=f"comma-separated, timed in this order: "
+                   f"{', '.join(STEP_BACKENDS)} (vllm-adapter: vllm with vllm_lora_sync adapter; the vllm ones "
+                   f"need vLLM installed)")
+    args = p.parse_args(argv)
+    betas = check_step_flags(args)
+    if len(betas) != 1:
+        raise ConfigError(f"--beta: bench step takes one KL coefficient, got {args.beta!r}")
+    backends = tuple(b.strip() for b in args.backends.split(","))
+    unknown = [b for b in backends if b not in STEP_BACKENDS]
+    if unknown or len(set(backends)) != len(backends) or not backends:
+        raise ConfigError(f"--backends: got {args.backends!r}; expected distinct names among {list(STEP_BACKENDS)}")
+    if any(b.startswith("vllm") for b in backends):
+        import importlib.util  # here: only --backends with vllm asks
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError("--backends: vllm needs the vllm package (bash scripts/setup_vllm.sh, then run "
+                              ".venv-vllm/bin/minigrpo bench step), or leave the vllm backends out")
+    from minigrpo.tools.bench import bench_step  # here: heavy
+
+    report = bench_step(args.model, args.gguf_file, backends, args.steps, args.num_generations, args.prompts_per_step,
+                        args.max_completion_length, betas[0], args.learning_rate, args.seed, args.reps, args.threads,
+                        args.train_size, data=args.data, device=args.device, dtype=args.dtype,
+                        log=lambda line: print(line, file=sys.stderr))
+    print_report(report, args.out)
+    return 0
+
+
+def cmd_bench_trl(argv: list[str], memory: bool = False) -> int:
+    """`minigrpo bench trl` (step time) or `bench memory` (peak memory): minigrpo vs TRL, same settings."""
+    what = ("Peak memory (RSS on CPU, allocated on GPU) of " if memory else "") + "minigrpo vs TRL's GRPOTrainer"
+    p = step_parser(f"minigrpo bench {'memory' if memory else 'trl'}", f"{what} with the same "
+                    "model, data, G, completions per step, lengths, LoRA r16 on q/k/v/o, lr, steps, seed, "
+                    "fp32, no gradient checkpointing. Runs alternate (trl, minigrpo, ...), each in a fresh "
+                    "process (its own peak RSS); the first step of each run is dropped. Prints JSON: "
+                    "median step time, tokens/s, peak RSS and the ratios minigrpo/TRL per beta. "
+                    "Needs the `bench` extra (pip install -e '.[bench]').", memory)
+    p.add_argument("--vllm", default="off", choices=["off", "on", "both"],
+                   help="generation: each framework's own (off), each one's colocated vLLM (on, CUDA), or both")
+    args = p.parse_args(argv)
+    betas = check_step_flags(args)
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -430,11 +493,7 @@ def cmd_bench_trl(argv: list[str], memory: bool = False) -> int:
                                     "trl_peak_gpu_gb": r["trl"]["peak_gpu_gb"],
                                     "minigrpo_peak_gpu_gb": r["minigrpo"]["peak_gpu_gb"]}
                              for name, r in report["results"].items()}} | report
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
+    print_report(report, args.out)
     return 0
 
 
@@ -527,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
               "  sample  rejection sampling into an SFT JSONL\n"
               "  plot    a run's training curves as a PNG\n"
               "  demo    the R1 recipe in miniature (SFT, GRPO, rejection sampling, SFT) with a table\n"
-              "  bench   rollout: the rollout engine vs transformers generate; trl: a step vs TRL\n"
+              "  bench   rollout: the rollout engine vs transformers generate; trl: a step vs TRL; step: each backend\n"
               "  plan    estimated peak memory by part, and what would make a run fit\n"
               "  export  a run's adapter, or the merged model, for peft / transformers / vLLM")
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import inspect
 import os
+import typing
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +32,8 @@ import gguf
 import torch
 import transformers
 from transformers.cache_utils import DynamicLayer
+
+from minigrpo.errors import ConfigError
 
 # Private names (leading underscore) of other libraries that this module uses: name -> whose and why.
 # tests/unit/test_compat.py checks that this list is exact and that no other module uses such a name.
@@ -238,3 +241,16 @@ def vllm_on_cpu() -> bool:
     from vllm.platforms import current_platform  # optional dependency
 
     return current_platform.is_cpu()
+
+
+def vllm_lora_rank(r: int) -> int:
+    """vLLM's `max_lora_rank` for an adapter of rank `r`: the smallest value vLLM accepts that holds it (0.32 takes
+    1, 8, 16, 32, 64, 128, 256, 320, 512: its config's `MaxLoRARanks`)."""
+    from vllm.config.lora import MaxLoRARanks  # optional dependency
+
+    ranks = sorted(typing.get_args(MaxLoRARanks))
+    fits = [rank for rank in ranks if rank >= r]
+    if not fits:
+        raise ConfigError(f"lora_r: {r} is above the largest LoRA rank vLLM serves ({ranks[-1]}); lower lora_r or "
+                          f"set vllm_lora_sync: merged")
+    return fits[0]

@@ -114,6 +114,10 @@ class Config:
                                                  "and KV cache); the rest is the trainer's")
     vllm_sleep: bool = _f(True, "rollout_backend vllm: sleep mode, vLLM's memory handed back while training "
                                 "(where the platform has it: CUDA)")
+    vllm_lora_sync: Literal["merged", "adapter"] = _f("merged", "rollout_backend vllm with LoRA: push every weight "
+                                                               "with LoRA merged (plain decoding kernels), or push "
+                                                               "the base once and only the adapter each step "
+                                                               "(vLLM's LoRA kernels); see minigrpo/rollout/vllm.py")
     vllm_importance_sampling_correction: bool = _f(True, "rollout_backend vllm: weight the loss by the ratio of "
                                                          "the trainer's to vLLM's log-probs of the sampled tokens "
                                                          "(their numerical mismatch), truncated or masked (TRL's "
@@ -288,6 +292,9 @@ class Config:
                               f"the mismatch (and vllm_logprob_tolerance would stop a healthy run). Sample with "
                               f"top_p 1 and top_k 0, or set vllm_importance_sampling_correction: false and "
                               f"vllm_logprob_tolerance: 0")
+        if self.rollout_backend == "vllm" and self.vllm_lora_sync == "adapter" and not self.use_peft:
+            raise ConfigError("vllm_lora_sync: adapter pushes a LoRA adapter, and use_peft is false (full fine-tuning "
+                              "pushes every weight); set vllm_lora_sync: merged or use_peft: true")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"reward_weights: {len(self.reward_weights)} weights for "
                               f"{len(self.reward_funcs)} reward_funcs {self.reward_funcs}; give one per function")

@@ -6,11 +6,19 @@ started from the policy's config and tokenizer with random weights (`load_format
 disk twice, and any model minigrpo trains can be served: a hub id, a folder, a GGUF file, one built in code or
 handed over from Python), and before each generation the policy's current weights are pushed into it:
 
-- every tensor, LoRA merged: each adapted Linear is sent as W + s * B @ A (`merged_lora`, the same fold the
-  engine uses). Merged rather than vLLM's own LoRA support: decoding then runs vLLM's plain kernels, with no
-  per-token LoRA path and no adapter files written and reloaded every step. All tensors rather than the adapted
-  ones only: vLLM's in-place reload (`compat.vllm_push_weights`, the one path on CPU and CUDA) re-processes what
-  it is given and leaves the rest stale.
+- `vllm_lora_sync: merged` (the default, and full fine-tuning): every tensor, LoRA merged: each adapted Linear is
+  sent as W + s * B @ A (`merged_lora`, the same fold the engine uses). All tensors rather than the adapted ones
+  only: vLLM's in-place reload (`compat.vllm_push_weights`, the one path on CPU and CUDA) re-processes what it is
+  given and leaves the rest stale.
+- `vllm_lora_sync: adapter`: the frozen base is pushed once (at start), and each step only the adapter: saved as
+  a peft adapter folder and served under a new LoRARequest id, which vLLM loads once and which evicts the last
+  one from its single slot (public vLLM APIs; `load_inplace` is not used: vLLM would reload the adapter from
+  disk at every decoding step); vLLM then decodes with its LoRA kernels. The push is small (the adapter, not
+  the model), the decoding slower (a LoRA path per adapted layer and token). Measured on this CPU (`minigrpo
+  bench step`, SmolLM2-135M, LoRA r 16 on q/k/v/o, 16 completions of 64 tokens a step, BENCHMARKS.md): a step's
+  generation 20.3 s merged (its ~1.3 s push included) against 54.7 s with the adapter, so merged is the default.
+  The adapter push is for where the full push is the cost: a large model, whose every weight would cross each
+  step for an adapter of a few MB (not measured: no GPU with vLLM here).
 
 The sampled tokens' log-probs come back in `Rollout.logprobs` (vLLM's `processed_logprobs`: at the sampling
 temperature, the distribution the trainer computes when top_p is 1 and top_k 0), and every prompt samples from
@@ -20,12 +28,14 @@ them with its own log-probs every step (`rollout/logprob_diff_*`, train.py), cor
 (`vllm_logprob_tolerance`).
 
 Sleep mode (`vllm_sleep: true`) hands vLLM's memory back while the trainer runs, where the platform has it
-(CUDA): level 2, the weights are dropped, since every one is pushed again before the next generation. vLLM's
+(CUDA): level 2 (the weights dropped: every one is pushed again before the next generation) with the merged push,
+level 1 (the weights offloaded to CPU memory: the base is pushed once) with the adapter push. vLLM's
 CPU build has none: said once at start. Greedy sampling with n > 1 (vLLM refuses it) repeats each prompt n times.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -34,7 +44,7 @@ from typing import Any
 
 import torch
 
-from minigrpo.compat import vllm_on_cpu, vllm_push_weights, vllm_sleep_available
+from minigrpo.compat import vllm_lora_rank, vllm_on_cpu, vllm_push_weights, vllm_sleep_available
 from minigrpo.config import Config
 from minigrpo.errors import ConfigError
 from minigrpo.model import merged_lora
@@ -62,18 +72,23 @@ def check(cfg: Config) -> None:
     if not on_cpu and cfg.device not in ("auto", "cuda") and not cfg.device.startswith("cuda"):
         raise ConfigError(f"rollout_backend: vllm is colocated on the training GPU; device is {cfg.device!r}. "
                           f"Set device: cuda, {FIX}")
+    if cfg.use_peft and cfg.vllm_lora_sync == "adapter":
+        vllm_lora_rank(cfg.lora_r)  # a rank vLLM cannot serve is refused here
     if cfg.load_in_4bit:
         raise ConfigError(f"rollout_backend: vllm with load_in_4bit: the 4-bit base cannot be pushed into vLLM as "
                           f"plain weights (not supported yet); {FIX}, or train LoRA on a bf16 base")
 
 
-def vllm_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+def vllm_weights(model: torch.nn.Module, base_only: bool = False) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of every weight under the base model's names, as vLLM loads a checkpoint.
 
     Call inside `merged_lora(model)` for a peft model: the adapted layers are then plain Linear modules holding
-    the merged weights. Tied weights are sent under each name (vLLM's LM head is its own tensor)."""
+    the merged weights; or with `base_only`, the base weights without the adapter (the adapter push's first).
+    Tied weights are sent under each name (vLLM's LM head is its own tensor)."""
     weights = [(name.removeprefix("base_model.model."), param.detach())
                for name, param in model.named_parameters(remove_duplicate=False)]
+    if base_only:
+        weights = [(name.replace(".base_layer.", "."), w) for name, w in weights if ".lora_" not in name]
     unmerged = [name for name, _ in weights if "lora_" in name or ".base_layer." in name]
     if unmerged:  # merged_lora leaves LoRA on embeddings, DoRA and 4-bit bases as they are
         raise ConfigError(f"rollout_backend: vllm pushes plain weights, and these LoRA layers could not be merged "
@@ -144,6 +159,7 @@ class ColocatedVLLM:
 
     def __init__(self, cfg: Config, model: torch.nn.Module, tokenizer: Any) -> None:
         from vllm import LLM  # optional dependency, as in check
+        from vllm import SamplingParams as VLLMSampling
 
         # In-process (colocated) vLLM: its workers are this process, as TRL's colocate mode does. Under
         # torchrun / accelerate launch every process has its own vLLM on its own device (tensor parallel 1,
@@ -155,6 +171,15 @@ class ColocatedVLLM:
         # vLLM's CPU build sizes its KV cache from this (GiB; its default is 4): a GRPO batch needs little
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.sleep = cfg.vllm_sleep and vllm_sleep_available()
+        self.adapter = cfg.use_peft and cfg.vllm_lora_sync == "adapter"
+        lora: dict[str, Any] = {}
+        if self.adapter:  # one adapter slot: each push's adapter (a new id) evicts the one before
+            lora = {"enable_lora": True, "max_loras": 1, "max_cpu_loras": 1,
+                    "max_lora_rank": vllm_lora_rank(cfg.lora_r)}
+            self.adapter_dir = tempfile.mkdtemp(prefix=f"minigrpo-vllm-lora-{os.getpid()}-")
+            atexit.register(shutil.rmtree, self.adapter_dir, ignore_errors=True)
+            self.lora_request: Any = None
+            self.base_pushed = False
         if cfg.vllm_sleep and not self.sleep:
             print("rollout_backend vllm: this vLLM platform has no sleep mode (vllm_sleep ignored): vLLM keeps its "
                   "memory while the trainer runs")
@@ -167,16 +192,41 @@ class ColocatedVLLM:
                        enable_sleep_mode=self.sleep, distributed_executor_backend="external_launcher",
                        logprobs_mode="processed_logprobs",
                        # CPU: compiling the graphs takes 85-115 s before the first token, eager 7 s
-                       enforce_eager=on_cpu, **memory)
+                       enforce_eager=on_cpu, **memory, **lora)
         shutil.rmtree(self.folder, ignore_errors=True)  # read at start only
         self.asleep = False
         self.push_s = 0.0
+        if self.adapter:  # a target vLLM cannot serve is refused now, not at the first generation
+            self.push_weights(model)
+            try:
+                self.llm.generate([{"prompt_token_ids": [0]}], VLLMSampling(max_tokens=1), use_tqdm=False,
+                                  lora_request=self.lora_request)
+            except ValueError as e:
+                raise ConfigError(f"vllm_lora_sync: adapter: vLLM cannot serve this adapter ({e}); change "
+                                  f"lora_target_modules ({cfg.lora_target_modules}) or set vllm_lora_sync: "
+                                  f"merged") from None
 
     def push_weights(self, model: torch.nn.Module) -> None:
-        """Load the policy's current weights into vLLM (every tensor, LoRA merged)."""
+        """Load the policy's current weights into vLLM: every tensor, LoRA merged; or the adapter (and the base the
+        first time)."""
         t0 = time.perf_counter()
-        with merged_lora(model):
-            vllm_push_weights(self.llm, vllm_weights(model))
+        if self.adapter:
+            from vllm.lora.request import LoRARequest  # optional dependency, as in check
+
+            if not self.base_pushed:  # frozen under LoRA: once
+                vllm_push_weights(self.llm, vllm_weights(model, base_only=True))
+                self.base_pushed = True
+            # adapter_config.json + adapter_model.safetensors (peft), from the parameters themselves (under FSDP
+            # state_dict() would reshard them) and without the embeddings (peft's "auto" looks the base up)
+            lora = {name: p.detach() for name, p in model.named_parameters() if ".lora_" in name}
+            model.save_pretrained(self.adapter_dir, state_dict=lora, save_embedding_layers=False)
+            # A new id: vLLM loads an adapter once per id (with load_inplace it would reload it from disk at every
+            # decoding step), and evicts the previous one from its single slot.
+            lora_id = 1 if self.lora_request is None else self.lora_request.lora_int_id + 1
+            self.lora_request = LoRARequest(f"minigrpo-policy-{lora_id}", lora_id, self.adapter_dir)
+        else:
+            with merged_lora(model):
+                vllm_push_weights(self.llm, vllm_weights(model))
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
         self.push_s = time.perf_counter() - t0  # the last push's seconds (bench rollout reports it)
 
@@ -187,7 +237,7 @@ class ColocatedVLLM:
 
         if self.asleep:
             torch.cuda.empty_cache()
-            self.llm.wake_up()
+            self.llm.wake_up()  # level 1 (adapter push) kept the base in CPU memory; level 2 is pushed again
             self.asleep = False
         self.push_weights(model)
         eos = eos_token_ids(model, tokenizer)
@@ -204,11 +254,12 @@ class ColocatedVLLM:
                     for seed in seeds for _ in range(repeat)]
         prompt_token_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids for _ in range(repeat)],
-                                    sampling, use_tqdm=False)
+                                    sampling, use_tqdm=False,
+                                    lora_request=self.lora_request if self.adapter else None)
         # prompt i's n completions (from its `repeat` requests when greedy)
         groups = [[c for o in outputs[i:i + repeat] for c in o.outputs] for i in range(0, len(outputs), repeat)]
         if self.sleep:
-            self.llm.sleep(level=2)
+            self.llm.sleep(level=1 if self.adapter else 2)
             self.asleep = True
         device = next(model.parameters()).device
         return rollout_from_outputs(tokenizer, prompts, params.n, prompt_token_ids, groups, eos,
@@ -225,8 +276,8 @@ def instance(model: torch.nn.Module) -> ColocatedVLLM:
 
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], params: SamplingParams,
              merge_lora: bool = True) -> Rollout:
-    """The `vllm` rollout backend: the model's colocated vLLM, made at setup by `start` (it always folds LoRA
-    into its own copy of the weights: `merge_lora` changes nothing)."""
+    """The `vllm` rollout backend: the model's colocated vLLM, made at setup by `start` (LoRA reaches it as
+    `vllm_lora_sync` says: `merge_lora` changes nothing)."""
     return instance(model).generate(model, tokenizer, prompts, params)
 
 

@@ -92,7 +92,8 @@ def _minigrpo_config(s: dict[str, Any], beta: float, output_dir: str) -> Any:
     return Config(model=s["model"], gguf_file=s["gguf_file"], use_peft=True, lora_r=16, lora_alpha=32,
                   lora_dropout=0.0, lora_target_modules=list(LORA_TARGETS), gradient_checkpointing=False,
                   dtype=s.get("dtype", "float32"), device=s.get("device", "cpu"), beta=beta, learning_rate=s["lr"],
-                  rollout_backend="vllm" if s.get("vllm") else "engine", vllm_sleep=False,
+                  rollout_backend=s.get("backend") or ("vllm" if s.get("vllm") else "engine"), vllm_sleep=False,
+                  vllm_lora_sync=s.get("lora_sync", "merged"),
                   vllm_gpu_memory_utilization=VLLM_MEMORY,
                   num_generations=s["num_generations"],
                   per_device_train_batch_size=s["num_generations"] * s["prompts_per_step"],
@@ -114,6 +115,7 @@ def _run_minigrpo(s: dict[str, Any], beta: float) -> dict[str, Any]:
         rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
     rows = [r for r in rows if "perf/step_s" in r]
     return {"step_s": [r["perf/step_s"] for r in rows], "tokens_per_s": [r["perf/tokens_per_s"] for r in rows],
+            "generate_s": [r["perf/generate_s"] for r in rows],
             "mean_length": [r["completions/mean_length"] for r in rows], "run_s": run_s,
             "peak_rss_mb": _peak_rss_mb(), "peak_gpu_gb": _peak_gpu_gb()}
 
@@ -281,3 +283,45 @@ def _bench_trl(settings: dict[str, Any], betas: tuple[float, ...], vllm: tuple[b
                 "tokens_per_s": mini["median_tokens_per_s"] / trl["median_tokens_per_s"],
                 "peak_rss": mini["peak_rss_mb"] / trl["peak_rss_mb"]}}
     return report
+
+
+# ---- `minigrpo bench step`: a whole GRPO step of minigrpo with each rollout backend ---------------------------
+
+def step_settings(name: str) -> dict[str, str]:
+    """A `bench step` backend name (a rollout backend, or vllm-adapter) as run settings."""
+    backend, _, sync = name.partition("-")
+    return {"backend": backend, "lora_sync": sync or "merged"}
+
+
+def bench_step(model: str = "tiny-arith", gguf_file: str | None = None, backends: tuple[str, ...] = ("engine", "hf"),
+               steps: int = 5, num_generations: int = 8, prompts_per_step: int = 4, max_completion_length: int = 64,
+               beta: float = 0.04, lr: float = 1e-4, seed: int = 42, reps: int = 2, threads: int = 1,
+               train_size: int = 2000, warmup_steps: int = 1, data: str = "arith", device: str = "cpu",
+               dtype: str = "float32", log: Any = None) -> dict[str, Any]:
+    """minigrpo's whole step (generate, score, train) with each rollout backend: the same settings as `bench trl`
+    (LoRA r16 on q/k/v/o), isolated runs interleaved (engine, hf, vllm, ..., engine, ...); median step and
+    generation times, and each backend's step time over the first backend's. vllm pushes LoRA merged into every
+    weight, vllm-adapter the adapter only (vllm_lora_sync)."""
+    settings = {"model": model, "gguf_file": gguf_file, "steps": steps, "num_generations": num_generations,
+                "prompts_per_step": prompts_per_step, "max_completion_length": max_completion_length, "lr": lr,
+                "seed": seed, "threads": threads, "train_size": train_size, "data": data, "device": device,
+                "dtype": dtype}
+    runs: dict[str, list[dict[str, Any]]] = {b: [] for b in backends}
+    for rep in range(reps):
+        for b in backends:
+            result = run_isolated("minigrpo", settings | step_settings(b), beta)
+            runs[b].append(result)
+            if log:
+                log(f"rep {rep + 1}/{reps} {b}: median step "
+                    f"{statistics.median(result['step_s'][warmup_steps:] or result['step_s']):.3f} s, generation "
+                    f"{statistics.median(result['generate_s'][warmup_steps:] or result['generate_s']):.3f} s")
+    results = {}
+    for b, rs in runs.items():
+        generate_s = [t for r in rs for t in r["generate_s"][warmup_steps:]]
+        results[b] = _summary(rs, warmup_steps) | {"median_generate_s": statistics.median(generate_s)}
+    first = results[backends[0]]
+    for b in backends:
+        results[b][f"step_s_over_{backends[0]}"] = results[b]["median_step_s"] / first["median_step_s"]
+    return {"settings": settings | {"beta": beta, "backends": list(backends), "reps": reps,
+                                    "warmup_steps_dropped": warmup_steps, "lora": "r16 alpha32 on q/k/v/o"},
+            "results": results}

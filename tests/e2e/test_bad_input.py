@@ -3,6 +3,7 @@ key, and the fix; `skip_bad_rows` skips and counts bad rows instead."""
 
 import json
 
+import huggingface_hub.constants
 import pytest
 
 from minigrpo.cli import main
@@ -72,7 +73,11 @@ def test_bad_keys_stop_before_anything_runs(tmp_path, capsys, flags, message):
 
 @pytest.mark.parametrize("command", [["plan"], ["eval", "--limit=1"], ["train", *BASE, "--output_dir=OUT"]])
 def test_a_model_that_cannot_be_found_names_the_key(tmp_path, capsys, monkeypatch, command):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without the network: fails at once
+    # as on a machine without the network: fails at once (the variable for child processes; the hub library read
+    # it when first imported, so this process is told through its constant: the variable alone left it trying the
+    # network until its timeouts, ~40 s a case)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     args = [a.replace("OUT", str(tmp_path)) for a in command[1:]]
     assert main([command[0], "--model=nobody-xyz/no-such-model", *args]) == 2
     err = capsys.readouterr().err

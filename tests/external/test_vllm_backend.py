@@ -55,6 +55,23 @@ def test_vllm_weights_are_every_tensor_with_the_lora_layers_merged():
     assert all(torch.equal(sent[n], base[n]) for n in sent if "norm" in n)
 
 
+def test_the_adapter_push_sends_the_base_once_under_the_checkpoint_names():
+    """vllm_lora_sync: adapter: the base weights (what vLLM serves the adapter on) are the model's before LoRA."""
+    model, _ = _peft_model()
+    sent = dict(vllm_weights(model, base_only=True))
+    base = load_model(Config())[0].state_dict()  # the same seed: the weights before LoRA
+    assert set(sent) == set(base)
+    assert all(torch.equal(sent[n], base[n]) for n in sent)
+
+
+def test_the_adapter_push_needs_lora():
+    with pytest.raises(ConfigError, match="vllm_lora_sync: adapter.*use_peft"):
+        load_config(None, {"rollout_backend": "vllm", "vllm_lora_sync": "adapter"}).validate_grpo()
+    load_config(None, {"rollout_backend": "vllm", "vllm_lora_sync": "adapter", "use_peft": True}).validate_grpo()
+    with pytest.raises(ConfigError, match="vllm_lora_sync.*'merged', 'adapter'"):
+        load_config(None, {"vllm_lora_sync": "lora"})
+
+
 def test_lora_that_cannot_be_merged_is_refused_by_name():
     model, _ = load_model(Config(use_peft=True, lora_r=4, lora_target_modules=["embed_tokens", "q_proj"]))
     with merged_lora(model), pytest.raises(ConfigError, match="could not be merged.*embed_tokens"):

@@ -26,6 +26,7 @@ from minigrpo.compat import (
     preallocate,
 )
 from minigrpo.config import Config
+from minigrpo.errors import ConfigError
 from minigrpo.model import MergedLinear, apply_lora, merged_lora
 from minigrpo.tiny import tiny_model, tiny_tokenizer
 
@@ -228,8 +229,11 @@ def test_vllm_reaches_exist_on_the_installed_vllm():
     from vllm import LLM  # the optional dependency, installed in .venv-vllm
     from vllm.v1.worker.cpu_worker import CPUWorker
 
-    from minigrpo.compat import vllm_on_cpu, vllm_sleep_available
+    from minigrpo.compat import vllm_lora_rank, vllm_on_cpu, vllm_sleep_available
 
     assert "kwargs" in inspect.signature(LLM.collective_rpc).parameters
     assert callable(CPUWorker.reload_weights)  # the worker method vllm_push_weights names (inherited: gpu_worker)
     assert vllm_on_cpu() is True and vllm_sleep_available() is False  # the CPU build, as CI installs it
+    assert [vllm_lora_rank(r) for r in (1, 2, 8, 16, 17, 512)] == [1, 8, 8, 16, 32, 512]  # its MaxLoRARanks
+    with pytest.raises(ConfigError, match="lora_r: 513.*vllm_lora_sync: merged"):
+        vllm_lora_rank(513)

@@ -1,6 +1,8 @@
 """One process, one colocated vLLM (CPU build): the checks of tests/with_vllm/test_vllm_cpu.py, printed as JSON.
 
-    python tests/with_vllm/vllm_checks.py MODEL_DIR GSM8K_DIR full|lora [cpu|cuda]
+    python tests/with_vllm/vllm_checks.py MODEL_DIR GSM8K_DIR full|lora|adapter [cpu|cuda]
+
+(lora: LoRA merged into every push; adapter: vllm_lora_sync adapter, the base pushed once and then the adapter.)
 
 Each check compares the vLLM backend with minigrpo's engine (the reference: fp32 on both sides) on the same model:
 greedy completions, greedy with n > 1, sampled log-probs against the trainer's, per-prompt seeds, a weight push after
@@ -24,10 +26,11 @@ from minigrpo.train import SamplerCheck
 model_dir, data_dir, mode = sys.argv[1:4]
 device = sys.argv[4] if len(sys.argv) > 4 else "cpu"
 torch.manual_seed(0)
-cfg = Config(model=model_dir, use_peft=mode == "lora", lora_r=8, rollout_backend="vllm", max_prompt_length=256,
-             max_completion_length=48, seed=0, device=device, vllm_sleep=False)
+cfg = Config(model=model_dir, use_peft=mode != "full", lora_r=8, rollout_backend="vllm", max_prompt_length=256,
+             max_completion_length=48, seed=0, device=device, vllm_sleep=False,
+             vllm_lora_sync="adapter" if mode == "adapter" else "merged")
 model, tok = load_model(cfg)
-if mode == "lora":  # a trained-looking adapter: B != 0, so the merged push matters
+if mode != "full":  # a trained-looking adapter: B != 0, so the push of LoRA matters
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
