@@ -229,7 +229,8 @@ def cmd_eval(argv: list[str]) -> int:
         f"eval_{args.split}.json"
     check_out_path("--out", out)
     cfg, model, tok, examples, prompts = load_for_inference(args)
-    from minigrpo.evaluate import evaluate, evaluate_metric, resolve_metric  # here: heavy, as in load_for_inference
+    from minigrpo.agent.turns import multi_turn  # here: heavy, as in load_for_inference
+    from minigrpo.evaluate import evaluate, evaluate_metric, resolve_metric
     from minigrpo.monitor import print0
     from minigrpo.tasks.prompts import stop_strings
 
@@ -238,10 +239,10 @@ def cmd_eval(argv: list[str]) -> int:
         report = evaluate(model, tok, prompts, [ex.columns["answer"] for ex in examples],
                           max_new_tokens=cfg.max_completion_length, batch_size=args.batch_size, k=args.k,
                           temperature=args.temperature, keep_records=True, backend=cfg.rollout_backend,
-                          stop=stop_strings(cfg))
+                          stop=stop_strings(cfg), turns=multi_turn(cfg))
     else:
         report = evaluate_metric(model, tok, prompts, examples, metric, name, cfg.max_completion_length,
-                                 args.batch_size, cfg.rollout_backend, stop=stop_strings(cfg))
+                                 args.batch_size, cfg.rollout_backend, stop=stop_strings(cfg), turns=multi_turn(cfg))
     report["settings"] = {"model": cfg.model, "gguf_file": cfg.gguf_file, "adapter": args.adapter,
                           "data": cfg.dataset, "split": args.split, "template": cfg.template,
                           "max_new_tokens": cfg.max_completion_length, "decoding": "greedy", "k": args.k,

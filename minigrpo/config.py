@@ -133,6 +133,12 @@ class Config:
                                             "0: only logged (rollout/logprob_diff_mean)")
     rollout_merge_lora: bool = _f(True, "generate with LoRA folded into a temporary copy of the adapted weights "
                                         "(faster decoding; that copy's memory while generating)")
+    tools: list[str] = _f([], "tools the model may call (multi-turn rollouts): built-in calculator, python (runs in "
+                              "a sandbox: bubblewrap), or package.module:function; from Python also functions, "
+                              "sync or async (minigrpo/agent/tools.py). []: single-turn")
+    max_turns: int = _f(4, "with tools: assistant turns per trajectory (TRL's max_tool_calling_iterations + 1); "
+                           "max_completion_length then bounds the whole trajectory, tool answers included")
+    tool_timeout: float = _f(10.0, "with tools: seconds a tool call may take; past it the model is told so")
     num_generations: int = _f(8, "G: completions sampled per prompt (the group)")
     max_completion_length: int = _f(64, "max new tokens per completion; longer ones are truncated")
     temperature: float = _f(1.0, "sampling temperature; log-probs are computed at the same temperature")
@@ -226,6 +232,7 @@ class Config:
                 setattr(self, key, coerce(key, getattr(self, key), from_cli=False))
         self.reward_funcs = _functions("reward_funcs", self.reward_funcs, many=True)
         self.eval_metric = _functions("eval_metric", self.eval_metric, many=False)
+        self.tools = _functions("tools", self.tools, many=True)
         for key in TABLES:
             names = table_names(key)
             if getattr(self, key) not in names:
@@ -298,12 +305,16 @@ class Config:
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"reward_weights: {len(self.reward_weights)} weights for "
                               f"{len(self.reward_funcs)} reward_funcs {self.reward_funcs}; give one per function")
+        if self.tools and self.rollout_backend == "vllm":
+            raise ConfigError("tools: multi-turn rollouts run on rollout_backend engine (or hf, the reference), not "
+                              "yet on vllm; set rollout_backend: engine")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (for YAML and logging); a callable is written as its name (function_name)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["reward_funcs"] = [function_name(fn) for fn in self.reward_funcs]
         out["eval_metric"] = function_name(self.eval_metric)
+        out["tools"] = [function_name(fn) for fn in self.tools]
         return {k: list(v) if isinstance(v, list) else v for k, v in out.items()}
 
 
@@ -333,6 +344,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "eval_batch_size": (1, None, False, False), "save_steps": (0, None, False, False),
     "save_total_limit": (0, None, False, False), "reward_timeout": (0, None, False, False),
     "reward_timeout_limit": (1, None, False, False), "no_signal_steps": (0, None, False, False),
+    "max_turns": (1, None, False, False), "tool_timeout": (0, None, True, False),
 }
 
 DEVICE_RE = re.compile(r"auto|mps|(cpu|cuda|xpu)(:\d+)?")
@@ -373,7 +385,7 @@ def check_out_path(key: str, path: str | os.PathLike, folder: bool = False) -> N
 
 
 # Keys that take, from Python, functions as well as names (a YAML file holds their names).
-CALLABLE_KEYS = ("reward_funcs", "eval_metric")
+CALLABLE_KEYS = ("reward_funcs", "eval_metric", "tools")
 
 
 def function_name(fn: Any) -> str:
@@ -500,7 +512,8 @@ def _is_number(s: str) -> bool:
 TRL_KEYS = {"bf16": "dtype: bfloat16", "fp16": "dtype: float16", "use_vllm": "rollout_backend: vllm",
             "vllm_importance_sampling_cap": "vllm_importance_sampling_clip_max (TRL's newer name)",
             "num_train_epochs": "max_steps (a step is one generated batch)", "model_init_kwargs": "dtype, gguf_file",
-            "max_length": "max_prompt_length and max_completion_length"}
+            "max_length": "max_prompt_length and max_completion_length",
+            "max_tool_calling_iterations": "max_turns (assistant turns: TRL's iterations + 1)"}
 
 
 def check_key(key: str, where: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from minigrpo.agent.turns import MultiTurn
 from minigrpo.rollout import generate
 from minigrpo.rollout.types import SamplingParams
 from minigrpo.tasks.answers import extract_answer, is_correct
@@ -55,10 +56,11 @@ def resolve_metric(cfg: Any, examples: list[Example]) -> tuple[str, Metric]:
 def evaluate_metric(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                     examples: list[Example], metric: list[tuple[str, Callable, float]], name: str,
                     max_new_tokens: int, batch_size: int = 32, backend: str = "hf",
-                    stop: list[str] | tuple[str, ...] = (), guard: RewardGuard | None = None) -> dict[str, Any]:
+                    stop: list[str] | tuple[str, ...] = (), guard: RewardGuard | None = None,
+                    turns: MultiTurn | None = None) -> dict[str, Any]:
     """The mean of `metric` (samples it scores None are left out) over greedy completions, and their mean length.
-    `guard`: the run's time limit on reward calls (a metric is a reward)."""
-    greedy = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
+    `guard`: the run's time limit on reward calls (a metric is a reward); `turns`: multi-turn, with tools."""
+    greedy = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop, turns=turns)
     values, lengths = [], []
     for chunk, exs in zip(_batched(prompts, batch_size), _batched(examples, batch_size)):
         ro = generate(backend, model, tokenizer, chunk, greedy)
@@ -88,16 +90,18 @@ def majority_correct(completions: list[str], gold: str) -> bool:
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], golds: list[str],
              max_new_tokens: int, batch_size: int = 32, backend: str = "hf", k: int = 0,
              temperature: float = 1.0, top_p: float = 1.0, keep_records: bool = False,
-             stop: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+             stop: list[str] | tuple[str, ...] = (), turns: MultiTurn | None = None) -> dict[str, Any]:
     """Greedy accuracy, format compliance and mean length; with k > 1 also pass@k, maj@k and sampled pass@1.
-    `stop`: the strings that end a completion (the template's, prompts.stop_strings)."""
-    greedy = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
-    texts, lengths, truncated = [], [], []
+    `stop`: the strings that end a completion (the template's, prompts.stop_strings). `turns`: multi-turn, with
+    tools; the report then adds tool_call_frequency (the share of problems whose trajectory called a tool)."""
+    greedy = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop, turns=turns)
+    texts, lengths, truncated, called = [], [], [], []
     for chunk in _batched(prompts, batch_size):
         ro = generate(backend, model, tokenizer, chunk, greedy)
         texts += ro.completions
         lengths += ro.completion_mask.sum(1).tolist()
         truncated += ro.truncated.tolist()
+        called += [c > 0 for c in ro.stats["tool_calls"]] if ro.stats else []
     correct = [is_correct(t, g) for t, g in zip(texts, golds)]
     n = max(len(prompts), 1)
     report: dict[str, Any] = {
@@ -105,8 +109,11 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         "format": sum(extract_answer(t) is not None for t in texts) / n,
         "mean_length": sum(lengths) / n, "truncated_ratio": sum(truncated) / n,
     }
+    if turns is not None:
+        report["tool_call_frequency"] = sum(called) / n
     if k > 1:
-        sampled = SamplingParams(n=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop)
+        sampled = SamplingParams(n=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop,
+                                 turns=turns)
         groups: list[list[str]] = []
         for chunk in _batched(prompts, max(batch_size // k, 1)):
             ro = generate(backend, model, tokenizer, chunk, sampled)

@@ -23,7 +23,8 @@ LOGPROB_CHUNK = 256  # completion tokens per LM-head chunk: [chunk, vocab] fp32 
 
 def policy_logprobs(model: PreTrainedModel, rollout_ids: torch.Tensor, attention_mask: torch.Tensor,
                     num_completion: int, temperature: float, group_size: int = 1,
-                    chunk_size: int = LOGPROB_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                    chunk_size: int = LOGPROB_CHUNK, target_mask: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropies of the completion tokens under `model`. [B, P+C] -> [B, C], [B, C].
 
     Position ids follow the attention mask, as in `generate`, so left padding does not shift positions and
@@ -34,6 +35,8 @@ def policy_logprobs(model: PreTrainedModel, rollout_ids: torch.Tensor, attention
     Only completion tokens (up to each EOS) reach the LM head, `chunk_size` of them at a time, each chunk
     recomputed in the backward pass: [batch, length, vocab] logits never exist at once. Positions after a
     completion's EOS get log-prob and entropy 0. All paths give the same values and gradients.
+    `target_mask` [B, C] (multi-turn: the tokens the model sampled, `Rollout.generated_mask`) narrows the tokens
+    that reach the LM head: tokens a tool added are context only, and get log-prob and entropy 0 too.
     """
     C = num_completion
     layout = logprob_layout(model, attention_mask, C, group_size)
@@ -49,8 +52,10 @@ def policy_logprobs(model: PreTrainedModel, rollout_ids: torch.Tensor, attention
                      use_cache=False)[:, :-1]  # [B, C, *]: position t predicts token t+1
     targets = rollout_ids[:, -C:]
     if head is None:  # feats are the logits
-        return token_logprobs(feats, targets, temperature)
-    return chunked_head_logprobs(head, feats, targets, attention_mask[:, -C:].bool(), temperature, chunk_size,
+        logp, entropy = token_logprobs(feats, targets, temperature)
+        return (logp, entropy) if target_mask is None else (logp * target_mask, entropy * target_mask)
+    heads = attention_mask[:, -C:].bool() if target_mask is None else target_mask.bool()
+    return chunked_head_logprobs(head, feats, targets, heads, temperature, chunk_size,
                                  getattr(unwrap_model(model).config, "vocab_size", None))
 
 

@@ -35,6 +35,7 @@ import torch
 from transformers import get_scheduler
 
 from minigrpo import rollout
+from minigrpo.agent.turns import multi_turn
 from minigrpo.checkpoint import (
     checkpoints,
     load_checkpoint,
@@ -379,18 +380,21 @@ def run_eval(run: Run) -> dict[str, float]:
     cfg, dist = run.cfg, run.dist
     name, metric = resolve_metric(cfg, run.eval_set)
     prompts, examples = dist.share(run.eval_prompts), dist.share(run.eval_set)
+    turns = multi_turn(cfg)
     keys = ["accuracy", "format", "mean_length"] if metric is None else [name, "mean_length"]
+    if metric is None and turns is not None:
+        keys.append("tool_call_frequency")
     totals = [0.0] * (len(keys) + 1)
     with dist.full_weights(run.model):  # every process enters (ZeRO-3 gathers), even one without prompts
         if prompts:
             if metric is None:
                 report = evaluate(run.model, run.tokenizer, prompts, [ex.columns["answer"] for ex in examples],
                                   max_new_tokens=cfg.max_completion_length, batch_size=cfg.eval_batch_size,
-                                  backend=cfg.rollout_backend, stop=stop_strings(cfg))
+                                  backend=cfg.rollout_backend, stop=stop_strings(cfg), turns=turns)
             else:
                 report = evaluate_metric(run.model, run.tokenizer, prompts, examples, metric, name,
                                          cfg.max_completion_length, cfg.eval_batch_size, cfg.rollout_backend,
-                                         stop=stop_strings(cfg), guard=run.eval_guard)
+                                         stop=stop_strings(cfg), guard=run.eval_guard, turns=turns)
             totals = [report[k] * len(prompts) for k in keys] + [len(prompts)]
     totals = dist.sum(totals)
     return {f"eval/{k}": v / totals[-1] for k, v in zip(keys, totals)}

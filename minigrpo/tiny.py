@@ -8,10 +8,10 @@ LoRA, generation, the loss) is the one a real model takes.
 from __future__ import annotations
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from minigrpo.tasks.arith import SPLIT_PATTERN, arith_vocab
+from minigrpo.tasks.arith import SPLIT_PATTERN, TOOL_WORDS, arith_vocab
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
@@ -66,15 +66,34 @@ ARITH_TEMPLATE = (
 )
 
 
-def arith_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the arithmetic task's vocabulary; digits are single tokens; eos = pad."""
-    vocab = {t: i for i, t in enumerate(ARITH_SPECIALS + arith_vocab())}
+def arith_tokenizer(tools: bool = False) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the arithmetic task's vocabulary; digits are single tokens; eos = pad.
+    tools=True: the tools model's (`arith_tools_tokenizer`)."""
+    specials = ARITH_SPECIALS + (["<|tool|>"] if tools else [])
+    vocab = {t: i for i, t in enumerate(specials + arith_vocab() + (TOOL_WORDS if tools else []))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
     tok.decoder = decoders.Fuse()  # pieces carry their own spaces: concatenation is the exact inverse
-    tok.add_special_tokens(ARITH_SPECIALS)
+    tok.add_special_tokens(specials)
+    if tools:  # matched before the split: one token each, and kept in decoded text (not special)
+        tok.add_tokens([AddedToken(w, special=False, normalized=False) for w in TOOL_WORDS[:2]])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   chat_template=ARITH_TEMPLATE)
+                                   chat_template=ARITH_TOOLS_TEMPLATE if tools else ARITH_TEMPLATE)
+
+
+# The tools model's template: a tool's answer follows the assistant turn that called it as <|tool|>ANSWER, then the
+# next assistant turn (the `tools=` the template is given are not described: the model learned its one tool).
+ARITH_TOOLS_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}<|endoftext|>"
+    "{% elif m['role'] == 'tool' %}<|tool|>{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def arith_tools_tokenizer() -> PreTrainedTokenizerFast:
+    """The arith tokenizer plus the calculator's words and a tool role (<|tool|>): the tools model's."""
+    return arith_tokenizer(tools=True)
 
 
 def arith_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden: int = 192, layers: int = 4,

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from minigrpo import rollout
+from minigrpo.agent.turns import multi_turn
 from minigrpo.algo import LOSS_TYPES, Norm, group_advantages, kl_k3, masked_mean, policy_loss, sampler_correction
 from minigrpo.checkpoint import checkpoints
 from minigrpo.config import Config
@@ -79,6 +80,17 @@ def rollout_and_score(cfg: Config, model: torch.nn.Module, tokenizer: Any, examp
     totals, per_func = score(reward_funcs, reward_prompts, completions, columns | {"completion_ids": ids}, errors,
                              guard)
     return Scored(ro, columns, totals, per_func, t1 - t0, time.perf_counter() - t1, sum(errors.values()))
+
+
+def tool_metrics(stats: dict[str, list[float]]) -> dict[str, float]:
+    """A multi-turn batch's tool use: assistant turns and tool calls per sample, the share of samples that called a
+    tool (tools/call_frequency), the share of calls that failed (tools/failure_frequency: raised, timed out or
+    malformed), and the seconds the calls took in all."""
+    n, calls = len(stats["turns"]), sum(stats["tool_calls"])
+    return {"tools/turns": sum(stats["turns"]) / n, "tools/calls": calls / n,
+            "tools/call_frequency": sum(c > 0 for c in stats["tool_calls"]) / n,
+            "tools/failure_frequency": sum(stats["tool_errors"]) / calls if calls else 0.0,
+            "tools/tool_s": sum(stats["tool_s"])}
 
 
 def flat_groups(totals: list[float | None], G: int) -> list[bool]:
@@ -171,6 +183,7 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
     input_ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)  # [B, P+C]
     attention = torch.cat([ro.prompt_mask, ro.completion_mask.long()], 1)  # [B, P+C]
     C, mb = ro.completion_ids.shape[1], cfg.per_device_train_batch_size
+    targets = None if ro.tool_mask is None else ro.generated_mask  # multi-turn: tool answers are context only
     micro = [slice(i, i + mb) for i in range(0, input_ids.shape[0], mb)]
     # Micro-batches of whole groups run each prompt once (shared prefix); otherwise every row in full.
     group_size = cfg.num_generations if mb % cfg.num_generations == 0 else 1
@@ -181,7 +194,7 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
     if ref is not None:  # reference log-probs once per rollout, no graph
         with torch.no_grad(), ref.active() as ref_model:
             ref_logp = [policy_logprobs(ref_model, input_ids[s], attention[s], C, cfg.temperature, group_size,
-                                        cfg.logprob_chunk_size)[0]
+                                        cfg.logprob_chunk_size, None if targets is None else targets[s])[0]
                         for s in micro]
     old_logp: list[torch.Tensor | None] = [None] * len(micro)
     sampler, weights = SamplerCheck(cfg), [None] * len(micro)  # the backend's log-probs against the trainer's
@@ -192,11 +205,11 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
         finite = True  # a non-finite loss skips the update, as a non-finite gradient does
         for j, s in enumerate(micro):
             logp, entropy = policy_logprobs(wrapped, input_ids[s], attention[s], C, cfg.temperature, group_size,
-                                            cfg.logprob_chunk_size)
+                                            cfg.logprob_chunk_size, None if targets is None else targets[s])
             if old_logp[j] is None:  # no update has happened yet: the current policy IS the sampler
                 old_logp[j] = logp.detach()  # (up to the backend's numerics: compared here, corrected for vLLM)
                 if ro.logprobs is not None:
-                    weights[j] = sampler.weights(old_logp[j], ro.logprobs[s], ro.completion_mask[s])
+                    weights[j] = sampler.weights(old_logp[j], ro.logprobs[s], ro.generated_mask[s])
             out = policy_loss(logp, old_logp[j], advantages[s], loss_mask[s], epsilon=cfg.epsilon,
                               epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logp=ref_logp[j],
                               level=cfg.importance_sampling_level, dual_clip=cfg.dual_clip,
@@ -289,7 +302,7 @@ REDUCTIONS = {"completions/max_length": "max", "train/skipped_samples": "sum", "
               "train/reward_timeouts": "sum",
               "perf/generate_s": "max", "perf/score_s": "max", "perf/train_s": "max", "perf/step_s": "max",
               "perf/tokens_per_s": "max", "memory/peak_gb": "max", "rollout/logprob_diff_max": "max",
-              "rollout/is_ratio_max": "max", "rollout/is_ratio_min": "min"}
+              "rollout/is_ratio_max": "max", "rollout/is_ratio_min": "min", "tools/tool_s": "max"}
 
 
 def train(cfg: Config, show_progress: bool = True) -> Path:
@@ -313,7 +326,7 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
     opt = prepare_training(run, cfg.max_steps * cfg.num_iterations)
     state = LoopState(PromptSampler(len(run.train_set), cfg.seed))
     sampling = SamplingParams(n=G, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                              top_p=cfg.top_p, top_k=cfg.top_k, stop=stop_strings(cfg))
+                              top_p=cfg.top_p, top_k=cfg.top_k, stop=stop_strings(cfg), turns=multi_turn(cfg))
     monitor = start_loop(run, opt, state, show_progress)  # resume, or evaluate before training
 
     # Ctrl-C: finish the step, save a checkpoint, stop; again: stop at once. An error closes the monitor.
@@ -349,7 +362,7 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
             mine = slice(dist.rank * len(rewards), (dist.rank + 1) * len(rewards))
             advantages, zero_std = advantages[mine], zero_std[mine.start // G:mine.stop // G]
             keep = valid * (~zero_std).float().repeat_interleave(G) if cfg.drop_zero_std_groups else valid
-            loss_mask = ro.completion_mask * keep.to(device)[:, None]  # skipped samples leave the loss
+            loss_mask = ro.generated_mask * keep.to(device)[:, None]  # skipped samples and tool answers leave it
             if cfg.mask_truncated_completions:
                 loss_mask = loss_mask * (~ro.truncated).float()[:, None]
             t_score = time.perf_counter()
@@ -377,6 +390,8 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
             }
             if correct is not None:
                 metrics["train/accuracy"] = sum(correct) / len(correct)
+            if ro.stats is not None:  # multi-turn: how the tools were used (TRL's call / failure frequencies)
+                metrics |= tool_metrics(ro.stats)
             for name, values in scored.per_func.items():  # each reward's mean and spread (TRL's names)
                 vals = torch.tensor([v for v in values if v is not None], dtype=torch.float64)
                 metrics[f"train/rewards/{name}/mean"] = vals.mean().item() if len(vals) else float("nan")

@@ -17,4 +17,12 @@ if [ "${UNLOCKED:-0}" = 1 ]; then
   exit 0
 fi
 bash scripts/install_lock.sh .venv requirements/lock.txt
+# The python tool's sandbox runs code under bubblewrap (minigrpo/agent/sandbox.py): a Debian package, not a wheel.
+if ! command -v bwrap > /dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    apt-get install -y -qq bubblewrap > /dev/null 2>&1 || { apt-get update -qq > /dev/null && apt-get install -y -qq bubblewrap > /dev/null; }
+  else
+    echo "note: the python tool's sandbox needs bubblewrap (sudo apt-get install bubblewrap); its tests are skipped until then"
+  fi
+fi
 echo "minigrpo is set up in .venv from the lock in ${SECONDS} s (activate with: source .venv/bin/activate)"

@@ -21,6 +21,7 @@ from minigrpo.rollout.types import (
     eos_token_ids,
     hits_stop,
     make_rollout,
+    make_trajectories,
     stop_window,
 )
 
@@ -79,6 +80,11 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     batch (and its KV cache), and decoding stops when every sequence has finished.
     Positions follow the attention mask exactly as in `generate`, so greedy decoding gives generate's tokens.
     The sampled tokens' log-probs come back in `Rollout.logprobs`.
+
+    Multi-turn (`params.turns`, agent/turns.py): when a row's assistant turn ends, its tools run (the calls of
+    every row that ended a turn at this step, concurrently) and the rendered answer is fed to that row one token
+    per decode step, extending its KV cache, while the other rows go on sampling; the row then starts its next
+    turn. `params.max_new_tokens` bounds the whole trajectory.
     """
     device = next(model.parameters()).device
     ids, mask = encode_prompts(tokenizer, prompts, device)  # [P, L]
@@ -110,6 +116,10 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     done = torch.zeros(B, dtype=torch.bool, device=device)  # per compute-batch row
     broken = torch.zeros((), dtype=torch.bool, device=device)  # a row's logits were NaN or +inf (broken weights)
     window = stop_window(params.stop) if params.stop else 0
+    episodes = None if params.turns is None else params.turns.begin(tokenizer, eos.tolist(), B)
+    forced: list[list[int]] = [[] for _ in range(B)]  # multi-turn, per row: tokens still to feed (a tool's answer)
+    turn_start, ends = [0] * B, [None] * B  # where its current turn began; its length, once over
+    tool_mask = torch.zeros((B, T), device=device)
     # ---- decode ---------------------------------------------------------------------------------------
     steps = 0
     for t in range(T):
@@ -117,14 +127,38 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         broken |= ~finite.all()
         logits = logits.masked_fill(~finite[:, None], 0.0)  # such a row draws garbage, not an error: stopped below
         next_tokens, next_logp = sample_tokens(logits, params, None if gens is None else (live // params.n, gens))
+        is_forced = torch.zeros_like(done)
+        if episodes is not None:
+            live_rows = live.tolist()
+            fed = [j for j, r in enumerate(live_rows) if forced[r]]
+            if fed:  # these rows take their tool answer's next token instead of a sample
+                at = torch.tensor(fed, device=device)
+                next_tokens[at] = torch.tensor([forced[live_rows[j]].pop(0) for j in fed], device=device)
+                next_logp[at] = 0.0
+                is_forced[at] = True
+                tool_mask[live[at], t] = 1.0
         tokens[live, t] = torch.where(done, pad, next_tokens)
         logprobs[live, t] = torch.where(done, 0.0, next_logp)
-        done |= torch.isin(next_tokens, eos)
+        ended = torch.isin(next_tokens, eos) & ~is_forced & ~done  # an assistant turn ended here
         if params.stop:  # decode only the unfinished rows' last tokens: enough to hold a stop string just completed
-            open_rows = (~done).nonzero()[:, 0]
+            open_rows = (~done & ~is_forced & ~ended).nonzero()[:, 0]
             tails = tokens[live[open_rows], max(0, t + 1 - window):t + 1].tolist()
+            if episodes is not None:  # only the current turn's tokens
+                tails = [tail[max(0, len(tail) - (t + 1 - turn_start[r])):]
+                         for tail, r in zip(tails, live[open_rows].tolist())]
             hit = torch.tensor(hits_stop(tokenizer, tails, params.stop), dtype=torch.bool, device=device)
-            done[open_rows[hit]] = True
+            ended[open_rows[hit]] = True
+        if episodes is None:
+            done |= ended
+        elif (turn_ended := ended.nonzero()[:, 0].tolist()):  # tools answer, or the trajectory is over
+            rows = live[turn_ended].tolist()
+            answers = episodes.end_turn(rows, [tokens[r, turn_start[r]:t + 1].tolist() for r in rows],
+                                        [T - t - 1] * len(rows))
+            for j, r, answer in zip(turn_ended, rows, answers):
+                if answer is not None:
+                    forced[r], turn_start[r] = list(answer), t + 1 + len(answer)
+                else:  # the trajectory ends here
+                    done[j], ends[r] = True, t + 1
         steps = t + 1
         all_done, is_broken = torch.stack([done.all(), broken]).tolist()  # the step's one sync, for both
         if is_broken:
@@ -142,6 +176,13 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         logits = out.logits[:, -1]
     model.train(was_training)
     prompt_ids, prompt_mask = ids.repeat_interleave(params.n, 0), full_prompt_mask
+    if episodes is not None:
+        lengths = [steps if e is None else e for e in ends]
+        truncated = [c or e is None for c, e in zip(episodes.cut, ends)]  # the budget ended it, not the model
+        ro = make_trajectories(tokenizer, prompts, params.n, prompt_ids, prompt_mask, tokens, lengths, tool_mask,
+                               truncated, episodes.stats)
+        ro.logprobs = logprobs[:, :ro.completion_ids.shape[1]] * ro.generated_mask
+        return ro
     ro = make_rollout(tokenizer, prompts, params.n, prompt_ids, prompt_mask, tokens[:, :steps], eos.tolist(),
                       params.stop)
     ro.logprobs = logprobs[:, :steps] * ro.completion_mask

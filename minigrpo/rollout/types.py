@@ -16,11 +16,15 @@ stop generating a row there (the engine and `hf` decode each unfinished row's la
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from minigrpo.algo import completion_mask
+
+if TYPE_CHECKING:
+    from minigrpo.agent.turns import MultiTurn
 
 
 @dataclass
@@ -33,6 +37,8 @@ class SamplingParams:
     top_k: int = 0
     seeds: list[int] | None = None  # engine: one per prompt; its samples then depend on nothing else
     stop: tuple[str, ...] | list[str] = ()  # texts that end a completion (kept in it, as EOS is: module docstring)
+    turns: MultiTurn | None = None  # multi-turn: tools answer the turns (agent/turns.py); max_new_tokens then
+    # bounds the whole trajectory, tool messages included
 
 
 @dataclass
@@ -47,6 +53,14 @@ class Rollout:
     completions: list[str]  # [B] decoded completion text, special tokens removed
     logprobs: torch.Tensor | None = None  # [B, C] sampled tokens' log-probs, when the backend gives them
     # (the engine's; what the sampler/trainer mismatch and stale-batch corrections read)
+    tool_mask: torch.Tensor | None = None  # [B, C] float, multi-turn: 1 on tokens the tools / the chat template
+    # added (tool messages, the next assistant header): in the context, never in the loss
+    stats: dict[str, list[float]] | None = None  # multi-turn, per row: turns, tool_calls, tool_errors, tool_s
+
+    @property
+    def generated_mask(self) -> torch.Tensor:
+        """[B, C] float: 1 on the tokens the model sampled (the completion less what tools added): the loss's."""
+        return self.completion_mask if self.tool_mask is None else self.completion_mask * (1 - self.tool_mask)
 
     @property
     def num_completion_tokens(self) -> int:
@@ -147,7 +161,12 @@ def merge_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
                    truncated=torch.cat([r.truncated for r in parts]),
                    prompts=[p for r in parts for p in r.prompts], completions=[c for r in parts for c in r.completions],
                    logprobs=None if any(r.logprobs is None for r in parts)
-                   else torch.cat([pad(r.logprobs, C, 0.0, False) for r in parts]))
+                   else torch.cat([pad(r.logprobs, C, 0.0, False) for r in parts]),
+                   tool_mask=None if all(r.tool_mask is None for r in parts)
+                   else torch.cat([pad(r.tool_mask if r.tool_mask is not None else torch.zeros_like(r.completion_mask),
+                                       C, 0.0, False) for r in parts]),
+                   stats=None if any(r.stats is None for r in parts)
+                   else {k: [v for r in parts for v in r.stats[k]] for k in parts[0].stats})
 
 
 def select_rows(ro: Rollout, rows: list[int]) -> Rollout:
@@ -157,4 +176,23 @@ def select_rows(ro: Rollout, rows: list[int]) -> Rollout:
                    completion_ids=ro.completion_ids[idx], completion_mask=ro.completion_mask[idx],
                    truncated=ro.truncated[idx], prompts=[ro.prompts[i] for i in rows],
                    completions=[ro.completions[i] for i in rows],
-                   logprobs=None if ro.logprobs is None else ro.logprobs[idx])
+                   logprobs=None if ro.logprobs is None else ro.logprobs[idx],
+                   tool_mask=None if ro.tool_mask is None else ro.tool_mask[idx],
+                   stats=None if ro.stats is None else {k: [v[i] for i in rows] for k, v in ro.stats.items()})
+
+
+def make_trajectories(tokenizer: PreTrainedTokenizerBase, prompts: list[str], n: int, prompt_ids: torch.Tensor,
+                      prompt_mask: torch.Tensor, tokens: torch.Tensor, lengths: list[int], tool_mask: torch.Tensor,
+                      truncated: list[bool], stats: dict[str, list[float]]) -> Rollout:
+    """A multi-turn Rollout: row i's trajectory is tokens[i, :lengths[i]] (its turns and what tools added in
+    between, `tool_mask`); its text, the whole trajectory's, is what the rewards see."""
+    C = max(lengths, default=0)
+    ends = torch.tensor(lengths, device=tokens.device)
+    cmask = (torch.arange(C, device=tokens.device)[None, :] < ends[:, None]).float()  # [B, C]
+    rows = tokens[:, :C].tolist()
+    texts = tokenizer.batch_decode([row[:k] for row, k in zip(rows, lengths)], skip_special_tokens=True)
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                   completion_ids=tokens[:, :C].masked_fill(cmask == 0, tokenizer.pad_token_id),
+                   completion_mask=cmask, truncated=torch.tensor(truncated, device=tokens.device),
+                   prompts=[p for p in prompts for _ in range(n)], completions=texts,
+                   tool_mask=tool_mask[:, :C] * cmask, stats=stats)

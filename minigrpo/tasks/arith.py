@@ -16,6 +16,7 @@ vocabulary is exactly the task's words, digits (one token each) and punctuation.
 from __future__ import annotations
 
 import random
+from typing import Any
 
 NAMES = [("Ann", "She"), ("Ben", "He"), ("Cara", "She"), ("Dan", "He"), ("Eva", "She"), ("Finn", "He"),
          ("Gus", "He"), ("Hana", "She"), ("Ivy", "She"), ("Jon", "He")]
@@ -47,12 +48,14 @@ def make_problem(rng: random.Random, steps: int, max_number: int) -> tuple[str, 
 
 
 def arith_rows(split: str, size: int, steps: int = 3, max_number: int = 20, seed: int = 0,
-               direct_fraction: float = 0.0) -> list[dict[str, str]]:
+               direct_fraction: float = 0.0, tool_fraction: float = 0.0) -> list[dict[str, Any]]:
     """`size` problems of the train or test split as plain rows ({"question", "answer": the worked solution});
     test never repeats a train question of the same seed.
 
     `direct_fraction` of the train problems show a bare `#### N` as their solution instead of the worked
     steps (the same problems either way): cold-start data that mixes worked solutions with bare answers.
+    `tool_fraction` of the train problems (drawn first) are solved with the calculator instead: their row gets a
+    `completion` of three messages (`tool_solution`), what SFT trains on; the others keep their solution.
     """
     if split not in ("train", "test"):
         raise ValueError(f"arith: split must be 'train' or 'test', got {split!r}")
@@ -71,12 +74,32 @@ def arith_rows(split: str, size: int, steps: int = 3, max_number: int = 20, seed
         if q in banned or q in seen:
             continue
         seen.add(q)
-        if split == "train" and style.random() < direct_fraction:
-            solution = f"#### {answer}"
-        rows.append({"question": q, "answer": solution})
+        row: dict[str, Any] = {"question": q, "answer": solution}
+        if split == "train" and tool_fraction and style.random() < tool_fraction:
+            row["completion"] = tool_solution(solution)
+        elif split == "train" and style.random() < direct_fraction:
+            row["answer"] = f"#### {answer}"
+        rows.append(row)
         if len(rows) == size:
             return rows
     raise ValueError(f"arith: could only make {len(rows)} distinct problems; raise max_number or steps")
+
+
+def tool_solution(solution: str) -> list[dict[str, str]]:
+    """A worked solution ("7 + 5 = 12.\\n12 - 3 = 9.\\n#### 9") as a calculator conversation: the assistant calls
+    the calculator on the whole expression (`<tool_call>calculator 7 + 5 - 3</tool_call>`, the simple call format
+    of agent/tools.py), the tool answers, the assistant gives `#### N`."""
+    lines = [line for line in solution.splitlines() if " = " in line]
+    expression = lines[0].split(" = ")[0] + "".join(" " + line.split(" = ")[0].split(" ", 1)[1] for line in lines[1:])
+    value = solution.rsplit("#### ", 1)[1]
+    return [{"role": "assistant", "content": f"<tool_call>calculator {expression}</tool_call>"},
+            {"role": "tool", "name": "calculator", "content": value},
+            {"role": "assistant", "content": f"#### {value}"}]
+
+
+# The tools model's added words (tiny.arith_tools_tokenizer): the call tags (not special: they stay in the text
+# the tools and rewards read) and the tool's name.
+TOOL_WORDS = ["<tool_call>", "</tool_call>", "calculator", " calculator"]
 
 
 _TRAIN_SIZE = 20000  # train split size used to keep test disjoint (the train split is at most this big)

@@ -16,6 +16,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from minigrpo.agent.tools import load_tool
 from minigrpo.errors import ConfigError, DataError
 from minigrpo.tasks.sources import Example, sft_target
 
@@ -102,23 +103,25 @@ def bos_prefix(tokenizer: Any) -> str:
     return bos if ids and ids[0] == bos_id else ""
 
 
-def _chat_prompt(tokenizer: Any, system: str, question: str) -> str:
-    """Render a system + user conversation with the tokenizer's chat template, ready for generation."""
+def _chat_prompt(tokenizer: Any, system: str, question: str, tools: list | None = None) -> str:
+    """Render a system + user conversation with the tokenizer's chat template, ready for generation (`tools`: the
+    functions the model may call, described by the template as it does)."""
     messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
     except TemplateError:
         # Some templates (e.g. Gemma's) reject a system role; put the instructions in the user turn.
         messages = [{"role": "user", "content": f"{system}\n\n{question}"}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
 
 
-def _messages_prompt(tokenizer: Any, messages: list[dict[str, str]], system_prompt: str | None) -> str:
+def _messages_prompt(tokenizer: Any, messages: list[dict[str, str]], system_prompt: str | None,
+                     tools: list | None = None) -> str:
     """A conversational prompt as given, through the chat template (`system_prompt` first, if set and the
     messages have no system turn)."""
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
 
 
 def build_prompt(
@@ -128,6 +131,7 @@ def build_prompt(
     system_prompt: str | None = None,
     fewshot: list[Example] | None = None,
     messages: list[dict[str, str]] | None = None,
+    tools: list | None = None,
 ) -> str:
     """Build the prompt text for one question.
 
@@ -135,16 +139,17 @@ def build_prompt(
     R1_SYSTEM_PROMPT (think in <think> tags); "fewshot": plain "Question: ...\\nAnswer: ..." blocks for
     the `fewshot` examples, then the question, for base models (`system_prompt`, if given, goes first);
     "auto": "chat" or "fewshot", as the tokenizer has a chat template or not. No BOS: `render_prompts` adds it.
+    `tools` (functions) reach the chat template's `tools=`; raw text templates do not describe them.
     """
     if messages is not None:  # conversational: the conversation is the prompt, whatever the template's text
-        return _messages_prompt(tokenizer, messages, system_prompt)
+        return _messages_prompt(tokenizer, messages, system_prompt, tools)
     template = _concrete(template, tokenizer)
     if template == "raw":
         return f"{system_prompt}\n\n{question}" if system_prompt else question
     if template == "chat":
-        return _chat_prompt(tokenizer, system_prompt or SYSTEM_PROMPT, question)
+        return _chat_prompt(tokenizer, system_prompt or SYSTEM_PROMPT, question, tools)
     if template == "r1":
-        return _chat_prompt(tokenizer, system_prompt or R1_SYSTEM_PROMPT, question)
+        return _chat_prompt(tokenizer, system_prompt or R1_SYSTEM_PROMPT, question, tools)
     if template == "fewshot":
         # The shots end with "#### N" so a base model copies the format the reward extracts.
         shots = "".join(f"Question: {ex.question}\nAnswer: {sft_target(ex)}\n\n" for ex in fewshot or [])
@@ -159,7 +164,8 @@ def render_prompts(cfg: Any, tokenizer: Any, examples: list[Example], fewshot: l
     examples; a raw template's text starts with the BOS the tokenizer adds by default, `bos_prefix`); with
     check_length (training), a prompt over max_prompt_length tokens is an error naming the row."""
     template = resolve_template(cfg, tokenizer, examples)
-    prompts = [build_prompt(tokenizer, ex.question, template, cfg.system_prompt, fewshot, ex.messages)
+    tools = [load_tool(t) for t in cfg.tools] or None
+    prompts = [build_prompt(tokenizer, ex.question, template, cfg.system_prompt, fewshot, ex.messages, tools)
                for ex in examples]
     if template not in CHAT_TEMPLATES and (bos := bos_prefix(tokenizer)):  # a chat template writes its own BOS
         prompts = [p if p.startswith(bos) or ex.messages is not None else bos + p for p, ex in zip(prompts, examples)]

@@ -276,7 +276,7 @@ def score(
     per_func: dict[str, list[float | None]] = {}
     kwargs = {"prompts": prompts, "completions": completions, **columns}
     waiting = [(name, fn) for name, fn, _ in funcs if inspect.iscoroutinefunction(fn) and name not in guard.disabled]
-    awaited = dict(zip([n for n, _ in waiting], _run_async([fn(**kwargs) for _, fn in waiting], guard.timeout))) \
+    awaited = dict(zip([n for n, _ in waiting], run_async([fn(**kwargs) for _, fn in waiting], guard.timeout))) \
         if waiting else {}
     for name, fn, weight in funcs:
         if name in guard.disabled:
@@ -334,7 +334,7 @@ def _call(fn: Callable, kwargs: dict[str, Any], timeout: float = 0.0) -> Any:
 _LOOP: asyncio.AbstractEventLoop | None = None  # the async rewards' event loop, in a thread of its own
 
 
-def _run_async(coroutines: list[Any], timeout: float = 0.0) -> list[Any]:
+def run_async(coroutines: list[Any], timeout: float = 0.0) -> list[Any]:
     """Await the coroutines together on the rewards' event loop: one loop, kept in a daemon thread for the whole
     process (a reward may keep a loop-bound client, an HTTP session, from one batch to the next; and it works where
     a loop already runs, e.g. Jupyter); each result, the exception it raised, or TIMED_OUT (cancelled after
@@ -378,7 +378,7 @@ def _score_one_by_one(name: str, fn: Callable, prompts: list[Any], completions: 
     for i in range(len(completions)):
         kwargs = {"prompts": prompts[i:i + 1], "completions": completions[i:i + 1],
                   **{k: v[i:i + 1] for k, v in columns.items()}}
-        value = _run_async([fn(**kwargs)], guard.timeout)[0] if inspect.iscoroutinefunction(fn) \
+        value = run_async([fn(**kwargs)], guard.timeout)[0] if inspect.iscoroutinefunction(fn) \
             else _call(fn, kwargs, guard.timeout)
         if value is TIMED_OUT:
             guard.timed_out(name, len(completions) - i)

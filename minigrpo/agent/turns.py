@@ -1,0 +1,107 @@
+"""Multi-turn rollouts: what happens when an assistant turn ends, shared by every backend that runs them.
+
+A rollout backend generates every row of a batch at once; when a row's assistant turn ends (EOS, or a stop
+string), it hands the turn's tokens to `Episodes.end_turn`, which answers with the tokens to append (tool
+messages rendered by the chat template, then the next assistant header) or None: the trajectory is over.
+The backend appends those tokens to the row (the engine extends the row's KV cache with them, one decode step
+each, while other rows go on generating), marks them in `Rollout.tool_mask` (they are in the context, never in
+the loss), and generation continues, up to `max_turns` assistant turns and `max_completion_length` tokens in
+all (the whole trajectory). The completion a reward sees is the whole trajectory's text.
+
+`MultiTurn` is the configuration (tools, max_turns, tool_timeout); `begin` makes the state of one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from minigrpo.agent.tools import load_tool, parse_tool_calls, run_calls, tool_name
+
+MARK = "\x00MINIGRPO-TURN\x00"  # stands for an assistant turn's content while rendering what follows it
+
+
+@dataclass
+class MultiTurn:
+    """Tools the model may call, and the limits of a trajectory."""
+    tools: list[Callable] = field(default_factory=list)
+    max_turns: int = 4  # assistant turns per trajectory
+    tool_timeout: float = 10.0  # seconds per tool call, then the model is told it timed out
+
+    def begin(self, tokenizer: Any, eos: list[int], rows: int) -> Episodes:
+        return Episodes(self, tokenizer, eos, rows)
+
+
+def multi_turn(cfg: Any) -> MultiTurn | None:
+    """The run's multi-turn settings (its tools loaded: a ConfigError names a bad one), or None: single-turn."""
+    if not cfg.tools:
+        return None
+    return MultiTurn(tools=[load_tool(t) for t in cfg.tools], max_turns=cfg.max_turns, tool_timeout=cfg.tool_timeout)
+
+
+class Episodes:
+    """The multi-turn state of one batch of `rows` trajectories: per row its turns (the one being generated
+    included), tool calls and their errors and seconds (`stats`, what `Rollout.stats` carries), and whether the
+    token budget cut it (`cut`: an answer that did not fit)."""
+
+    def __init__(self, spec: MultiTurn, tokenizer: Any, eos: list[int], rows: int) -> None:
+        self.spec, self.tokenizer, self.eos = spec, tokenizer, set(eos)
+        self.tools = {tool_name(fn): fn for fn in spec.tools}
+        self.stats: dict[str, list[float]] = {"turns": [1.0] * rows, "tool_calls": [0.0] * rows,
+                                              "tool_errors": [0.0] * rows, "tool_s": [0.0] * rows}
+        self.cut = [False] * rows
+
+    def end_turn(self, rows: list[int], turns: list[list[int]], room: list[int]) -> list[list[int] | None]:
+        """Rows whose assistant turn just ended, that turn's tokens, and how many tokens each row may still take:
+        per row the tokens to append (the answer's messages rendered, then the next assistant header), or None
+        when its trajectory is over: the turn asked for nothing, max_turns is reached, or the answer and one more
+        token would not fit (then `cut`: the budget ended it, a truncated completion)."""
+        texts = self.tokenizer.batch_decode(turns, skip_special_tokens=True)
+        going = [i for i, r in enumerate(rows) if self.stats["turns"][r] < self.spec.max_turns]
+        replies = self.respond([rows[i] for i in going], [texts[i] for i in going])
+        out: list[list[int] | None] = [None] * len(rows)
+        for i, messages in zip(going, replies):
+            if not messages:
+                continue
+            r, ids = rows[i], turns[i]
+            eos_text = self.tokenizer.decode(ids[-1:]) if ids and ids[-1] in self.eos else ""
+            answer = render_after_turn(self.tokenizer, messages, eos_text)
+            if len(answer) < room[i]:
+                out[i] = answer
+                self.stats["turns"][r] += 1
+            else:
+                self.cut[r] = True
+        return out
+
+    def respond(self, rows: list[int], texts: list[str]) -> list[list[dict[str, str]] | None]:
+        """The messages that answer each row's turn (`texts`), or None: nothing to answer, the trajectory is over.
+        Here: the turn's tool calls, run concurrently for all rows, one `tool` message each. (An environment
+        answers its own way by overriding this.)"""
+        plans = [parse_tool_calls(text, self.tools) if self.tools else [] for text in texts]
+        flat = [c for calls in plans for c in calls]
+        answers = iter(run_calls(flat, self.tools, self.spec.tool_timeout) if flat else [])
+        out: list[list[dict[str, str]] | None] = []
+        for r, calls in zip(rows, plans):
+            messages = []
+            for call in calls:
+                text, failed, seconds = next(answers)
+                self.stats["tool_calls"][r] += 1
+                self.stats["tool_errors"][r] += failed
+                self.stats["tool_s"][r] += seconds
+                messages.append({"role": "tool", "name": call.name, "content": text})
+            out.append(messages or None)
+        return out
+
+
+def render_after_turn(tokenizer: Any, messages: list[dict[str, str]], eos_text: str = "") -> list[int]:
+    """What the chat template writes after an assistant turn's content when `messages` follow it, through the
+    next assistant header (`add_generation_prompt`), as token ids. The turn ends as the template ends it (e.g.
+    `<|im_end|>\\n`); when the model ended its turn with an EOS (`eos_text`, its text) that starts that ending,
+    it is not repeated."""
+    base = [{"role": "user", "content": "?"}, {"role": "assistant", "content": MARK}]
+    full = tokenizer.apply_chat_template(base + messages, tokenize=False, add_generation_prompt=True)
+    after = full[full.index(MARK) + len(MARK):]
+    if eos_text and after.startswith(eos_text):
+        after = after[len(eos_text):]
+    return tokenizer(after, add_special_tokens=False).input_ids
