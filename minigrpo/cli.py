@@ -157,6 +157,10 @@ def inference_parser(prog: str, description: str, backend: bool = True) -> argpa
     p.add_argument("--max_new_tokens", type=int, default=None, help="default: the run's max_completion_length")
     p.add_argument("--batch_size", type=int, default=32, help="sequences per generate call")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--tools", default=None, help="tools the model may call, comma-separated (calculator, python, "
+                   "package.module:function): multi-turn; default: the run's")
+    p.add_argument("--max_turns", type=int, default=None, help="with tools: assistant turns per trajectory (default: "
+                   "the run's, else 4)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     if backend:
         p.add_argument("--backend", choices=list(BACKENDS), default="engine",
@@ -171,8 +175,10 @@ def load_for_inference(args: argparse.Namespace) -> tuple[Config, Any, Any, list
     is_policy = source.name in ("adapter", "model") or source.name.startswith("checkpoint-")  # of a run folder
     run_dir = source.parent if args.adapter or (args.model and is_policy) else None
     values = {key: getattr(args, flag) for key, flag in (("model", "model"), ("gguf_file", "gguf_file"),
-              ("template", "template"), ("dataset", "data"), ("max_completion_length", "max_new_tokens"))
-              if getattr(args, flag) is not None}
+              ("template", "template"), ("dataset", "data"), ("max_completion_length", "max_new_tokens"),
+              ("max_turns", "max_turns")) if getattr(args, flag) is not None}
+    if args.tools is not None:
+        values["tools"] = [t for t in args.tools.split(",") if t]
     if args.prompt_field is not None or args.answer_field != "answer":
         values |= {"prompt_field": args.prompt_field, "answer_field": args.answer_field}
     values |= {"use_peft": False, "load_in_4bit": False, "device": args.device, "resume": False,
@@ -361,11 +367,13 @@ def cmd_bench(argv: list[str]) -> int:
         from minigrpo import rollout
 
         rollout.backend("vllm").start(dataclasses.replace(cfg, rollout_backend="vllm"), model, tok)
+    from minigrpo.agent.turns import multi_turn
+
     report = bench_rollout(model, tok, prompts, args.n, cfg.max_completion_length, args.reps, args.temperature,
-                           vllm=args.vllm)
+                           vllm=args.vllm, turns=multi_turn(cfg))
     report["settings"] = {"model": cfg.model, "gguf_file": cfg.gguf_file, "prompts": len(prompts), "n": args.n,
                           "max_new_tokens": cfg.max_completion_length, "threads": args.threads, "reps": args.reps,
-                          "vllm": args.vllm}
+                          "vllm": args.vllm, "tools": [str(t) for t in cfg.tools], "max_turns": cfg.max_turns}
     print(json.dumps(report, indent=2))
     return 0
 

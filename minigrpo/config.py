@@ -79,6 +79,9 @@ class Config:
     arith_max_number: int = _f(10, "arith task: operands are drawn from 1..arith_max_number")
     arith_direct_fraction: float = _f(0.0, "arith task: share of train solutions given as a bare '#### N' "
                                            "(cold-start data mixing worked solutions and bare answers)")
+    arith_tool_fraction: float = _f(0.0, "arith task: share of train problems solved with the calculator in SFT "
+                                         "(a conversation: the call, its answer, '#### N'); the tools model's cold "
+                                         "start")
     arith_train_size: int = _f(20000, "arith task: problems in the train split (at most 20000)")
     eval_dataset: str | None = _f(None, "dataset for evaluation, when not `dataset` (same forms)")
     train_split: str = _f("train", "split used for training")
@@ -323,7 +326,8 @@ class Config:
 RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "lora_r": (1, None, False, False), "lora_alpha": (0, None, True, False), "lora_dropout": (0, 1, False, True),
     "arith_steps": (1, None, False, False), "arith_max_number": (1, None, False, False),
-    "arith_direct_fraction": (0, 1, False, False), "arith_train_size": (1, 20000, False, False),
+    "arith_direct_fraction": (0, 1, False, False), "arith_tool_fraction": (0, 1, False, False),
+    "arith_train_size": (1, 20000, False, False),
     "num_fewshot": (0, None, False, False), "max_prompt_length": (1, None, False, False),
     "overlong_buffer": (0, None, False, False), "vllm_gpu_memory_utilization": (0, 1, True, False),
     "vllm_importance_sampling_clip_max": (0, None, True, False),

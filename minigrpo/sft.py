@@ -4,7 +4,8 @@ Same config, run folder, logging, evaluation, checkpoints, `--resume`, Ctrl-C an
 (the run machinery of run.py). The data is any dataset `train` reads: the target of each problem is its
 worked solution reformatted to end in `#### N` (`sources.sft_target`), so GSM8K solutions, the arith task's
 solutions and rejection-sampled JSONL (`minigrpo sample`) all work. The loss is the mean cross-entropy of
-the target tokens (EOS included), prompt tokens masked out. GRPO's rules (groups, rewards) do not apply.
+the target tokens (EOS included), prompt tokens masked out. A `completion` that is a conversation with tool
+messages trains its assistant turns only (`encode_pairs`). GRPO's rules (groups, rewards) do not apply.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from minigrpo.agent.turns import render_after_turn, turn_end_id
 from minigrpo.config import Config
 from minigrpo.model import trainable_parameters
 from minigrpo.run import (
@@ -33,27 +35,47 @@ from minigrpo.run import (
     start_loop,
     step_schedule,
 )
-from minigrpo.tasks.sources import sft_target
+from minigrpo.tasks.sources import sft_conversation, sft_target
 
 
-def encode_pairs(tokenizer: Any, prompts: list[str], targets: list[str]) -> list[tuple[list[int], int]]:
-    """Token ids of prompt + target + EOS, and the prompt length (where the loss starts)."""
+def encode_pairs(tokenizer: Any, prompts: list[str], targets: list[str | list[dict[str, str]]],
+                 ) -> list[tuple[list[int], list[int]]]:
+    """Token ids of prompt + target, and which of them are trained (1) or context (0). A text target is trained
+    whole, with the EOS after it. A conversation (`sft_conversation`: assistant turns with tool messages between
+    them) trains its assistant turns (content + EOS); what the chat template writes for the messages between them
+    is context, the very tokens a multi-turn rollout feeds (agent/turns.py `render_after_turn`)."""
     p_ids = tokenizer(prompts, add_special_tokens=False).input_ids
-    t_ids = tokenizer(targets, add_special_tokens=False).input_ids
-    return [(p + t + [tokenizer.eos_token_id], len(p)) for p, t in zip(p_ids, t_ids)]
+    out = []
+    for p, target in zip(p_ids, targets):
+        ids, mask = list(p), [0] * len(p)
+        if isinstance(target, str):
+            turn = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            out.append((ids + turn, mask + [1] * len(turn)))
+            continue
+        end = turn_end_id(tokenizer)  # a conversation's turns end as the chat template ends them
+        pending: list[dict[str, str]] = []  # messages since the last assistant turn
+        for m in target:
+            if m["role"] != "assistant":
+                pending.append(m)
+                continue
+            if pending:
+                between = render_after_turn(tokenizer, pending, tokenizer.decode([end]))
+                ids, mask, pending = ids + between, mask + [0] * len(between), []
+            turn = tokenizer(m["content"], add_special_tokens=False).input_ids + [end]
+            ids, mask = ids + turn, mask + [1] * len(turn)
+        out.append((ids, mask))
+    return out
 
 
-def collate(pairs: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids [B, T], attention mask [B, T], and the loss mask of target positions [B, T-1]."""
+def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T], attention mask [B, T], and the loss mask of trained positions [B, T-1]."""
     T = max(len(ids) for ids, _ in pairs)
     ids = torch.full((len(pairs), T), pad_id, dtype=torch.long)
     attention = torch.zeros((len(pairs), T), dtype=torch.long)
-    for i, (seq, _) in enumerate(pairs):
-        ids[i, :len(seq)], attention[i, :len(seq)] = torch.tensor(seq), 1
-    positions = torch.arange(1, T)[None, :]  # position t+1 is predicted by logits at t
-    starts = torch.tensor([start for _, start in pairs])[:, None]
-    loss_mask = (positions >= starts) & attention[:, 1:].bool()
-    return ids, attention, loss_mask.float()
+    trained = torch.zeros((len(pairs), T))
+    for i, (seq, mask) in enumerate(pairs):
+        ids[i, :len(seq)], attention[i, :len(seq)], trained[i, :len(seq)] = torch.tensor(seq), 1, torch.tensor(mask)
+    return ids, attention, trained[:, 1:]  # position t+1 is predicted by the logits at t
 
 
 # How each metric of a step is reduced over processes (reduce_metrics): mean unless named here.
@@ -74,7 +96,7 @@ def run_sft(cfg: Config, show_progress: bool = True, inputs: Inputs | None = Non
     run = setup_run(cfg, "SFT", inputs)
     cfg = run.cfg  # as resolved at start (the template "auto" made concrete)
     model, tok, dist, device = run.model, run.tokenizer, run.dist, run.device
-    pairs = encode_pairs(tok, run.train_prompts, [sft_target(ex) for ex in run.train_set])
+    pairs = encode_pairs(tok, run.train_prompts, [sft_conversation(ex) or sft_target(ex) for ex in run.train_set])
     opt = prepare_training(run, cfg.max_steps)
     state = LoopState(PromptSampler(len(pairs), cfg.seed))
     monitor = start_loop(run, opt, state, show_progress)  # resume, or evaluate before training

@@ -26,9 +26,9 @@ Linux x86-64 and aarch64 (the filter names their syscall numbers); `check()` say
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
-import resource
 import shutil
 import signal
 import struct
@@ -38,9 +38,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-# (audit arch, clone, fork, vfork, clone3): aarch64 has no fork nor vfork (0xFFFFFFFF: no call has that number)
-_ARCH = {"x86_64": (0xC000003E, 56, 57, 58, 435), "aarch64": (0xC00000B7, 220, 0xFFFFFFFF, 0xFFFFFFFF, 435)}
+# Per architecture: its audit value, clone, clone3, and the calls refused outright with EPERM: new processes
+# (fork, vfork), and what a process needs to leave its namespaces or attack the kernel (unshare, setns, mount,
+# umount2, pivot_root, ptrace, bpf, keyctl, add_key, request_key, userfaultfd, io_uring_setup, perf_event_open).
+_ARCH = {
+    "x86_64": (0xC000003E, 56, 435, (57, 58, 272, 308, 165, 166, 155, 101, 321, 250, 248, 249, 323, 425, 298)),
+    "aarch64": (0xC00000B7, 220, 435, (97, 268, 40, 39, 41, 117, 280, 219, 217, 218, 282, 425, 241)),
+}
 CLONE_THREAD = 0x00010000
+CLONE_NEW = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+X32 = 0x40000000  # x86-64's x32 ABI: the same audit arch, numbers from here on
 _RET_ALLOW, _RET_KILL, _RET_ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
 EPERM, ENOSYS = 1, 38
 
@@ -72,42 +79,62 @@ class Result:
 
 
 def check() -> str | None:
-    """None when the sandbox can run here, else what is missing and how to get it."""
+    """None when the sandbox runs here, else what is missing and how to get it (one trial run, remembered)."""
+    return _missing()
+
+
+@functools.cache
+def _missing() -> str | None:
     if sys.platform != "linux":
         return f"the sandbox needs Linux (namespaces, seccomp); this is {sys.platform}"
     if platform.machine() not in _ARCH:
         return f"the sandbox's seccomp filter knows x86-64 and aarch64, not {platform.machine()}"
-    if shutil.which("bwrap") is None:
-        return ("the sandbox needs bubblewrap (the `bwrap` command): install it with `apt-get install bubblewrap` "
-                "(Debian/Ubuntu) or your distribution's package")
+    for command, package in (("bwrap", "bubblewrap"), ("prlimit", "util-linux")):
+        if shutil.which(command) is None:
+            return (f"the sandbox needs the `{command}` command: install it with `apt-get install {package}` "
+                    f"(Debian/Ubuntu) or your distribution's package")
+    try:
+        _trial()
+    except RuntimeError as e:  # e.g. user namespaces disabled, or a bwrap older than 0.8 (--size, --disable-userns)
+        return f"{e} (bubblewrap 0.8 or newer and unprivileged user namespaces are needed)"
     return None
 
 
+def _trial() -> None:
+    result = _run("print(1)", Limits())
+    if result.stdout != "1\n":
+        raise RuntimeError(f"the sandbox's trial run printed {result.stdout!r}, error {result.stderr.strip()!r}")
+
+
 def seccomp_filter(machine: str | None = None) -> bytes:
-    """The classic-BPF program (struct sock_filter[]) that refuses new processes and allows everything else."""
-    arch, clone, fork, vfork, clone3 = _ARCH[machine or platform.machine()]
-
-    def op(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
-        return struct.pack("=HBBI", code, jt, jf, k)
-
-    ld, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JSET|K, BPF_RET|K
-    prog = [  # jumps are relative: the target is the next instruction + the offset
-        op(ld, 4),  # 0: seccomp_data.arch
-        op(jeq, arch, 0, 11),  # 1: another ABI (e.g. 32-bit calls) -> 13 kill
-        op(ld, 0),  # 2: seccomp_data.nr
-        op(jeq, clone3, 8, 0),  # 3: -> 12 ENOSYS (the C library then falls back to clone)
-        op(jeq, fork, 6, 0),  # 4: -> 11 EPERM
-        op(jeq, vfork, 5, 0),  # 5: -> 11 EPERM
-        op(jeq, clone, 1, 0),  # 6: -> 8
-        op(ret, _RET_ALLOW),  # 7: any other call
-        op(ld, 16),  # 8: args[0] low word: clone's flags (little-endian on both arches)
-        op(jset, CLONE_THREAD, 0, 1),  # 9: a thread -> 10, a process -> 11
-        op(ret, _RET_ALLOW),  # 10
-        op(ret, _RET_ERRNO | EPERM),  # 11
-        op(ret, _RET_ERRNO | ENOSYS),  # 12
-        op(ret, _RET_KILL),  # 13
+    """The classic-BPF program (struct sock_filter[]) of the sandbox: a foreign ABI (32-bit, x32) kills the
+    process; the refused calls (`_ARCH`) and clone for a process (no CLONE_THREAD) or a namespace (CLONE_NEW*)
+    fail with EPERM; clone3 fails with ENOSYS (the C library then falls back to clone, whose flags the filter can
+    read); every other call is allowed."""
+    arch, clone, clone3, refused = _ARCH[machine or platform.machine()]
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|JGE|JSET (K), BPF_RET|K
+    # (code, k, true label, false label): labels name instructions; jumps are offsets from the next one
+    body: list[tuple[int, int, str | None, str | None]] = [
+        (ld, 4, None, None),  # seccomp_data.arch
+        (jeq, arch, None, "kill"),
+        (ld, 0, None, None),  # seccomp_data.nr
+        (jge, X32, "kill", None),
+        (jeq, clone3, "enosys", None),
+        *[(jeq, nr, "eperm", None) for nr in refused],
+        (jeq, clone, "clone", None),
+        (ret, _RET_ALLOW, None, None),
     ]
-    return b"".join(prog)
+    labels = {"clone": len(body)}
+    body += [(ld, 16, None, None),  # args[0] low word: clone's flags (little-endian on both arches)
+             (jset, CLONE_NEW, "eperm", None), (jset, CLONE_THREAD, None, "eperm"), (ret, _RET_ALLOW, None, None)]
+    for name, value in (("eperm", _RET_ERRNO | EPERM), ("enosys", _RET_ERRNO | ENOSYS), ("kill", _RET_KILL)):
+        labels[name] = len(body)
+        body.append((ret, value, None, None))
+    prog = b""
+    for pc, (code, k, true, false) in enumerate(body):
+        jt, jf = (labels[true] - pc - 1 if true else 0), (labels[false] - pc - 1 if false else 0)
+        prog += struct.pack("=HBBI", code, jt, jf, k)
+    return prog
 
 
 def _bind_args() -> list[str]:
@@ -124,43 +151,64 @@ def _bind_args() -> list[str]:
     return args
 
 
-def _limit(limits: Limits):  # noqa: ANN202  (a preexec function)
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * 2**20,) * 2)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.disk_mb * 2**20,) * 2)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files,) * 2)
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    return apply
+def _limits(limits: Limits) -> list[str]:
+    """util-linux's `prlimit` in front of bwrap: the limits are set before bwrap runs and inherited by the code
+    (set from outside, not by a preexec function: tools run in threads, where a preexec function is unsafe)."""
+    mb = 2**20
+    return ["prlimit", f"--cpu={limits.cpu_s}:{limits.cpu_s + 1}", f"--as={limits.memory_mb * mb}",
+            f"--fsize={limits.disk_mb * mb}", f"--nofile={limits.open_files}", "--core=0", "--"]
 
 
 def run_python(code: str, limits: Limits | None = None, stdin: str = "") -> Result:
-    """Run `code` with the standard-library interpreter inside the sandbox (module docstring), within `limits`."""
-    limits = limits or Limits()
-    missing = check()
+    """Run `code` with the standard-library interpreter inside the sandbox (module docstring), within `limits`.
+    What the code does is a Result; a sandbox that cannot start here is a RuntimeError saying why."""
+    missing = _missing()
     if missing:
         raise RuntimeError(missing)
+    return _run(code, limits or Limits(), stdin)
+
+
+def _run(code: str, limits: Limits, stdin: str = "") -> Result:
     interpreter = os.path.realpath(sys.executable)
+    size = str(limits.disk_mb * 2**20)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="minigrpo-sandbox-") as host:
         script = os.path.join(host, "main.py")
         with open(script, "w") as f:
             f.write(code)
-        rules_r, rules_w = os.pipe()
-        os.write(rules_w, seccomp_filter())  # < 64 KiB: fits the pipe before bwrap reads it
-        os.close(rules_w)
-        cmd = ["bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--die-with-parent",
-               "--new-session", "--cap-drop", "ALL", *_bind_args(), "--proc", "/proc", "--dev", "/dev",
-               "--size", str(limits.disk_mb * 2**20), "--tmpfs", "/work", "--ro-bind", script, "/sandbox/main.py",
+        cmd = [*_limits(limits), "bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--uid", "65534",
+               "--gid", "65534", "--die-with-parent", "--new-session", "--cap-drop", "ALL", *_bind_args(),
+               "--proc", "/proc", "--dev", "/dev", "--size", size, "--tmpfs", "/dev/shm", "--size", size, "--tmpfs",
+               "/work", "--ro-bind", script, "/sandbox/main.py", "--remount-ro", "/dev", "--remount-ro", "/",
                "--chdir", "/work", "--setenv", "HOME", "/work", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
-               "--seccomp", str(rules_r), interpreter, "-I", "-S", "/sandbox/main.py"]
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                pass_fds=(rules_r,), preexec_fn=_limit(limits), start_new_session=True,
-                                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
-        os.close(rules_r)
-        out, err, stopped = _collect(proc, stdin.encode(), limits)
-    return Result(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"), stopped,
-                  time.perf_counter() - t0)
+               "--seccomp", "{fd}", interpreter, "-I", "-S", "/sandbox/main.py"]
+        rules_r, rules_w = os.pipe()
+        try:
+            os.write(rules_w, seccomp_filter())  # < 64 KiB: fits the pipe before bwrap reads it
+            os.close(rules_w)
+            cmd[cmd.index("{fd}")] = str(rules_r)
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    pass_fds=(rules_r,), start_new_session=True,
+                                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+        finally:
+            os.close(rules_r)
+        try:
+            out, err, stopped = _collect(proc, stdin.encode(), limits)
+        finally:  # whatever happened while reading: nothing of the sandbox outlives the call
+            if proc.poll() is None:
+                _kill(proc)
+    stderr = err.decode(errors="replace")
+    if proc.returncode != 0 and stderr.startswith(("bwrap: ", "prlimit: ")):
+        raise RuntimeError(f"the sandbox could not start: {stderr.strip()}")
+    return Result(proc.returncode, out.decode(errors="replace"), stderr, stopped, time.perf_counter() - t0)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # bwrap and everything in its PID namespace
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _collect(proc: subprocess.Popen, stdin: bytes, limits: Limits) -> tuple[bytes, bytes, str]:
@@ -195,10 +243,7 @@ def _collect(proc: subprocess.Popen, stdin: bytes, limits: Limits) -> tuple[byte
             stopped = "output"
             break
     if stopped:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill(proc)
     proc.wait()
     sel.close()
     keep = limits.output_bytes

@@ -51,6 +51,7 @@ class Episodes:
         self.stats: dict[str, list[float]] = {"turns": [1.0] * rows, "tool_calls": [0.0] * rows,
                                               "tool_errors": [0.0] * rows, "tool_s": [0.0] * rows}
         self.cut = [False] * rows
+        self.pending: dict[int, dict[str, float]] = {}  # this end_turn's tool use per row, until delivered
 
     def end_turn(self, rows: list[int], turns: list[list[int]], room: list[int]) -> list[list[int] | None]:
         """Rows whose assistant turn just ended, that turn's tokens, and how many tokens each row may still take:
@@ -58,7 +59,9 @@ class Episodes:
         when its trajectory is over: the turn asked for nothing, max_turns is reached, or the answer and one more
         token would not fit (then `cut`: the budget ended it, a truncated completion)."""
         texts = self.tokenizer.batch_decode(turns, skip_special_tokens=True)
-        going = [i for i, r in enumerate(rows) if self.stats["turns"][r] < self.spec.max_turns]
+        # a row with no turn left, or no room for even a one-token answer and a token after it, asks nothing
+        going = [i for i, r in enumerate(rows) if self.stats["turns"][r] < self.spec.max_turns and room[i] > 2]
+        self.pending = {}
         replies = self.respond([rows[i] for i in going], [texts[i] for i in going])
         out: list[list[int] | None] = [None] * len(rows)
         for i, messages in zip(going, replies):
@@ -70,6 +73,8 @@ class Episodes:
             if len(answer) < room[i]:
                 out[i] = answer
                 self.stats["turns"][r] += 1
+                for key, value in self.pending.get(r, {}).items():  # counted once the model gets the answers
+                    self.stats[key][r] += value
             else:
                 self.cut[r] = True
         return out
@@ -83,13 +88,14 @@ class Episodes:
         answers = iter(run_calls(flat, self.tools, self.spec.tool_timeout) if flat else [])
         out: list[list[dict[str, str]] | None] = []
         for r, calls in zip(rows, plans):
-            messages = []
+            messages, used = [], {"tool_calls": 0.0, "tool_errors": 0.0, "tool_s": 0.0}
             for call in calls:
                 text, failed, seconds = next(answers)
-                self.stats["tool_calls"][r] += 1
-                self.stats["tool_errors"][r] += failed
-                self.stats["tool_s"][r] += seconds
+                used["tool_calls"] += 1
+                used["tool_errors"] += failed
+                used["tool_s"] += seconds
                 messages.append({"role": "tool", "name": call.name, "content": text})
+            self.pending[r] = used  # what end_turn adds to `stats` when the answer is delivered
             out.append(messages or None)
         return out
 
@@ -105,3 +111,13 @@ def render_after_turn(tokenizer: Any, messages: list[dict[str, str]], eos_text: 
     if eos_text and after.startswith(eos_text):
         after = after[len(eos_text):]
     return tokenizer(after, add_special_tokens=False).input_ids
+
+
+def turn_end_id(tokenizer: Any) -> int:
+    """The token the chat template ends an assistant turn with (`<|im_end|>`, `<end_of_turn>`, `<|eot_id|>`; the
+    EOS when the template writes none): what SFT ends each assistant turn of a conversation with, so that the
+    tokens it trains on are the ones a rollout produces and feeds."""
+    base = [{"role": "user", "content": "?"}, {"role": "assistant", "content": MARK}]
+    full = tokenizer.apply_chat_template(base, tokenize=False)
+    after = tokenizer(full[full.index(MARK) + len(MARK):], add_special_tokens=False).input_ids
+    return after[0] if after else tokenizer.eos_token_id

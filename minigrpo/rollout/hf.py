@@ -40,15 +40,16 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     """Sample `params.n` completions per prompt with transformers' `generate` (LoRA folded in while it runs,
     unless merge_lora is False)."""
     with merged_lora(model, merge_lora):
-        if params.turns is not None:
-            return hf_multi_turn(model, tokenizer, prompts, params)
         return hf_generate(model, tokenizer, prompts, params)
 
 
 @torch.no_grad()
 def hf_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                 params: SamplingParams) -> Rollout:
-    """`params.n` completions per prompt from `model.generate`, as a Rollout (stop strings: `StopStrings`)."""
+    """`params.n` completions per prompt from `model.generate`, as a Rollout (stop strings: `StopStrings`;
+    multi-turn: `hf_multi_turn`)."""
+    if params.turns is not None:
+        return hf_multi_turn(model, tokenizer, prompts, params)
     device = next(model.parameters()).device
     ids, mask = encode_prompts(tokenizer, prompts, device)
     ids, mask = ids.repeat_interleave(params.n, 0), mask.repeat_interleave(params.n, 0)
@@ -97,11 +98,16 @@ def hf_multi_turn(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pr
         batch = torch.tensor([[pad] * (width - len(x)) + x for x in rows], device=device)
         attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in rows], device=device)
         stops = StoppingCriteriaList([StopStrings(tokenizer, params.stop, width)] if params.stop else [])
-        out = model.generate(
-            input_ids=batch, attention_mask=attention, max_new_tokens=max(T - len(trajectory[r]) for r in going),
-            do_sample=not greedy, temperature=None if greedy else params.temperature,
-            top_p=None if greedy else params.top_p, top_k=None if greedy else params.top_k, eos_token_id=eos,
-            pad_token_id=pad, stopping_criteria=stops)
+        try:
+            out = model.generate(
+                input_ids=batch, attention_mask=attention, max_new_tokens=max(T - len(trajectory[r]) for r in going),
+                do_sample=not greedy, temperature=None if greedy else params.temperature,
+                top_p=None if greedy else params.top_p, top_k=None if greedy else params.top_k, eos_token_id=eos,
+                pad_token_id=pad, stopping_criteria=stops)
+        except RuntimeError as e:  # as in hf_generate
+            if "probability tensor contains" not in str(e):
+                raise
+            raise NonFiniteError("the model's logits are NaN or inf while generating: its weights are broken") from e
         ended_rows, turns = [], []
         for r, new in zip(going, out[:, width:].tolist()):
             new = new[:T - len(trajectory[r])]  # this row's budget

@@ -308,6 +308,22 @@ def load_examples(
     return _load_hub(dataset, split, prompt_field, answer_field, limit, key)
 
 
+def sft_conversation(example: Example) -> list[dict[str, str]] | None:
+    """A `completion` column that is a conversation with more than assistant turns (tool calls and their answers,
+    e.g. the arith task's calculator solutions): its messages, for SFT to train the assistant turns only; else
+    None (the target is `sft_target`'s text)."""
+    completion = example.columns.get("completion")
+    if not isinstance(completion, list) or all(m.get("role") == "assistant" for m in completion):
+        return None
+    roles = [m.get("role") for m in completion]
+    if roles[0] != "assistant" or roles[-1] != "assistant" or not all(
+            isinstance(m.get("content"), str) for m in completion):
+        raise DataError(f"a completion conversation ({roles}) must start and end with an assistant turn, every "
+                        f"message with text content: SFT trains the assistant turns, the messages between them "
+                        f"are their context (question: {example.question[:60]!r})")
+    return completion
+
+
 def sft_target(example: Example) -> str:
     """Return the gold solution as a completion: no calculator annotations, ending with `#### N`.
 
@@ -362,7 +378,7 @@ def load_split(cfg: Any, split: str, limit: int | None = None, dataset: str | No
             raise _unknown_split(key, split, "the arith task", SPLITS["arith"])
         size = cfg.arith_train_size if split == "train" else (limit or 1000)
         rows = arith_rows(split, min(size, limit or size), cfg.arith_steps, cfg.arith_max_number,
-                          direct_fraction=cfg.arith_direct_fraction)
+                          direct_fraction=cfg.arith_direct_fraction, tool_fraction=cfg.arith_tool_fraction)
         return [_to_example(row, f"arith [{split}], row {i}", "question", "answer") for i, row in enumerate(rows)]
     return load_examples(dataset, split, cfg.prompt_field, cfg.answer_field, limit,
                          getattr(cfg, "skip_bad_rows", False), key)

@@ -33,11 +33,14 @@ from minigrpo.tasks.sources import load_split
 
 
 def bench_rollout(model: Any, tokenizer: Any, prompts: list[str], n: int, max_new_tokens: int, reps: int = 5,
-                  temperature: float = 1.0, warmup: int = 1, vllm: bool = False) -> dict[str, Any]:
+                  temperature: float = 1.0, warmup: int = 1, vllm: bool = False, turns: Any = None) -> dict[str, Any]:
     """Tokens/s of each backend over `reps` interleaved repetitions (seeded identically per repetition). With
     `vllm` (its colocated instance started for `model`: rollout.vllm.start), vLLM too: its time includes the
-    weight push every generation pays (reported apart as vllm_push_s)."""
-    params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature)
+    weight push every generation pays (reported apart as vllm_push_s). `turns` (agent.turns.MultiTurn): multi-turn
+    rollouts with tools, the engine's loop against the HF reference loop; the tokens counted are the whole
+    trajectories' (tool answers included: every backend feeds them through the model), and the report adds the
+    tool calls per sample."""
+    params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, turns=turns)
     backends = {"engine": engine_generate, "hf": hf_generate}
     if vllm:
         from minigrpo.rollout import vllm as vllm_backend  # only with --vllm: it imports vllm on use
@@ -45,6 +48,7 @@ def bench_rollout(model: Any, tokenizer: Any, prompts: list[str], n: int, max_ne
         backends["vllm"] = vllm_backend.generate
         instance = vllm_backend.instance(model)
     rates: dict[str, list[float]] = {k: [] for k in backends}
+    calls: dict[str, list[float]] = {k: [] for k in backends}
     pushes: list[float] = []
     for rep in range(warmup + reps):
         for name, fn in backends.items():
@@ -54,11 +58,15 @@ def bench_rollout(model: Any, tokenizer: Any, prompts: list[str], n: int, max_ne
             seconds = time.perf_counter() - t0
             if rep >= warmup:
                 rates[name].append(ro.num_completion_tokens / seconds)  # real tokens, up to each EOS
+                if ro.stats:
+                    calls[name].append(sum(ro.stats["tool_calls"]) / len(ro.stats["tool_calls"]))
                 if name == "vllm":
                     pushes.append(instance.push_s)
     report: dict[str, Any] = {}
     for name, values in rates.items():
         report[name] = {"median_tokens_per_s": statistics.median(values), "min": min(values), "max": max(values)}
+        if calls[name]:
+            report[name]["tool_calls_per_sample"] = statistics.mean(calls[name])
     median = {name: report[name]["median_tokens_per_s"] for name in backends}
     report["ratio_engine_over_hf"] = median["engine"] / median["hf"]
     if vllm:

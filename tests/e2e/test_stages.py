@@ -6,7 +6,8 @@ import torch
 
 from minigrpo.config import Config
 from minigrpo.sft import collate, encode_pairs, sft
-from minigrpo.tiny import arith_tokenizer
+from minigrpo.tasks.arith import arith_rows
+from minigrpo.tiny import arith_tokenizer, arith_tools_tokenizer
 
 TINY = dict(model="tiny-arith-init", dataset="arith", arith_steps=1, arith_max_number=5, use_peft=False,
             max_completion_length=16, eval_batch_size=64, num_threads=1, seed=0)
@@ -20,6 +21,21 @@ def test_collate_masks_prompt_and_padding():
     assert loss_mask[0].tolist()[:6] == [0, 0, 1, 1, 1, 0]
     assert attention[0].sum() == 6 and ids[0, 5] == tok.eos_token_id
     assert loss_mask[1].sum() == 2  # "x" is unknown -> one token, plus EOS
+
+
+def test_a_conversation_target_trains_its_assistant_turns_only():
+    """A calculator conversation (arith_tool_fraction's rows): the call and the final answer are trained, the tool's
+    answer and the next assistant header (what a rollout feeds) are context."""
+    tok = arith_tools_tokenizer()
+    row = arith_rows("train", 1, steps=2, max_number=99999, tool_fraction=1.0)[0]
+    (ids, trained), = encode_pairs(tok, ["<|user|>Q<|assistant|>"], [row["completion"]])
+    call, answer, final = (m["content"] for m in row["completion"])
+    expect = [("<|user|>Q<|assistant|>", 0), (call, 1), ("<|endoftext|>", 1), (f"<|tool|>{answer}<|assistant|>", 0),
+              (final, 1), ("<|endoftext|>", 1)]
+    pieces = [tok(text, add_special_tokens=False).input_ids for text, _ in expect]
+    assert ids == [i for p in pieces for i in p]
+    assert trained == [flag for p, (_, flag) in zip(pieces, expect) for _ in p]
+    assert call.startswith("<tool_call>calculator ") and pieces[1][0] == tok.convert_tokens_to_ids("<tool_call>")
 
 
 def test_sft_learns_the_format(tmp_path):

@@ -93,8 +93,7 @@ def test_multi_turn_run_with_a_tool_logs_tool_use(smoke_cfg, monkeypatch):
     from minigrpo.agent.turns import Episodes
 
     def respond(self, rows, texts):
-        for r in rows:
-            self.stats["tool_calls"][r] += 1
+        self.pending = {r: {"tool_calls": 1.0} for r in rows}  # counted when delivered
         return [[{"role": "tool", "name": "calculator", "content": "42"}] for _ in rows]
 
     monkeypatch.setattr(Episodes, "respond", respond)

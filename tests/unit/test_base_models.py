@@ -57,9 +57,10 @@ def test_sft_pairs_hold_one_bos():
     """SFT tokenizes the rendered prompt and the target without special tokens: the BOS comes once, first."""
     tok = bos_tokenizer()
     prompts = render_prompts(Config(template="fewshot"), tok, QUESTIONS)
-    (ids, prompt_len), _ = encode_pairs(tok, prompts, ["#### 4", "#### 8"])
+    (ids, trained), _ = encode_pairs(tok, prompts, ["#### 4", "#### 8"])
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
-    assert prompt_len == len("Question: 2+2?\nAnswer:") + 1  # byte-level: one token per character, + the BOS
+    prompt_len = len("Question: 2+2?\nAnswer:") + 1  # byte-level: one token per character, + the BOS
+    assert trained == [0] * prompt_len + [1] * (len(ids) - prompt_len)
     assert ids[-1] == tok.eos_token_id
 
 

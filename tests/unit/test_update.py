@@ -329,3 +329,22 @@ def test_algorithm_options_end_to_end(run_cfg, options):
         assert r["train/grad_norm"] > 0
     assert rows[1]["train/kl"] > 0  # the policy moved off the reference during step 1
     assert (run / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("micro", [2, 8])  # whole groups (a shared-prompt layout) and every row at once
+def test_tool_tokens_never_reach_the_loss(micro):
+    """A multi-turn rollout's tokens from tools (`tool_mask`) are context, never a target: changing the id of one
+    that nothing attends to (the last token of a row) leaves the update bit for bit the same, KL term included;
+    without the tool mask the same change moves it (the test can fail)."""
+    def updated(token: int, tool: bool):
+        ro = hand_rollout()
+        ro.completion_ids[1, 5] = token  # row 1's last token (it is truncated: nothing follows it)
+        if tool:
+            ro.tool_mask = torch.zeros_like(ro.completion_mask)
+            ro.tool_mask[1, 5] = 1.0
+        model = small_model(3)
+        run_update(model, ro, ro.generated_mask, micro, 8 // micro, beta=0.04)
+        return model
+
+    assert max_param_diff(updated(57, tool=True), updated(99, tool=True)) == 0.0
+    assert max_param_diff(updated(57, tool=False), updated(99, tool=False)) > 0.0
