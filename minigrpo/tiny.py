@@ -81,12 +81,13 @@ def arith_tokenizer(tools: bool = False) -> PreTrainedTokenizerFast:
                                    chat_template=ARITH_TOOLS_TEMPLATE if tools else ARITH_TEMPLATE)
 
 
-# The tools model's template: a tool's answer follows the assistant turn that called it as <|tool|>ANSWER, then the
-# next assistant turn (the `tools=` the template is given are not described: the model learned its one tool).
+# The tools model's template: a tool's answer follows the assistant turn that called it as "<|tool|> ANSWER", then
+# the next assistant turn (the `tools=` the template is given are not described: the model learned its one tool).
+# The space makes a number's digits the very tokens of "#### ANSWER" (" 1", "0", ...): copying it is a fixed offset.
 ARITH_TOOLS_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
     "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}<|endoftext|>"
-    "{% elif m['role'] == 'tool' %}<|tool|>{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% elif m['role'] == 'tool' %}<|tool|> {{ m['content'] }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 

@@ -11,6 +11,7 @@ from minigrpo.monitor import read_jsonl
 PANELS = [  # (title, metric names drawn in the panel)
     ("reward", ["train/reward"]),  # the per-function rewards are added below
     ("accuracy", ["train/accuracy", "eval/accuracy"]),  # and the run's eval/<metric>, added below
+    ("tool use (share of samples)", ["tools/call_frequency", "eval/tool_call_frequency", "tools/failure_frequency"]),
     ("completion length", ["completions/mean_length"]),
     ("KL to reference", ["train/kl"]),
     ("entropy", ["train/entropy"]),
@@ -54,7 +55,7 @@ def plot_run(run_dir: str | Path | list[str | Path], out: str | Path | None = No
     reward_keys = sorted({k for r in rows for k in r if k.startswith("train/rewards/") and not k.endswith("/std")})
     # a run's own held-out metric (eval_metric: eval/<name>) joins the accuracy panel
     eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/") and k not in
-                        ("eval/accuracy", "eval/format", "eval/mean_length")})
+                        ("eval/accuracy", "eval/format", "eval/mean_length", "eval/tool_call_frequency")})
     panels = [(t, keys + reward_keys if t == "reward" else keys + eval_keys if t == "accuracy" else keys)
               for t, keys in PANELS]
     # A series that is absent or all zero (KL with beta = 0) gets no line; a panel with no line is dropped.
