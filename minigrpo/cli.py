@@ -367,7 +367,7 @@ def cmd_bench(argv: list[str]) -> int:
         from minigrpo import rollout
 
         rollout.backend("vllm").start(dataclasses.replace(cfg, rollout_backend="vllm"), model, tok)
-    from minigrpo.agent.turns import multi_turn
+    from minigrpo.agent.turns import multi_turn  # here: heavy (transformers), as above
 
     report = bench_rollout(model, tok, prompts, args.n, cfg.max_completion_length, args.reps, args.temperature,
                            vllm=args.vllm, turns=multi_turn(cfg))

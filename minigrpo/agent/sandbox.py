@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import selectors
 import shutil
 import signal
 import struct
@@ -214,8 +215,6 @@ def _kill(proc: subprocess.Popen) -> None:
 def _collect(proc: subprocess.Popen, stdin: bytes, limits: Limits) -> tuple[bytes, bytes, str]:
     """Read stdout and stderr until the process ends, the wall limit passes or the output cap is reached (then
     the whole process group is killed); the output kept is at most `output_bytes`."""
-    import selectors  # local: only the sandbox needs it
-
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     try:
         proc.stdin.write(stdin)
