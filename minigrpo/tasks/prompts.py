@@ -16,7 +16,6 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from minigrpo.agent.tools import load_tool
 from minigrpo.errors import ConfigError, DataError
 from minigrpo.tasks.sources import Example, sft_target
 
@@ -164,6 +163,9 @@ def render_prompts(cfg: Any, tokenizer: Any, examples: list[Example], fewshot: l
     examples; a raw template's text starts with the BOS the tokenizer adds by default, `bos_prefix`); with
     check_length (training), a prompt over max_prompt_length tokens is an error naming the row."""
     template = resolve_template(cfg, tokenizer, examples)
+    from minigrpo.agent.tools import load_tool  # here: the CLI imports this module (TEMPLATES) before it quiets the
+    # libraries, and agent.tools imports transformers
+
     tools = [load_tool(t) for t in cfg.tools] or None
     prompts = [build_prompt(tokenizer, ex.question, template, cfg.system_prompt, fewshot, ex.messages, tools)
                for ex in examples]

@@ -30,7 +30,7 @@ def test_a_conversation_target_trains_its_assistant_turns_only():
     row = arith_rows("train", 1, steps=2, max_number=99999, tool_fraction=1.0)[0]
     (ids, trained), = encode_pairs(tok, ["<|user|>Q<|assistant|>"], [row["completion"]])
     call, answer, final = (m["content"] for m in row["completion"])
-    expect = [("<|user|>Q<|assistant|>", 0), (call, 1), ("<|endoftext|>", 1), (f"<|tool|>{answer}<|assistant|>", 0),
+    expect = [("<|user|>Q<|assistant|>", 0), (call, 1), ("<|endoftext|>", 1), (f"<|tool|> {answer}<|assistant|>", 0),
               (final, 1), ("<|endoftext|>", 1)]
     pieces = [tok(text, add_special_tokens=False).input_ids for text, _ in expect]
     assert ids == [i for p in pieces for i in p]
