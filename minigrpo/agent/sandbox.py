@@ -6,7 +6,7 @@ What contains the code, and why that is enough (no string filtering anywhere):
   sockets, abstract ones included), its own PID namespace (it sees and can signal only its own processes: the
   trainer is out of reach; when the sandbox's first process dies, every process in it dies), its own mount
   namespace holding only what is listed here: the Python installation and the system libraries read-only, a
-  fresh /proc and minimal /dev, and one writable folder, a size-capped tmpfs at /work (`--size`), gone when the
+  fresh /proc and minimal /dev, and one writable folder, a size-capped tmpfs at /tmp (`--size`), gone when the
   run ends. The user's files, /etc, /root, /home and the trainer's folders are not there to read or write.
   Capabilities are dropped (`--cap-drop ALL`), it runs as uid 65534 in a user namespace, in a new session (no
   terminal injection), and dies with its parent (`--die-with-parent`).
@@ -60,7 +60,7 @@ class Limits:
     cpu_s: int = 5  # CPU seconds (RLIMIT_CPU), then killed by the kernel
     memory_mb: int = 512  # address space of the interpreter (RLIMIT_AS)
     output_bytes: int = 64 * 1024  # stdout + stderr kept; past this the run is killed
-    disk_mb: int = 16  # the writable /work folder (tmpfs size) and any one file (RLIMIT_FSIZE)
+    disk_mb: int = 16  # the writable /tmp folder (tmpfs size) and any one file (RLIMIT_FSIZE)
     open_files: int = 64  # RLIMIT_NOFILE
 
 
@@ -180,8 +180,8 @@ def _run(code: str, limits: Limits, stdin: str = "") -> Result:
         cmd = [*_limits(limits), "bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--uid", "65534",
                "--gid", "65534", "--die-with-parent", "--new-session", "--cap-drop", "ALL", *_bind_args(),
                "--proc", "/proc", "--dev", "/dev", "--size", size, "--tmpfs", "/dev/shm", "--size", size, "--tmpfs",
-               "/work", "--ro-bind", script, "/sandbox/main.py", "--remount-ro", "/dev", "--remount-ro", "/",
-               "--chdir", "/work", "--setenv", "HOME", "/work", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
+               "/tmp", "--ro-bind", script, "/sandbox/main.py", "--remount-ro", "/dev", "--remount-ro", "/",
+               "--chdir", "/tmp", "--setenv", "HOME", "/tmp", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
                "--seccomp", "{fd}", interpreter, "-I", "-S", "/sandbox/main.py"]
         rules_r, rules_w = os.pipe()
         try:

@@ -48,7 +48,7 @@ def test_a_fork_bomb_cannot_fork():
 
 
 def test_os_system_and_subprocess_start_nothing():
-    result = run("import os\nprint(os.system('touch /work/escaped'))\nprint(os.path.exists('/work/escaped'))")
+    result = run("import os\nprint(os.system('touch /tmp/escaped'))\nprint(os.path.exists('/tmp/escaped'))")
     assert result.stdout.split() == ["32512", "False"]  # the shell never started (exit status 127 << 8)
     result = run("import subprocess\nsubprocess.run(['true'])")
     assert "PermissionError" in result.stderr
@@ -75,7 +75,7 @@ def test_nothing_outside_the_work_folder_is_writable(tmp_path):
         result = run(f"open({path!r}, 'w')")
         assert result.returncode == 1 and "Error" in result.stderr, path
     result = run("open('notes.txt', 'w').write('kept for the run')\nprint(open('notes.txt').read())")
-    assert result.stdout == "kept for the run\n"  # the temporary /work folder is writable
+    assert result.stdout == "kept for the run\n"  # the temporary /tmp folder is writable
     result = run("open('big', 'wb').write(b'x' * (64 * 2**20))")
     assert "File too large" in result.stderr
 
@@ -85,7 +85,7 @@ def test_the_writable_folders_are_capped_in_total():
     the machine's RAM)."""
     code = ("written = 0\nfor i in range(16):\n    try:\n        open(f'{folder}/f{i}', 'wb').write(b'x' * 2**20 * 3)"
             "\n        written += 3\n    except OSError:\n        break\nprint(written)")
-    for folder in ("/work", "/dev/shm"):
+    for folder in ("/tmp", "/dev/shm"):
         result = run(code.replace("{folder}", folder))
         assert int(result.stdout) <= LIMITS.disk_mb, folder
 
