@@ -54,9 +54,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 ASSETS = Path(__file__).parent / "assets"
-# Models built in code from a seed (no files): name -> (tokenizer factory, model factory).
+# Models built in code from a seed (no files of their own; tiny-arith-tools-init grows the shipped tiny-arith):
+# name -> (tokenizer factory, model factory).
 RANDOM_INITS = {"tiny-random": ("tiny_tokenizer", "tiny_model"), "tiny-arith-init": ("arith_tokenizer", "arith_model"),
-                "tiny-arith-tools-init": ("arith_tools_tokenizer", "arith_model")}
+                "tiny-arith-tools-init": ("arith_tools_tokenizer", "arith_tools_model")}
 
 
 def resolve_model_path(name: str) -> str:

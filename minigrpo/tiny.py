@@ -7,9 +7,12 @@ LoRA, generation, the loss) is the one a real model takes.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from minigrpo.tasks.arith import SPLIT_PATTERN, TOOL_WORDS, arith_vocab
 
@@ -70,7 +73,10 @@ def arith_tokenizer(tools: bool = False) -> PreTrainedTokenizerFast:
     """Word-level tokenizer over the arithmetic task's vocabulary; digits are single tokens; eos = pad.
     tools=True: the tools model's (`arith_tools_tokenizer`)."""
     specials = ARITH_SPECIALS + (["<|tool|>"] if tools else [])
-    vocab = {t: i for i, t in enumerate(specials + arith_vocab() + (TOOL_WORDS if tools else []))}
+    # The tools' words come after the arith vocabulary: the shipped model's ids unchanged, so it can grow into the
+    # tools model (its embedding matrix extended by rows).
+    words = ARITH_SPECIALS + arith_vocab() + (["<|tool|>"] + TOOL_WORDS if tools else [])
+    vocab = {t: i for i, t in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
     tok.decoder = decoders.Fuse()  # pieces carry their own spaces: concatenation is the exact inverse
@@ -95,6 +101,23 @@ ARITH_TOOLS_TEMPLATE = (
 def arith_tools_tokenizer() -> PreTrainedTokenizerFast:
     """The arith tokenizer plus the calculator's words and a tool role (<|tool|>): the tools model's."""
     return arith_tokenizer(tools=True)
+
+
+def arith_tools_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
+    """The tools model's starting point: the shipped tiny-arith (it reads the problems and copies their numbers
+    into worked solutions; a random init had not learned to copy 3-digit numbers after 800 SFT steps) grown by the
+    tools' words. Their ids come after its vocabulary, so its ids are unchanged; the new rows of its (tied)
+    embedding are the mean of the old ones (transformers' mean resizing, which falls back to the mean when the
+    embeddings' covariance is singular, as here: no randomness, `seed` unused), so the next-token distribution
+    barely moves; SFT then tells the new words apart."""
+    model = LlamaForCausalLM.from_pretrained(Path(__file__).parent / "assets" / "tiny-arith")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its note on mean resizing is advice for someone resizing by hand
+    try:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model
 
 
 def arith_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden: int = 192, layers: int = 4,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the shipped tools model (minigrpo/assets/tiny-arith-tools) from a seeded random init, bit for bit:
+# Rebuild the shipped tools model (minigrpo/assets/tiny-arith-tools) from the shipped tiny-arith, bit for bit:
 # cold-start SFT (configs/tiny-arith-tools-sft.yaml) with one CPU thread, then copy the weights in.
 set -euo pipefail
 cd "$(dirname "$0")/.."

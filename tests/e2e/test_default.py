@@ -42,6 +42,48 @@ def test_short_grpo_on_the_shipped_model_improves_held_out_accuracy(tmp_path):
     assert not any("rollout/is_ratio_mean" in r for r in steps)  # logged, not corrected: only vLLM's are
 
 
+@pytest.mark.slow
+def test_the_tools_model_learns_to_call_its_calculator(tmp_path):
+    """configs/tiny-arith-tools.yaml cut to 10 steps (~15 s), greedy on 100 held-out problems before and after.
+
+    Measured on this CPU (BENCHMARKS.md), the full config over seeds 42, 1, 2: 0.015 -> 0.860 / 0.845 / 0.855 at
+    step 10, the evaluation's tool-call frequency 0 -> 1.0. Asserted: +0.30 (the issue's target, below half the
+    smallest gain) and calls in at least 80% of the problems."""
+    from minigrpo.config import load_config
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny-arith-tools.yaml"))
+    run = train(Config(**cfg.to_dict() | {"max_steps": 10, "eval_steps": 0, "eval_limit": 100,
+                                          "output_dir": str(tmp_path / "run")}), show_progress=False)
+    summary = json.loads((run / "summary.json").read_text())
+    before, after = summary["before"], summary["after"]
+    assert before["eval/tool_call_frequency"] < 0.1 and after["eval/tool_call_frequency"] >= 0.8, (before, after)
+    assert after["eval/accuracy"] - before["eval/accuracy"] >= 0.30, (before, after)
+
+
+def test_the_tools_model_grows_from_the_shipped_one():
+    """tiny-arith-tools-init (what configs/tiny-arith-tools-sft.yaml starts from) is the shipped tiny-arith with the
+    tools' words appended: its ids and their embeddings unchanged, the new rows their mean, the embedding still
+    tied; the shipped tools model has that tokenizer and template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minigrpo.model import load_model
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-arith"))
+    base_tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny-arith"))
+    grown, tok = load_model(Config(model="tiny-arith-tools-init", seed=42))
+    again, _ = load_model(Config(model="tiny-arith-tools-init", seed=42))
+    n, vocab = len(base_tok), tok.get_vocab()
+    assert all(vocab[t] == i for t, i in base_tok.get_vocab().items()) and len(tok) == n + 5
+    old, new = base.get_input_embeddings().weight, grown.get_input_embeddings().weight
+    assert torch.equal(new[:n], old) and torch.equal(new, again.get_input_embeddings().weight)
+    assert torch.allclose(new[n:], old.mean(0).expand(5, -1)) and grown.get_output_embeddings().weight is new
+    shipped = AutoTokenizer.from_pretrained(resolve_model_path("tiny-arith-tools"))
+    assert shipped.get_vocab() == vocab and shipped.chat_template == tok.chat_template
+    assert resolve_model_path("tiny-arith-tools").endswith("assets/tiny-arith-tools"), \
+        "run scripts/build_tiny_arith_tools.sh"
+
+
 def test_cold_start_build_is_bit_for_bit_reproducible(tmp_path):
     """The build recipe's settings (one thread, seeded init and data order), shortened: identical weights."""
     digests = []
