@@ -245,7 +245,7 @@ def cmd_eval(argv: list[str]) -> int:
         report = evaluate(model, tok, prompts, [ex.columns["answer"] for ex in examples],
                           max_new_tokens=cfg.max_completion_length, batch_size=args.batch_size, k=args.k,
                           temperature=args.temperature, keep_records=True, backend=cfg.rollout_backend,
-                          stop=stop_strings(cfg), turns=multi_turn(cfg))
+                          stop=stop_strings(cfg), turns=multi_turn(cfg), rows=[ex.columns for ex in examples])
     else:
         report = evaluate_metric(model, tok, prompts, examples, metric, name, cfg.max_completion_length,
                                  args.batch_size, cfg.rollout_backend, stop=stop_strings(cfg), turns=multi_turn(cfg))

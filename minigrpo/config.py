@@ -142,6 +142,10 @@ class Config:
     max_turns: int = _f(4, "with tools: assistant turns per trajectory (TRL's max_tool_calling_iterations + 1); "
                            "max_completion_length then bounds the whole trajectory, tool answers included")
     tool_timeout: float = _f(10.0, "with tools: seconds a tool call may take; past it the model is told so")
+    environment: str | None = _f(None, "a multi-turn environment answering each assistant turn (reset(row), "
+                                       "step(text) -> messages, reward, done; minigrpo/agent/env.py): built-in "
+                                       "'retry', or package.module:Class (from Python, a class or factory); its "
+                                       "rewards are the column environment_reward (reward_funcs: [environment])")
     num_generations: int = _f(8, "G: completions sampled per prompt (the group)")
     max_completion_length: int = _f(64, "max new tokens per completion; longer ones are truncated")
     temperature: float = _f(1.0, "sampling temperature; log-probs are computed at the same temperature")
@@ -236,6 +240,11 @@ class Config:
         self.reward_funcs = _functions("reward_funcs", self.reward_funcs, many=True)
         self.eval_metric = _functions("eval_metric", self.eval_metric, many=False)
         self.tools = _functions("tools", self.tools, many=True)
+        if self.environment is not None:
+            self.environment = _functions("environment", self.environment, many=False)
+            if self.tools:
+                raise ConfigError("environment and tools: an environment answers every turn itself (it may parse "
+                                  "tool calls: agent.tools.parse_tool_calls); set one of them")
         for key in TABLES:
             names = table_names(key)
             if getattr(self, key) not in names:
@@ -308,8 +317,12 @@ class Config:
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"reward_weights: {len(self.reward_weights)} weights for "
                               f"{len(self.reward_funcs)} reward_funcs {self.reward_funcs}; give one per function")
-        if self.tools and self.rollout_backend == "vllm":
-            raise ConfigError("tools: multi-turn rollouts run on rollout_backend engine (or hf, the reference), not "
+        if "environment" in self.reward_funcs and not self.environment:
+            raise ConfigError("reward_funcs: 'environment' returns the rewards of a multi-turn environment, and "
+                              "`environment` is not set; set it (e.g. environment: retry) or drop that reward")
+        if (self.tools or self.environment) and self.rollout_backend == "vllm":
+            key = "tools" if self.tools else "environment"
+            raise ConfigError(f"{key}: multi-turn rollouts run on rollout_backend engine (or hf, the reference), not "
                               "yet on vllm; set rollout_backend: engine")
 
     def to_dict(self) -> dict[str, Any]:
@@ -318,6 +331,7 @@ class Config:
         out["reward_funcs"] = [function_name(fn) for fn in self.reward_funcs]
         out["eval_metric"] = function_name(self.eval_metric)
         out["tools"] = [function_name(fn) for fn in self.tools]
+        out["environment"] = None if self.environment is None else function_name(self.environment)
         return {k: list(v) if isinstance(v, list) else v for k, v in out.items()}
 
 
@@ -389,7 +403,7 @@ def check_out_path(key: str, path: str | os.PathLike, folder: bool = False) -> N
 
 
 # Keys that take, from Python, functions as well as names (a YAML file holds their names).
-CALLABLE_KEYS = ("reward_funcs", "eval_metric", "tools")
+CALLABLE_KEYS = ("reward_funcs", "eval_metric", "tools", "environment")
 
 
 def function_name(fn: Any) -> str:
@@ -400,7 +414,8 @@ def function_name(fn: Any) -> str:
         return fn
     name = getattr(fn, "__name__", type(fn).__name__)
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
-    if inspect.isfunction(fn) and module and module != "__main__" and "<" not in qualname and "." not in qualname:
+    if (inspect.isfunction(fn) or inspect.isclass(fn)) and module and module != "__main__" and "<" not in qualname \
+            and "." not in qualname:
         try:  # only a name that imports back to this very function (not a partial, an instance, a method)
             if getattr(importlib.import_module(module), qualname, None) is fn:
                 return f"{module}:{qualname}"

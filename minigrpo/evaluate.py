@@ -8,6 +8,7 @@ run's weighted reward, or a function of its own; `resolve_metric`). Generation g
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -63,14 +64,21 @@ def evaluate_metric(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     greedy = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop, turns=turns)
     values, lengths = [], []
     for chunk, exs in zip(_batched(prompts, batch_size), _batched(examples, batch_size)):
-        ro = generate(backend, model, tokenizer, chunk, greedy)
+        ro = generate(backend, model, tokenizer, chunk, _bound(greedy, [ex.columns for ex in exs]))
         reward_prompts, completions, columns = reward_inputs(exs, ro.prompts, ro.completions, 1)
+        if ro.stats is not None and "env_reward" in ro.stats:  # what the reward `environment` returns
+            columns["environment_reward"] = list(ro.stats["env_reward"])
         lengths += ro.completion_mask.sum(1).tolist()
         ids = [row[:int(n)] for row, n in zip(ro.completion_ids.tolist(), ro.completion_mask.sum(1).tolist())]
         totals, _ = score(metric, reward_prompts, completions, columns | {"completion_ids": ids}, None, guard)
         values += [v for v in totals if v is not None]
     return {"n": len(prompts), name: sum(values) / len(values) if values else float("nan"), "scored": len(values),
             "mean_length": sum(lengths) / max(len(lengths), 1)}
+
+
+def _bound(params: SamplingParams, rows: list[dict[str, Any]]) -> SamplingParams:
+    """`params` for a batch of problems whose dataset rows are `rows` (an environment is reset with them)."""
+    return params if params.turns is None else dataclasses.replace(params, turns=params.turns.bound(rows, params.n))
 
 
 def _batched(items: list[Any], size: int) -> list[list[Any]]:
@@ -90,14 +98,17 @@ def majority_correct(completions: list[str], gold: str) -> bool:
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], golds: list[str],
              max_new_tokens: int, batch_size: int = 32, backend: str = "hf", k: int = 0,
              temperature: float = 1.0, top_p: float = 1.0, keep_records: bool = False,
-             stop: list[str] | tuple[str, ...] = (), turns: MultiTurn | None = None) -> dict[str, Any]:
+             stop: list[str] | tuple[str, ...] = (), turns: MultiTurn | None = None,
+             rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Greedy accuracy, format compliance and mean length; with k > 1 also pass@k, maj@k and sampled pass@1.
     `stop`: the strings that end a completion (the template's, prompts.stop_strings). `turns`: multi-turn, with
-    tools; the report then adds tool_call_frequency (the share of problems whose trajectory called a tool)."""
+    tools; the report then adds tool_call_frequency (the share of problems whose trajectory called a tool).
+    `rows`: the problems' dataset rows, what an environment is reset with (needed with one)."""
+    rows = rows if rows is not None else [{} for _ in prompts]
     greedy = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop, turns=turns)
     texts, lengths, truncated, called = [], [], [], []
-    for chunk in _batched(prompts, batch_size):
-        ro = generate(backend, model, tokenizer, chunk, greedy)
+    for chunk, chunk_rows in zip(_batched(prompts, batch_size), _batched(rows, batch_size)):
+        ro = generate(backend, model, tokenizer, chunk, _bound(greedy, chunk_rows))
         texts += ro.completions
         lengths += ro.completion_mask.sum(1).tolist()
         truncated += ro.truncated.tolist()
@@ -109,14 +120,15 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         "format": sum(extract_answer(t) is not None for t in texts) / n,
         "mean_length": sum(lengths) / n, "truncated_ratio": sum(truncated) / n,
     }
-    if turns is not None:
+    if turns is not None and turns.tools:
         report["tool_call_frequency"] = sum(called) / n
     if k > 1:
         sampled = SamplingParams(n=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop,
                                  turns=turns)
         groups: list[list[str]] = []
-        for chunk in _batched(prompts, max(batch_size // k, 1)):
-            ro = generate(backend, model, tokenizer, chunk, sampled)
+        size = max(batch_size // k, 1)
+        for chunk, chunk_rows in zip(_batched(prompts, size), _batched(rows, size)):
+            ro = generate(backend, model, tokenizer, chunk, _bound(sampled, chunk_rows))
             groups += _batched(ro.completions, k)
         hits = [[is_correct(c, g) for c in group] for group, g in zip(groups, golds)]
         report[f"pass@{k}"] = sum(any(h) for h in hits) / n

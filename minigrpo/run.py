@@ -382,7 +382,7 @@ def run_eval(run: Run) -> dict[str, float]:
     prompts, examples = dist.share(run.eval_prompts), dist.share(run.eval_set)
     turns = multi_turn(cfg)
     keys = ["accuracy", "format", "mean_length"] if metric is None else [name, "mean_length"]
-    if metric is None and turns is not None:
+    if metric is None and turns is not None and turns.tools:
         keys.append("tool_call_frequency")
     totals = [0.0] * (len(keys) + 1)
     with dist.full_weights(run.model):  # every process enters (ZeRO-3 gathers), even one without prompts
@@ -390,7 +390,8 @@ def run_eval(run: Run) -> dict[str, float]:
             if metric is None:
                 report = evaluate(run.model, run.tokenizer, prompts, [ex.columns["answer"] for ex in examples],
                                   max_new_tokens=cfg.max_completion_length, batch_size=cfg.eval_batch_size,
-                                  backend=cfg.rollout_backend, stop=stop_strings(cfg), turns=turns)
+                                  backend=cfg.rollout_backend, stop=stop_strings(cfg), turns=turns,
+                                  rows=[ex.columns for ex in examples])
             else:
                 report = evaluate_metric(run.model, run.tokenizer, prompts, examples, metric, name,
                                          cfg.max_completion_length, cfg.eval_batch_size, cfg.rollout_backend,

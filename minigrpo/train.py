@@ -71,9 +71,14 @@ def rollout_and_score(cfg: Config, model: torch.nn.Module, tokenizer: Any, examp
                       sampling: SamplingParams, guard: RewardGuard | None = None) -> Scored:
     """Sample G completions per prompt, then score each with every reward function (time-limited by `guard`)."""
     t0 = time.perf_counter()
+    if sampling.turns is not None:  # an environment is reset with each trajectory's row
+        sampling = dataclasses.replace(sampling, turns=sampling.turns.bound([ex.columns for ex in examples],
+                                                                            sampling.n))
     ro = rollout.generate(cfg.rollout_backend, model, tokenizer, prompts, sampling, cfg.rollout_merge_lora)
     t1 = time.perf_counter()
     reward_prompts, completions, columns = reward_inputs(examples, ro.prompts, ro.completions, sampling.n)
+    if ro.stats is not None and "env_reward" in ro.stats:  # what the reward `environment` returns
+        columns["environment_reward"] = list(ro.stats["env_reward"])
     lengths = ro.completion_mask.sum(1).long().tolist()
     ids = [row[:n] for row, n in zip(ro.completion_ids.tolist(), lengths)]  # TRL passes completion_ids too
     errors: dict[str, int] = {}
@@ -90,7 +95,9 @@ def tool_metrics(stats: dict[str, list[float]]) -> dict[str, float]:
     return {"tools/turns": sum(stats["turns"]) / n, "tools/calls": calls / n,
             "tools/call_frequency": sum(c > 0 for c in stats["tool_calls"]) / n,
             "tools/failure_frequency": sum(stats["tool_errors"]) / calls if calls else 0.0,
-            "tools/tool_s": sum(stats["tool_s"])}
+            "tools/tool_s": sum(stats["tool_s"])} | ({
+                "env/reward": sum(stats["env_reward"]) / n, "env/errors": sum(stats["env_errors"]),
+            } if "env_reward" in stats else {})
 
 
 def flat_groups(totals: list[float | None], G: int) -> list[bool]:

@@ -8,15 +8,18 @@ each, while other rows go on generating), marks them in `Rollout.tool_mask` (the
 the loss), and generation continues, up to `max_turns` assistant turns and `max_completion_length` tokens in
 all (the whole trajectory). The completion a reward sees is the whole trajectory's text.
 
-`MultiTurn` is the configuration (tools, max_turns, tool_timeout); `begin` makes the state of one batch.
+`MultiTurn` is the configuration (tools or an environment, max_turns, tool_timeout); `begin` makes the state of
+one batch. With an environment (agent/env.py) the environment answers each turn instead of the tools; it needs
+the batch's dataset rows (`bound`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from minigrpo.agent.env import EnvironmentSet, load_environment
 from minigrpo.agent.tools import load_tool, parse_tool_calls, run_calls, tool_name
 
 MARK = "\x00MINIGRPO-TURN\x00"  # stands for an assistant turn's content while rendering what follows it
@@ -28,16 +31,25 @@ class MultiTurn:
     tools: list[Callable] = field(default_factory=list)
     max_turns: int = 4  # assistant turns per trajectory
     tool_timeout: float = 10.0  # seconds per tool call, then the model is told it timed out
+    environment: Callable[[], Any] | None = None  # makes one environment per trajectory (agent/env.py)
+    rows: list[dict[str, Any]] | None = None  # with an environment: each trajectory's dataset row (`bound`)
+
+    def bound(self, rows: list[dict[str, Any]], n: int) -> MultiTurn:
+        """These settings for a batch of `rows` (dataset rows, `n` trajectories each, in the backends' order: each
+        prompt's n samples together): what an environment is reset with. Without one, unchanged."""
+        return self if self.environment is None else replace(self, rows=[row for row in rows for _ in range(n)])
 
     def begin(self, tokenizer: Any, eos: list[int], rows: int) -> Episodes:
         return Episodes(self, tokenizer, eos, rows)
 
 
 def multi_turn(cfg: Any) -> MultiTurn | None:
-    """The run's multi-turn settings (its tools loaded: a ConfigError names a bad one), or None: single-turn."""
-    if not cfg.tools:
+    """The run's multi-turn settings (its tools or environment loaded: a ConfigError names a bad one), or None:
+    single-turn."""
+    if not cfg.tools and not cfg.environment:
         return None
-    return MultiTurn(tools=[load_tool(t) for t in cfg.tools], max_turns=cfg.max_turns, tool_timeout=cfg.tool_timeout)
+    return MultiTurn(tools=[load_tool(t) for t in cfg.tools], max_turns=cfg.max_turns, tool_timeout=cfg.tool_timeout,
+                     environment=load_environment(cfg.environment) if cfg.environment else None)
 
 
 class Episodes:
@@ -52,6 +64,13 @@ class Episodes:
                                               "tool_errors": [0.0] * rows, "tool_s": [0.0] * rows}
         self.cut = [False] * rows
         self.pending: dict[int, dict[str, float]] = {}  # this end_turn's tool use per row, until delivered
+        self.envs: EnvironmentSet | None = None
+        if spec.environment is not None:
+            if spec.rows is None or len(spec.rows) != rows:
+                raise ValueError(f"an environment needs each trajectory's row: MultiTurn.bound(rows, n) for {rows} "
+                                 f"trajectories (got {None if spec.rows is None else len(spec.rows)})")
+            self.envs = EnvironmentSet(spec.environment, spec.rows)
+            self.stats |= {"env_reward": list(self.envs.reward), "env_errors": list(self.envs.errors)}
 
     def end_turn(self, rows: list[int], turns: list[list[int]], room: list[int]) -> list[list[int] | None]:
         """Rows whose assistant turn just ended, that turn's tokens, and how many tokens each row may still take:
@@ -61,8 +80,15 @@ class Episodes:
         texts = self.tokenizer.batch_decode(turns, skip_special_tokens=True)
         # a row with no turn left, or no room for even a one-token answer and a token after it, asks nothing
         going = [i for i, r in enumerate(rows) if self.stats["turns"][r] < self.spec.max_turns and room[i] > 2]
+        if self.envs is not None:  # a last turn is still stepped: the environment scores it
+            for i in sorted(set(range(len(rows))) - set(going)):
+                self.envs.step(rows[i], texts[i])
+                self.envs.over[rows[i]] = True
         self.pending = {}
         replies = self.respond([rows[i] for i in going], [texts[i] for i in going])
+        if self.envs is not None:
+            for r in rows:
+                self.stats["env_reward"][r], self.stats["env_errors"][r] = self.envs.reward[r], self.envs.errors[r]
         out: list[list[int] | None] = [None] * len(rows)
         for i, messages in zip(going, replies):
             if not messages:
@@ -81,8 +107,10 @@ class Episodes:
 
     def respond(self, rows: list[int], texts: list[str]) -> list[list[dict[str, str]] | None]:
         """The messages that answer each row's turn (`texts`), or None: nothing to answer, the trajectory is over.
-        Here: the turn's tool calls, run concurrently for all rows, one `tool` message each. (An environment
-        answers its own way by overriding this.)"""
+        Here: the environment's answer, one row after another; else the turn's tool calls, run concurrently for all
+        rows, one `tool` message each."""
+        if self.envs is not None:
+            return [self.envs.step(r, text) for r, text in zip(rows, texts)]
         plans = [parse_tool_calls(text, self.tools) if self.tools else [] for text in texts]
         flat = [c for calls in plans for c in calls]
         answers = iter(run_calls(flat, self.tools, self.spec.tool_timeout) if flat else [])

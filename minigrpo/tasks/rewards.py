@@ -104,8 +104,23 @@ def think_format_reward(prompts: list[str], completions: list[str], **kwargs) ->
     return [1.0 if _is_think_format(text_of(p), text_of(c)) else 0.0 for p, c in zip(prompts, completions, strict=True)]
 
 
+def environment_reward(prompts: list[str], completions: list[str], environment_reward: list[float] | None = None,
+                       **kwargs) -> list[float | None]:
+    """The multi-turn environment's rewards, summed over the trajectory (the column `environment_reward` that
+    rollouts with an `environment` add; agent/env.py); no opinion (None) without one (a run with this reward and
+    no `environment` is refused at start).
+
+    >>> environment_reward(["Q"], ["#### 3"], environment_reward=[0.5])
+    [0.5]
+    """
+    if environment_reward is None:
+        return [None] * len(completions)
+    return [float(r) for r in environment_reward]
+
+
 REWARD_FUNCS: dict[str, Callable] = {
     "correctness": correctness_reward,
+    "environment": environment_reward,
     "format_strict": format_reward_strict,
     "format_soft": format_reward_soft,
     "think_format": think_format_reward,

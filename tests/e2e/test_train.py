@@ -109,6 +109,33 @@ def test_multi_turn_run_with_a_tool_logs_tool_use(smoke_cfg, monkeypatch):
     assert "tool\n42\nassistant\n" in sample["completion"]  # the whole trajectory is what the rewards saw
 
 
+class Echo:
+    """An environment for a random model: it answers every turn, with a reward the turn's length decides."""
+
+    def reset(self, row):
+        assert "answer" in row  # the trajectory's dataset row
+
+    def step(self, text):
+        return "Say more.", float(len(text) % 3), False
+
+
+def test_multi_turn_run_with_an_environment_rewards_from_it(smoke_cfg):
+    """Two GRPO steps whose turns an environment answers and scores: its rewards are the reward `environment`."""
+    import string
+
+    cfg = Config(**smoke_cfg | {"max_completion_length": 64, "reward_funcs": ["environment"]}, environment=Echo,
+                 max_turns=3, logging_steps=1, stop_strings=list(string.ascii_letters + string.digits))
+    run = train(cfg, show_progress=False)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train/reward" in r]
+    assert len(steps) == 2 and all(r["tools/turns"] > 1.5 and r["env/errors"] == 0 for r in steps)
+    assert all(r["env/reward"] > 0 and r["train/rewards/environment/mean"] == pytest.approx(r["env/reward"])
+               for r in steps)
+    assert all(r["train/grad_norm"] > 0 for r in steps)
+    sample = json.loads((run / "samples.jsonl").read_text().splitlines()[0])
+    assert "user\nSay more.\nassistant\n" in sample["completion"]  # the whole trajectory is what the rewards saw
+
+
 def test_tools_are_checked_at_start(smoke_cfg):
     from minigrpo.errors import ConfigError
 

@@ -195,7 +195,7 @@ def test_format_reward_strict_accepts_prefilled_think() -> None:
 
 
 def test_load_reward_builtin_and_dotted_path() -> None:
-    assert set(REWARD_FUNCS) == {"correctness", "format_strict", "format_soft", "think_format"}
+    assert set(REWARD_FUNCS) == {"correctness", "environment", "format_strict", "format_soft", "think_format"}
     assert load_reward("correctness") is correctness_reward
     assert load_reward("minigrpo.tasks.rewards:format_reward_soft") is format_reward_soft
 
@@ -275,10 +275,10 @@ _texts = st.one_of(st.text(), st.lists(st.sampled_from(_FRAGMENTS + ["\\frac{1}{
 def test_never_raises(prompt: str, completion: str) -> None:
     extract_answer(completion)
     assert isinstance(is_correct(completion, "72"), bool)
-    for fn in REWARD_FUNCS.values():
+    for name, fn in REWARD_FUNCS.items():
         values = fn([prompt], [completion], answer=["72"])
         assert len(values) == 1
-        assert values[0] in (0.0, 1.0)
+        assert values[0] in ((None,) if name == "environment" else (0.0, 1.0))  # no environment: no opinion
 
 
 @pytest.mark.parametrize(

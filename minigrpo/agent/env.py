@@ -1,0 +1,142 @@
+"""Environments: multi-turn tasks that answer the model themselves, one instance per trajectory.
+
+The protocol (gym's, in text), what `environment: package.module:Class` names:
+
+    class MyEnv:
+        def reset(self, row: dict) -> None:       # the dataset row of this trajectory (its prompt is the row's)
+            ...
+        def step(self, text: str) -> Step:        # the assistant turn's text
+            return Step(messages="Too low.", reward=0.0, done=False)
+
+`Step.messages` is what the environment says next (a string is one `user` message; a list of messages is taken as
+it is, rendered by the chat template); `reward` (optional) adds to the trajectory's reward; `done` ends the
+trajectory. A tuple `(messages, reward, done)` is accepted for `Step`. The trajectory also ends at `max_turns`,
+at the token budget, and when the environment has nothing to say. Its last turn is stepped too (its reward
+counts) even when no turn may follow it. The sum of a trajectory's rewards is the column `environment_reward`,
+which the built-in reward `environment` returns (`reward_funcs: [environment]`; other rewards read the column
+too). An environment that raises ends its trajectory, reward so far kept, the error counted
+(`tools/failure_frequency`), and never stops the run.
+
+Adapters to the field's own environment libraries fit this shape (their reset/step, one instance per
+trajectory); `Retry` below is a small built-in example: a second chance after "not right".
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from minigrpo.errors import ConfigError
+from minigrpo.tasks.answers import extract_answer, is_correct
+
+
+@dataclass
+class Step:
+    """What an environment answers to one assistant turn."""
+    messages: str | list[dict[str, str]] | None = None  # None / "" / []: nothing to say: the trajectory ends
+    reward: float | None = None
+    done: bool = False
+
+
+class Retry:
+    """The model may try again: a wrong answer gets "N is not right. Try again." (no answer: "Give the answer as
+    #### N.") and another turn; a right one ends the trajectory with reward 1 on the first try, `reward_after_miss`
+    after a miss, none if never. Reads the row's `answer` column (the gold final answer)."""
+
+    reward_after_miss = 0.5
+
+    def reset(self, row: dict[str, Any]) -> None:
+        self.gold, self.misses = row["answer"], 0
+
+    def step(self, text: str) -> Step:
+        if is_correct(text, self.gold):
+            return Step(reward=1.0 if self.misses == 0 else self.reward_after_miss, done=True)
+        self.misses += 1
+        said = extract_answer(text)
+        return Step(messages=f"{said} is not right. Try again." if said is not None else "Give the answer as #### N.",
+                    reward=0.0)
+
+
+ENVIRONMENTS: dict[str, Callable[[], Any]] = {"retry": Retry}
+
+
+def load_environment(name: str | Callable[[], Any]) -> Callable[[], Any]:
+    """A factory of environments: a built-in by name, `package.module:Class` (or a function returning an
+    instance), or a factory handed over from Python. A ConfigError names what is missing."""
+    if callable(name):
+        factory = name
+    elif name in ENVIRONMENTS:
+        factory = ENVIRONMENTS[name]
+    else:
+        module_name, sep, attr = name.partition(":")
+        if not sep or not module_name or not attr:
+            raise ConfigError(f"environment: unknown environment {name!r}; built-in: {', '.join(ENVIRONMENTS)}, a "
+                              f"custom one is 'package.module:Class' (reset(row), step(text) -> Step)")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except Exception as e:  # ImportError, AttributeError, or any error raised while the module runs
+            raise ConfigError(f"environment: cannot load {name!r}: {e!r}") from e
+    kind = factory if isinstance(factory, type) else None
+    if kind is not None and not all(callable(getattr(kind, m, None)) for m in ("reset", "step")):
+        raise ConfigError(f"environment: {kind.__name__} needs reset(row) and step(text) methods")
+    return factory
+
+
+def as_step(result: Any) -> Step:
+    """An environment's answer as a Step (a Step, or a (messages, reward, done) tuple)."""
+    if isinstance(result, Step):
+        return result
+    if isinstance(result, tuple) and len(result) == 3:
+        return Step(*result)
+    raise TypeError(f"step() must return a Step or a (messages, reward, done) tuple, got {type(result).__name__}")
+
+
+def as_messages(messages: str | list[dict[str, str]] | None) -> list[dict[str, str]] | None:
+    if not messages:
+        return None
+    return [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+
+
+class EnvironmentSet:
+    """The environments of one batch: one per trajectory, reset with its row; `step` answers the rows whose turn
+    ended, and keeps per row the reward so far, whether it is over, and its errors and seconds."""
+
+    def __init__(self, factory: Callable[[], Any], rows: list[dict[str, Any]]) -> None:
+        self.envs: list[Any] = []
+        self.reward = [0.0] * len(rows)
+        self.over = [False] * len(rows)
+        self.errors = [0.0] * len(rows)
+        self.seconds = [0.0] * len(rows)
+        for r, row in enumerate(rows):
+            env = factory()
+            self.envs.append(env)
+            self._guarded(r, lambda env=env, row=row: env.reset(row))
+
+    def _guarded(self, r: int, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        except Exception:  # a user's environment: its error ends this trajectory, never the run
+            self.errors[r] += 1
+            self.over[r] = True
+            print(f"environment error (trajectory {r}, it ends here):\n{traceback.format_exc(limit=-3)}")
+            return None
+        finally:
+            self.seconds[r] += time.perf_counter() - t0
+
+    def step(self, r: int, text: str) -> list[dict[str, str]] | None:
+        """Row r's turn `text`: the messages that answer it, or None: the trajectory is over."""
+        if self.over[r]:
+            return None
+        result = self._guarded(r, lambda: as_step(self.envs[r].step(text)))
+        if result is None:
+            return None
+        if result.reward is not None:
+            self.reward[r] += float(result.reward)
+        messages = None if result.done else as_messages(result.messages)
+        self.over[r] = messages is None
+        return messages
