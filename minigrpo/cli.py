@@ -159,6 +159,8 @@ def inference_parser(prog: str, description: str, backend: bool = True) -> argpa
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--tools", default=None, help="tools the model may call, comma-separated (calculator, python, "
                    "package.module:function): multi-turn; default: the run's")
+    p.add_argument("--environment", default=None, help="a multi-turn environment answering each turn (retry, "
+                   "package.module:Class; 'none': without one); default: the run's")
     p.add_argument("--max_turns", type=int, default=None, help="with tools: assistant turns per trajectory (default: "
                    "the run's, else 4)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
@@ -179,6 +181,9 @@ def load_for_inference(args: argparse.Namespace) -> tuple[Config, Any, Any, list
               ("max_turns", "max_turns")) if getattr(args, flag) is not None}
     if args.tools is not None:
         values["tools"] = [t for t in args.tools.split(",") if t]
+        values["environment"] = None  # tools given: they answer the turns (a run's environment is left out)
+    if args.environment is not None:
+        values["environment"] = None if args.environment == "none" else args.environment
     if args.prompt_field is not None or args.answer_field != "answer":
         values |= {"prompt_field": args.prompt_field, "answer_field": args.answer_field}
     values |= {"use_peft": False, "load_in_4bit": False, "device": args.device, "resume": False,
@@ -360,7 +365,7 @@ def cmd_bench(argv: list[str]) -> int:
     import torch  # here: heavy, loaded once the flags are good
 
     torch.set_num_threads(args.threads)
-    cfg, model, tok, _, prompts = load_for_inference(args)
+    cfg, model, tok, examples, prompts = load_for_inference(args)
     from minigrpo.tools.bench import bench_rollout  # here: heavy
 
     if args.vllm:
@@ -369,8 +374,10 @@ def cmd_bench(argv: list[str]) -> int:
         rollout.backend("vllm").start(dataclasses.replace(cfg, rollout_backend="vllm"), model, tok)
     from minigrpo.agent.turns import multi_turn  # here: heavy (transformers), as above
 
+    turns = multi_turn(cfg)  # an environment is reset with each problem's row
+    turns = turns.bound([ex.columns for ex in examples], args.n) if turns else None
     report = bench_rollout(model, tok, prompts, args.n, cfg.max_completion_length, args.reps, args.temperature,
-                           vllm=args.vllm, turns=multi_turn(cfg))
+                           vllm=args.vllm, turns=turns)
     report["settings"] = {"model": cfg.model, "gguf_file": cfg.gguf_file, "prompts": len(prompts), "n": args.n,
                           "max_new_tokens": cfg.max_completion_length, "threads": args.threads, "reps": args.reps,
                           "vllm": args.vllm, "tools": [str(t) for t in cfg.tools], "max_turns": cfg.max_turns}

@@ -240,6 +240,10 @@ class Config:
         self.reward_funcs = _functions("reward_funcs", self.reward_funcs, many=True)
         self.eval_metric = _functions("eval_metric", self.eval_metric, many=False)
         self.tools = _functions("tools", self.tools, many=True)
+        for key, names in (("reward_funcs", self.reward_funcs), ("eval_metric", [self.eval_metric])):
+            if "environment" in names and not self.environment:
+                raise ConfigError(f"{key}: 'environment' returns the rewards of a multi-turn environment, and "
+                                  f"`environment` is not set; set it (e.g. environment: retry) or drop that reward")
         if self.environment is not None:
             self.environment = _functions("environment", self.environment, many=False)
             if self.tools:
@@ -317,9 +321,6 @@ class Config:
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"reward_weights: {len(self.reward_weights)} weights for "
                               f"{len(self.reward_funcs)} reward_funcs {self.reward_funcs}; give one per function")
-        if "environment" in self.reward_funcs and not self.environment:
-            raise ConfigError("reward_funcs: 'environment' returns the rewards of a multi-turn environment, and "
-                              "`environment` is not set; set it (e.g. environment: retry) or drop that reward")
         if (self.tools or self.environment) and self.rollout_backend == "vllm":
             key = "tools" if self.tools else "environment"
             raise ConfigError(f"{key}: multi-turn rollouts run on rollout_backend engine (or hf, the reference), not "
@@ -422,6 +423,19 @@ def function_name(fn: Any) -> str:
         except Exception:  # noqa: BLE001  (a module that fails to import again: not a name to resume by)
             pass
     return f"python:{name}"
+
+
+def import_named(key: str, name: str, what: str, built_in: list[str]) -> Any:
+    """What a 'package.module:attribute' name (function_name's) refers to, imported; a ConfigError naming `key`
+    for any other name (not one of the `built_in` names of that key's `what`) or for an import that fails."""
+    module_name, sep, attr = name.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{key}: unknown {what} {name!r}; built-in: {', '.join(built_in)}, a custom one is "
+                          f"'package.module:name'")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except Exception as e:  # ImportError, AttributeError, or any error raised while the module runs
+        raise ConfigError(f"{key}: cannot load {name!r}: {e!r}") from e
 
 
 def _functions(key: str, value: Any, many: bool) -> Any:

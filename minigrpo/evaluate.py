@@ -104,10 +104,12 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     `stop`: the strings that end a completion (the template's, prompts.stop_strings). `turns`: multi-turn, with
     tools; the report then adds tool_call_frequency (the share of problems whose trajectory called a tool).
     `rows`: the problems' dataset rows, what an environment is reset with (needed with one)."""
+    if turns is not None and turns.environment is not None and rows is None:
+        raise ValueError("evaluate: an environment is reset with each problem's dataset row: pass rows=")
     rows = rows if rows is not None else [{} for _ in prompts]
     greedy = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop, turns=turns)
     texts, lengths, truncated, called = [], [], [], []
-    for chunk, chunk_rows in zip(_batched(prompts, batch_size), _batched(rows, batch_size)):
+    for chunk, chunk_rows in zip(_batched(prompts, batch_size), _batched(rows, batch_size), strict=True):
         ro = generate(backend, model, tokenizer, chunk, _bound(greedy, chunk_rows))
         texts += ro.completions
         lengths += ro.completion_mask.sum(1).tolist()
@@ -127,7 +129,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
                                  turns=turns)
         groups: list[list[str]] = []
         size = max(batch_size // k, 1)
-        for chunk, chunk_rows in zip(_batched(prompts, size), _batched(rows, size)):
+        for chunk, chunk_rows in zip(_batched(prompts, size), _batched(rows, size), strict=True):
             ro = generate(backend, model, tokenizer, chunk, _bound(sampled, chunk_rows))
             groups += _batched(ro.completions, k)
         hits = [[is_correct(c, g) for c in group] for group, g in zip(groups, golds)]

@@ -513,8 +513,9 @@ def start_loop(run: Run, opt: Optimization, state: LoopState, show_progress: boo
 def resume_hint(run: Run) -> str:
     """How to continue this run: the command, or (rows or functions from Python) the trainer call."""
     command = "train" if run.stage == "GRPO" else "sft"
-    python = run.cfg.dataset == IN_MEMORY or any(name.startswith("python:") for name in
-                                                 run.cfg.to_dict()["reward_funcs"])
+    saved = run.cfg.to_dict()
+    python = run.cfg.dataset == IN_MEMORY or any(str(name).startswith("python:") for name in
+                                                 saved["reward_funcs"] + saved["tools"] + [saved["environment"]])
     return (f"the same trainer with output_dir={str(run.run_dir)!r}, resume=True (its rows or functions came "
             f"from Python)") if python else f"`minigrpo {command} --resume {run.run_dir}`"
 

@@ -90,14 +90,18 @@ def rollout_and_score(cfg: Config, model: torch.nn.Module, tokenizer: Any, examp
 def tool_metrics(stats: dict[str, list[float]]) -> dict[str, float]:
     """A multi-turn batch's tool use: assistant turns and tool calls per sample, the share of samples that called a
     tool (tools/call_frequency), the share of calls that failed (tools/failure_frequency: raised, timed out or
-    malformed), and the seconds the calls took in all."""
+    malformed), and the seconds the calls took in all; with an environment, its mean reward over the trajectories
+    it scored (env/reward), its failures (env/errors) and seconds (env/env_s)."""
     n, calls = len(stats["turns"]), sum(stats["tool_calls"])
-    return {"tools/turns": sum(stats["turns"]) / n, "tools/calls": calls / n,
-            "tools/call_frequency": sum(c > 0 for c in stats["tool_calls"]) / n,
-            "tools/failure_frequency": sum(stats["tool_errors"]) / calls if calls else 0.0,
-            "tools/tool_s": sum(stats["tool_s"])} | ({
-                "env/reward": sum(stats["env_reward"]) / n, "env/errors": sum(stats["env_errors"]),
-            } if "env_reward" in stats else {})
+    metrics = {"tools/turns": sum(stats["turns"]) / n, "tools/calls": calls / n,
+               "tools/call_frequency": sum(c > 0 for c in stats["tool_calls"]) / n,
+               "tools/failure_frequency": sum(stats["tool_errors"]) / calls if calls else 0.0,
+               "tools/tool_s": sum(stats["tool_s"])}
+    if "env_reward" in stats:
+        scored = [r for r in stats["env_reward"] if not math.isnan(r)]  # NaN: the environment failed
+        metrics |= {"env/reward": sum(scored) / max(len(scored), 1), "env/errors": sum(stats["env_errors"]),
+                    "env/env_s": sum(stats["env_s"])}
+    return metrics
 
 
 def flat_groups(totals: list[float | None], G: int) -> list[bool]:
@@ -294,6 +298,9 @@ def no_signal_cause(steps: int, scored: Scored, guard: RewardGuard) -> str:
                    for name, (count, example) in guard.invalid.items()]
         if scored.reward_errors:
             causes.append(f"rewards raised on {scored.reward_errors} samples (train/reward_errors)")
+        if (stats := scored.rollout.stats) and (failed := sum(stats.get("env_errors", []))):
+            causes.append(f"the environment failed on {failed:g} trajectories (env/errors; its first traceback was "
+                          f"printed)")
         return head + "every sample was skipped, no reward scored one: " + "; ".join(
             causes or ["every reward returned None"]) + ". A reward must return finite numbers."
     if len(set(values)) == 1:
@@ -309,7 +316,8 @@ REDUCTIONS = {"completions/max_length": "max", "train/skipped_samples": "sum", "
               "train/reward_timeouts": "sum",
               "perf/generate_s": "max", "perf/score_s": "max", "perf/train_s": "max", "perf/step_s": "max",
               "perf/tokens_per_s": "max", "memory/peak_gb": "max", "rollout/logprob_diff_max": "max",
-              "rollout/is_ratio_max": "max", "rollout/is_ratio_min": "min", "tools/tool_s": "max"}
+              "rollout/is_ratio_max": "max", "rollout/is_ratio_min": "min", "tools/tool_s": "max", "env/errors": "sum",
+              "env/env_s": "max"}
 
 
 def train(cfg: Config, show_progress: bool = True) -> Path:

@@ -12,10 +12,13 @@ The protocol (gym's, in text), what `environment: package.module:Class` names:
 it is, rendered by the chat template); `reward` (optional) adds to the trajectory's reward; `done` ends the
 trajectory. A tuple `(messages, reward, done)` is accepted for `Step`. The trajectory also ends at `max_turns`,
 at the token budget, and when the environment has nothing to say. Its last turn is stepped too (its reward
-counts) even when no turn may follow it. The sum of a trajectory's rewards is the column `environment_reward`,
-which the built-in reward `environment` returns (`reward_funcs: [environment]`; other rewards read the column
-too). An environment that raises ends its trajectory, reward so far kept, the error counted
-(`tools/failure_frequency`), and never stops the run.
+counts) even when no turn may follow it; a turn the token budget cuts is not (the trajectory is a truncated
+completion: `mask_truncated_completions` leaves it out of the loss). The sum of a trajectory's rewards is the
+column `environment_reward`, which the built-in reward `environment` returns (`reward_funcs: [environment]`;
+other rewards read the column too). An environment that raises (in its factory, reset or step) or answers with
+something that is not a Step ends its trajectory, which the reward `environment` then does not score (None, as a
+reward that raised); the errors are counted (`env/errors`, the first one's traceback printed) and never stop
+the run. Steps run one after another, without a time limit (`env/env_s` logs their seconds).
 
 Adapters to the field's own environment libraries fit this shape (their reset/step, one instance per
 trajectory); `Retry` below is a small built-in example: a second chance after "not right".
@@ -23,13 +26,15 @@ trajectory); `Retry` below is a small built-in example: a second chance after "n
 
 from __future__ import annotations
 
-import importlib
+import math
+import numbers
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from minigrpo.config import import_named
 from minigrpo.errors import ConfigError
 from minigrpo.tasks.answers import extract_answer, is_correct
 
@@ -71,15 +76,12 @@ def load_environment(name: str | Callable[[], Any]) -> Callable[[], Any]:
         factory = name
     elif name in ENVIRONMENTS:
         factory = ENVIRONMENTS[name]
-    else:
-        module_name, sep, attr = name.partition(":")
-        if not sep or not module_name or not attr:
-            raise ConfigError(f"environment: unknown environment {name!r}; built-in: {', '.join(ENVIRONMENTS)}, a "
-                              f"custom one is 'package.module:Class' (reset(row), step(text) -> Step)")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except Exception as e:  # ImportError, AttributeError, or any error raised while the module runs
-            raise ConfigError(f"environment: cannot load {name!r}: {e!r}") from e
+    elif name.startswith("python:"):  # config.function_name: a class only Python can pass again
+        raise ConfigError(f"environment {name!r} was a class handed over from Python (defined in a script); pass it "
+                          f"again from Python (GRPOConfig(environment=...)), or make it importable and name it "
+                          f"'package.module:Class'")
+    else:  # a class with reset(row) and step(text) -> Step
+        factory = import_named("environment", name, "environment", list(ENVIRONMENTS))
     kind = factory if isinstance(factory, type) else None
     if kind is not None and not all(callable(getattr(kind, m, None)) for m in ("reset", "step")):
         raise ConfigError(f"environment: {kind.__name__} needs reset(row) and step(text) methods")
@@ -87,18 +89,24 @@ def load_environment(name: str | Callable[[], Any]) -> Callable[[], Any]:
 
 
 def as_step(result: Any) -> Step:
-    """An environment's answer as a Step (a Step, or a (messages, reward, done) tuple)."""
-    if isinstance(result, Step):
-        return result
+    """An environment's answer as a checked Step (from a Step, or a (messages, reward, done) tuple): its messages
+    a list of {"role", "content"} dicts (a string: one user message) or None, its reward a float or None. A
+    TypeError says what is wrong."""
     if isinstance(result, tuple) and len(result) == 3:
-        return Step(*result)
-    raise TypeError(f"step() must return a Step or a (messages, reward, done) tuple, got {type(result).__name__}")
-
-
-def as_messages(messages: str | list[dict[str, str]] | None) -> list[dict[str, str]] | None:
-    if not messages:
-        return None
-    return [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+        result = Step(*result)
+    if not isinstance(result, Step):
+        raise TypeError(f"step() must return a Step or a (messages, reward, done) tuple, got {type(result).__name__}")
+    messages = result.messages or None
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    elif messages is not None and not (isinstance(messages, list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)):
+        raise TypeError(f"Step.messages must be a string or a list of {{'role', 'content'}} dicts, got {messages!r}")
+    reward = result.reward
+    if reward is not None and (isinstance(reward, bool) or not isinstance(reward, numbers.Real)):
+        raise TypeError(f"Step.reward must be a number or None, got {reward!r}")
+    return Step(messages, None if reward is None else float(reward), bool(result.done))
 
 
 class EnvironmentSet:
@@ -106,15 +114,18 @@ class EnvironmentSet:
     ended, and keeps per row the reward so far, whether it is over, and its errors and seconds."""
 
     def __init__(self, factory: Callable[[], Any], rows: list[dict[str, Any]]) -> None:
-        self.envs: list[Any] = []
-        self.reward = [0.0] * len(rows)
+        self.envs: list[Any] = [None] * len(rows)
+        self.reward = [0.0] * len(rows)  # NaN once the environment failed: no score (the reward gives None)
         self.over = [False] * len(rows)
         self.errors = [0.0] * len(rows)
         self.seconds = [0.0] * len(rows)
+        self.shown = False  # one traceback per batch; the rest are counted
         for r, row in enumerate(rows):
-            env = factory()
-            self.envs.append(env)
-            self._guarded(r, lambda env=env, row=row: env.reset(row))
+            self._guarded(r, lambda r=r, row=row: self._reset(r, row, factory))
+
+    def _reset(self, r: int, row: dict[str, Any], factory: Callable[[], Any]) -> None:
+        self.envs[r] = factory()
+        self.envs[r].reset(row)
 
     def _guarded(self, r: int, fn: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
@@ -123,7 +134,11 @@ class EnvironmentSet:
         except Exception:  # a user's environment: its error ends this trajectory, never the run
             self.errors[r] += 1
             self.over[r] = True
-            print(f"environment error (trajectory {r}, it ends here):\n{traceback.format_exc(limit=-3)}")
+            self.reward[r] = math.nan
+            if not self.shown:
+                self.shown = True
+                print(f"environment error (trajectory {r} ends unscored; env/errors counts the others):\n"
+                      f"{traceback.format_exc(limit=-3)}")
             return None
         finally:
             self.seconds[r] += time.perf_counter() - t0
@@ -136,7 +151,7 @@ class EnvironmentSet:
         if result is None:
             return None
         if result.reward is not None:
-            self.reward[r] += float(result.reward)
-        messages = None if result.done else as_messages(result.messages)
+            self.reward[r] += result.reward
+        messages = None if result.done else result.messages
         self.over[r] = messages is None
         return messages

@@ -21,7 +21,6 @@ runs in the sandbox, agent/sandbox.py). Others are named `package.module:functio
 from __future__ import annotations
 
 import ast
-import importlib
 import inspect
 import json
 import operator
@@ -35,6 +34,7 @@ from typing import Any
 from transformers.utils import get_json_schema
 
 from minigrpo.agent import sandbox
+from minigrpo.config import import_named
 from minigrpo.errors import ConfigError
 from minigrpo.tasks.rewards import TIMED_OUT, run_async
 
@@ -108,14 +108,7 @@ def load_tool(name: str | Callable) -> Callable:
         if fn is python and (missing := sandbox.check()):
             raise ConfigError(f"tools: python runs code in a sandbox, and {missing}")
     else:
-        module_name, sep, attr = name.partition(":")
-        if not sep or not module_name or not attr:
-            raise ConfigError(f"tools: unknown tool {name!r}; built-in tools are {', '.join(TOOLS)}, a custom one "
-                              f"is 'package.module:function'")
-        try:
-            fn = getattr(importlib.import_module(module_name), attr)
-        except Exception as e:  # ImportError, AttributeError, or any error raised while the module runs
-            raise ConfigError(f"tools: cannot load {name!r}: {e!r}") from e
+        fn = import_named("tools", name, "tool", list(TOOLS))
     try:
         get_json_schema(fn)
     except Exception as e:  # transformers' TypeHintParsingException / DocstringParsingException

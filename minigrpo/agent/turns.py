@@ -70,7 +70,8 @@ class Episodes:
                 raise ValueError(f"an environment needs each trajectory's row: MultiTurn.bound(rows, n) for {rows} "
                                  f"trajectories (got {None if spec.rows is None else len(spec.rows)})")
             self.envs = EnvironmentSet(spec.environment, spec.rows)
-            self.stats |= {"env_reward": list(self.envs.reward), "env_errors": list(self.envs.errors)}
+            self.stats |= {"env_reward": list(self.envs.reward), "env_errors": list(self.envs.errors),
+                           "env_s": list(self.envs.seconds)}
 
     def end_turn(self, rows: list[int], turns: list[list[int]], room: list[int]) -> list[list[int] | None]:
         """Rows whose assistant turn just ended, that turn's tokens, and how many tokens each row may still take:
@@ -87,8 +88,10 @@ class Episodes:
         self.pending = {}
         replies = self.respond([rows[i] for i in going], [texts[i] for i in going])
         if self.envs is not None:
-            for r in rows:
-                self.stats["env_reward"][r], self.stats["env_errors"][r] = self.envs.reward[r], self.envs.errors[r]
+            for key, values in (("env_reward", self.envs.reward), ("env_errors", self.envs.errors),
+                                ("env_s", self.envs.seconds)):
+                for r in rows:
+                    self.stats[key][r] = values[r]
         out: list[list[int] | None] = [None] * len(rows)
         for i, messages in zip(going, replies):
             if not messages:

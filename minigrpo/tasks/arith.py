@@ -85,14 +85,18 @@ def arith_rows(split: str, size: int, steps: int = 3, max_number: int = 20, seed
     raise ValueError(f"arith: could only make {len(rows)} distinct problems; raise max_number or steps")
 
 
+def expression(solution: str) -> str:
+    """A worked solution's steps as one expression: "7 + 5 = 12.\n12 - 3 = 9.\n#### 9" -> "7 + 5 - 3"."""
+    lines = [line for line in solution.splitlines() if " = " in line]
+    return lines[0].split(" = ")[0] + "".join(" " + line.split(" = ")[0].split(" ", 1)[1] for line in lines[1:])
+
+
 def tool_solution(solution: str) -> list[dict[str, str]]:
     """A worked solution ("7 + 5 = 12.\\n12 - 3 = 9.\\n#### 9") as a calculator conversation: the assistant calls
     the calculator on the whole expression (`<tool_call>calculator 7 + 5 - 3</tool_call>`, the simple call format
     of agent/tools.py), the tool answers, the assistant gives `#### N`."""
-    lines = [line for line in solution.splitlines() if " = " in line]
-    expression = lines[0].split(" = ")[0] + "".join(" " + line.split(" = ")[0].split(" ", 1)[1] for line in lines[1:])
     value = solution.rsplit("#### ", 1)[1]
-    return [{"role": "assistant", "content": f"<tool_call>calculator {expression}</tool_call>"},
+    return [{"role": "assistant", "content": f"<tool_call>calculator {expression(solution)}</tool_call>"},
             {"role": "tool", "name": "calculator", "content": value},
             {"role": "assistant", "content": f"#### {value}"}]
 

@@ -167,6 +167,10 @@ def render_prompts(cfg: Any, tokenizer: Any, examples: list[Example], fewshot: l
     # libraries, and agent.tools imports transformers
 
     tools = [load_tool(t) for t in cfg.tools] or None
+    if getattr(cfg, "environment", None):  # a bad name fails here, before the model loads, as a bad tool does
+        from minigrpo.agent.env import load_environment  # here: as agent.tools above
+
+        load_environment(cfg.environment)
     prompts = [build_prompt(tokenizer, ex.question, template, cfg.system_prompt, fewshot, ex.messages, tools)
                for ex in examples]
     if template not in CHAT_TEMPLATES and (bos := bos_prefix(tokenizer)):  # a chat template writes its own BOS

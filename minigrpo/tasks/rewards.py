@@ -107,15 +107,15 @@ def think_format_reward(prompts: list[str], completions: list[str], **kwargs) ->
 def environment_reward(prompts: list[str], completions: list[str], environment_reward: list[float] | None = None,
                        **kwargs) -> list[float | None]:
     """The multi-turn environment's rewards, summed over the trajectory (the column `environment_reward` that
-    rollouts with an `environment` add; agent/env.py); no opinion (None) without one (a run with this reward and
-    no `environment` is refused at start).
+    rollouts with an `environment` add; agent/env.py); no opinion (None) where the environment failed (NaN), or
+    without one (a run with this reward and no `environment` is refused at start).
 
-    >>> environment_reward(["Q"], ["#### 3"], environment_reward=[0.5])
-    [0.5]
+    >>> environment_reward(["Q", "Q"], ["#### 3", "#### 4"], environment_reward=[0.5, float("nan")])
+    [0.5, None]
     """
     if environment_reward is None:
         return [None] * len(completions)
-    return [float(r) for r in environment_reward]
+    return [None if math.isnan(r) else float(r) for r in environment_reward]
 
 
 REWARD_FUNCS: dict[str, Callable] = {

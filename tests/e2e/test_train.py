@@ -110,13 +110,15 @@ def test_multi_turn_run_with_a_tool_logs_tool_use(smoke_cfg, monkeypatch):
 
 
 class Echo:
-    """An environment for a random model: it answers every turn, with a reward the turn's length decides."""
+    """An environment for a random model: it answers every turn; its first step's reward is the row's answer plus
+    0.1 for a turn of odd length (so the samples of a group differ, and a reward landing on another row shows)."""
 
     def reset(self, row):
-        assert "answer" in row  # the trajectory's dataset row
+        self.answer, self.steps = int(row["answer"]), 0
 
     def step(self, text):
-        return "Say more.", float(len(text) % 3), False
+        self.steps += 1
+        return "Say more.", self.answer + len(text) % 2 / 10 if self.steps == 1 else 0.0, False
 
 
 def test_multi_turn_run_with_an_environment_rewards_from_it(smoke_cfg):
@@ -132,8 +134,9 @@ def test_multi_turn_run_with_an_environment_rewards_from_it(smoke_cfg):
     assert all(r["env/reward"] > 0 and r["train/rewards/environment/mean"] == pytest.approx(r["env/reward"])
                for r in steps)
     assert all(r["train/grad_norm"] > 0 for r in steps)
-    sample = json.loads((run / "samples.jsonl").read_text().splitlines()[0])
-    assert "user\nSay more.\nassistant\n" in sample["completion"]  # the whole trajectory is what the rewards saw
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert "user\nSay more.\nassistant\n" in samples[0]["completion"]  # the whole trajectory is what rewards saw
+    assert all(round(s["rewards/environment"] - int(s["answer"]), 6) in (0.0, 0.1) for s in samples)  # its own row
 
 
 def test_tools_are_checked_at_start(smoke_cfg):
