@@ -240,10 +240,8 @@ class Config:
         self.reward_funcs = _functions("reward_funcs", self.reward_funcs, many=True)
         self.eval_metric = _functions("eval_metric", self.eval_metric, many=False)
         self.tools = _functions("tools", self.tools, many=True)
-        for key, names in (("reward_funcs", self.reward_funcs), ("eval_metric", [self.eval_metric])):
-            if "environment" in names and not self.environment:
-                raise ConfigError(f"{key}: 'environment' returns the rewards of a multi-turn environment, and "
-                                  f"`environment` is not set; set it (e.g. environment: retry) or drop that reward")
+        if self.eval_metric == "environment" and not self.environment:  # (reward_funcs: validate_grpo)
+            raise ConfigError(_NO_ENVIRONMENT.format(key="eval_metric"))
         if self.environment is not None:
             self.environment = _functions("environment", self.environment, many=False)
             if self.tools:
@@ -321,6 +319,8 @@ class Config:
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"reward_weights: {len(self.reward_weights)} weights for "
                               f"{len(self.reward_funcs)} reward_funcs {self.reward_funcs}; give one per function")
+        if "environment" in self.reward_funcs and not self.environment:
+            raise ConfigError(_NO_ENVIRONMENT.format(key="reward_funcs"))
         if (self.tools or self.environment) and self.rollout_backend == "vllm":
             key = "tools" if self.tools else "environment"
             raise ConfigError(f"{key}: multi-turn rollouts run on rollout_backend engine (or hf, the reference), not "
@@ -423,6 +423,10 @@ def function_name(fn: Any) -> str:
         except Exception:  # noqa: BLE001  (a module that fails to import again: not a name to resume by)
             pass
     return f"python:{name}"
+
+
+_NO_ENVIRONMENT = ("{key}: 'environment' returns the rewards of a multi-turn environment, and `environment` is not "
+                   "set; set it (e.g. environment: retry) or drop that reward")
 
 
 def import_named(key: str, name: str, what: str, built_in: list[str]) -> Any:

@@ -89,7 +89,8 @@ def test_environments_are_checked():
     with pytest.raises(ValueError, match="needs each trajectory's row"):
         MultiTurn(environment=Retry).begin(tiny_tokenizer(), [0], rows=2)
     with pytest.raises(ConfigError, match="reward_funcs: 'environment' returns the rewards of a multi-turn"):
-        Config(reward_funcs=["correctness", "environment"]).validate()
+        Config(reward_funcs=["correctness", "environment"]).validate_grpo()
+    Config(reward_funcs=["correctness", "environment"]).validate()  # evaluation and SFT score no rewards
     with pytest.raises(ConfigError, match="eval_metric: 'environment' returns the rewards of a multi-turn"):
         Config(eval_metric="environment").validate()
     with pytest.raises(ConfigError, match="was a class handed over from Python"):
