@@ -65,9 +65,7 @@ def evaluate_metric(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     values, lengths = [], []
     for chunk, exs in zip(_batched(prompts, batch_size), _batched(examples, batch_size)):
         ro = generate(backend, model, tokenizer, chunk, _bound(greedy, [ex.columns for ex in exs]))
-        reward_prompts, completions, columns = reward_inputs(exs, ro.prompts, ro.completions, 1)
-        if ro.stats is not None and "env_reward" in ro.stats:  # what the reward `environment` returns
-            columns["environment_reward"] = list(ro.stats["env_reward"])
+        reward_prompts, completions, columns = reward_inputs(exs, ro.prompts, ro.completions, 1, ro.stats)
         lengths += ro.completion_mask.sum(1).tolist()
         ids = [row[:int(n)] for row, n in zip(ro.completion_ids.tolist(), ro.completion_mask.sum(1).tolist())]
         totals, _ = score(metric, reward_prompts, completions, columns | {"completion_ids": ids}, None, guard)

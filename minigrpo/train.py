@@ -76,9 +76,7 @@ def rollout_and_score(cfg: Config, model: torch.nn.Module, tokenizer: Any, examp
                                                                             sampling.n))
     ro = rollout.generate(cfg.rollout_backend, model, tokenizer, prompts, sampling, cfg.rollout_merge_lora)
     t1 = time.perf_counter()
-    reward_prompts, completions, columns = reward_inputs(examples, ro.prompts, ro.completions, sampling.n)
-    if ro.stats is not None and "env_reward" in ro.stats:  # what the reward `environment` returns
-        columns["environment_reward"] = list(ro.stats["env_reward"])
+    reward_prompts, completions, columns = reward_inputs(examples, ro.prompts, ro.completions, sampling.n, ro.stats)
     lengths = ro.completion_mask.sum(1).long().tolist()
     ids = [row[:n] for row, n in zip(ro.completion_ids.tolist(), lengths)]  # TRL passes completion_ids too
     errors: dict[str, int] = {}

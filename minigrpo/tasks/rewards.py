@@ -215,16 +215,20 @@ def _as_reward(value: object) -> float | None:
 
 
 def reward_inputs(examples: list[Any], prompts: list[str], completions: list[str], n: int,
-                  ) -> tuple[list[Any], list[Any], dict[str, list[Any]]]:
+                  stats: dict[str, list[float]] | None = None) -> tuple[list[Any], list[Any], dict[str, list[Any]]]:
     """What rewards receive for `n` completions per example (rows example-major, as a rollout's), in TRL's forms:
     a conversational example's prompt as its messages and each completion as [{"role": "assistant", ...}];
-    otherwise the prompt as rendered (what the model saw) and the completion text. Plus the dataset columns."""
+    otherwise the prompt as rendered (what the model saw) and the completion text. Plus the dataset columns, and
+    with a multi-turn environment (`stats`: the rollout's) the column `environment_reward`."""
     rows = [ex for ex in examples for _ in range(n)]
     prompts = [ex.messages if ex.messages is not None else p for ex, p in zip(rows, prompts, strict=True)]
     completions = [[{"role": "assistant", "content": c}] if ex.messages is not None else c
                    for ex, c in zip(rows, completions, strict=True)]
     keys = dict.fromkeys(k for ex in examples for k in ex.columns)  # every row's columns (None where absent)
-    return prompts, completions, {k: [ex.columns.get(k) for ex in rows] for k in keys}
+    columns = {k: [ex.columns.get(k) for ex in rows] for k in keys}
+    if stats is not None and "env_reward" in stats:  # what the reward `environment` returns
+        columns["environment_reward"] = list(stats["env_reward"])
+    return prompts, completions, columns
 
 
 def reward_name(fn: str | Callable) -> str:
