@@ -257,8 +257,9 @@ def cmd_eval(argv: list[str]) -> int:
     report["settings"] = {"model": cfg.model, "gguf_file": cfg.gguf_file, "adapter": args.adapter,
                           "data": cfg.dataset, "split": args.split, "template": cfg.template,
                           "max_new_tokens": cfg.max_completion_length, "decoding": "greedy", "k": args.k,
-                          "metric": name,
-                          "extraction": "last '#### N', then \\boxed{}; numeric equality, math-verify fallback"}
+                          "metric": name}
+    if metric is None:  # math accuracy's extractor (a named metric reads completions its own way)
+        report["settings"]["extraction"] = "last '#### N', then \\boxed{}; numeric equality, math-verify fallback"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     summary = {k: v for k, v in report.items() if k not in ("records", "settings")}

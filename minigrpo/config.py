@@ -74,7 +74,8 @@ class Config:
                                                                             "AdamW (CUDA only; else torch AdamW)")
     # ---- data ---------------------------------------------------------------------------------------
     dataset: str = _f("arith", "'arith' (built-in synthetic task), 'gsm8k' / a hub id, a dir holding "
-                               "{split}.jsonl, or a .jsonl file")
+                               "{split}.jsonl, a .jsonl file, or reasoning-gym tasks: 'reasoning_gym:TASK[,TASK]' / "
+                               "'reasoning_gym:FILE.yaml' (minigrpo/tasks/reasoning_gym.py)")
     arith_steps: int = _f(3, "arith task: operations per problem")
     arith_max_number: int = _f(10, "arith task: operands are drawn from 1..arith_max_number")
     arith_direct_fraction: float = _f(0.0, "arith task: share of train solutions given as a bare '#### N' "
@@ -83,6 +84,8 @@ class Config:
                                          "(a conversation: the call, its answer, '#### N'); the tools model's cold "
                                          "start")
     arith_train_size: int = _f(20000, "arith task: problems in the train split (at most 20000)")
+    reasoning_gym_size: int = _f(2000, "dataset reasoning_gym:TASK: problems in the train split (the test split: "
+                                       "up to 1000, never among them)")
     eval_dataset: str | None = _f(None, "dataset for evaluation, when not `dataset` (same forms)")
     train_split: str = _f("train", "split used for training")
     eval_split: str = _f("test", "split used for evaluation")
@@ -198,8 +201,9 @@ class Config:
                                                "trackio, mlflow; [none] or [] for metrics.jsonl only "
                                                "(minigrpo/monitor.py)")
     eval_metric: str = _f("auto", "held-out metric on greedy completions: 'auto' (correctness when the eval data "
-                                  "has an answer column, else the weighted reward), 'reward', a reward name or "
-                                  "package.module:function (from Python, a callable); logged as eval/<name>")
+                                  "has an answer column, else the weighted reward; reasoning_gym on its tasks), "
+                                  "'reward', a reward name or package.module:function (from Python, a callable); "
+                                  "logged as eval/<name>")
     eval_steps: int = _f(25, "evaluate greedy accuracy every N steps (0: only before and after training)")
     eval_limit: int = _f(500, "held-out problems per evaluation (0: skip evaluation)")
     eval_batch_size: int = _f(500, "prompts per generate call during evaluation")
@@ -321,10 +325,6 @@ class Config:
                               f"{len(self.reward_funcs)} reward_funcs {self.reward_funcs}; give one per function")
         if "environment" in self.reward_funcs and not self.environment:
             raise ConfigError(_NO_ENVIRONMENT.format(key="reward_funcs"))
-        if (self.tools or self.environment) and self.rollout_backend == "vllm":
-            key = "tools" if self.tools else "environment"
-            raise ConfigError(f"{key}: multi-turn rollouts run on rollout_backend engine (or hf, the reference), not "
-                              "yet on vllm; set rollout_backend: engine")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (for YAML and logging); a callable is written as its name (function_name)."""
@@ -342,7 +342,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "lora_r": (1, None, False, False), "lora_alpha": (0, None, True, False), "lora_dropout": (0, 1, False, True),
     "arith_steps": (1, None, False, False), "arith_max_number": (1, None, False, False),
     "arith_direct_fraction": (0, 1, False, False), "arith_tool_fraction": (0, 1, False, False),
-    "arith_train_size": (1, 20000, False, False),
+    "arith_train_size": (1, 20000, False, False), "reasoning_gym_size": (1, 1_000_000, False, False),
     "num_fewshot": (0, None, False, False), "max_prompt_length": (1, None, False, False),
     "overlong_buffer": (0, None, False, False), "vllm_gpu_memory_utilization": (0, 1, True, False),
     "vllm_importance_sampling_clip_max": (0, None, True, False),

@@ -19,6 +19,7 @@ from minigrpo.agent.turns import MultiTurn
 from minigrpo.rollout import generate
 from minigrpo.rollout.types import SamplingParams
 from minigrpo.tasks.answers import extract_answer, is_correct
+from minigrpo.tasks.reasoning_gym import PREFIX as REASONING_GYM
 from minigrpo.tasks.rewards import (
     RewardGuard,
     correctness_reward,
@@ -36,9 +37,11 @@ Metric = list[tuple[str, Callable, float]] | None  # functions summed as a rewar
 def resolve_metric(cfg: Any, examples: list[Example]) -> tuple[str, Metric]:
     """The run's held-out metric: its name (logged as eval/<name>; math accuracy is eval/accuracy) and the
     functions to score it with (None: `evaluate`'s accuracy, format and length). `auto` is accuracy when every
-    eval row has a gold answer, else the weighted reward of the run."""
+    eval row has a gold answer, else the weighted reward of the run; on reasoning-gym tasks, their verifiers."""
     metric = cfg.eval_metric
-    if metric == "auto":
+    if metric == "auto" and examples and all(ex.where.startswith(REASONING_GYM) for ex in examples):
+        metric = "reasoning_gym"  # its tasks' own verifiers: most answers are not numbers
+    elif metric == "auto":
         metric = "correctness" if all("answer" in ex.columns for ex in examples) else "reward"
     if metric == "correctness":
         require_columns(examples, ["answer"], "the eval data", "eval_metric correctness compares to it")

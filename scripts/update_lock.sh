@@ -59,7 +59,7 @@ echo "uv==$UV_VERSION" | "$uv" pip compile --quiet - --no-deps --generate-hashes
 # What builds the packages that come as sources (DeepSpeed, minigrpo itself): setuptools, pinned too.
 echo "setuptools>=77" | "$uv" pip compile --quiet - --generate-hashes --no-header --python-version 3.11 \
   --python-platform x86_64-manylinux_2_28 --custom-compile-command "bash scripts/update_lock.sh" -o requirements/build.txt
-compile requirements/lock.txt
+compile requirements/lock.txt --extra envs  # the environment libraries: newest stack only (pyproject.toml)
 rm -f requirements/transformers-*.txt
 for spec in $OLDER; do
   v=${spec%@*}

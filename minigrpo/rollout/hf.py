@@ -9,14 +9,14 @@ from minigrpo.errors import NonFiniteError
 from minigrpo.model import merged_lora
 from minigrpo.rollout.types import (
     Rollout,
+    Sampled,
     SamplingParams,
     encode_prompts,
     eos_token_ids,
     hits_stop,
     make_rollout,
-    make_trajectories,
-    stop_length,
     stop_window,
+    turn_by_turn,
 )
 
 
@@ -78,63 +78,32 @@ def hf_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
 def hf_multi_turn(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                   params: SamplingParams) -> Rollout:
     """The multi-turn reference (agent/turns.py): one `generate` call per turn for the rows still going, each
-    re-reading its whole conversation (prompt, earlier turns, tool answers) from scratch, the simple way the
-    engine's cache-extending loop is checked against. Greedy, both give the same trajectories."""
+    re-reading its whole conversation (prompt, earlier turns, tool answers) from scratch (`turn_by_turn`), the
+    simple way the engine's cache-extending loop is checked against. Greedy, both give the same trajectories."""
     device = next(model.parameters()).device
     ids, mask = encode_prompts(tokenizer, prompts, device)
     ids, mask = ids.repeat_interleave(params.n, 0), mask.repeat_interleave(params.n, 0)
-    B, T, eos, pad = ids.shape[0], params.max_new_tokens, eos_token_ids(model, tokenizer), tokenizer.pad_token_id
-    episodes = params.turns.begin(tokenizer, eos, B)
-    prompt_rows = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-    trajectory: list[list[int]] = [[] for _ in range(B)]
-    from_tools: list[list[int]] = [[] for _ in range(B)]  # 1 where a token came from a tool answer
-    going, finished = list(range(B)), [False] * B  # finished: the model ended it (not the budget)
-    greedy = params.temperature == 0
-    was_training = model.training
-    model.eval()
-    while going:
-        rows = [prompt_rows[r] + trajectory[r] for r in going]
-        width = max(map(len, rows))
-        batch = torch.tensor([[pad] * (width - len(x)) + x for x in rows], device=device)
-        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in rows], device=device)
+    eos, pad, greedy = eos_token_ids(model, tokenizer), tokenizer.pad_token_id, params.temperature == 0
+
+    def sample(rows: list[int], contexts: list[list[int]], room: list[int]) -> list[Sampled]:
+        width = max(map(len, contexts))
+        batch = torch.tensor([[pad] * (width - len(x)) + x for x in contexts], device=device)
+        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in contexts], device=device)
         stops = StoppingCriteriaList([StopStrings(tokenizer, params.stop, width)] if params.stop else [])
         try:
             out = model.generate(
-                input_ids=batch, attention_mask=attention, max_new_tokens=max(T - len(trajectory[r]) for r in going),
-                do_sample=not greedy, temperature=None if greedy else params.temperature,
-                top_p=None if greedy else params.top_p, top_k=None if greedy else params.top_k, eos_token_id=eos,
-                pad_token_id=pad, stopping_criteria=stops)
+                input_ids=batch, attention_mask=attention, max_new_tokens=max(room), do_sample=not greedy,
+                temperature=None if greedy else params.temperature, top_p=None if greedy else params.top_p,
+                top_k=None if greedy else params.top_k, eos_token_id=eos, pad_token_id=pad, stopping_criteria=stops)
         except RuntimeError as e:  # as in hf_generate
             if "probability tensor contains" not in str(e):
                 raise
             raise NonFiniteError("the model's logits are NaN or inf while generating: its weights are broken") from e
-        ended_rows, turns = [], []
-        for r, new in zip(going, out[:, width:].tolist()):
-            new = new[:T - len(trajectory[r])]  # this row's budget
-            end = next((i + 1 for i, tok in enumerate(new) if tok in eos), None)
-            if params.stop:
-                at = stop_length(tokenizer, new[:end] if end else new, params.stop)
-                end = at if at is not None else end
-            turn = new[:end] if end else new
-            trajectory[r] += turn
-            from_tools[r] += [0] * len(turn)
-            if end:
-                ended_rows.append(r)
-                turns.append(turn)
-        answers = episodes.end_turn(ended_rows, turns, [T - len(trajectory[r]) for r in ended_rows]) \
-            if ended_rows else []
-        going = []
-        for r, answer in zip(ended_rows, answers):
-            if answer is not None:
-                trajectory[r] += answer
-                from_tools[r] += [1] * len(answer)
-                going.append(r)
-            else:
-                finished[r] = not episodes.cut[r]
-    model.train(was_training)
-    lengths = [len(x) for x in trajectory]
-    C = max(lengths, default=0)
-    tokens = torch.tensor([x + [pad] * (C - len(x)) for x in trajectory], device=device).reshape(B, C)
-    tool_mask = torch.tensor([x + [0] * (C - len(x)) for x in from_tools], device=device, dtype=torch.float)
-    return make_trajectories(tokenizer, prompts, params.n, ids, mask, tokens, lengths, tool_mask.reshape(B, C),
-                             [not f for f in finished], episodes.stats)
+        return [(new, None) for new in out[:, width:].tolist()]
+
+    was_training = model.training
+    model.eval()
+    try:
+        return turn_by_turn(tokenizer, prompts, params, ids, mask, eos, sample)
+    finally:
+        model.train(was_training)

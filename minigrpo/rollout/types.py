@@ -15,6 +15,7 @@ stop generating a row there (the engine and `hf` decode each unfinished row's la
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -196,3 +197,63 @@ def make_trajectories(tokenizer: PreTrainedTokenizerBase, prompts: list[str], n:
                    completion_mask=cmask, truncated=torch.tensor(truncated, device=tokens.device),
                    prompts=[p for p in prompts for _ in range(n)], completions=texts,
                    tool_mask=tool_mask[:, :C] * cmask, stats=stats)
+
+
+# What a backend's `sample` gives for each row it was asked for: the new tokens, and their log-probs (or None).
+Sampled = tuple[list[int], list[float] | None]
+
+
+def turn_by_turn(tokenizer: PreTrainedTokenizerBase, prompts: list[str], params: SamplingParams,
+                 prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, eos: list[int],
+                 sample: Callable[[list[int], list[list[int]], list[int]], list[Sampled]]) -> Rollout:
+    """A multi-turn rollout made one assistant turn at a time (agent/turns.py): `sample(rows, contexts, room)`
+    generates each row still going (`rows`: their indices) from its whole conversation so far (prompt, earlier
+    turns, tool answers: token ids) with at most `room` new tokens, stopping at an EOS or a stop string; the
+    turns end there, the episodes answer them, and the rows with an answer go on. The `hf` backend's reference
+    loop and vLLM's (which caches the shared prefix itself); the engine extends each row's KV cache in place
+    instead. The sampled tokens' log-probs come
+    back in `Rollout.logprobs` when `sample` gives them (0 on the tool answers' tokens, which are not sampled)."""
+    B, T = prompt_ids.shape[0], params.max_new_tokens
+    episodes = params.turns.begin(tokenizer, eos, B)
+    prompt_rows = [row[m.bool()].tolist() for row, m in zip(prompt_ids, prompt_mask)]
+    trajectory: list[list[int]] = [[] for _ in range(B)]
+    from_tools: list[list[int]] = [[] for _ in range(B)]  # 1 where a token came from a tool answer
+    logps: list[list[float]] = [[] for _ in range(B)]
+    going, finished, known = list(range(B)), [False] * B, True  # finished: the model ended it (not the budget)
+    while going:
+        outs = sample(going, [prompt_rows[r] + trajectory[r] for r in going], [T - len(trajectory[r]) for r in going])
+        ended_rows, turns = [], []
+        for r, (new, lps) in zip(going, outs, strict=True):
+            new = new[:T - len(trajectory[r])]  # this row's budget
+            end = next((i + 1 for i, tok in enumerate(new) if tok in eos), None)
+            if params.stop:
+                at = stop_length(tokenizer, new[:end] if end else new, params.stop)
+                end = at if at is not None else end
+            turn = new[:end] if end else new
+            trajectory[r] += turn
+            from_tools[r] += [0] * len(turn)
+            known = known and lps is not None
+            logps[r] += list(lps or [])[:len(turn)]
+            if end:
+                ended_rows.append(r)
+                turns.append(turn)
+        answers = episodes.end_turn(ended_rows, turns, [T - len(trajectory[r]) for r in ended_rows]) \
+            if ended_rows else []
+        going = []
+        for r, answer in zip(ended_rows, answers):
+            if answer is not None:
+                trajectory[r] += answer
+                from_tools[r] += [1] * len(answer)
+                logps[r] += [0.0] * len(answer)
+                going.append(r)
+            else:
+                finished[r] = not episodes.cut[r]
+    lengths = [len(x) for x in trajectory]
+    C, device, pad = max(lengths, default=0), prompt_ids.device, tokenizer.pad_token_id
+    tokens = torch.tensor([x + [pad] * (C - len(x)) for x in trajectory], device=device).reshape(B, C)
+    tool_mask = torch.tensor([x + [0] * (C - len(x)) for x in from_tools], device=device, dtype=torch.float)
+    ro = make_trajectories(tokenizer, prompts, params.n, prompt_ids, prompt_mask, tokens, lengths,
+                           tool_mask.reshape(B, C), [not f for f in finished], episodes.stats)
+    if known:
+        ro.logprobs = torch.tensor([x + [0.0] * (C - len(x)) for x in logps], device=device).reshape(B, C)
+    return ro

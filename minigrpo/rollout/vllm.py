@@ -49,7 +49,7 @@ from minigrpo.compat import vllm_lora_rank, vllm_on_cpu, vllm_push_weights, vllm
 from minigrpo.config import Config
 from minigrpo.errors import ConfigError
 from minigrpo.model import merged_lora
-from minigrpo.rollout.types import Rollout, SamplingParams, eos_token_ids, make_rollout
+from minigrpo.rollout.types import Rollout, Sampled, SamplingParams, eos_token_ids, make_rollout, turn_by_turn
 
 _INSTANCES: dict[int, ColocatedVLLM] = {}  # one colocated vLLM per policy model (keyed by id)
 FIX = "or set rollout_backend: engine (minigrpo's own engine, which runs everywhere)"
@@ -113,17 +113,23 @@ def served_folder(model: torch.nn.Module, tokenizer: Any) -> str:
     return folder
 
 
+def left_padded(prompt_token_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts' token ids as a left-padded batch and its mask."""
+    P = max(len(p) for p in prompt_token_ids)
+    prompt_ids = torch.full((len(prompt_token_ids), P), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompt_token_ids), P), dtype=torch.long)
+    for i, ids in enumerate(prompt_token_ids):
+        prompt_ids[i, P - len(ids):], prompt_mask[i, P - len(ids):] = torch.tensor(ids), 1
+    return prompt_ids, prompt_mask
+
+
 def rollout_from_outputs(tokenizer: Any, prompts: list[str], n: int, prompt_token_ids: list[list[int]],
                          groups: list[list[Any]], eos: list[int], pad_id: int, device: torch.device,
                          stop: tuple[str, ...] | list[str] = ()) -> Rollout:
     """A Rollout (left-padded prompts, right-padded completions, masks, and the sampled tokens' log-probs when vLLM
     returned them) from vLLM's CompletionOutputs: `groups[i]` holds prompt i's n completions. A log-prob vLLM did
     not give (an EOS it stopped on without returning it) is NaN: the comparisons leave it out."""
-    P = max(len(p) for p in prompt_token_ids)
-    prompt_ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(prompts), P), dtype=torch.long)
-    for i, ids in enumerate(prompt_token_ids):
-        prompt_ids[i, P - len(ids):], prompt_mask[i, P - len(ids):] = torch.tensor(ids), 1
+    prompt_ids, prompt_mask = left_padded(prompt_token_ids, pad_id)
     completions, logprobs = [], []
     for group in groups:
         assert len(group) == n, f"vLLM returned {len(group)} completions for a prompt, expected {n}"
@@ -255,17 +261,67 @@ class ColocatedVLLM:
                                  include_stop_str_in_output=True)  # the rollout convention: rollout/types.py
                     for seed in seeds for _ in range(repeat)]
         prompt_token_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        device = next(model.parameters()).device
+        if params.turns is not None:
+            try:
+                return self.multi_turn(tokenizer, prompts, params, prompt_token_ids, eos, device)
+            finally:
+                self.rest()
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids for _ in range(repeat)],
                                     sampling, use_tqdm=False,
                                     lora_request=self.lora_request if self.adapter else None)
         # prompt i's n completions (from its `repeat` requests when greedy)
         groups = [[c for o in outputs[i:i + repeat] for c in o.outputs] for i in range(0, len(outputs), repeat)]
+        self.rest()
+        return rollout_from_outputs(tokenizer, prompts, params.n, prompt_token_ids, groups, eos,
+                                    tokenizer.pad_token_id, device, params.stop)
+
+
+    def rest(self) -> None:
+        """Sleep mode: vLLM's memory handed back until the next generation."""
         if self.sleep:
             self.llm.sleep(level=1 if self.adapter else 2)
             self.asleep = True
-        device = next(model.parameters()).device
-        return rollout_from_outputs(tokenizer, prompts, params.n, prompt_token_ids, groups, eos,
-                                    tokenizer.pad_token_id, device, params.stop)
+
+    def multi_turn(self, tokenizer: Any, prompts: list[str], params: SamplingParams,
+                   prompt_token_ids: list[list[int]], eos: list[int], device: torch.device) -> Rollout:
+        """Multi-turn rollouts (agent/turns.py) on vLLM: one `generate` call per turn for the rows still going,
+        each sent as its whole conversation's token ids (vLLM's prefix cache keeps the KV of what it has seen:
+        a turn re-reads only the tool answer and what follows), through `turn_by_turn`. Row r of prompt i is
+        seeded with (seeds[i] * n + j) * max_turns + its turn, so its samples depend on nothing else."""
+        from vllm import SamplingParams as VLLMSampling  # optional dependency, as in check
+
+        n, greedy = params.n, params.temperature == 0
+        calls = [0] * (len(prompts) * n)  # turns sampled so far per row
+
+        def seed(r: int) -> int | None:
+            if greedy or params.seeds is None:
+                return None
+            return (params.seeds[r // n] * n + r % n) * params.turns.max_turns + calls[r]
+
+        def sample(rows: list[int], contexts: list[list[int]], room: list[int]) -> list[Sampled]:
+            sampling = [VLLMSampling(n=1, max_tokens=k, temperature=params.temperature,
+                                     top_p=1.0 if greedy else params.top_p,
+                                     top_k=params.top_k if params.top_k > 0 and not greedy else -1,
+                                     stop_token_ids=eos, stop=list(params.stop) or None, seed=seed(r), logprobs=0,
+                                     include_stop_str_in_output=True) for r, k in zip(rows, room)]
+            outputs = self.llm.generate([{"prompt_token_ids": c} for c in contexts], sampling, use_tqdm=False,
+                                        lora_request=self.lora_request if self.adapter else None)
+            out: list[Sampled] = []
+            for r, o in zip(rows, outputs):
+                calls[r] += 1
+                c = o.outputs[0]
+                ids, lps = list(c.token_ids), [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)]
+                on_eos = c.finish_reason == "stop" and not isinstance(getattr(c, "stop_reason", None), str)
+                if on_eos and (not ids or ids[-1] not in eos):  # as in rollout_from_outputs: the turn's end kept
+                    ids.append(eos[0])
+                    lps.append(float("nan"))
+                out.append((ids, lps))
+            return out
+
+        prompt_ids, prompt_mask = left_padded(prompt_token_ids, tokenizer.pad_token_id)
+        return turn_by_turn(tokenizer, prompts, params, prompt_ids.repeat_interleave(n, 0).to(device),
+                            prompt_mask.repeat_interleave(n, 0).to(device), eos, sample)
 
 
 def instance(model: torch.nn.Module) -> ColocatedVLLM:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from minigrpo.errors import ConfigError
+from minigrpo.tasks import reasoning_gym as rg
 from minigrpo.tasks.answers import FINAL_NUMBER_RE, extract_hash_answer, is_correct
 
 
@@ -118,10 +119,23 @@ def environment_reward(prompts: list[str], completions: list[str], environment_r
     return [None if math.isnan(r) else float(r) for r in environment_reward]
 
 
+def reasoning_gym_reward(prompts: list[str], completions: list[str], question: list[str] | None = None,
+                         solution: list[str] | None = None, metadata: list[dict] | None = None,
+                         **kwargs) -> list[float | None]:
+    """reasoning-gym's verifier of each row's task (`dataset: reasoning_gym:TASK`, tasks/reasoning_gym.py) on the
+    completion's answer (`<answer>...</answer>`, `#### ...` or `\\boxed{}`): 1.0 right, 0.0 wrong, partial credit
+    where the task gives it; None for a row that is not from reasoning-gym (no task in its `metadata`)."""
+    if metadata is None or question is None or solution is None:
+        return [None] * len(completions)
+    return [rg.score(text_of(c), q, a, md) if isinstance(md, dict) and "source_dataset" in md else None
+            for c, q, a, md in zip(completions, question, solution, metadata, strict=True)]
+
+
 REWARD_FUNCS: dict[str, Callable] = {
     "correctness": correctness_reward,
     "environment": environment_reward,
     "format_strict": format_reward_strict,
+    "reasoning_gym": reasoning_gym_reward,
     "format_soft": format_reward_soft,
     "think_format": think_format_reward,
 }

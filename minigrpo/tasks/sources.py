@@ -16,7 +16,8 @@ a `datasets.Dataset`, an `IterableDataset` or a list of dicts):
 - a directory holding `{split}.jsonl` (e.g. a local GSM8K copy with train.jsonl and test.jsonl);
 - anything else is a Hugging Face hub id (`gsm8k` is an alias of `openai/gsm8k`, config "main").
 
-Plus the built-in synthetic task (`dataset: arith`, `minigrpo.tasks.arith`). Every source goes through
+Plus the built-in synthetic task (`dataset: arith`, `minigrpo.tasks.arith`) and reasoning-gym's procedural tasks
+(`dataset: reasoning_gym:TASK`, `minigrpo.tasks.reasoning_gym`). Every source goes through
 `_to_example`, so `columns["answer"]` is always `answers.gold_answer` of the row's answer field.
 """
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from minigrpo.errors import ConfigError, DataError, DataNotFound
+from minigrpo.tasks import reasoning_gym
 from minigrpo.tasks.answers import gold_answer, gold_problem, normalize_number, readable_gold
 from minigrpo.tasks.arith import arith_rows
 
@@ -373,6 +375,10 @@ def load_split(cfg: Any, split: str, limit: int | None = None, dataset: str | No
         raise DataError(f"{dataset}: one .jsonl file, whose rows are the training data: it has no {split!r} "
                         f"split. Give those rows as their own file (eval_dataset: FILE, or --data FILE)")
     key = "train_split" if split == cfg.train_split else "eval_split" if split == cfg.eval_split else "split"
+    if dataset.startswith(reasoning_gym.PREFIX):
+        size = cfg.reasoning_gym_size if split == "train" else (limit or reasoning_gym.HELD_OUT)
+        rows = reasoning_gym.rows(dataset, split, min(size, limit or size))
+        return [_to_example(row, f"{dataset} [{split}], row {i}", "question", "answer") for i, row in enumerate(rows)]
     if dataset == "arith":
         if split not in SPLITS["arith"]:
             raise _unknown_split(key, split, "the arith task", SPLITS["arith"])

@@ -37,7 +37,7 @@ def bench_rollout(model: Any, tokenizer: Any, prompts: list[str], n: int, max_ne
     """Tokens/s of each backend over `reps` interleaved repetitions (seeded identically per repetition). With
     `vllm` (its colocated instance started for `model`: rollout.vllm.start), vLLM too: its time includes the
     weight push every generation pays (reported apart as vllm_push_s). `turns` (agent.turns.MultiTurn): multi-turn
-    rollouts with tools, the engine's loop against the HF reference loop; the tokens counted are the whole
+    rollouts with tools, the engine's loop against the HF reference loop (and vLLM's); the tokens counted are the whole
     trajectories' (tool answers included: every backend feeds them through the model), and the report adds the
     tool calls per sample."""
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, turns=turns)

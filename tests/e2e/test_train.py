@@ -148,3 +148,17 @@ def test_tools_are_checked_at_start(smoke_cfg):
         train(Config(**smoke_cfg, tools=["calculator"], rollout_backend="vllm"), show_progress=False)
     with pytest.raises(ConfigError, match="max_turns: must be >= 1"):
         Config(**smoke_cfg, tools=["calculator"], max_turns=0).validate()
+
+
+def test_reasoning_gym_task_trains_and_evaluates_with_its_verifier(smoke_cfg):
+    """Two GRPO steps on a reasoning-gym task: its verifier is a reward and the held-out metric (eval_metric auto)."""
+    pytest.importorskip("reasoning_gym")
+    cfg = Config(**smoke_cfg | {"dataset": "reasoning_gym:leg_counting", "reward_funcs": ["digits", "reasoning_gym"]},
+                 reasoning_gym_size=16, max_prompt_length=1024, logging_steps=1)
+    run = train(cfg, show_progress=False)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train/reward" in r]
+    assert len(steps) == 2 and all(0 <= r["train/rewards/reasoning_gym/mean"] <= 1 for r in steps)
+    assert "eval/reasoning_gym" in rows[0] and "eval/reasoning_gym" in rows[-1]
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert "how many legs" in samples[0]["prompt"] and "rewards/reasoning_gym" in samples[0]

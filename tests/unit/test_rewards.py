@@ -195,7 +195,8 @@ def test_format_reward_strict_accepts_prefilled_think() -> None:
 
 
 def test_load_reward_builtin_and_dotted_path() -> None:
-    assert set(REWARD_FUNCS) == {"correctness", "environment", "format_strict", "format_soft", "think_format"}
+    assert set(REWARD_FUNCS) == {"correctness", "environment", "format_strict", "format_soft", "think_format",
+                                 "reasoning_gym"}
     assert load_reward("correctness") is correctness_reward
     assert load_reward("minigrpo.tasks.rewards:format_reward_soft") is format_reward_soft
 
@@ -278,7 +279,10 @@ def test_never_raises(prompt: str, completion: str) -> None:
     for name, fn in REWARD_FUNCS.items():
         values = fn([prompt], [completion], answer=["72"])
         assert len(values) == 1
-        assert values[0] in ((None,) if name == "environment" else (0.0, 1.0))  # no environment: no opinion
+        # no environment, no reasoning-gym task in the row: no opinion
+        assert values[0] in ((None,) if name in ("environment", "reasoning_gym") else (0.0, 1.0))
+    task = {"question": ["Calculate 8 * 9."], "solution": ["72"], "metadata": [{"source_dataset": "basic_arithmetic"}]}
+    assert 0.0 <= REWARD_FUNCS["reasoning_gym"]([prompt], [completion], **task)[0] <= 1.0  # its verifier, any text
 
 
 @pytest.mark.parametrize(

@@ -156,3 +156,39 @@ def test_grpo_with_vllm_end_to_end(tmp_path):
     for r in steps:
         assert r["rollout/logprob_diff_mean"] < 1e-4 and r["rollout/is_ratio_min"] > 0.99, r
     assert "no sleep mode" in out.stdout  # vllm_sleep: said, not silently dropped
+
+
+def test_multi_turn_on_vllm(tmp_path):
+    """tests/with_vllm/multi_turn_checks.py: greedy trajectories with an environment equal the engine's; sampled ones
+    with the calculator call it and carry log-probs that match the trainer's on the generated tokens."""
+    cpu_build()
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = subprocess.run([sys.executable, str(HERE / "multi_turn_checks.py")], stdout=out, stderr=err, env=ENV,
+                              timeout=900)
+    stdout, stderr = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, stdout[-3000:] + stderr[-5000:]
+    r = json.loads(lines[-1].removeprefix("RESULT "))
+    assert r["greedy_equal"] and max(r["greedy_turns"]) > 1, r  # the environment answered, and both agree
+    assert r["seeded_same_without_the_batch"], r
+    assert r["tool_calls"] > 0 and r["tool_tokens"] > 0 and r["logprobs_zero_off_the_generated_tokens"], r
+    s = r["sampled"]
+    assert s["rollout/logprob_diff_mean"] < 1e-4 and s["rollout/logprob_diff_max"] < 1e-3, s
+    assert abs(s["rollout/is_ratio_mean"] - 1) < 1e-3 and s["rollout/is_clipped_frac"] == 0, s
+
+
+def test_grpo_with_tools_on_vllm_end_to_end(tmp_path):
+    """The tools demo (configs/tiny-arith-tools.yaml) for 2 steps generating with vLLM: its samples call the
+    calculator, and the sampler check holds on the generated tokens (the tool answers are not sampled)."""
+    cpu_build()
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "minigrpo", "train", "--config", "configs/tiny-arith-tools.yaml",
+                          "--rollout_backend=vllm", "--max_steps=2", "--eval_limit=16", "--eval_batch_size=16",
+                          "--vllm_logprob_tolerance=1e-3", f"--output_dir={run}"],
+                         capture_output=True, text=True, env=ENV, timeout=900, cwd=HERE.parents[1])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert r["tools/calls"] > 0 and r["rollout/logprob_diff_mean"] < 1e-4, r
