@@ -254,3 +254,37 @@ def vllm_lora_rank(r: int) -> int:
         raise ConfigError(f"lora_r: {r} is above the largest LoRA rank vLLM serves ({ranks[-1]}); lower lora_r or "
                           f"set vllm_lora_sync: merged")
     return fits[0]
+
+
+# ---- verifiers (agent/adapters.py: its v1 stack, 0.4.0) ------------------------------------------------------
+# The adapter plays an env's one seat itself, so it needs four helpers verifiers' own Agent / Interaction use and
+# verifiers.v1 does not export (public names of its submodules, no underscore; tested on verifiers 0.4.0 in the
+# lock: tests/unit/test_env_adapters.py). The public path would be a verifiers Agent whose model is a callback.
+
+def verifiers_seats(env_config: Any) -> list[str]:
+    """The names of a verifiers env config's agent seats (`verifiers.v1.configs.agent.agent_config_fields`)."""
+    from verifiers.v1.configs.agent import agent_config_fields  # optional dependency (the envs extra)
+
+    return list(agent_config_fields(env_config))
+
+
+def verifiers_state(task: Any) -> Any:
+    """A fresh State of a verifiers Task's type, as its Rollout makes one (`verifiers.v1.state.state_cls`)."""
+    from verifiers.v1.state import state_cls  # optional dependency
+
+    return state_cls(type(task))()
+
+
+def verifiers_text(content: Any) -> str:
+    """A verifiers message's content as text (`verifiers.v1.types.content_text`)."""
+    from verifiers.v1.types import content_text  # optional dependency
+
+    return content_text(content)
+
+
+def verifiers_message(message: dict[str, Any]) -> Any:
+    """An OpenAI-style message dict as a typed verifiers message, as its Interaction parses one
+    (`verifiers.v1.dialects.parse_message`)."""
+    from verifiers.v1.dialects import parse_message  # optional dependency
+
+    return parse_message(message)

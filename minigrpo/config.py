@@ -147,8 +147,10 @@ class Config:
     tool_timeout: float = _f(10.0, "with tools: seconds a tool call may take; past it the model is told so")
     environment: str | None = _f(None, "a multi-turn environment answering each assistant turn (reset(row), "
                                        "step(text) -> messages, reward, done; minigrpo/agent/env.py): built-in "
-                                       "'retry', or package.module:Class (from Python, a class or factory); its "
-                                       "rewards are the column environment_reward (reward_funcs: [environment])")
+                                       "'retry', package.module:Class (from Python, a class or factory), an OpenEnv "
+                                       "one 'openenv:package.module:Class' or a verifiers one 'verifiers:TASKSET' / "
+                                       "'verifiers:ENV+TASKSET' (agent/adapters.py); its rewards are the column "
+                                       "environment_reward (reward_funcs: [environment])")
     num_generations: int = _f(8, "G: completions sampled per prompt (the group)")
     max_completion_length: int = _f(64, "max new tokens per completion; longer ones are truncated")
     temperature: float = _f(1.0, "sampling temperature; log-probs are computed at the same temperature")

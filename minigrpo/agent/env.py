@@ -20,8 +20,13 @@ something that is not a Step ends its trajectory, which the reward `environment`
 reward that raised); the errors are counted (`env/errors`, the first one's traceback printed) and never stop
 the run. Steps run one after another, without a time limit (`env/env_s` logs their seconds).
 
-Adapters to the field's own environment libraries fit this shape (their reset/step, one instance per
-trajectory); `Retry` below is a small built-in example: a second chance after "not right".
+The field's own environment libraries come through adapters (agent/adapters.py, each library optional), named
+by a prefix that says whose id follows and then the library's own way of naming an environment:
+`openenv:package.module:Class` (an OpenEnv Environment class, run in-process; OpenEnv names environments by
+import path) and `verifiers:TASKSET` / `verifiers:ENV+TASKSET` (verifiers' ids, loaded by its own
+`load_environment`). A prefix, not a guess from the name: `package.module:Class` stays minigrpo's own protocol.
+From Python, `openenv_environment(...)` and `verifiers_environment(...)` take the mappings and objects a string
+cannot. `Retry` below is a small built-in example: a second chance after "not right".
 """
 
 from __future__ import annotations
@@ -71,11 +76,22 @@ ENVIRONMENTS: dict[str, Callable[[], Any]] = {"retry": Retry}
 
 def load_environment(name: str | Callable[[], Any]) -> Callable[[], Any]:
     """A factory of environments: a built-in by name, `package.module:Class` (or a function returning an
-    instance), or a factory handed over from Python. A ConfigError names what is missing."""
+    instance), `openenv:package.module:Class`, `verifiers:TASKSET` / `verifiers:ENV+TASKSET` (adapters.py), or a
+    factory handed over from Python. A ConfigError names what is missing."""
+    from minigrpo.agent import adapters  # imports Step from here; its libraries only when a prefix asks for them
+
     if callable(name):
         factory = name
     elif name in ENVIRONMENTS:
         factory = ENVIRONMENTS[name]
+    elif name.startswith("openenv:"):
+        path = name.removeprefix("openenv:")
+        if ":" not in path:
+            raise ConfigError(f"environment {name!r}: name the OpenEnv Environment class, "
+                              f"'openenv:package.module:Class'")
+        factory = adapters.openenv_environment(import_named("environment", path, "OpenEnv environment", []))
+    elif name.startswith("verifiers:"):
+        factory = adapters.verifiers_environment(name.removeprefix("verifiers:"))
     elif name.startswith("python:"):  # config.function_name: a class only Python can pass again
         raise ConfigError(f"environment {name!r} was a class handed over from Python (defined in a script); pass it "
                           f"again from Python (GRPOConfig(environment=...)), or make it importable and name it "
