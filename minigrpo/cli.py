@@ -253,7 +253,8 @@ def cmd_eval(argv: list[str]) -> int:
                           stop=stop_strings(cfg), turns=multi_turn(cfg), rows=[ex.columns for ex in examples])
     else:
         report = evaluate_metric(model, tok, prompts, examples, metric, name, cfg.max_completion_length,
-                                 args.batch_size, cfg.rollout_backend, stop=stop_strings(cfg), turns=multi_turn(cfg))
+                                 args.batch_size, cfg.rollout_backend, stop=stop_strings(cfg), turns=multi_turn(cfg),
+                                 k=args.k, temperature=args.temperature)
     report["settings"] = {"model": cfg.model, "gguf_file": cfg.gguf_file, "adapter": args.adapter,
                           "data": cfg.dataset, "split": args.split, "template": cfg.template,
                           "max_new_tokens": cfg.max_completion_length, "decoding": "greedy", "k": args.k,

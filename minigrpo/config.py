@@ -102,8 +102,11 @@ class Config:
     # ---- rewards ------------------------------------------------------------------------------------
     reward_funcs: list[str] = _f(["correctness"],
                                  "built-in names (correctness, format_strict, format_soft, think_format, "
-                                 "overlong) or package.module:function; from Python also callables, sync or "
-                                 "async (minigrpo/tasks/rewards.py)")
+                                 "overlong, reasoning_gym, code_tests, code_tests_all, environment) or "
+                                 "package.module:function; from Python also callables, sync or async "
+                                 "(minigrpo/tasks/rewards.py)")
+    code_timeout: float = _f(10.0, "rewards code_tests / code_tests_all: wall (and CPU) seconds a program and its "
+                                   "tests may run in the sandbox, then it scores 0")
     reward_weights: list[float] | None = _f(None, "one weight per reward function; default all 1.0")
     reward_timeout: float = _f(300.0, "seconds a reward function may take on one batch (0: no limit); past it the "
                                       "batch's samples are skipped for that reward (minigrpo/tasks/rewards.py)")
@@ -344,7 +347,8 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "lora_r": (1, None, False, False), "lora_alpha": (0, None, True, False), "lora_dropout": (0, 1, False, True),
     "arith_steps": (1, None, False, False), "arith_max_number": (1, None, False, False),
     "arith_direct_fraction": (0, 1, False, False), "arith_tool_fraction": (0, 1, False, False),
-    "arith_train_size": (1, 20000, False, False), "reasoning_gym_size": (1, 1_000_000, False, False),
+    "arith_train_size": (1, 20000, False, False), "code_timeout": (0, 600, True, False),
+    "reasoning_gym_size": (1, 1_000_000, False, False),
     "num_fewshot": (0, None, False, False), "max_prompt_length": (1, None, False, False),
     "overlong_buffer": (0, None, False, False), "vllm_gpu_memory_utilization": (0, 1, True, False),
     "vllm_importance_sampling_clip_max": (0, None, True, False),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -27,6 +27,7 @@ from minigrpo.tasks.rewards import (
     load_rewards,
     reward_inputs,
     reward_name,
+    reward_options,
     score,
 )
 from minigrpo.tasks.sources import Example, require_columns
@@ -41,6 +42,8 @@ def resolve_metric(cfg: Any, examples: list[Example]) -> tuple[str, Metric]:
     metric = cfg.eval_metric
     if metric == "auto" and examples and all(ex.where.startswith(REASONING_GYM) for ex in examples):
         metric = "reasoning_gym"  # its tasks' own verifiers: most answers are not numbers
+    elif metric == "auto" and examples and all("tests" in ex.columns for ex in examples):
+        metric = "code_tests"  # programs run against their tests
     elif metric == "auto":
         metric = "correctness" if all("answer" in ex.columns for ex in examples) else "reward"
     if metric == "correctness":
@@ -49,11 +52,12 @@ def resolve_metric(cfg: Any, examples: list[Example]) -> tuple[str, Metric]:
     if metric == "reward":
         funcs = load_rewards(cfg)
     else:
-        funcs = [(reward_name(metric), load_reward(metric, {
-            "max_completion_length": cfg.max_completion_length, "overlong_buffer": cfg.overlong_buffer}), 1.0)]
+        funcs = [(reward_name(metric), load_reward(metric, reward_options(cfg)), 1.0)]
     if any(fn is correctness_reward for _, fn, _ in funcs):
         require_columns(examples, ["answer"], "the eval data", f"eval_metric {metric}: the correctness reward "
                                                                f"compares to it")
+    if any(name.startswith("code_tests") for name, _, _ in funcs):
+        require_columns(examples, ["tests"], "the eval data", f"eval_metric {metric}: programs run against them")
     return ("reward" if metric == "reward" else funcs[0][0]), funcs
 
 
@@ -61,20 +65,40 @@ def evaluate_metric(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                     examples: list[Example], metric: list[tuple[str, Callable, float]], name: str,
                     max_new_tokens: int, batch_size: int = 32, backend: str = "hf",
                     stop: list[str] | tuple[str, ...] = (), guard: RewardGuard | None = None,
-                    turns: MultiTurn | None = None) -> dict[str, Any]:
+                    turns: MultiTurn | None = None, k: int = 0, temperature: float = 1.0,
+                    top_p: float = 1.0) -> dict[str, Any]:
     """The mean of `metric` (samples it scores None are left out) over greedy completions, and their mean length.
-    `guard`: the run's time limit on reward calls (a metric is a reward); `turns`: multi-turn, with tools."""
+    With k > 1 also pass@k and sampled pass@1 from k samples per problem, a sample passing when the metric gives
+    it full marks (1: every test passed, a verifier's full credit). `guard`: the run's time limit on reward calls
+    (a metric is a reward); `turns`: multi-turn, with tools."""
     greedy = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop, turns=turns)
     values, lengths = [], []
-    for chunk, exs in zip(_batched(prompts, batch_size), _batched(examples, batch_size)):
-        ro = generate(backend, model, tokenizer, chunk, _bound(greedy, [ex.columns for ex in exs]))
-        reward_prompts, completions, columns = reward_inputs(exs, ro.prompts, ro.completions, 1, ro.stats)
+    for totals, ro in _scored(model, tokenizer, prompts, examples, metric, greedy, batch_size, backend, guard):
         lengths += ro.completion_mask.sum(1).tolist()
+        values += [v for v in totals if v is not None]
+    report = {"n": len(prompts), name: sum(values) / len(values) if values else float("nan"), "scored": len(values),
+              "mean_length": sum(lengths) / max(len(lengths), 1)}
+    if k > 1:
+        sampled = SamplingParams(n=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop,
+                                 turns=turns)
+        passes = [[v is not None and v >= 1.0 for v in totals[i:i + k]] for totals, _ in _scored(
+            model, tokenizer, prompts, examples, metric, sampled, max(batch_size // k, 1), backend, guard)
+            for i in range(0, len(totals), k)]
+        report[f"pass@{k}"] = sum(any(p) for p in passes) / max(len(passes), 1)
+        report["pass@1_sampled"] = sum(sum(p) / k for p in passes) / max(len(passes), 1)
+    return report
+
+
+def _scored(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], examples: list[Example],
+            metric: list[tuple[str, Callable, float]], params: SamplingParams, batch_size: int, backend: str,
+            guard: RewardGuard | None) -> Iterator[tuple[list[float | None], Any]]:
+    """Per batch of problems: the metric of each of its completions (params.n per problem), and the rollout."""
+    for chunk, exs in zip(_batched(prompts, batch_size), _batched(examples, batch_size)):
+        ro = generate(backend, model, tokenizer, chunk, _bound(params, [ex.columns for ex in exs]))
+        reward_prompts, completions, columns = reward_inputs(exs, ro.prompts, ro.completions, params.n, ro.stats)
         ids = [row[:int(n)] for row, n in zip(ro.completion_ids.tolist(), ro.completion_mask.sum(1).tolist())]
         totals, _ = score(metric, reward_prompts, completions, columns | {"completion_ids": ids}, None, guard)
-        values += [v for v in totals if v is not None]
-    return {"n": len(prompts), name: sum(values) / len(values) if values else float("nan"), "scored": len(values),
-            "mean_length": sum(lengths) / max(len(lengths), 1)}
+        yield totals, ro
 
 
 def _bound(params: SamplingParams, rows: list[dict[str, Any]]) -> SamplingParams:

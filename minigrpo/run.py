@@ -320,6 +320,9 @@ def required_columns(cfg: Config, stage: str) -> dict[str, str]:
     needs = {}
     if stage == "GRPO" and "correctness" in cfg.reward_funcs:
         needs["answer"] = "the correctness reward compares to it"
+    for name in ("code_tests", "code_tests_all"):
+        if stage == "GRPO" and name in cfg.reward_funcs:
+            needs["tests"] = f"the {name} reward runs the completion against them"
     if cfg.template == "fewshot":
         needs["answer"] = "the fewshot template shows solved examples"
     return needs

@@ -345,7 +345,7 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
     # Ctrl-C: finish the step, save a checkpoint, stop; again: stop at once. An error closes the monitor.
     with Interrupt() as interrupt, monitor:
         for step in range(state.step + 1, cfg.max_steps + 1):
-            t0, timeouts = time.perf_counter(), guard.timeouts
+            t0, timeouts, reward_s = time.perf_counter(), guard.timeouts, dict(guard.seconds)
             # ---- 1-3. prompts -> rollout (G completions each) -> rewards --------------------------------------
             parts = [sample_batch(run, state, cfg.prompts_per_step, reward_funcs, sampling, guard)]
             # DAPO dynamic sampling: groups whose rewards are all equal carry no signal; draw fresh prompts.
@@ -397,6 +397,8 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
                 "completions/truncated_ratio": ro.truncated.float().mean().item(),
                 "train/sampling_tries": float(len(parts)), "train/informative_groups": float(informative),
                 "perf/generate_s": scored.generate_s, "perf/score_s": scored.score_s,
+                **{f"perf/reward/{name}_s": guard.seconds.get(name, 0.0) - reward_s.get(name, 0.0)
+                   for name, _, _ in reward_funcs},  # each reward's own seconds (slow and async ones overlap)
                 "perf/train_s": t_end - t_score, "perf/step_s": t_end - t0,
                 "perf/tokens_per_s": ro.num_completion_tokens / (t_end - t0),
                 "memory/peak_gb": peak_memory_gb(device),
@@ -425,7 +427,8 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
                 print0(f"[bold red]warning:[/] step {step}: {no_signal_cause(state.quiet_streak, scored, guard)}")
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
                 metrics |= run_eval(run)
-            metrics = dist.reduce_metrics(metrics, REDUCTIONS)
+            metrics = dist.reduce_metrics(metrics, REDUCTIONS | {k: "max" for k in metrics
+                                                                 if k.startswith("perf/reward/")})
             monitor.log(step, metrics)
             check_sampler(cfg, step, metrics, run)
             end_step(run, opt, state, monitor, interrupt, step,

@@ -25,8 +25,6 @@ import inspect
 import json
 import operator
 import re
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +34,7 @@ from transformers.utils import get_json_schema
 from minigrpo.agent import sandbox
 from minigrpo.config import import_named
 from minigrpo.errors import ConfigError
-from minigrpo.tasks.rewards import TIMED_OUT, run_async
+from minigrpo.tasks.rewards import TIMED_OUT, finish_call, run_async, start_call
 
 CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 MAX_RESULT_CHARS = 2000  # a tool's answer is cut here (the model's context is the budget)
@@ -172,42 +170,26 @@ def parse_tool_calls(text: str, tools: dict[str, Callable]) -> list[Call]:
 
 
 def run_calls(calls: list[Call], tools: dict[str, Callable], timeout: float) -> list[tuple[str, bool, float]]:
-    """Run the calls concurrently (sync tools each in a thread, async ones on one event loop); per call its answer
-    text, whether it failed (raised, timed out, bad call), and its seconds. A call still running after `timeout`
-    seconds is answered with an error and left behind (a daemon thread; async ones are cancelled)."""
+    """Run the calls concurrently (sync tools each in a thread, async ones on one event loop: the rewards' way,
+    tasks/rewards.py); per call its answer text, whether it failed (raised, timed out, bad call), and its seconds.
+    A call still running after `timeout` seconds is answered with an error and left behind (a daemon thread;
+    async ones are cancelled)."""
     results: list[Any] = [None] * len(calls)
     seconds = [0.0] * len(calls)
-    threads, coroutines, co_index = [], [], []
-    t0 = time.perf_counter()
+    started, coroutines, co_index = [], [], []
     for i, call in enumerate(calls):
         if call.error:
             results[i] = ValueError(call.error)
-            continue
-        fn = tools[call.name]
-        if inspect.iscoroutinefunction(fn):
-            coroutines.append(_timed(fn, call.arguments))
+        elif inspect.iscoroutinefunction(tools[call.name]):
+            coroutines.append(tools[call.name](**call.arguments))
             co_index.append(i)
-            continue
-
-        def target(i: int = i, fn: Callable = fn, args: dict = call.arguments) -> None:
-            start = time.perf_counter()
-            try:
-                results[i] = fn(**args)
-            except BaseException as e:  # noqa: BLE001  (a tool's failure is the model's answer)
-                results[i] = e
-            seconds[i] = time.perf_counter() - start
-
-        thread = threading.Thread(target=target, name="minigrpo-tool", daemon=True)
-        thread.start()
-        threads.append((i, thread))
-    for i, value in zip(co_index, run_async(coroutines, timeout) if coroutines else []):
-        failed = value is TIMED_OUT or isinstance(value, BaseException)
-        results[i], seconds[i] = (value, timeout if value is TIMED_OUT else 0.0) if failed else value  # (result, s)
-    deadline = t0 + timeout
-    for i, thread in threads:
-        thread.join(max(0.0, deadline - time.perf_counter()) if timeout else None)
-        if thread.is_alive():
-            results[i], seconds[i] = TIMED_OUT, timeout
+        else:
+            started.append((i, start_call(tools[call.name], call.arguments)))
+    for i, (value, secs) in zip(co_index, run_async(coroutines, timeout) if coroutines else []):
+        results[i], seconds[i] = value, timeout if value is TIMED_OUT else secs
+    for i, running in started:
+        value, secs = finish_call(running, timeout)
+        results[i], seconds[i] = value, timeout if value is TIMED_OUT else secs
     out = []
     for call, value, secs in zip(calls, results, seconds):
         if value is TIMED_OUT:
@@ -219,10 +201,4 @@ def run_calls(calls: list[Call], tools: dict[str, Callable], timeout: float) -> 
             text = value if isinstance(value, str) else json.dumps(value, default=str)
             out.append((text[:MAX_RESULT_CHARS], False, secs))
     return out
-
-
-async def _timed(fn: Callable, args: dict[str, Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    value = await fn(**args)
-    return value, time.perf_counter() - start
 

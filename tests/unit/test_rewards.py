@@ -15,6 +15,7 @@ from minigrpo.tasks import answers, rewards
 from minigrpo.tasks.answers import extract_answer, extract_gold, extract_hash_answer, is_correct, normalize_number
 from minigrpo.tasks.rewards import (
     REWARD_FUNCS,
+    RewardGuard,
     correctness_reward,
     format_reward_soft,
     format_reward_strict,
@@ -355,3 +356,37 @@ def test_async_rewards_run_together_on_one_loop_kept_between_batches() -> None:
                             ["p"] * 2, ["a", "b"], {})
         assert totals == [3.5, 3.25] and per["second"] == [2.0, 2.0] and per["scalars"] == [0.5, 0.25]
     assert len(loops) == 4 and len(set(map(id, loops))) == 1  # one loop for every call
+
+
+def test_slow_and_async_rewards_run_together_and_each_is_timed() -> None:
+    """Two sync rewards marked slow and an async one, 0.4 s each, overlap (~0.4 s, not 1.2); a plain one runs after
+    them; every function's seconds add up in the guard."""
+    import asyncio
+    import time
+
+    def sleepy(prompts, completions, **kwargs):
+        time.sleep(0.4)
+        return [1.0] * len(completions)
+
+    async def waits(prompts, completions, **kwargs):
+        await asyncio.sleep(0.4)
+        return [2.0] * len(completions)
+
+    def quick(prompts, completions, **kwargs):
+        return [0.5] * len(completions)
+
+    slow_a, slow_b = (lambda **kw: sleepy(**kw)), (lambda **kw: sleepy(**kw))
+    slow_a.slow = slow_b.slow = True
+    guard = RewardGuard()
+    funcs = [("a", slow_a, 1.0), ("b", slow_b, 1.0), ("c", waits, 1.0), ("d", quick, 1.0)]
+    t0 = time.perf_counter()
+    totals, by_name = score(funcs, ["p", "p"], ["x", "y"], {}, guard=guard)
+    assert time.perf_counter() - t0 < 0.9
+    assert totals == [4.5, 4.5] and by_name["c"] == [2.0, 2.0]
+    assert all(0.35 < guard.seconds[k] < 0.9 for k in "abc") and guard.seconds["d"] < 0.1
+    score(funcs, ["p"], ["x"], {}, guard=guard)  # they add up over calls
+    assert 0.7 < guard.seconds["a"] < 1.8
+    slow_a.slow = False  # the same function unmarked runs alone first: now ~0.8 s
+    t0 = time.perf_counter()
+    score(funcs, ["p"], ["x"], {}, guard=RewardGuard(timeout=5))
+    assert time.perf_counter() - t0 > 0.75
