@@ -102,9 +102,19 @@ class Config:
     # ---- rewards ------------------------------------------------------------------------------------
     reward_funcs: list[str] = _f(["correctness"],
                                  "built-in names (correctness, format_strict, format_soft, think_format, "
-                                 "overlong, reasoning_gym, code_tests, code_tests_all, environment) or "
-                                 "package.module:function; from Python also callables, sync or async "
-                                 "(minigrpo/tasks/rewards.py)")
+                                 "overlong, reasoning_gym, code_tests, code_tests_all, environment, judge), "
+                                 "package.module:function, or a reward model's hub id or folder; from Python "
+                                 "also callables, sync or async (minigrpo/tasks/rewards.py)")
+    judge_model: str | None = _f(None, "reward judge: the LLM judge (a local model: hub id, folder, built-in name; or "
+                                       "the model judge_base_url serves); minigrpo/tasks/model_rewards.py")
+    judge_base_url: str | None = _f(None, "reward judge: an OpenAI-compatible endpoint (e.g. http://localhost:8000/v1; "
+                                          "key from OPENAI_API_KEY); none: judge_model runs here")
+    judge_rubric: str = _f("correct", "reward judge: the rubric, built-in 'correct' or a template file ({question}, "
+                                      "{answer}, {reference}, {scale}); the judge ends with 'Score: N' (0-10)")
+    judge_max_tokens: int = _f(256, "reward judge: tokens the judge may write per verdict")
+    judge_concurrency: int = _f(8, "reward judge on a server: requests at once")
+    judge_timeout: float = _f(60.0, "reward judge on a server: seconds per request (then retried, then no score)")
+    judge_retries: int = _f(2, "reward judge on a server: retries of a failed request")
     code_timeout: float = _f(10.0, "rewards code_tests / code_tests_all: wall (and CPU) seconds a program and its "
                                    "tests may run in the sandbox, then it scores 0")
     reward_weights: list[float] | None = _f(None, "one weight per reward function; default all 1.0")
@@ -348,6 +358,8 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "arith_steps": (1, None, False, False), "arith_max_number": (1, None, False, False),
     "arith_direct_fraction": (0, 1, False, False), "arith_tool_fraction": (0, 1, False, False),
     "arith_train_size": (1, 20000, False, False), "code_timeout": (0, 600, True, False),
+    "judge_max_tokens": (1, None, False, False), "judge_concurrency": (1, None, False, False),
+    "judge_timeout": (0, None, True, False), "judge_retries": (0, None, False, False),
     "reasoning_gym_size": (1, 1_000_000, False, False),
     "num_fewshot": (0, None, False, False), "max_prompt_length": (1, None, False, False),
     "overlong_buffer": (0, None, False, False), "vllm_gpu_memory_utilization": (0, 1, True, False),

@@ -13,6 +13,7 @@ import math
 import re
 import threading
 from decimal import Decimal
+from typing import Any
 
 # [0-9] rather than \d: \d also matches non-ASCII digits, which Decimal would silently accept.
 # The shape `d[d,]*(.d+)?` is unambiguous, so a failed match backtracks linearly, never quadratically.
@@ -26,6 +27,13 @@ _BOXED_TOKEN_RE = re.compile(r"\\boxed\{|[{}]")
 # Longer "answers" are never a GSM8K number; keep sympy away from pathological inputs.
 _MAX_VERIFY_CHARS = 1000
 _VERIFY_TIMEOUT_S = 5
+
+
+def text_of(message: Any) -> str:
+    """The text of a completion or prompt in either form: a string, or a list of messages (their contents joined)."""
+    if isinstance(message, str):
+        return message
+    return "".join(m["content"] for m in message)
 
 
 def normalize_number(s: str) -> str | None:

@@ -35,6 +35,7 @@ from typing import Any
 
 from minigrpo.agent import sandbox
 from minigrpo.errors import ConfigError
+from minigrpo.tasks.answers import text_of
 
 HUMANEVAL = "humaneval"
 HUMANEVAL_TRAIN = 132  # problems 0..131 train, the rest test
@@ -144,8 +145,6 @@ def code_tests_reward(timeout: float = 10.0, all_or_nothing: bool = False) -> An
 
     def code_tests(prompts: list[Any], completions: list[Any], tests: list[Any] | None = None,
                    code_prompt: list[str | None] | None = None, **kwargs: Any) -> list[float | None]:
-        from minigrpo.tasks.rewards import text_of  # rewards.py imports this module: here, not at the top
-
         if tests is None:
             return [None] * len(completions)
         stubs = code_prompt or [None] * len(completions)

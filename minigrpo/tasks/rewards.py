@@ -25,16 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from minigrpo.errors import ConfigError
-from minigrpo.tasks import code
+from minigrpo.tasks import code, model_rewards
 from minigrpo.tasks import reasoning_gym as rg
-from minigrpo.tasks.answers import FINAL_NUMBER_RE, extract_hash_answer, is_correct
-
-
-def text_of(message: Any) -> str:
-    """The text of a completion or prompt in either form: a string, or a list of messages (their contents joined)."""
-    if isinstance(message, str):
-        return message
-    return "".join(m["content"] for m in message)
+from minigrpo.tasks.answers import FINAL_NUMBER_RE, extract_hash_answer, is_correct, text_of
 
 
 def correctness_reward(
@@ -170,6 +163,7 @@ REWARD_FACTORIES: dict[str, Callable[..., Callable]] = {
     # programs run against the row's tests in the sandbox (tasks/code.py)
     "code_tests": lambda options: code.code_tests_reward(options.get("code_timeout", 10.0)),
     "code_tests_all": lambda options: code.code_tests_reward(options.get("code_timeout", 10.0), all_or_nothing=True),
+    "judge": lambda options: model_rewards.load_judge(options),  # an LLM judge (tasks/model_rewards.py)
 }
 
 
@@ -190,11 +184,14 @@ def load_reward(name: str | Callable, options: dict | None = None) -> Callable:
         return REWARD_FUNCS[name]
     if name in REWARD_FACTORIES:
         return REWARD_FACTORIES[name](options or {})
+    if model_rewards.is_model_name(name):  # a reward model: a hub id or folder (TRL's reward_funcs="owner/name")
+        return model_rewards.load_reward_model(name, (options or {}).get("device", "cpu"),
+                                               (options or {}).get("dtype", "float32"))
     module_name, sep, attr = name.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(
             f"unknown reward {name!r}: built-in rewards are {', '.join([*REWARD_FUNCS, *REWARD_FACTORIES])}; "
-            "a custom reward is accepted as 'package.module:function'"
+            "a custom reward is accepted as 'package.module:function', a reward model as its hub id or folder"
         )
     try:
         module = importlib.import_module(module_name)
@@ -212,7 +209,9 @@ def load_reward(name: str | Callable, options: dict | None = None) -> Callable:
 def reward_options(cfg: Any) -> dict[str, Any]:
     """The run settings the built-ins of REWARD_FACTORIES are made with."""
     return {"max_completion_length": cfg.max_completion_length, "overlong_buffer": cfg.overlong_buffer,
-            "code_timeout": cfg.code_timeout}
+            "code_timeout": cfg.code_timeout, "device": cfg.device, "dtype": cfg.dtype,
+            **{k: getattr(cfg, k) for k in ("judge_model", "judge_base_url", "judge_rubric", "judge_max_tokens",
+                                            "judge_concurrency", "judge_timeout", "judge_retries")}}
 
 
 def load_rewards(cfg: Any) -> list[tuple[str, Callable, float]]:
@@ -257,8 +256,11 @@ def reward_inputs(examples: list[Any], prompts: list[str], completions: list[str
 
 
 def reward_name(fn: str | Callable) -> str:
-    """The name a reward is logged under (train/rewards/<name>): its config name, or a function's __name__."""
-    return fn if isinstance(fn, str) else getattr(fn, "__name__", type(fn).__name__)
+    """The name a reward is logged under (train/rewards/<name>): its config name (a reward model's: the last part of
+    its id or folder), or a function's __name__."""
+    if isinstance(fn, str):
+        return fn.rstrip("/").rsplit("/", 1)[-1] if model_rewards.is_model_name(fn) else fn
+    return getattr(fn, "__name__", type(fn).__name__)
 
 
 TIMED_OUT = object()  # what a call that ran past the time limit gives instead of values
