@@ -19,7 +19,6 @@ from minigrpo.agent.turns import MultiTurn
 from minigrpo.rollout import generate
 from minigrpo.rollout.types import SamplingParams
 from minigrpo.tasks.answers import extract_answer, is_correct
-from minigrpo.tasks.reasoning_gym import PREFIX as REASONING_GYM
 from minigrpo.tasks.rewards import (
     RewardGuard,
     correctness_reward,
@@ -40,7 +39,8 @@ def resolve_metric(cfg: Any, examples: list[Example]) -> tuple[str, Metric]:
     functions to score it with (None: `evaluate`'s accuracy, format and length). `auto` is accuracy when every
     eval row has a gold answer, else the weighted reward of the run; on reasoning-gym tasks, their verifiers."""
     metric = cfg.eval_metric
-    if metric == "auto" and examples and all(ex.where.startswith(REASONING_GYM) for ex in examples):
+    if metric == "auto" and examples and all(isinstance(ex.columns.get("metadata"), dict)
+                                             and "source_dataset" in ex.columns["metadata"] for ex in examples):
         metric = "reasoning_gym"  # its tasks' own verifiers: most answers are not numbers
     elif metric == "auto" and examples and all("tests" in ex.columns for ex in examples):
         metric = "code_tests"  # programs run against their tests

@@ -69,6 +69,7 @@ from minigrpo.monitor import (
     release_run_dir,
     set_aside_run,
 )
+from minigrpo.tasks import reasoning_gym
 from minigrpo.tasks.prompts import render_prompts, resolve_template, stop_strings
 from minigrpo.tasks.rewards import RewardGuard
 from minigrpo.tasks.sources import IN_MEMORY, Example, has_held_out, load_split, require_columns
@@ -304,6 +305,8 @@ def prepare_data(cfg: Config, stage: str, inputs: Inputs) -> tuple[Config, Any, 
     cfg = dataclasses.replace(cfg, template=resolve_template(cfg, tok, train_set))
     needs = required_columns(cfg, stage)
     require_columns(train_set, list(needs), f"{cfg.dataset} [{cfg.train_split}]", "; ".join(needs.values()))
+    if stage == "GRPO" and "correctness" in cfg.reward_funcs:  # not on text answers (reasoning-gym's verifiers)
+        reasoning_gym.check_correctness(train_set)
     if stage == "SFT":  # a target for every row: its completion, or its answer / worked solution
         require_columns([ex for ex in train_set if "completion" not in ex.columns], ["answer"],
                         f"{cfg.dataset} [{cfg.train_split}]", "an SFT row trains on its completion or answer")

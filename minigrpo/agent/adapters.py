@@ -46,6 +46,7 @@ import functools
 import importlib
 import inspect
 import json
+import threading
 import typing
 import weakref
 from collections.abc import Callable
@@ -87,7 +88,8 @@ def openenv_environment(make: Callable[[], Any], *, action: Callable[[str], Any]
 
 class OpenEnvAdapter:
     """One trajectory against an OpenEnv environment (or a client of one): reset(row), then step(text) ->
-    Step(observation, its reward, its done); the environment is closed when it says done."""
+    Step(observation, its reward, its done); the environment is closed when it says done, or at `close()` (the
+    batch is over, however minigrpo ended the trajectory)."""
 
     def __init__(self, make: Callable[[], Any], *, action: Callable[[str], Any] | None = None,
                  observe: Callable[[Any], Any] | None = None,
@@ -99,6 +101,7 @@ class OpenEnvAdapter:
         self.action = action or text_action(env)
         self.observe = observe or observation_text
         self.reset_kwargs = reset or (lambda row: {})
+        self.closed = False
 
     def reset(self, row: dict[str, Any]) -> None:
         self.env.reset(**self.reset_kwargs(row))
@@ -108,10 +111,17 @@ class OpenEnvAdapter:
         # a client's StepResult(observation, reward, done), or an in-process Observation carrying both
         observation = getattr(result, "observation", result)
         reward, done = result.reward, bool(result.done)
-        if done and callable(getattr(self.env, "close", None)):
-            self.env.close()
+        if done:
+            self.close()
         # (messages, reward, done): env.as_step's tuple form (a Step would import env.py, which imports this)
         return None if done else self.observe(observation), None if reward is None else float(reward), done
+
+
+    def close(self) -> None:
+        """Close the environment once (a client's connection, the container it started)."""
+        if not self.closed and callable(getattr(self.env, "close", None)):
+            self.closed = True
+            self.env.close()
 
 
 def action_type(env: Any) -> type | None:
@@ -157,7 +167,8 @@ def verifiers_environment(env: Any) -> Callable[[], VerifiersAdapter]:
     """A factory of minigrpo environments over a verifiers environment: `env` is an id as verifiers spells it
     (`TASKSET`, or `ENV+TASKSET` for an env paired with a taskset; the taskset's package must be installed), an
     `EnvConfig`, or a loaded `vf.Env`. Loaded once here (a ConfigError says why not); one event loop serves all
-    its trajectories, which minigrpo steps one after another."""
+    its trajectories, which minigrpo steps one after another (in a thread of its own: it runs whether or not an
+    event loop already runs in the caller's thread, as in a notebook)."""
     vf = _require("verifiers.v1")
     if not isinstance(env, vf.Env):
         config = env
@@ -172,48 +183,69 @@ def verifiers_environment(env: Any) -> Callable[[], VerifiersAdapter]:
     if len(seats) != 1:
         raise ConfigError(f"environment: verifiers {type(env).__name__} has seats {seats}; minigrpo's policy takes "
                           f"one, and an env with several (a modelled user, a judge) needs models for the others")
-    return functools.partial(VerifiersAdapter, env, asyncio.new_event_loop())
+    return functools.partial(VerifiersAdapter, env, _background_loop())
+
+
+def _background_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop running in a daemon thread of its own."""
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="minigrpo-verifiers", daemon=True).start()
+    return loop
 
 
 class VerifiersAdapter:
-    """One trajectory of a verifiers env: its run() goes on a private event loop, paused whenever it waits for the
-    seat's reply (module docstring)."""
+    """One trajectory of a verifiers env: its run() goes on the adapter's event loop (in its own thread), paused
+    whenever it waits for the seat's reply (module docstring)."""
 
     def __init__(self, env: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.env, self.loop = env, loop
         self.episode: _Episode | None = None
-        self.main: asyncio.Task | None = None
+        self.main: asyncio.Future | None = None
+
+    def _run(self, coroutine: Any) -> Any:
+        """Await `coroutine` on the adapter's loop from this (synchronous) thread."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def reset(self, row: dict[str, Any]) -> None:
         self.episode = _Episode(self.env, task_from_row(self.env, row))
-        self.main = self.loop.create_task(self.episode.play())
-        weakref.finalize(self, _abandon, self.loop, self.main)  # minigrpo may end it first (max_turns)
-        if self._advance() is not None:
+
+        async def start() -> tuple[asyncio.Future, Any]:
+            main = asyncio.ensure_future(self.episode.play())
+            return main, await self.episode.next_ask(main)
+
+        self.main, asked = self._run(start())
+        weakref.finalize(self, _abandon, self.loop, self.main)  # dropped without close(): cancel its run() anyway
+        if asked is not None:
             raise RuntimeError(f"verifiers {type(self.env).__name__}.run() did not ask for the opening reply to the "
                                f"task's prompt (the dataset row's)")
 
     def step(self, text: str) -> tuple[Any, float, bool]:
-        self.episode.replies.put_nowait(text)
-        asked = self._advance()
-        reward = self.loop.run_until_complete(self.episode.score_change())
+        async def answer() -> tuple[Any, float]:
+            self.episode.replies.put_nowait(text)
+            asked = await self.episode.next_ask(self.main)
+            return asked, await self.episode.score_change()
+
+        asked, reward = self._run(answer())
         return (None, reward, True) if asked is _END else (asked, reward, False)  # as OpenEnvAdapter.step
 
-    def _advance(self) -> Any:
-        """Run the env until it asks for the seat's next reply (the messages before it; None: the opening one) or
-        returns (_END); its error is raised here (the trajectory ends unscored)."""
-        return self.loop.run_until_complete(self.episode.next_ask(self.main))
+    def close(self) -> None:
+        """Cancel a run() still waiting for a reply (minigrpo ended the trajectory: max_turns, the budget) and let it
+        unwind its `async with` blocks."""
+        if self.main is not None and not self.main.done():
+            async def cancel() -> None:
+                self.main.cancel()
+                await asyncio.gather(self.main, return_exceptions=True)
+
+            self._run(cancel())
 
 
 _END = object()  # run() returned: the trajectory is over
 
 
-def _abandon(loop: asyncio.AbstractEventLoop, main: asyncio.Task) -> None:
-    """Cancel a run() still waiting for a reply (minigrpo ended its trajectory) and let it unwind its `async with`
-    blocks now; while another event loop runs in this thread, at the next step instead."""
-    main.cancel()
-    if not loop.is_closed() and not loop.is_running():
-        with contextlib.suppress(RuntimeError):  # "another loop is running"
-            loop.run_until_complete(asyncio.gather(main, return_exceptions=True))
+def _abandon(loop: asyncio.AbstractEventLoop, main: asyncio.Future) -> None:
+    """A trajectory dropped without close(): cancel its run() on the adapter's loop (without waiting)."""
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(main.cancel)
 
 
 def task_from_row(env: Any, row: dict[str, Any]) -> Any:

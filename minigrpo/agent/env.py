@@ -7,6 +7,8 @@ The protocol (gym's, in text), what `environment: package.module:Class` names:
             ...
         def step(self, text: str) -> Step:        # the assistant turn's text
             return Step(messages="Too low.", reward=0.0, done=False)
+        def close(self) -> None:                  # optional: called once the batch is over, however it ended
+            ...
 
 `Step.messages` is what the environment says next (a string is one `user` message; a list of messages is taken as
 it is, rendered by the chat template); `reward` (optional) adds to the trajectory's reward; `done` ends the
@@ -158,6 +160,20 @@ class EnvironmentSet:
             return None
         finally:
             self.seconds[r] += time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Close every environment that has a `close()` (an OpenEnv client, a container); an error there is printed
+        (the first one of the batch), never the run's end."""
+        for r, env in enumerate(self.envs):
+            if env is not None and callable(getattr(env, "close", None)):
+                try:
+                    env.close()
+                except Exception:  # a user's environment: its close failing leaves its trajectory scored
+                    if not self.shown:
+                        self.shown = True
+                        print(f"environment error while closing (trajectory {r}; its reward stands):\n"
+                              f"{traceback.format_exc(limit=-3)}")
+            self.envs[r] = None
 
     def step(self, r: int, text: str) -> list[dict[str, str]] | None:
         """Row r's turn `text`: the messages that answer it, or None: the trajectory is over."""

@@ -73,6 +73,13 @@ class Episodes:
             self.stats |= {"env_reward": list(self.envs.reward), "env_errors": list(self.envs.errors),
                            "env_s": list(self.envs.seconds)}
 
+    def finish(self) -> dict[str, list[float]]:
+        """The batch is over: every environment that has a `close()` is closed (those minigrpo ended too: max_turns,
+        the budget, an error), and the per-row stats are returned."""
+        if self.envs is not None:
+            self.envs.close()
+        return self.stats
+
     def end_turn(self, rows: list[int], turns: list[list[int]], room: list[int]) -> list[list[int] | None]:
         """Rows whose assistant turn just ended, that turn's tokens, and how many tokens each row may still take:
         per row the tokens to append (the answer's messages rendered, then the next assistant header), or None

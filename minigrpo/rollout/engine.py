@@ -180,7 +180,7 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         lengths = [steps if e is None else e for e in ends]
         truncated = [c or e is None for c, e in zip(episodes.cut, ends)]  # the budget ended it, not the model
         ro = make_trajectories(tokenizer, prompts, params.n, prompt_ids, prompt_mask, tokens, lengths, tool_mask,
-                               truncated, episodes.stats)
+                               truncated, episodes.finish())
         ro.logprobs = logprobs[:, :ro.completion_ids.shape[1]] * ro.generated_mask
         return ro
     ro = make_rollout(tokenizer, prompts, params.n, prompt_ids, prompt_mask, tokens[:, :steps], eos.tolist(),

@@ -253,7 +253,7 @@ def turn_by_turn(tokenizer: PreTrainedTokenizerBase, prompts: list[str], params:
     tokens = torch.tensor([x + [pad] * (C - len(x)) for x in trajectory], device=device).reshape(B, C)
     tool_mask = torch.tensor([x + [0] * (C - len(x)) for x in from_tools], device=device, dtype=torch.float)
     ro = make_trajectories(tokenizer, prompts, params.n, prompt_ids, prompt_mask, tokens, lengths,
-                           tool_mask.reshape(B, C), [not f for f in finished], episodes.stats)
+                           tool_mask.reshape(B, C), [not f for f in finished], episodes.finish())
     if known:
         ro.logprobs = torch.tensor([x + [0.0] * (C - len(x)) for x in logps], device=device).reshape(B, C)
     return ro

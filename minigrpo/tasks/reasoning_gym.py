@@ -23,20 +23,26 @@ dataset is this reward.
 
 from __future__ import annotations
 
+import copy
 import functools
+import importlib.metadata
+import os
+import pickle
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 from minigrpo.errors import ConfigError, DataError
-from minigrpo.tasks.answers import _last_boxed
+from minigrpo.tasks.answers import _last_boxed, normalize_number
 
 PREFIX = "reasoning_gym:"
 SEEDS = {"train": 0, "test": 10**9}  # far apart: row i of a split uses seed + i
 HELD_OUT = 1000  # test rows a train split never repeats (and the most a test split gives)
 _ANSWER_TAG = re.compile(r"<answer>\s?(.*?)\s?</answer>", re.DOTALL)
-_HASH_LINE = re.compile(r"####[ \t]*([^\n]*)")
+_HASH_LINE = re.compile(r"(?<!#)####(?!#)[ \t]*([^\n]*)")
 
 
 def _library() -> Any:
@@ -44,7 +50,9 @@ def _library() -> Any:
         with warnings.catch_warnings():  # cellpylib (a task's dependency) has `is "recursive"`: noise, not ours
             warnings.simplefilter("ignore", SyntaxWarning)
             import reasoning_gym  # optional: ~3 s to import, needed by this dataset source only
-    except ImportError:
+    except ImportError as e:
+        if e.name != "reasoning_gym":  # reasoning-gym is there, one of its own imports failed: say that
+            raise
         raise ConfigError("dataset: reasoning_gym:... needs the reasoning-gym package: pip install reasoning-gym "
                           "(minigrpo's lock has it: bash scripts/setup.sh)") from None
     return reasoning_gym
@@ -54,7 +62,7 @@ def _specs(spec: str) -> tuple[list[dict[str, Any]], str]:
     """The tasks of a `reasoning_gym:...` string as reasoning-gym's dataset specs (name, weight, config), and
     where they came from (for messages)."""
     body = spec[len(PREFIX):]
-    rg = _library()
+    _library()  # a ConfigError saying what to install, before the import below
     from reasoning_gym.factory import DATASETS  # the task table: what a name may be
 
     if body.endswith((".yaml", ".yml")):
@@ -71,6 +79,9 @@ def _specs(spec: str) -> tuple[list[dict[str, Any]], str]:
             if key in data:
                 raise ConfigError(f"{path}: '{key}' is set by minigrpo (each split's seeds; the train split's size: "
                                   f"reasoning_gym_size): remove it")
+        if not all(isinstance(d, dict) and isinstance(d.get("config") or {}, dict) for d in data["datasets"]):
+            raise ConfigError(f"{path}: each entry of 'datasets' is a mapping {{name, weight, config}} (config a "
+                              f"mapping of the task's options)")
         specs = [{"name": d.get("name"), "weight": d.get("weight", 1.0), "config": d.get("config") or {}}
                  for d in data["datasets"]]
         where = str(path)
@@ -81,7 +92,7 @@ def _specs(spec: str) -> tuple[list[dict[str, Any]], str]:
         if s["name"] not in DATASETS:
             close = [n for n in sorted(DATASETS) if s["name"] and (s["name"] in n or n in s["name"])]
             raise ConfigError(f"{where}: {s['name']!r} is not a reasoning-gym task (reasoning-gym "
-                              f"{getattr(rg, '__version__', '?')} has {len(DATASETS)}"
+                              f"{importlib.metadata.version('reasoning-gym')} has {len(DATASETS)}"
                               f"{': did you mean ' + ', '.join(close[:5]) + '?' if close else ''}); the names: "
                               f"python -c 'from reasoning_gym.factory import DATASETS; print(sorted(DATASETS))'")
         for key in ("seed", "size"):
@@ -107,27 +118,47 @@ def _generator(spec: str, split: str, size: int) -> Any:
         raise ConfigError(f"{where}: reasoning-gym refused the task config: {e!r}") from None
 
 
-def split_names() -> tuple[str, ...]:
-    return tuple(SEEDS)
-
-
 def rows(spec: str, split: str, size: int) -> list[dict[str, Any]]:
-    """`size` rows of a split: {"question", "answer", "metadata"}."""
+    """`size` rows of a split: {"question", "answer", "metadata", "reasoning_gym_task"} (the last: `spec`, which
+    the reward scores with). Generated in a child interpreter with PYTHONHASHSEED=0: some tasks iterate over sets
+    (isomorphic_strings, word_ladder ...), so their problems would otherwise differ from one process to the next
+    (training processes, a later `minigrpo eval`); remembered for the process."""
     if split not in SEEDS:
         raise ConfigError(f"split: {split!r} is not a split of {spec}; its splits are 'train', 'test'")
-    if split == "test":
-        if size > HELD_OUT:
-            raise ConfigError(f"{spec}: at most {HELD_OUT} held-out rows (the train split avoids that many); "
-                              f"eval_limit: {size}")
-        data = _generator(spec, "test", size)
-        return [_row(data[i]) for i in range(size)]
-    held_out = {row["question"] for row in rows(spec, "test", HELD_OUT)}
+    if split == "test" and size > HELD_OUT:
+        raise ConfigError(f"{spec}: at most {HELD_OUT} held-out rows (the train split avoids that many); asked for "
+                          f"{size} (eval_limit, or --limit)")
+    return copy.deepcopy(_rows_elsewhere(spec, split, size))
+
+
+@functools.cache
+def _rows_elsewhere(spec: str, split: str, size: int) -> list[dict[str, Any]]:
+    code = ("import pickle, sys\nfrom minigrpo.tasks import reasoning_gym as rg\n"
+            "try:\n    out = rg.rows_here(sys.argv[1], sys.argv[2], int(sys.argv[3]))\n"
+            "except (rg.ConfigError, rg.DataError) as e:\n    out = e\n"
+            "sys.stdout.buffer.write(pickle.dumps(out))\n")
+    child = subprocess.run([sys.executable, "-c", code, spec, split, str(size)], capture_output=True,
+                           env=os.environ | {"PYTHONHASHSEED": "0"}, check=False)
+    if child.returncode != 0:
+        raise DataError(f"{spec}: generating the {split} split failed: {child.stderr.decode(errors='replace')[-2000:]}")
+    out = pickle.loads(child.stdout)  # our own child's output
+    if isinstance(out, Exception):
+        raise out
+    return out
+
+
+def rows_here(spec: str, split: str, size: int) -> list[dict[str, Any]]:
+    """`rows`, generated in this process (its hash seed matters: `rows`)."""
+    if split == "test":  # always the same HELD_OUT problems, sliced (a task like acre draws its set by size)
+        data = _generator(spec, "test", HELD_OUT)
+        return [_row(data[i], spec) for i in range(size)]
+    held_out = {row["question"] for row in rows_here(spec, "test", HELD_OUT)}
     data = _generator(spec, "train", 3 * size)
     out = []
     for i in range(3 * size):
         item = data[i]
         if item["question"] not in held_out:
-            out.append(_row(item))
+            out.append(_row(item, spec))
             if len(out) == size:
                 return out
     raise DataError(f"{spec}: only {len(out)} of the first {3 * size} train problems differ from the held-out "
@@ -135,33 +166,62 @@ def rows(spec: str, split: str, size: int) -> list[dict[str, Any]]:
                     f"raise the task's difficulty")
 
 
-def _row(item: dict[str, Any]) -> dict[str, Any]:
-    return {"question": item["question"], "answer": str(item["answer"]), "metadata": item["metadata"]}
+def _row(item: dict[str, Any], spec: str) -> dict[str, Any]:
+    return {"question": item["question"], "answer": str(item["answer"]), "metadata": item["metadata"],
+            "reasoning_gym_task": spec}
+
+
+def check_correctness(examples: list[Any]) -> None:
+    """`reward_funcs: correctness` compares numbers: on reasoning-gym rows whose answers are text (word_sorting,
+    knights_knaves ...) it would score every completion 0, the oracle's own answer too. A ConfigError names the
+    first such row."""
+    for ex in examples:
+        if ex.columns.get("reasoning_gym_task") and normalize_number(str(ex.answer)) is None:
+            raise ConfigError(f"reward_funcs: correctness compares numbers, and {ex.where} of "
+                              f"{ex.columns['metadata'].get('source_dataset')} has the answer {str(ex.answer)[:60]!r}: "
+                              f"score reasoning-gym tasks with their verifiers, reward_funcs: [reasoning_gym]")
 
 
 def answer_text(completion: str) -> str | None:
-    """The answer a completion gives: the last `<answer>...</answer>`, else the rest of the last `#### ` line,
-    else the last `\\boxed{}`'s content; None when it gives none.
+    """The answer a completion gives: of its last `<answer>...</answer>`, its last `#### ...` line (exactly four
+    `#`, not a markdown heading's five or more) and its last `\\boxed{}`, the one that comes last in the text
+    (empty ones skipped), stripped of `**` bold and a final period; None when it gives none.
 
-    >>> answer_text("think... <answer> 7 </answer>"), answer_text("2 + 5 = 7\\n#### 7"), answer_text("no")
+    >>> answer_text("think... <answer> 7 </answer>"), answer_text("2 + 5 = 7\\n#### **7**."), answer_text("no")
     ('7', '7', None)
+    >>> answer_text("#### Final answer\\nSo \\\\boxed{42}"), answer_text("<answer>7</answer> <answer></answer>")
+    ('42', '7')
     """
-    tagged = _ANSWER_TAG.findall(completion)
-    if tagged:
-        return tagged[-1].strip()
-    hashed = _HASH_LINE.findall(completion)
-    if hashed and hashed[-1].strip():
-        return hashed[-1].strip()
+    found: list[tuple[int, str]] = []  # (where it ends, the answer)
+    for m in _ANSWER_TAG.finditer(completion):
+        if m.group(1).strip():
+            found.append((m.end(), m.group(1)))
+    for m in _HASH_LINE.finditer(completion):
+        if m.group(1).strip():
+            found.append((m.end(), m.group(1)))
     boxed = _last_boxed(completion)
-    return boxed.strip() if boxed is not None and boxed.strip() else None
+    if boxed is not None and boxed.strip():
+        found.append((completion.rfind(boxed) + len(boxed), boxed))
+    if not found:
+        return None
+    text = max(found, key=lambda f: f[0])[1].strip()
+    if text.startswith("**") and text.endswith(("**", "**.")):
+        text = text.removeprefix("**").removesuffix(".").removesuffix("**").strip()
+    return text.removesuffix(".").strip() if text.endswith(".") and not text.endswith("..") else text
 
 
 @functools.cache
-def _scorer(task: str) -> Any:
-    return _library().get_score_answer_fn(task)
+def _scorer(task: str, spec: str | None) -> Any:
+    """The verifier of `task` as `spec` configured it (its options can matter: a tolerance, a range), or with the
+    task's defaults for rows that name no spec."""
+    if spec is None or not spec.startswith(PREFIX):
+        return _library().get_score_answer_fn(task)
+    data = _generator(spec, "test", 1)
+    return data.datasets[task].score_answer if hasattr(data, "datasets") else data.score_answer
 
 
-def score(completion: str, question: str, answer: str, metadata: dict[str, Any]) -> float:
-    """A completion's score by its task's verifier (the row's `metadata['source_dataset']`)."""
+def score(completion: str, question: str, answer: str, metadata: dict[str, Any], spec: str | None = None) -> float:
+    """A completion's score by its task's verifier (the row's `metadata['source_dataset']`, configured by the
+    row's `reasoning_gym_task` spec when it has one)."""
     entry = {"question": question, "answer": answer, "metadata": metadata}
-    return float(_scorer(metadata["source_dataset"])(answer_text(completion), entry))
+    return float(_scorer(metadata["source_dataset"], spec)(answer_text(completion), entry))

@@ -116,14 +116,15 @@ def environment_reward(prompts: list[str], completions: list[str], environment_r
 
 def reasoning_gym_reward(prompts: list[str], completions: list[str], question: list[str] | None = None,
                          solution: list[str] | None = None, metadata: list[dict] | None = None,
-                         **kwargs) -> list[float | None]:
+                         reasoning_gym_task: list[str | None] | None = None, **kwargs) -> list[float | None]:
     """reasoning-gym's verifier of each row's task (`dataset: reasoning_gym:TASK`, tasks/reasoning_gym.py) on the
     completion's answer (`<answer>...</answer>`, `#### ...` or `\\boxed{}`): 1.0 right, 0.0 wrong, partial credit
     where the task gives it; None for a row that is not from reasoning-gym (no task in its `metadata`)."""
     if metadata is None or question is None or solution is None:
         return [None] * len(completions)
-    return [rg.score(text_of(c), q, a, md) if isinstance(md, dict) and "source_dataset" in md else None
-            for c, q, a, md in zip(completions, question, solution, metadata, strict=True)]
+    specs = reasoning_gym_task or [None] * len(completions)  # the task config the rows were made with
+    return [rg.score(text_of(c), q, a, md, spec) if isinstance(md, dict) and "source_dataset" in md else None
+            for c, q, a, md, spec in zip(completions, question, solution, metadata, specs, strict=True)]
 
 
 REWARD_FUNCS: dict[str, Callable] = {

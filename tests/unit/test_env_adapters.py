@@ -270,3 +270,46 @@ def test_a_verifiers_env_in_a_multi_turn_rollout(monkeypatch):
     pytest.importorskip("verifiers.v1")
     guess_taskset(monkeypatch)
     _rollout(load_environment("verifiers:minigrpo_test_guess"))
+
+
+def test_every_environment_is_closed_when_the_batch_ends():
+    """Trajectories minigrpo ends itself (max_turns 1 here: one answer each) close their OpenEnv environment too."""
+    pytest.importorskip("openenv.core")
+    env = guess_environment()
+    closed = []
+
+    class Counted(env):
+        def close(self):
+            closed.append(1)
+
+    factory = openenv_environment(Counted, reset=lambda row: {"secret": row["answer"]})
+    episodes = MultiTurn(environment=factory, max_turns=1).bound([{"answer": "7"}] * 4, 1)
+    tok = tiny_tokenizer()
+    state = episodes.begin(tok, [tok.eos_token_id], rows=4)
+    state.end_turn([0, 1, 2, 3], [turn(tok, "#### 7")] + [turn(tok, "#### 3")] * 3, room=[100] * 4)
+    assert state.stats["env_reward"] == [1.0, 0.0, 0.0, 0.0] and len(closed) == 1  # the one it said done
+    state.finish()
+    assert len(closed) == 4  # each closed once
+
+
+def test_a_verifiers_env_runs_where_an_event_loop_already_runs(monkeypatch):
+    """As in a notebook: the adapter's loop has a thread of its own."""
+    import asyncio
+
+    pytest.importorskip("verifiers.v1")
+    guess_taskset(monkeypatch)
+    factory = load_environment("verifiers:minigrpo_test_guess")
+
+    async def inside():
+        game = factory()
+        game.reset({"question": "?", "answer": "7"})
+        first = as_step(game.step("#### 3"))
+        last = as_step(game.step("#### 7"))
+        stuck = factory()
+        stuck.reset({"question": "?", "answer": "7"})
+        stuck.close()  # ended by minigrpo while run() waits: cancelled and unwound
+        return first, last, stuck.main
+
+    first, last, main = asyncio.run(inside())
+    assert (first.reward, first.done, last.reward, last.done) == (0.0, False, 1.0, True)
+    assert main.cancelled()

@@ -25,10 +25,11 @@ def test_rows_are_deterministic_and_splits_never_share_a_question(tmp_path):
     assert len(train) == 300 and train == rg.rows(spec, "train", 300)
     assert rg.rows(spec, "test", 7) == test[:7]  # a smaller eval set is a prefix
     assert not {r["question"] for r in train} & {r["question"] for r in test}
-    assert set(train[0]) == {"question", "answer", "metadata"}
+    assert set(train[0]) == {"question", "answer", "metadata", "reasoning_gym_task"}
+    assert train[0]["reasoning_gym_task"] == spec
     assert train[0]["metadata"]["source_dataset"] == "basic_arithmetic"
     # without the exclusion the streams would overlap (that is what it is for)
-    raw = rg._generator(spec, "train", 300)
+    raw = rg._generator(spec, "train", 300)  # (here, in this process: the same task, hash-independent)
     assert {raw[i]["question"] for i in range(300)} & {r["question"] for r in test}
 
 
@@ -42,12 +43,54 @@ def test_load_split_gives_examples_with_the_gold_and_metadata_columns():
     assert ex.where == f"reasoning_gym:leg_counting,word_sorting [train], row {train.index(ex)}"
 
 
+def test_rows_are_the_same_in_every_process():
+    """isomorphic_strings iterates over sets: generated in this process its problems depend on PYTHONHASHSEED; `rows`
+    makes them in a child with PYTHONHASHSEED=0, so a second process (another rank, a later eval) gets the same."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from minigrpo.tasks import reasoning_gym as rg; "
+            "print(json.dumps([r['question'] for r in rg.{fn}('reasoning_gym:isomorphic_strings', 'test', 4)]))")
+    def run(fn, seed):
+        out = subprocess.run([sys.executable, "-c", code.format(fn=fn)], capture_output=True, text=True, check=True,
+                             env=__import__("os").environ | {"PYTHONHASHSEED": seed})
+        return out.stdout
+    assert run("rows_here", "1") != run("rows_here", "2")  # what the child process is for
+    assert run("rows", "1") == run("rows", "2")
+
+
+def test_a_task_that_draws_its_set_by_size_gives_a_prefix():
+    """acre generates its whole set from one seed and the set's size: the test split is always its 1000 rows,
+    sliced, so eval_limit 5 is the first 5 of what the train split was kept apart from."""
+    assert rg.rows("reasoning_gym:acre", "test", 5) == rg.rows("reasoning_gym:acre", "test", 50)[:5]
+
+
+def test_the_reward_scores_with_the_task_config_the_rows_were_made_with(tmp_path):
+    """decimal_arithmetic's verifier reads its config (the decimal places it compares): a row made with 6 places is
+    scored with 6, not the task's default."""
+    spec_file = tmp_path / "dec.yaml"
+    spec_file.write_text("datasets:\n  - name: decimal_arithmetic\n    config: {min_num_decimal_places: 6, "
+                         "max_num_decimal_places: 6}\n")
+    ex = load_split(Config(dataset=f"reasoning_gym:{spec_file}", reasoning_gym_size=5), "test", 1)[0]
+    gold = ex.answer
+    at = gold.index(".") + 3  # off by 0.001: within the default places' tolerance (2), not within 6's
+    close = gold[:at] + str((int(gold[at]) + 1) % 10) + gold[at + 1:]
+    prompts, comps, columns = reward_inputs([ex], ["p", "p"], [f"#### {gold}", f"#### {close}"], 2)
+    assert reasoning_gym_reward(prompts, comps, **columns) == [1.0, 0.0]
+    del columns["reasoning_gym_task"]  # rows that name no config: the task's defaults (2 places) take it as right
+    assert reasoning_gym_reward(prompts, comps, **columns) == [1.0, 1.0]
+
+
 @pytest.mark.parametrize("text, expected", [
     ("I think <answer>12</answer> no wait <answer> 13 </answer>", "13"),
     ("2 + 5 = 7\n#### 7", "7"),
     ("#### apple, banana\nthat is all", "apple, banana"),
     ("so \\boxed{x + 1}", "x + 1"),
     ("#### \n", None),
+    ("#### Final Answer\nso the total is \\boxed{42}", "42"),  # the answer that comes last, not a heading
+    ("##### 42", None),  # a markdown heading, not the answer line
+    ("<answer>7</answer> then <answer></answer>", "7"),  # an empty tag is skipped
+    ("#### **12**.", "12"),
     ("no answer here", None),
 ])
 def test_answer_text(text, expected):
@@ -74,6 +117,13 @@ def test_eval_metric_auto_is_the_verifier_on_reasoning_gym_tasks():
     name, funcs = resolve_metric(cfg, load_split(cfg, "test", 3))
     assert name == "reasoning_gym" and funcs[0][1] is reasoning_gym_reward
     assert resolve_metric(Config(), load_split(Config(), "test", 3))[0] == "accuracy"  # arith: unchanged
+
+
+def test_correctness_on_text_answers_is_refused():
+    words = load_split(Config(dataset="reasoning_gym:word_sorting", reasoning_gym_size=5), "train")
+    with pytest.raises(ConfigError, match=r"correctness compares numbers, .*word_sorting .*\[reasoning_gym\]"):
+        rg.check_correctness(words)
+    rg.check_correctness(load_split(Config(dataset="reasoning_gym:leg_counting", reasoning_gym_size=5), "train"))
 
 
 def test_bad_specs_are_refused_with_what_to_do(tmp_path):
