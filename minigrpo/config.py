@@ -111,6 +111,8 @@ class Config:
                                           "key from OPENAI_API_KEY); none: judge_model runs here")
     judge_rubric: str = _f("correct", "reward judge: the rubric, built-in 'correct' or a template file ({question}, "
                                       "{answer}, {reference}, {scale}); the judge ends with 'Score: N' (0-10)")
+    judge_pattern: str | None = _f(None, "reward judge: a regex whose first group is the verdict's number (default: "
+                                         "the last 'Score: N')")
     judge_max_tokens: int = _f(256, "reward judge: tokens the judge may write per verdict")
     judge_concurrency: int = _f(8, "reward judge on a server: requests at once")
     judge_timeout: float = _f(60.0, "reward judge on a server: seconds per request (then retried, then no score)")

@@ -136,7 +136,7 @@ def load_judge(options: dict[str, Any]) -> Any:
     judge = Judge(options["judge_model"], options.get("judge_rubric", "correct"), options.get("judge_base_url"),
                   max_tokens=options.get("judge_max_tokens", 256), concurrency=options.get("judge_concurrency", 8),
                   timeout=options.get("judge_timeout", 60.0), retries=options.get("judge_retries", 2),
-                  device=options.get("device", "cpu"))
+                  device=options.get("device", "cpu"), pattern=options.get("judge_pattern"))
     return judge.served if judge.base_url else judge
 
 
@@ -164,7 +164,13 @@ class Judge:
                  max_tokens: int = 256, concurrency: int = 8, timeout: float = 60.0, retries: int = 2,
                  device: str = "cpu", batch_size: int = 16, pattern: str | None = None) -> None:
         self.template, self.scale, self.max_tokens = rubric_text(rubric), scale, max_tokens
-        self.pattern = re.compile(pattern, re.IGNORECASE) if pattern else SCORE_RE  # what a verdict looks like
+        try:
+            self.pattern = re.compile(pattern, re.IGNORECASE) if pattern else SCORE_RE  # what a verdict looks like
+        except re.error as e:
+            raise ConfigError(f"judge_pattern: {pattern!r} is not a regular expression: {e}") from None
+        if self.pattern.groups < 1:
+            raise ConfigError(f"judge_pattern: {pattern!r} needs a group around the verdict's number, e.g. "
+                              f"'Verdict: ([0-9]+)'")
         self.base_url, self.model_name, self.batch_size = base_url, model, batch_size
         self.failures = 0  # samples the judge gave no score for, so far
         self.outputs: list[str] = []  # the last batch's judge answers (for `minigrpo sample` and tests)

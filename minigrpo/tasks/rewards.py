@@ -211,8 +211,9 @@ def reward_options(cfg: Any) -> dict[str, Any]:
     """The run settings the built-ins of REWARD_FACTORIES are made with."""
     return {"max_completion_length": cfg.max_completion_length, "overlong_buffer": cfg.overlong_buffer,
             "code_timeout": cfg.code_timeout, "device": cfg.device, "dtype": cfg.dtype,
-            **{k: getattr(cfg, k) for k in ("judge_model", "judge_base_url", "judge_rubric", "judge_max_tokens",
-                                            "judge_concurrency", "judge_timeout", "judge_retries")}}
+            **{k: getattr(cfg, k) for k in ("judge_model", "judge_base_url", "judge_rubric", "judge_pattern",
+                                            "judge_max_tokens", "judge_concurrency", "judge_timeout",
+                                            "judge_retries")}}
 
 
 def load_rewards(cfg: Any) -> list[tuple[str, Callable, float]]:

@@ -84,6 +84,10 @@ def test_parse_score_and_rubrics(tmp_path):
         model_rewards.rubric_text(str(bad))
     with pytest.raises(ConfigError, match="neither a built-in rubric"):
         model_rewards.rubric_text("kind")
+    with pytest.raises(ConfigError, match="needs a group around the verdict"):
+        Judge("m", base_url="http://127.0.0.1:9/v1", pattern="Score: [0-9]")
+    with pytest.raises(ConfigError, match="is not a regular expression"):
+        Judge("m", base_url="http://127.0.0.1:9/v1", pattern="Score: ([0-9]")
     with pytest.raises(ConfigError, match="judge needs judge_model"):
         load_rewards(Config(reward_funcs=["judge"]))
 
