@@ -241,11 +241,14 @@ def cmd_eval(argv: list[str]) -> int:
     check_out_path("--out", out)
     cfg, model, tok, examples, prompts = load_for_inference(args)
     from minigrpo.agent.turns import multi_turn  # here: heavy, as in load_for_inference
-    from minigrpo.evaluate import evaluate, evaluate_metric, resolve_metric
+    from minigrpo.evaluate import PASS_METRICS, evaluate, evaluate_metric, resolve_metric
     from minigrpo.monitor import print0
     from minigrpo.tasks.prompts import stop_strings
 
     name, metric = resolve_metric(cfg, examples)  # the run's eval_metric: math accuracy, or its own
+    if args.k and metric is not None and name not in PASS_METRICS:
+        raise ConfigError(f"--k: pass@k needs a metric that says when a sample passes ({', '.join(PASS_METRICS)}, "
+                          f"or math accuracy); this data's metric is {name!r}. Leave --k out, or set eval_metric")
     if metric is None:
         report = evaluate(model, tok, prompts, [ex.columns["answer"] for ex in examples],
                           max_new_tokens=cfg.max_completion_length, batch_size=args.batch_size, k=args.k,

@@ -31,6 +31,7 @@ from minigrpo.tasks.rewards import (
 )
 from minigrpo.tasks.sources import Example, require_columns
 
+PASS_METRICS = ("code_tests", "code_tests_all", "reasoning_gym")  # metrics in [0, 1] whose 1 is a pass (pass@k)
 Metric = list[tuple[str, Callable, float]] | None  # functions summed as a reward is; None: math accuracy
 
 

@@ -181,7 +181,7 @@ def run_calls(calls: list[Call], tools: dict[str, Callable], timeout: float) -> 
         if call.error:
             results[i] = ValueError(call.error)
         elif inspect.iscoroutinefunction(tools[call.name]):
-            coroutines.append(tools[call.name](**call.arguments))
+            coroutines.append(_awaited(tools[call.name], call.arguments))
             co_index.append(i)
         else:
             started.append((i, start_call(tools[call.name], call.arguments)))
@@ -202,3 +202,7 @@ def run_calls(calls: list[Call], tools: dict[str, Callable], timeout: float) -> 
             out.append((text[:MAX_RESULT_CHARS], False, secs))
     return out
 
+
+async def _awaited(fn: Callable, args: dict[str, Any]) -> Any:
+    """An async tool's call as a coroutine: wrong arguments raise inside it (the model is told), not here."""
+    return await fn(**args)

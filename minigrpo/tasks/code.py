@@ -19,10 +19,13 @@ concurrently (as many at once as the machine has cores), each within `code_timeo
 many CPU seconds), 512 MB and the sandbox's other limits; a crash, a hang, a syntax error or an escape attempt
 scores 0 and never stops the run. The tests run in the program's own interpreter after it, each in turn, and
 report their count on a line that carries a nonce the harness reads from stdin before the program runs: a program
-that prints a count of its own, exits early or kills its interpreter scores 0. (It runs in the same interpreter as
-the harness, so code that searched the interpreter's memory for the nonce could still forge it; the sandbox
-bounds what it can do outside, not what it claims.) `eval_metric: auto` on such rows is `code_tests`; `minigrpo
-eval --k K` adds pass@K (a sample passes when all its tests do).
+that prints a count of its own, exits early or kills its interpreter scores 0, and the builtins are put back
+before each test (a program that replaces exec or print changes nothing). It runs in the same interpreter as the
+harness, so a program that walked the interpreter's frames (sys._getframe) to the harness's own variables could
+still forge its count: the sandbox bounds what a program can do outside, not what it claims. HumanEval's
+functions must return plain values (builtin types): an object that equals everything fails. `eval_metric: auto`
+on such rows is `code_tests`; `minigrpo eval --k K` adds pass@K (a sample passes when all its tests do). A batch
+of programs that all hang takes about ceil(batch / cores) x code_timeout: keep reward_timeout above that.
 """
 
 from __future__ import annotations
@@ -43,29 +46,38 @@ INSTRUCTION = "Complete this Python function. Reply with the whole function in a
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 
 # The harness around a program (`harness`): the nonce from stdin first (the program cannot read it from this file),
-# kept in a function's locals (not the module's: `import __main__` does not reach it), then the program, then each
-# test in the program's namespace; only the last line, with the nonce, counts.
+# then the program; before each test and before the report the builtins are put back as they were (a program that
+# replaced exec, compile, print or AssertionError's kin changes nothing), what the harness uses is bound to its own
+# locals, and the report goes to a copy of stdout taken before the program ran, with os.write.
 HARNESS = """
 def main():
-    import sys
+    import builtins, os, sys
     nonce = sys.stdin.readline().strip()
     sys.stdin = open("/dev/null")
-    namespace = {"__name__": "__main__"}
+    exec_, compile_, len_, base, write, out = exec, compile, len, BaseException, os.write, os.dup(1)
+    saved, kept = dict(builtins.__dict__), builtins.__dict__
+
+    def restore():
+        kept.clear()
+        kept.update(saved)
+
+    namespace = {"__name__": "solution"}
     try:
-        exec(compile(PROGRAM, "solution.py", "exec"), namespace)
+        exec_(compile_(PROGRAM, "solution.py", "exec"), namespace)
         loaded = True
-    except BaseException:
+    except base:
         loaded = False
     passed = 0
     for test in TESTS if loaded else []:
+        restore()
+        namespace["__builtins__"] = kept
         try:
-            exec(compile(test, "test.py", "exec"), namespace)
+            exec_(compile_(test, "test.py", "exec"), namespace)
             passed += 1
-        except BaseException:
+        except base:
             pass
-    sys.stdout = sys.__stdout__
-    print()
-    print("MINIGRPO-TESTS", nonce, passed, len(TESTS))
+    restore()
+    write(out, ("\\nMINIGRPO-TESTS %s %d %d\\n" % (nonce, passed, len_(TESTS))).encode())
 
 
 main()
@@ -75,6 +87,29 @@ main()
 def harness(code: str, tests: list[str]) -> str:
     """The script the sandbox runs for `code` and its `tests` (their texts as Python literals)."""
     return f"PROGRAM = {code!r}\nTESTS = {tests!r}\n" + HARNESS
+
+
+# HumanEval's checks compare with ==: an object whose __eq__ is always true would pass most of them. The function
+# under test is wrapped so that it must return plain values (builtin types, all the way down).
+PLAIN = """
+def _plain(fn):
+    kinds = (int, float, bool, str, type(None), list, tuple, dict, set, frozenset, complex, bytes)
+
+    def ok(x):
+        if type(x) not in kinds:
+            return False
+        if type(x) in (list, tuple, set, frozenset):
+            return all(ok(v) for v in x)
+        return all(ok(k) and ok(v) for k, v in x.items()) if type(x) is dict else True
+
+    def wrapped(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if not ok(out):
+            raise TypeError(f"the solution returned a {type(out).__name__}, not a plain value")
+        return out
+
+    return wrapped
+"""
 
 
 def humaneval_rows(split: str) -> list[dict[str, Any]]:
@@ -91,19 +126,21 @@ def humaneval_rows(split: str) -> list[dict[str, Any]]:
     problems = list(read_problems().values())
     chosen = problems[:HUMANEVAL_TRAIN] if split == "train" else problems[HUMANEVAL_TRAIN:]
     return [{"question": f"{INSTRUCTION}```python\n{p['prompt']}```", "code_prompt": p["prompt"],
-             "tests": f"{p['test']}\ncheck({p['entry_point']})\n", "entry_point": p["entry_point"],
+             "tests": f"{p['test']}\n{PLAIN}\ncheck(_plain({p['entry_point']}))\n", "entry_point": p["entry_point"],
              "task_id": p["task_id"], "canonical_solution": p["canonical_solution"]} for p in chosen]
 
 
 def extract_code(completion: str) -> str:
-    """The program in a completion: its last fenced code block (```python ... ```, or an unclosed one at the end:
-    a truncated answer), else the whole text.
+    """The program in a completion: its last fenced code block that defines a function (else its last one:
+    ```python ... ```, or an unclosed one at the end, a truncated answer), else the whole text (an example of use
+    shown after the solution is not the program).
 
     >>> extract_code("Here:\\n```python\\ndef f():\\n    return 1\\n```\\nDone."), extract_code("    return 1\\n")
     ('def f():\\n    return 1\\n', '    return 1\\n')
     """
     blocks = _FENCE.findall(completion)
-    return blocks[-1] if blocks else completion
+    defining = [b for b in blocks if re.search(r"^\s*(?:async\s+)?def\s", b, re.MULTILINE)]
+    return (defining or blocks)[-1] if blocks else completion
 
 
 def as_tests(tests: Any, where: str = "tests") -> list[str]:
@@ -123,9 +160,13 @@ def run_tests(code: str, tests: list[str], timeout: float = 10.0) -> tuple[int, 
     nonce = secrets.token_hex(16)
     script = harness(code, tests)
     limits = sandbox.Limits(wall_s=timeout, cpu_s=max(1, int(timeout)))
-    result = sandbox.run_python(script, limits, stdin=nonce + "\n")
+    try:
+        result = sandbox.run_python(script, limits, stdin=nonce + "\n")
+    except RuntimeError:  # "could not start": the program wrote bwrap's words itself (the sandbox ran at check())
+        return 0, len(tests), sandbox.Result(1, "", "", "", 0.0)
     last = result.stdout.rstrip("\n").rsplit("\n", 1)[-1].split()
-    if result.ok and len(last) == 4 and last[:2] == ["MINIGRPO-TESTS", nonce] and last[3] == str(len(tests)):
+    if result.ok and len(last) == 4 and last[:2] == ["MINIGRPO-TESTS", nonce] and last[3] == str(len(tests)) \
+            and last[2].isdigit() and int(last[2]) <= len(tests):
         return int(last[2]), len(tests), result
     return 0, len(tests), result
 

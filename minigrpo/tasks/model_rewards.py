@@ -77,6 +77,7 @@ class RewardModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.tokenizer.padding_side = "right"
+        self.tokenizer.truncation_side = "left"  # past max_length the question's start goes, never the answer
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    "cpu" if device == "auto" else device)
         self.model.to(self.device).eval().requires_grad_(False)
@@ -129,14 +130,23 @@ def rubric_text(rubric: str) -> str:
 
 def load_judge(options: dict[str, Any]) -> Any:
     """The reward `judge` for a run's settings (`reward_options`): the local judge, or the server judge's async
-    function."""
+    function; one per settings in a process (evaluation and training share it)."""
+    keys = ("judge_model", "judge_rubric", "judge_base_url", "judge_pattern", "judge_max_tokens", "judge_concurrency",
+            "judge_timeout", "judge_retries", "device", "dtype")
+    return _judge(tuple((k, options.get(k)) for k in keys))
+
+
+@functools.cache
+def _judge(settings: tuple[tuple[str, Any], ...]) -> Any:
+    options = {k: v for k, v in settings if v is not None}
     if not options.get("judge_model"):
         raise ConfigError("reward_funcs: judge needs judge_model (a local model, or the model a judge_base_url "
                           "server serves)")
     judge = Judge(options["judge_model"], options.get("judge_rubric", "correct"), options.get("judge_base_url"),
                   max_tokens=options.get("judge_max_tokens", 256), concurrency=options.get("judge_concurrency", 8),
                   timeout=options.get("judge_timeout", 60.0), retries=options.get("judge_retries", 2),
-                  device=options.get("device", "cpu"), pattern=options.get("judge_pattern"))
+                  device=options.get("device", "cpu"), pattern=options.get("judge_pattern"),
+                  dtype=options.get("dtype", "float32"))
     return judge.served if judge.base_url else judge
 
 
@@ -147,10 +157,13 @@ def parse_score(text: str, scale: float, pattern: re.Pattern = SCORE_RE) -> floa
     >>> parse_score("Clear and right.\\nScore: 8", 10), parse_score("no verdict", 10), parse_score("Score: 12", 10)
     (0.8, None, 1.0)
     """
-    found = pattern.findall(text)
+    found = list(pattern.finditer(text))
     if not found:
         return None
-    return min(1.0, max(0.0, float(found[-1]) / scale))
+    try:
+        return min(1.0, max(0.0, float(found[-1].group(1)) / scale))
+    except (ValueError, TypeError, IndexError):  # a pattern whose first group is not a number: no verdict
+        return None
 
 
 class Judge:
@@ -162,7 +175,8 @@ class Judge:
 
     def __init__(self, model: str, rubric: str = "correct", base_url: str | None = None, scale: float = 10.0,
                  max_tokens: int = 256, concurrency: int = 8, timeout: float = 60.0, retries: int = 2,
-                 device: str = "cpu", batch_size: int = 16, pattern: str | None = None) -> None:
+                 device: str = "cpu", batch_size: int = 16, pattern: str | None = None,
+                 dtype: str = "float32") -> None:
         self.template, self.scale, self.max_tokens = rubric_text(rubric), scale, max_tokens
         try:
             self.pattern = re.compile(pattern, re.IGNORECASE) if pattern else SCORE_RE  # what a verdict looks like
@@ -187,7 +201,7 @@ class Judge:
             from minigrpo.config import Config  # here: config imports this package's rewards lazily
             from minigrpo.model import load_model  # here: heavy (torch, transformers)
 
-            self.model, self.tokenizer = load_model(Config(model=model, device=device))
+            self.model, self.tokenizer = load_model(Config(model=model, device=device, dtype=dtype))
             self.model.eval().requires_grad_(False)
 
     def prompts(self, questions: list[str], answers: list[str], references: list[str | None]) -> list[str]:

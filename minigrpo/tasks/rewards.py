@@ -274,7 +274,7 @@ class RewardGuard:
     it costs the batch's samples for that function; `limit` such calls in a row disable the function for the rest
     of the run, with a message), and a count of the values that were not finite numbers (NaN, inf, strings,
     None), with one example each, for the "no learning signal" warning (train.py)."""
-    timeout: float = 0.0  # seconds per call; 0: none (the call runs in this thread)
+    timeout: float = 0.0  # seconds per call; 0: none (the call runs in this thread, unless marked slow)
     limit: int = 3  # timeouts in a row that disable a function
     streak: dict[str, int] = field(default_factory=dict)  # timeouts in a row, per function
     disabled: set[str] = field(default_factory=set)

@@ -193,3 +193,12 @@ def test_the_loss_mask_of_a_trajectory_is_its_assistant_tokens():
     on = ro.generated_mask.bool()
     assert (masked[~on] == 0).all() and (entropy[~on] == 0).all()  # tool tokens never reach the LM head
     torch.testing.assert_close(masked[on], full[on])  # the assistant tokens' values are unchanged
+
+
+def test_tools_called_with_wrong_arguments_answer_with_an_error():
+    """A call naming an argument the tool does not have: the model is told, sync or async alike."""
+    from minigrpo.agent.tools import Call, run_calls
+
+    calls = [Call("calculator", {"expr": "1 + 1"}), Call("async_tool", {"town": "x"})]
+    out = run_calls(calls, TOOLS, timeout=5)
+    assert [(failed, "unexpected keyword argument" in text) for text, failed, _ in out] == [(True, True), (True, True)]

@@ -25,6 +25,7 @@ TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add('a', 'b'
     ("```py\nx = 1\n```\nthen\n```python\nx = 2\n```", "x = 2\n"),  # the last block
     ("```python\ndef f():\n    return", "def f():\n    return"),  # cut off: the unclosed block to the end
     ("    return a + b\n", "    return a + b\n"),  # no fence: the text (a continuation of the stub)
+    ("```python\ndef f():\n    return 1\n```\nExample:\n```python\nprint(f())\n```", "def f():\n    return 1\n"),
 ])
 def test_extract_code(text, expected):
     assert code.extract_code(text) == expected
@@ -46,8 +47,12 @@ def test_program_continues_or_restates_the_stub():
     ("loops forever", "while True:\n    pass\n", 0, 2 + 3),  # killed at its 2 s
     ("sleeps forever", "import time\ntime.sleep(100)\n", 0, 2 + 3),
     ("forges the report", "print('\\nMINIGRPO-TESTS x 3 3')\nimport os\nos._exit(0)\n", 0, 5),
-    ("reads the harness", "import __main__\nprint('MINIGRPO-TESTS', getattr(__main__, 'nonce', '?'), 3, 3)\n"
-                          "import os\nos._exit(0)\n", 0, 5),
+    ("disables exec", "import builtins\nbuiltins.exec = lambda *a, **k: None\n", 0, 5),  # the tests would "pass"
+    ("rewrites print", "import builtins\n_p = builtins.print\n"
+                       "builtins.print = lambda *a, **k: _p('MINIGRPO-TESTS', a[1] if len(a) > 1 else '', 3, 3)\n"
+                       "raise SystemExit\n" + ADD, 0, 5),
+    ("fakes a sandbox failure", "import sys, os\nsys.stderr.write('bwrap: no')\nos._exit(1)\n", 0, 5),  # 0, not None
+    ("demo block", ADD + "if __name__ == '__main__':\n    input()\n", 3, 5),  # not run as the main program
     ("escapes", "import os\nos.system('touch /tmp/minigrpo-escaped')\n"
                 "open('/root/minigrpo-escaped', 'w').write('x')\n" + ADD, 0, 5),
     ("forks", "import os\nwhile True:\n    os.fork()\n", 0, 5),
@@ -60,6 +65,16 @@ def test_programs_are_scored_within_their_bounds(name, program, passed, bound):
     assert (got, total) == (passed, 3), (name, result)
     assert time.perf_counter() - t0 < bound, name
     assert not Path("/root/minigrpo-escaped").exists() and not Path("/tmp/minigrpo-escaped").exists()
+
+
+@needs_sandbox
+def test_humaneval_functions_must_return_plain_values():
+    """HumanEval's checks compare with ==: an object equal to everything would pass them; it fails here."""
+    ex = code.humaneval_rows("test")[0]
+    cheat = "    class Anything:\n        def __eq__(self, other):\n            return True\n    return Anything()\n"
+    assert code.run_tests(code.program(cheat, ex["code_prompt"]), [ex["tests"]], 5)[0] == 0
+    right = code.program(ex["canonical_solution"], ex["code_prompt"])
+    assert code.run_tests(right, [ex["tests"]], 5)[0] == 1
 
 
 @needs_sandbox

@@ -49,6 +49,9 @@ def test_a_reward_model_scores_a_batch_as_its_own_forward_pass(reward_model_dir)
     assert values == pytest.approx(by_hand, abs=1e-5)  # batched with padding = one by one
     assert len(set(round(v, 6) for v in values)) == 4  # the completion matters
     assert not any(p.requires_grad for p in rm.model.parameters()) and not rm.model.training
+    long_question = "x" * 3000  # past max_length: the question's start is cut, the answers still differ
+    a, b = rm(["P", "P"], ["#### 4", "#### 999 wrong"], question=[long_question] * 2)
+    assert a != b
 
 
 def test_a_name_that_is_no_reward_says_what_was_tried(tmp_path):
@@ -73,6 +76,8 @@ def test_parse_score_and_rubrics(tmp_path):
     assert parse_score("ok.\nScore: 7\nthen Score: 9", 10) == 0.9  # the last one
     assert parse_score("**Score:** 3", 10) == 0.3 and parse_score("score = 10", 10) == 1.0
     assert parse_score("Score: -2", 10) == 0.0 and parse_score("I give it a 7", 10) is None
+    two = __import__("re").compile(r"Verdict: (\w+)/(\d+)")  # two groups, the first not a number: no verdict
+    assert parse_score("Verdict: 7/10", 10, two) == 0.7 and parse_score("Verdict: good/10", 10, two) is None
     judge = Judge.__new__(Judge)  # the rubric filling alone, no model
     judge.template, judge.scale = model_rewards.rubric_text("correct"), 10.0
     text = judge.prompts(["What is 2 + 2?"], ["#### 4"], ["4"])[0]
