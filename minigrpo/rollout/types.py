@@ -17,15 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from minigrpo.algo import completion_mask
-
-if TYPE_CHECKING:
-    from minigrpo.agent.turns import MultiTurn
 
 
 @dataclass
@@ -38,7 +35,8 @@ class SamplingParams:
     top_k: int = 0
     seeds: list[int] | None = None  # engine: one per prompt; its samples then depend on nothing else
     stop: tuple[str, ...] | list[str] = ()  # texts that end a completion (kept in it, as EOS is: module docstring)
-    turns: MultiTurn | None = None  # multi-turn: tools answer the turns (agent/turns.py); max_new_tokens then
+    # agent.turns.MultiTurn (not imported: agent/ imports the rollout helpers, directly or through the rewards)
+    turns: Any = None  # multi-turn: tools answer the turns (agent/turns.py); max_new_tokens then
     # bounds the whole trajectory, tool messages included
 
 
