@@ -273,26 +273,56 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_sample(argv: list[str]) -> int:
-    """Rejection sampling: N completions per prompt, keep the correct (or best-k), write an SFT JSONL."""
+    """Rejection sampling: N completions per prompt, keep the correct (or best-k, or judge-accepted), write an SFT
+    JSONL."""
     p = inference_parser("minigrpo sample", "Rejection sampling: sample N completions per problem, score them, "
-                         "keep the correct ones (or the best k by reward) and write them as an SFT JSONL.")
+                         "keep the correct ones (or the best k by reward, or those an LLM judge accepts) and write "
+                         "them as an SFT JSONL.")
     p.add_argument("--n", type=int, default=8, help="completions sampled per problem")
-    p.add_argument("--keep", choices=["correct", "best"], default="correct", help="keep every distinct correct "
-                   "completion, or the best --best_k by total reward")
+    p.add_argument("--keep", choices=["correct", "best", "judge"], default=None, help="keep every distinct correct "
+                   "completion, the best --best_k by total reward, or every distinct one the --judge scores >= "
+                   "--judge_threshold (default: judge with --judge, else correct)")
     p.add_argument("--best_k", type=int, default=1, help="with --keep best: completions kept per problem")
     p.add_argument("--reward_funcs", default="correctness", help="comma-separated reward names (for --keep best)")
+    p.add_argument("--judge", default=None, help="an LLM judge: a local model (hub id, folder, built-in name), or "
+                   "the model --judge_base_url serves; its verdicts' agreement with the rule is reported")
+    p.add_argument("--judge_base_url", default=None, help="an OpenAI-compatible endpoint serving --judge (key from "
+                   "OPENAI_API_KEY)")
+    p.add_argument("--judge_rubric", default="correct", help="the judge's rubric: built-in 'correct' or a template "
+                   "file ({question}, {answer}, {reference}, {scale})")
+    p.add_argument("--judge_pattern", default=None, help="a regex whose first group is the verdict's number "
+                   "(default: the last 'Score: N')")
+    p.add_argument("--judge_max_tokens", type=int, default=256, help="tokens the judge may write per verdict")
+    p.add_argument("--judge_threshold", type=float, default=0.8, help="with --keep judge: the least score kept "
+                   "(N / 10: 0.8 keeps 8, 9 and 10)")
     p.add_argument("--out", required=True, help="output JSONL; statistics go to OUT with .stats.json")
     args = p.parse_args(argv if "--split" in argv else [*argv, "--split", "train"])
-    check_inference(args, {"n": (1,), "best_k": (1,)})
+    check_inference(args, {"n": (1,), "best_k": (1,), "judge_max_tokens": "judge_max_tokens",
+                           "judge_threshold": (0, 1)})
+    args.keep = args.keep or ("judge" if args.judge else "correct")
+    if args.keep == "judge" and not args.judge:
+        raise ConfigError("--keep judge: give the judge, --judge MODEL (a local model, or the model --judge_base_url "
+                          "serves)")
+    for flag in ("judge_base_url", "judge_pattern"):
+        if getattr(args, flag) is not None and not args.judge:
+            raise ConfigError(f"--{flag}: there is no judge to use it; give --judge MODEL")
     if args.keep == "best" and args.best_k > args.n:
         raise ConfigError(f"--best_k: {args.best_k} is more than the --n {args.n} completions sampled per problem "
                           f"(all would be kept); give --best_k <= --n")
     check_samples(args, "n", "at most one distinct completion would be kept per problem")
     check_out_path("--out", args.out)
     check_out_path("--out", Path(args.out).with_suffix(".stats.json"))  # the statistics beside it
-    from minigrpo.tasks.rewards import load_reward  # here: an unknown name fails before the model loads
+    # here: an unknown reward name or a bad rubric fails before the model loads
+    from minigrpo.tasks.model_rewards import load_judge, rubric_text
+    from minigrpo.tasks.rewards import load_reward
 
-    funcs = [(name, load_reward(name), 1.0) for name in args.reward_funcs.split(",")]
+    options = {"judge_model": args.judge, "judge_base_url": args.judge_base_url, "judge_rubric": args.judge_rubric,
+               "judge_pattern": args.judge_pattern, "judge_max_tokens": args.judge_max_tokens,
+               "device": args.device}
+    if args.judge:
+        rubric_text(args.judge_rubric)
+    funcs = [(name, load_reward(name, options), 1.0) for name in args.reward_funcs.split(",")]
+    judge = load_judge(options) if args.judge else None  # a local judge loads here, before the policy
     cfg, model, tok, examples, prompts = load_for_inference(args)
     from minigrpo.monitor import print0  # here: heavy, as in load_for_inference
     from minigrpo.rollout.types import SamplingParams
@@ -302,10 +332,16 @@ def cmd_sample(argv: list[str]) -> int:
     params = SamplingParams(n=args.n, max_new_tokens=cfg.max_completion_length, temperature=args.temperature,
                             stop=stop_strings(cfg))
     stats = sample_to_jsonl(model, tok, prompts, examples, params, funcs, Path(args.out), args.keep, args.best_k,
-                            args.batch_size, backend=cfg.rollout_backend)
+                            args.batch_size, backend=cfg.rollout_backend, judge=judge,
+                            threshold=args.judge_threshold)
     print0(f"kept {stats['kept']}/{stats['samples']} samples ({stats['kept_fraction']:.3f}); "
            f"{stats['prompts_with_a_kept_sample']:.3f} of prompts have one; mean pass rate "
            f"{stats['mean_pass_rate']:.3f} -> {args.out}")
+    if judge is not None:
+        figures = {k: stats[k] for k in ("judge_accepted", "judge_failures", "judge_agreement_with_rule",
+                                         "judge_precision", "judge_recall")}
+        print0("judge: " + "  ".join(f"{k.removeprefix('judge_')}={'-' if v is None else round(v, 3)}"
+                                     for k, v in figures.items()))
     return 0
 
 
@@ -333,13 +369,16 @@ def cmd_demo(argv: list[str]) -> int:
                                 "CPU, ending with the held-out accuracy after each stage.")
     p.add_argument("--out", default=None, help="folder for the stages' runs (default runs/demo-<time>)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's length (e.g. 0.1 for a smoke run)")
+    p.add_argument("--full", action="store_true", help="R1's four stages with a generative judge: cold-start SFT, "
+                   "GRPO with the rule reward, rejection sampling with a judge (fine-tuned on the rule's verdicts) "
+                   "and SFT, GRPO on a mixed set scored by the rule and the judge")
     args = p.parse_args(argv)
     check_flags(args, {"scale": (0, None, True)})  # > 0: a stage's length is scaled by it
     if args.out is not None:
         check_out_path("--out", args.out, folder=True)
     from minigrpo.tools.demo import run_demo  # here: heavy (the loops)
 
-    run_demo(args.out, args.scale)
+    run_demo(args.out, args.scale, full=args.full)
     return 0
 
 

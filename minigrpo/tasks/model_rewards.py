@@ -11,8 +11,8 @@ convention: `logits[:, 0]`): its scale is the model's, which the group-relative 
 LLM judge: `reward_funcs: [judge]` with `judge_model` (a local model: hub id, folder, built-in name; or the model
 name an OpenAI-compatible server serves at `judge_base_url`). The judge reads the rubric (`judge_rubric`: the
 built-in `correct`, or a file) filled with the question, the completion's text and the reference answer (the
-`answer` column, when there is one), answers greedily, and its last `Score: N` (N from 0 to `judge_scale`) is the
-reward, divided by `judge_scale`; an answer with no such line, a timeout or a server error scores None (no
+`answer` column, when there is one), answers greedily, and its last `Score: N` (N from 0 to 10) is the
+reward, divided by 10; an answer with no such line, a timeout or a server error scores None (no
 opinion: the sample is skipped for this reward, and counted in `judge.failures`). A local judge runs on
 minigrpo's engine in batches; a server judge is called concurrently (`judge_concurrency` requests at once), each
 with `judge_timeout` seconds and `judge_retries` retries (the OpenAI client's own), its key read from the
@@ -112,7 +112,8 @@ class RewardModel:
 
 def rubric_text(rubric: str) -> str:
     """A rubric's template: a built-in name, or a file holding one (placeholders {question}, {answer},
-    {reference}, {scale})."""
+    {reference}, {scale}, and {reference_block} / {ref_note}: the built-in's reference block and note, empty when
+    the row has no reference)."""
     if rubric in RUBRICS:
         return RUBRICS[rubric]
     path = Path(rubric).expanduser()
@@ -126,6 +127,19 @@ def rubric_text(rubric: str) -> str:
                           f"{{reference}}, {{reference_block}}, {{ref_note}}, {{scale}} (write {{{{ and }}}} for "
                           f"braces): {e!r}") from None
     return text
+
+
+def fill_rubric(template: str, question: str, answer: str, reference: str | None, scale: float = 10.0) -> str:
+    """A rubric's template (`rubric_text`) filled in for one sample: what the judge reads (and what a judge is
+    fine-tuned on, as the demo's is).
+
+    >>> fill_rubric("{question} {answer} = {reference}? 0-{scale}", "1 + 1", "#### 2", "2")
+    '1 + 1 #### 2 = 2? 0-10'
+    """
+    block = f"Reference answer:\n{reference}\n\n" if reference is not None else ""
+    return template.format(question=question, answer=answer, reference=reference or "", reference_block=block,
+                           ref_note=" (a reference answer is given)" if reference is not None else "",
+                           scale=int(scale) if float(scale).is_integer() else scale)
 
 
 def load_judge(options: dict[str, Any]) -> Any:
@@ -206,13 +220,8 @@ class Judge:
 
     def prompts(self, questions: list[str], answers: list[str], references: list[str | None]) -> list[str]:
         """The rubric filled in per sample."""
-        out = []
-        for q, a, ref in zip(questions, answers, references, strict=True):
-            block = f"Reference answer:\n{ref}\n\n" if ref is not None else ""
-            out.append(self.template.format(question=q, answer=a, reference=ref or "", reference_block=block,
-                                            ref_note=" (a reference answer is given)" if ref is not None else "",
-                                            scale=int(self.scale) if float(self.scale).is_integer() else self.scale))
-        return out
+        return [fill_rubric(self.template, q, a, ref, self.scale)
+                for q, a, ref in zip(questions, answers, references, strict=True)]
 
     def _inputs(self, prompts: list[Any], completions: list[Any], question: list[str] | None,
                 answer: list[str | None] | None) -> list[str]:

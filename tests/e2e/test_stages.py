@@ -1,7 +1,10 @@
 """SFT, rejection sampling, plotting and the demo on tiny settings."""
 
 import json
+import re
+from pathlib import Path
 
+import pytest
 import torch
 
 from minigrpo.config import Config
@@ -105,3 +108,117 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert [r["stage"] for r in table] == ["1. cold-start SFT", "2. GRPO (reward only)", "3. rejection sampling",
                                            "4. SFT on rejection samples"]
     assert (tmp_path / "demo" / "stages.json").exists()
+
+
+ASSET = Path(__file__).resolve().parents[2] / "minigrpo" / "assets" / "tiny-arith"
+VERDICT = re.compile(r"####\s*([0-9]+)")
+
+
+def arith_judge(tmp_path):
+    """The shipped tiny-arith model as a judge whose rubric it follows: the "answer" it reads is an arith problem,
+    which it works out; the number after its `####` is the verdict (out of 10)."""
+    from minigrpo.tasks.model_rewards import Judge
+
+    rubric = tmp_path / "rubric.txt"
+    rubric.write_text("{answer}")
+    return Judge(str(ASSET), rubric=str(rubric), pattern=VERDICT.pattern, max_tokens=32)
+
+
+def test_rejection_sampling_keeps_what_the_judge_accepts(monkeypatch, tmp_path):
+    """A real judge on known completions: kept is exactly what its own answers (read here with the test's regex)
+    score >= 0.8, and its precision and recall against the rule are the hand count."""
+    from minigrpo.rollout.types import Rollout, SamplingParams
+    from minigrpo.tasks.sources import _to_example
+    from minigrpo.tools import sample as sample_mod
+
+    examples = [_to_example(row, f"arith row {i}", "question", "answer")
+                for i, row in enumerate(arith_rows("train", 2, steps=1, max_number=5))]
+    golds = [ex.columns["answer"] for ex in examples]
+    problems = [row["question"] for row in arith_rows("test", 6, steps=1, max_number=9)]  # what the judge works out
+    texts = [f"{problems[0]} #### {golds[0]}", problems[1], problems[2], f"{problems[0]} #### {golds[0]}",
+             problems[3], f"{problems[4]} #### {golds[1]}", problems[5], f"#### {golds[1]}"]
+
+    def fake_generate(backend, model, tok, prompts, params):
+        z = torch.zeros(8, 1)
+        return Rollout(z.long(), z.long(), z.long(), z + 1, torch.zeros(8, dtype=torch.bool),
+                       [p for p in prompts for _ in range(4)], texts)
+
+    monkeypatch.setattr(sample_mod, "generate", fake_generate)
+    judge = arith_judge(tmp_path)
+    rows, stats = sample_mod.rejection_sample(None, None, ["p0", "p1"], examples, SamplingParams(n=4), [],
+                                              keep="judge", judge=judge, threshold=0.8)
+    scores = [min(1.0, int(VERDICT.findall(o)[-1]) / 10) if VERDICT.search(o) else None for o in judge.outputs]
+    assert len(scores) == 8 and 0 < sum(s is not None and s >= 0.8 for s in scores) < 8, judge.outputs
+    accepted = [i for i in range(8) if scores[i] is not None and scores[i] >= 0.8]
+    expected = list(dict.fromkeys((i // 4, texts[i]) for i in accepted))  # per prompt, distinct texts
+    assert [(examples.index(next(e for e in examples if e.question == r["question"])), r["answer"]) for r in rows] \
+        == expected
+    assert all(r["judge_score"] == scores[texts.index(r["answer"])] for r in rows)
+    right = [i in (0, 3, 5, 7) for i in range(8)]  # the rule reads `#### gold` at their end
+    hits = sum(right[i] for i in accepted)
+    assert stats["judge_accepted"] == len(accepted) and stats["kept"] == len(expected)
+    assert stats["judge_failures"] == scores.count(None)
+    assert stats["judge_precision"] == hits / len(accepted) and stats["judge_recall"] == hits / 4
+    assert stats["judge_agreement_with_rule"] == sum((i in accepted) == right[i] for i in range(8)) / 8
+    assert stats["mean_pass_rate"] == pytest.approx(len(accepted) / 8)
+
+
+def test_sample_with_a_judge_from_the_command_line(tmp_path, capsys):
+    """`minigrpo sample --judge`: the policy samples, the judge grades, the kept rows carry its score."""
+    from minigrpo.cli import main
+
+    rubric = tmp_path / "rubric.txt"
+    rubric.write_text("{question}")  # the judge works the problem out itself: its answer / 10 is the score
+    out = tmp_path / "kept.jsonl"
+    argv = ["sample", "--model", "tiny-arith", "--data", "arith", "--limit", "6", "--n", "4", "--judge", str(ASSET),
+            "--judge_rubric", str(rubric), "--judge_pattern", VERDICT.pattern, "--judge_max_tokens", "32",
+            "--judge_threshold", "0.5", "--max_new_tokens", "32", "--out", str(out)]
+    assert main(argv) == 0
+    stats = json.loads(out.with_suffix(".stats.json").read_text())
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert stats["samples"] == 24 and stats["kept"] == len(rows) <= stats["judge_accepted"]
+    assert all(r["judge_score"] >= 0.5 for r in rows)
+    assert stats["judge_threshold"] == 0.5 and 0 <= stats["judge_agreement_with_rule"] <= 1
+    assert "judge: accepted=" in capsys.readouterr().out
+
+
+def test_demo_full_runs_r1s_four_stages(tmp_path, monkeypatch):
+    from minigrpo.tools import demo
+
+    monkeypatch.setattr(demo, "BASE", demo.BASE | {"eval_limit": 20, "arith_train_size": 200})
+    table = demo.run_demo(str(tmp_path / "demo"), scale=0.02, show_progress=False, full=True)
+    assert [r["stage"] for r in table] == ["1. cold-start SFT", "2. GRPO (reward only)",
+                                           "3a. judge: SFT on the rule's verdicts",
+                                           "3b. rejection sampling (the judge)", "3c. SFT on the judge's picks",
+                                           "4. GRPO, mixed set: rule + judge"]
+    assert all("accuracy_4_steps" in r for r in table if r["accuracy"] is not None)
+    mixed = [json.loads(line) for line in (tmp_path / "demo" / "4-mixed.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in mixed} == {"rule", "judge"}
+    metrics = [json.loads(line) for line in
+               (tmp_path / "demo" / "4-grpo-mixed" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/rewards/judge/mean" in r and "train/rewards/correctness/mean" in r for r in metrics)
+
+
+def test_judge_data_is_balanced_and_on_rows_routes():
+    from minigrpo.tools.demo import JUDGE_RUBRIC, OnRows, judge_data
+
+    graded = [{"answer": f"#### {i}", "reference": "3", "right": i == 3} for i in range(10)]
+    graded += [{"answer": "x #### 3", "reference": "3", "right": True}, {"answer": "#### 3", "reference": "3",
+                                                                      "right": True}]  # a repeat: counted once
+    folder = Path(__import__("tempfile").mkdtemp())
+    assert judge_data(graded, folder, test_fraction=0.25) == {"train": 3, "test": 1}
+    rows = [json.loads(line) for f in ("train", "test") for line in (folder / f"{f}.jsonl").read_text().splitlines()]
+    assert sorted(r["answer"] for r in rows) == ["#### 0", "#### 0", "#### 10", "#### 10"]
+    assert all(r["question"] == JUDGE_RUBRIC.format(answer=r["question"].split("\n=")[0], reference="3")
+               for r in rows)
+    calls = []
+
+    def reward(prompts, completions, answer, **kw):
+        calls.append((completions, answer))
+        return [float(len(c)) for c in completions]
+
+    routed = OnRows(reward, "judge")
+    assert routed(["p"] * 3, ["a", "bb", "ccc"], kind=["rule", "judge", "judge"], answer=["1", "2", "3"]) \
+        == [None, 2.0, 3.0]
+    assert calls == [(["bb", "ccc"], ["2", "3"])] and routed.__name__ == "reward"
+    assert routed(["p"], ["a"], kind=["rule"], answer=["1"]) == [None] and len(calls) == 1
