@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,8 +172,10 @@ def inference_parser(prog: str, description: str, backend: bool = True) -> argpa
     return p
 
 
-def load_for_inference(args: argparse.Namespace) -> tuple[Config, Any, Any, list[Any], list[str]]:
-    """Config (from the run that made the adapter/model, then the flags), model, tokenizer, examples, prompts."""
+def load_for_inference(args: argparse.Namespace, check: Callable[[Config, list[Any]], None] | None = None,
+                       ) -> tuple[Config, Any, Any, list[Any], list[str]]:
+    """Config (from the run that made the adapter/model, then the flags), model, tokenizer, examples, prompts.
+    `check(cfg, examples)`: the command's own checks, once the data is loaded and before any model loads."""
     # A run's config.yaml, beside its adapter/ or model/, tells the base model and how its prompts looked.
     source = Path(args.adapter or args.model or ".")
     is_policy = source.name in ("adapter", "model") or source.name.startswith("checkpoint-")  # of a run folder
@@ -210,6 +214,8 @@ def load_for_inference(args: argparse.Namespace) -> tuple[Config, Any, Any, list
     examples = load_split(cfg, args.split, args.limit, named)
     cfg = dataclasses.replace(cfg, template=resolve_template(cfg, tok, examples))  # "auto" made concrete
     fewshot = load_split(cfg, "train", cfg.num_fewshot) if cfg.template == "fewshot" else None
+    if check is not None:
+        check(cfg, examples)
     model, tok = load_model(cfg, tok)
     if args.adapter:
         from peft import PeftModel  # here: heavy, as above
@@ -282,30 +288,40 @@ def cmd_sample(argv: list[str]) -> int:
     p.add_argument("--keep", choices=["correct", "best", "judge"], default=None, help="keep every distinct correct "
                    "completion, the best --best_k by total reward, or every distinct one the --judge scores >= "
                    "--judge_threshold (default: judge with --judge, else correct)")
-    p.add_argument("--best_k", type=int, default=1, help="with --keep best: completions kept per problem")
-    p.add_argument("--reward_funcs", default="correctness", help="comma-separated reward names (for --keep best)")
+    p.add_argument("--best_k", type=int, default=None, help="with --keep best: completions kept per problem "
+                   "(default 1)")
+    p.add_argument("--reward_funcs", default=None, help="comma-separated reward names (for --keep best; default "
+                   "correctness)")
     p.add_argument("--judge", default=None, help="an LLM judge: a local model (hub id, folder, built-in name), or "
                    "the model --judge_base_url serves; its verdicts' agreement with the rule is reported")
     p.add_argument("--judge_base_url", default=None, help="an OpenAI-compatible endpoint serving --judge (key from "
                    "OPENAI_API_KEY)")
-    p.add_argument("--judge_rubric", default="correct", help="the judge's rubric: built-in 'correct' or a template "
-                   "file ({question}, {answer}, {reference}, {scale})")
+    p.add_argument("--judge_rubric", default=None, help="the judge's rubric: built-in 'correct' (the default) or a "
+                   "template file ({question}, {answer}, {reference}, {scale})")
     p.add_argument("--judge_pattern", default=None, help="a regex whose first group is the verdict's number "
                    "(default: the last 'Score: N')")
-    p.add_argument("--judge_max_tokens", type=int, default=256, help="tokens the judge may write per verdict")
-    p.add_argument("--judge_threshold", type=float, default=0.8, help="with --keep judge: the least score kept "
-                   "(N / 10: 0.8 keeps 8, 9 and 10)")
+    p.add_argument("--judge_max_tokens", type=int, default=None, help="tokens the judge may write per verdict "
+                   "(default 256)")
+    p.add_argument("--judge_threshold", type=float, default=None, help="with --keep judge: the least score kept "
+                   "(N / 10; default 0.8: keeps 8, 9 and 10)")
     p.add_argument("--out", required=True, help="output JSONL; statistics go to OUT with .stats.json")
     args = p.parse_args(argv if "--split" in argv else [*argv, "--split", "train"])
     check_inference(args, {"n": (1,), "best_k": (1,), "judge_max_tokens": "judge_max_tokens",
                            "judge_threshold": (0, 1)})
+    judge_flags = ("judge_base_url", "judge_rubric", "judge_pattern", "judge_max_tokens", "judge_threshold")
+    for flag in judge_flags:
+        if getattr(args, flag) is not None and not args.judge:
+            raise ConfigError(f"--{flag}: there is no judge to use it; give --judge MODEL")
     args.keep = args.keep or ("judge" if args.judge else "correct")
     if args.keep == "judge" and not args.judge:
         raise ConfigError("--keep judge: give the judge, --judge MODEL (a local model, or the model --judge_base_url "
                           "serves)")
-    for flag in ("judge_base_url", "judge_pattern"):
-        if getattr(args, flag) is not None and not args.judge:
-            raise ConfigError(f"--{flag}: there is no judge to use it; give --judge MODEL")
+    if args.keep == "judge" and (args.best_k is not None or args.reward_funcs is not None):
+        raise ConfigError("--best_k / --reward_funcs: with --keep judge only the judge's verdict decides; give "
+                          "--keep best to rank by the rewards (and the judge's score)")
+    args.best_k, args.reward_funcs = args.best_k or 1, args.reward_funcs or "correctness"
+    if args.judge and "judge" in args.reward_funcs.split(","):
+        raise ConfigError("--reward_funcs: judge is already scored with --judge; leave it out of --reward_funcs")
     if args.keep == "best" and args.best_k > args.n:
         raise ConfigError(f"--best_k: {args.best_k} is more than the --n {args.n} completions sampled per problem "
                           f"(all would be kept); give --best_k <= --n")
@@ -315,14 +331,32 @@ def cmd_sample(argv: list[str]) -> int:
     # here: an unknown reward name or a bad rubric fails before the model loads
     from minigrpo.tasks.model_rewards import load_judge, rubric_text
     from minigrpo.tasks.rewards import load_reward
+    from minigrpo.tasks.sources import require_columns
 
-    options = {"judge_model": args.judge, "judge_base_url": args.judge_base_url, "judge_rubric": args.judge_rubric,
-               "judge_pattern": args.judge_pattern, "judge_max_tokens": args.judge_max_tokens,
-               "device": args.device}
+    options = {"judge_model": args.judge, "device": args.device} | {
+        k: getattr(args, k) for k in judge_flags[:4] if getattr(args, k) is not None}
     if args.judge:
-        rubric_text(args.judge_rubric)
+        try:
+            rubric_text(options.get("judge_rubric", "correct"))
+            if args.judge_pattern is not None and re.compile(args.judge_pattern).groups < 1:
+                raise ConfigError(f"--judge_pattern: {args.judge_pattern!r} needs a group around the verdict's "
+                                  f"number, e.g. 'Verdict: ([0-9]+)'")
+        except ConfigError as e:
+            raise ConfigError(str(e) if str(e).startswith("--") else f"--{e}") from None  # as typed: --judge_...
+        except re.error as e:
+            raise ConfigError(f"--judge_pattern: {args.judge_pattern!r} is not a regular expression: {e}") from None
     funcs = [(name, load_reward(name, options), 1.0) for name in args.reward_funcs.split(",")]
-    judge = load_judge(options) if args.judge else None  # a local judge loads here, before the policy
+
+    def check(cfg: Config, examples: list[Any]) -> None:  # before any model loads
+        if args.keep == "correct" or (args.keep == "best" and "correctness" in args.reward_funcs.split(",")):
+            require_columns(examples, ["answer"], args.data or cfg.dataset,
+                            f"--keep {args.keep} compares each sample with its gold answer")
+
+    cfg, model, tok, examples, prompts = load_for_inference(args, check)
+    try:
+        judge = load_judge(options) if args.judge else None  # once the policy and data are good
+    except ConfigError as e:
+        raise ConfigError(f"--judge {args.judge}: {e}") from None
     cfg, model, tok, examples, prompts = load_for_inference(args)
     from minigrpo.monitor import print0  # here: heavy, as in load_for_inference
     from minigrpo.rollout.types import SamplingParams
@@ -333,13 +367,14 @@ def cmd_sample(argv: list[str]) -> int:
                             stop=stop_strings(cfg))
     stats = sample_to_jsonl(model, tok, prompts, examples, params, funcs, Path(args.out), args.keep, args.best_k,
                             args.batch_size, backend=cfg.rollout_backend, judge=judge,
-                            threshold=args.judge_threshold)
+                            threshold=0.8 if args.judge_threshold is None else args.judge_threshold)
+    rate = "-" if stats["mean_pass_rate"] is None else f"{stats['mean_pass_rate']:.3f}"
     print0(f"kept {stats['kept']}/{stats['samples']} samples ({stats['kept_fraction']:.3f}); "
-           f"{stats['prompts_with_a_kept_sample']:.3f} of prompts have one; mean pass rate "
-           f"{stats['mean_pass_rate']:.3f} -> {args.out}")
+           f"{stats['prompts_with_a_kept_sample']:.3f} of prompts have one; mean pass rate (the rule's) {rate} "
+           f"-> {args.out}")
     if judge is not None:
-        figures = {k: stats[k] for k in ("judge_accepted", "judge_failures", "judge_agreement_with_rule",
-                                         "judge_precision", "judge_recall")}
+        figures = {k: stats[k] for k in ("judge_accepted", "judge_accept_rate", "judge_failures",
+                                         "judge_agreement_with_rule", "judge_precision", "judge_recall")}
         print0("judge: " + "  ".join(f"{k.removeprefix('judge_')}={'-' if v is None else round(v, 3)}"
                                      for k, v in figures.items()))
     return 0

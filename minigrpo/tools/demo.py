@@ -8,10 +8,11 @@
 `minigrpo demo --full` runs R1's four stages as the paper has them, with a generative judge:
 
     1. cold-start SFT, 2. GRPO with the rule reward (as above)
-    3. rejection sampling with a judge: a judge model is fine-tuned on the rule's verdicts of the stage-2 policy's
-       own samples (R1 asked DeepSeek-V3, given the reference and the prediction; here no bigger model exists, so
-       the judge is the policy's copy taught to grade: `{answer}` and `= {reference} ?` in, `#### 10` (right) or
-       `#### 0` (wrong) out); it keeps what it accepts out of N samples per problem; SFT on them
+    3. rejection sampling with a judge: a judge model is fine-tuned on the rule's verdicts of the stage-1 and
+       stage-2 policies' own samples, each also against a near-miss reference (R1 asked DeepSeek-V3, given the
+       reference and the prediction; here no bigger model exists, so the judge is the policy's copy taught to
+       grade: `{answer}` and `= {reference} ?` in, `#### 10` (right) or `#### 0` (wrong) out); it keeps what it
+       accepts out of N samples per problem; SFT on them
     4. GRPO on a mixed set: 3-step problems scored by the rule, 4-step problems (standing in for R1's general
        prompts, which have no rule) scored by the judge alone
 
@@ -23,6 +24,7 @@ recall against the rule when it filters).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import random
 import time
@@ -78,9 +80,10 @@ def run_demo(root: str | None = None, scale: float = 1.0, show_progress: bool = 
 
     t = time.perf_counter()  # ---- 1. cold-start SFT ------------------------------------------------------
     run = sft(Config(**BASE, model="tiny-arith-init", learning_rate=3e-3, lr_scheduler_type="cosine",
-                     warmup_steps=20, per_device_train_batch_size=64, max_steps=steps(600),
+                     warmup_steps=20, per_device_train_batch_size=64, max_steps=steps(1000),
                      output_dir=str(out / "1-sft")), show_progress)
     record("1. cold-start SFT", run, time.perf_counter() - t)
+    cold_start_model = run / "model"
     t = time.perf_counter()  # ---- 2. GRPO -----------------------------------------------------------------
     run = train(Config(**BASE, model=str(run / "model"), learning_rate=1e-4, num_generations=8,
                        per_device_train_batch_size=64, reward_funcs=["correctness"], max_steps=steps(100),
@@ -93,13 +96,15 @@ def run_demo(root: str | None = None, scale: float = 1.0, show_progress: bool = 
     judge = None
     if full:  # ---- 3a. a judge, taught to grade by the rule's verdicts on the policy's own samples -----------
         t = time.perf_counter()
-        model, tok = load_model(cfg)
-        verdicts = graded_samples(model, tok, cfg, train_rows[steps(1000):steps(2000)], n=4)
+        verdicts = []
+        for policy in (cold_start_model, grpo_model):  # both policies' mistakes (the cold start's are other kinds)
+            model, tok = load_model(dataclasses.replace(cfg, model=str(policy)))
+            verdicts += graded_samples(model, tok, cfg, train_rows[steps(1000):steps(3000)], n=4)
         split = judge_data(verdicts, out / "3a-judge-data")
         run = sft(Config(**BASE | {"dataset": str(out / "3a-judge-data"), "max_completion_length": 4,
-                                   "eval_limit": steps(1000)}, model=str(grpo_model), learning_rate=1e-3,
+                                   "eval_limit": steps(1000)}, model=str(grpo_model), learning_rate=2e-3,
                          lr_scheduler_type="cosine", warmup_steps=10, per_device_train_batch_size=64,
-                         max_steps=steps(300), output_dir=str(out / "3a-judge")), show_progress)
+                         max_steps=steps(600), output_dir=str(out / "3a-judge")), show_progress)
         right = json.loads((run / "summary.json").read_text())["after"]["eval/accuracy"]
         table.append({"stage": "3a. judge: SFT on the rule's verdicts", "accuracy": None,
                       "seconds": round(time.perf_counter() - t, 1),
@@ -119,8 +124,8 @@ def run_demo(root: str | None = None, scale: float = 1.0, show_progress: bool = 
                             judge=judge)
     note = f"kept {stats['kept']}/{stats['samples']}"
     if full:
-        note += (f"; vs the rule: precision {stats['judge_precision'] or 0:.3f}, recall "
-                 f"{stats['judge_recall'] or 0:.3f}")
+        figure = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731  (None: no sample to count)
+        note += f"; vs the rule: precision {figure(stats['judge_precision'])}, recall {figure(stats['judge_recall'])}"
     table.append({"stage": "3b. rejection sampling (the judge)" if full else "3. rejection sampling",
                   "accuracy": None, "seconds": round(time.perf_counter() - t, 1), "note": note,
                   "kept": stats["kept"]})
@@ -136,18 +141,18 @@ def run_demo(root: str | None = None, scale: float = 1.0, show_progress: bool = 
                          output_dir=str(out / ("3c-sft" if full else "4-sft"))), show_progress)
         record(stage, run, time.perf_counter() - t)
     if full:  # ---- 4. GRPO on a mixed set: the rule where it applies, the judge elsewhere ----------------------
-        t = time.perf_counter()
+        t, failures = time.perf_counter(), judge.failures
         mixed = out / "4-mixed.jsonl"
         four = load_split(four_step, "train")
         write_jsonl([{"question": ex.question, "answer": ex.answer, "kind": kind}
                      for rows, kind in ((train_rows, "rule"), (four, "judge"))
-                     for ex in rows[steps(2000):steps(2000) + steps(2000)]], mixed)
+                     for ex in rows[steps(3000):steps(3000) + steps(2000)]], mixed)
         run = train(Config(**BASE | {"dataset": str(mixed), "eval_dataset": "arith"}, model=str(run / "model"),
                            learning_rate=1e-4, num_generations=8, per_device_train_batch_size=64,
-                           reward_funcs=[OnRows(correctness_reward, "rule"), OnRows(judge, "judge")],
+                           reward_funcs=[on_rows(correctness_reward, "rule"), on_rows(judge, "judge")],
                            max_steps=steps(100), output_dir=str(out / "4-grpo-mixed")), show_progress)
         record("4. GRPO, mixed set: rule + judge", run, time.perf_counter() - t,
-               f"judge gave no verdict {judge.failures} times")
+               f"the judge gave no verdict {judge.failures - failures} times")
     print_table(table, full)
     (out / "stages.json").write_text(json.dumps(table, indent=2))
     return table
@@ -175,22 +180,42 @@ def graded_samples(model: Any, tok: Any, cfg: Config, examples: list[Any], n: in
     return out
 
 
-def judge_data(graded: list[dict[str, Any]], folder: Path, test_fraction: float = 0.1) -> dict[str, int]:
+def judge_data(graded: list[dict[str, Any]], folder: Path, test_fraction: float = 0.1,
+               near_misses: bool = True) -> dict[str, int]:
     """The judge's SFT data in `folder` (train.jsonl, test.jsonl): the rubric filled in as the judge will read it,
-    its verdict `#### 10` or `#### 0` the target; as many right samples as wrong ones (the larger side subsampled),
-    distinct texts only; the row counts."""
+    its verdict `#### 10` or `#### 0` the target, distinct samples only, as many right as wrong (the larger side
+    subsampled). The test split holds `test_fraction` of them, as sampled. With `near_misses` each train sample is
+    also shown against a reference 1 to 3 off its own, labelled by the rule as well (mostly wrong: the hard cases,
+    an answer one off its reference, which the policy's own mistakes are too few to teach); the row counts."""
     rng = random.Random(0)
     distinct = list({(g["answer"], g["reference"]): g for g in graded}.values())
     right, wrong = [g for g in distinct if g["right"]], [g for g in distinct if not g["right"]]
-    k = min(len(right), len(wrong)) or max(len(right), len(wrong))  # one side empty (a smoke run): all of it
-    chosen = rng.sample(right, min(k, len(right))) + rng.sample(wrong, min(k, len(wrong)))
-    rng.shuffle(chosen)
-    rows = [{"question": fill_rubric(JUDGE_RUBRIC, "", g["answer"], g["reference"]),
-             "answer": "#### 10" if g["right"] else "#### 0"} for g in chosen]
-    n_test = max(1, int(len(rows) * test_fraction))
-    write_jsonl(rows[n_test:], folder / "train.jsonl")
-    write_jsonl(rows[:n_test], folder / "test.jsonl")
-    return {"train": len(rows) - n_test, "test": n_test}
+    if min(len(right), len(wrong)) < 2:
+        raise ValueError(f"judge data: the policy's {len(distinct)} distinct samples are all right or all wrong "
+                         f"({len(right)} right, {len(wrong)} wrong): no judge can learn to tell them apart; run the "
+                         f"demo at a larger --scale")
+    rng.shuffle(right)
+    rng.shuffle(wrong)
+    n_test = max(1, int(min(len(right), len(wrong)) * test_fraction))
+    parts = {"test": (right[:n_test], wrong[:n_test]), "train": (right[n_test:], wrong[n_test:])}
+    if near_misses:
+        shifted = []
+        for g in parts["train"][0] + parts["train"][1]:
+            near = str(max(0, int(g["reference"]) + rng.choice([-3, -2, -1, 1, 2, 3])))
+            if near != g["reference"]:  # (0 - 1 stays 0)
+                shifted.append({"answer": g["answer"], "reference": near, "right": is_correct(g["answer"], near)})
+        more = parts["train"][0] + [g for g in shifted if g["right"]], parts["train"][1] + [
+            g for g in shifted if not g["right"]]
+        parts["train"] = more
+    counts = {}
+    for name, (yes, no) in parts.items():
+        k = min(len(yes), len(no))
+        chosen = rng.sample(yes, k) + rng.sample(no, k)
+        rng.shuffle(chosen)
+        write_jsonl([{"question": fill_rubric(JUDGE_RUBRIC, "", g["answer"], g["reference"]),
+                      "answer": "#### 10" if g["right"] else "#### 0"} for g in chosen], folder / f"{name}.jsonl")
+        counts[name] = len(chosen)
+    return counts
 
 
 def write_rubric(out: Path) -> str:
@@ -200,24 +225,32 @@ def write_rubric(out: Path) -> str:
     return str(path)
 
 
-class OnRows:
-    """A reward that scores only the rows whose `kind` column is `kind` (no opinion, None, on the others): R1's
-    stage 4 scores reasoning prompts by rule and general ones by a model."""
+def on_rows(fn: Callable, which: str) -> Callable:
+    """`fn` as a reward that scores only the rows whose `kind` column is `which` (no opinion, None, on the others):
+    R1's stage 4 scores reasoning prompts by rule and general ones by a model. Async if `fn` is (a server judge)."""
 
-    def __init__(self, fn: Callable, kind: str) -> None:
-        self.fn, self.kind = fn, kind
-        self.slow = getattr(fn, "slow", False)
-        self.__name__ = reward_name(fn).removesuffix("_reward")
+    def pick(prompts: list[Any], completions: list[Any], kind: list[str], columns: dict[str, Any]) -> tuple:
+        rows = [i for i, k in enumerate(kind) if k == which]
+        return rows, ([prompts[i] for i in rows], [completions[i] for i in rows]), \
+            {k: [v[i] for i in rows] for k, v in columns.items()}
 
-    def __call__(self, prompts: list[Any], completions: list[Any], kind: list[str], **columns: Any,
-                 ) -> list[float | None]:
-        rows = [i for i, k in enumerate(kind) if k == self.kind]
-        values = self.fn([prompts[i] for i in rows], [completions[i] for i in rows],
-                         **{k: [v[i] for i in rows] for k, v in columns.items()}) if rows else []
-        out: list[float | None] = [None] * len(completions)
+    def spread(rows: list[int], values: list[Any], n: int) -> list[float | None]:
+        out: list[float | None] = [None] * n
         for i, v in zip(rows, values, strict=True):
             out[i] = v
         return out
+
+    if inspect.iscoroutinefunction(fn):
+        async def routed(prompts: list[Any], completions: list[Any], kind: list[str], **columns: Any) -> list:
+            rows, args, kwargs = pick(prompts, completions, kind, columns)
+            return spread(rows, await fn(*args, **kwargs) if rows else [], len(completions))
+    else:
+        def routed(prompts: list[Any], completions: list[Any], kind: list[str], **columns: Any) -> list:
+            rows, args, kwargs = pick(prompts, completions, kind, columns)
+            return spread(rows, fn(*args, **kwargs) if rows else [], len(completions))
+    routed.slow = getattr(fn, "slow", False)
+    routed.__name__ = reward_name(fn).removesuffix("_reward")
+    return routed
 
 
 def print_table(rows: list[dict], full: bool = False) -> None:

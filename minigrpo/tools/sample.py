@@ -1,13 +1,14 @@
 """`minigrpo sample`: rejection sampling, the R1 recipe's third stage.
 
 N completions per prompt, scored by the reward functions; the correct ones (or the best k, or those an LLM judge
-accepts) are kept and written as an SFT JSONL (`question`, `answer` = the kept completion, ending in `#### N`) that
-`minigrpo sft --dataset FILE.jsonl` trains on, with statistics: kept fraction and per-prompt pass rate.
+accepts) are kept and written as an SFT JSONL in TRL's prompt-completion form (`question`, `completion` = the kept
+completion, trained on as written, `answer` = the gold answer where the row has one) that `minigrpo sft --dataset
+FILE.jsonl` trains on, with statistics: kept fraction and the rule's per-prompt pass rate.
 
 With a judge (R1's "generative reward model": model_rewards.Judge, local or on a server) `keep="judge"` keeps
-the distinct completions it scores at least `threshold` (its score is N / scale, in [0, 1]); a sample it gives no
-verdict is not kept (counted in `judge_failures`). Where the gold answers are numbers, the statistics also say
-how the judge's verdicts agree with the rule's (`is_correct`): its precision and recall against it.
+the distinct completions it scores at least `threshold` (its score is N / scale, in [0, 1]) and that are not
+empty; a sample it gives no verdict is not kept (counted in `judge_failures`). Where the gold answers are numbers,
+the statistics also say how the judge's verdicts agree with the rule's (`is_correct`): its precision and recall.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def rejection_sample(model: Any, tokenizer: Any, prompts: list[str], examples: l
         raise ValueError("keep='judge' needs a judge")
     funcs = ([] if keep == "judge" else reward_funcs) + ([("judge", judge, 1.0)] if judge is not None else [])
     rows: list[dict[str, Any]] = []
-    pass_rates: list[float] = []
+    pass_rates: list[float] = []  # the rule's, per prompt with a gold answer
+    kept_per_prompt: list[int] = []
     verdicts: list[tuple[float | None, bool | None]] = []  # (judge score, the rule's verdict where it has one)
     per_call = max(batch_size // params.n, 1)
     for start in range(0, len(prompts), per_call):
@@ -49,30 +51,37 @@ def rejection_sample(model: Any, tokenizer: Any, prompts: list[str], examples: l
         columns = {k: [ex.columns.get(k) for ex in exs for _ in range(params.n)]
                    for k in dict.fromkeys(k for ex in exs for k in ex.columns)}
         totals, per_func = score(funcs, ro.prompts, ro.completions, columns)
+        judged = per_func.get("judge", [None] * len(ro.completions))
         for g, ex in enumerate(exs):
             idx = range(g * params.n, (g + 1) * params.n)
             gold = ex.columns.get("answer")
             right = {i for i in idx if gold is not None and is_correct(ro.completions[i], gold)}
+            if gold is not None:
+                pass_rates.append(len(right) / params.n)
             if judge is not None:  # the rule's verdict beside the judge's, where the gold answer is a number
                 numeric = gold is not None and normalize_number(gold_answer(gold)) is not None
-                verdicts += [(per_func["judge"][i], (i in right) if numeric else None) for i in idx]
+                verdicts += [(judged[i], (i in right) if numeric else None) for i in idx]
             if keep == "best":
-                ranked = sorted((i for i in idx if totals[i] is not None), key=lambda i: -totals[i])
-                chosen = [ro.completions[i] for i in ranked[:best_k]]
-                pass_rates.append(len(right) / params.n)
+                passed = sorted((i for i in idx if totals[i] is not None), key=lambda i: -totals[i])[:best_k]
+                chosen = [(ro.completions[i], judged[i]) for i in passed]
             else:
                 passed = sorted(right) if keep == "correct" else [
-                    i for i in idx if per_func["judge"][i] is not None and per_func["judge"][i] >= threshold]
-                chosen = list(dict.fromkeys(ro.completions[i] for i in passed))  # drop exact duplicates
-                pass_rates.append(len(passed) / params.n)
-            judged = {ro.completions[i]: per_func["judge"][i] for i in idx} if judge is not None else {}
-            rows += [{"question": ex.question, "answer": c, "gold": gold}
-                     | ({"judge_score": judged[c]} if judge is not None else {}) for c in chosen]
-    n = max(len(pass_rates), 1)
-    stats = {"prompts": len(pass_rates), "samples": len(pass_rates) * params.n, "kept": len(rows),
-             "kept_fraction": len(rows) / max(len(pass_rates) * params.n, 1),
-             "prompts_with_a_kept_sample": sum(1 for p in pass_rates if p > 0) / n,
-             "mean_pass_rate": sum(pass_rates) / n,
+                    i for i in idx if judged[i] is not None and judged[i] >= threshold]
+                # distinct (with the best score a copy got), never empty (a judge may accept an empty answer)
+                best: dict[str, float | None] = {}
+                for i in passed:
+                    if ro.completions[i].strip():
+                        old = best.get(ro.completions[i])
+                        best[ro.completions[i]] = judged[i] if old is None or (judged[i] or 0) > old else old
+                chosen = list(best.items())
+            kept_per_prompt.append(len(chosen))
+            rows += [{"question": ex.question, "completion": c} | ({"answer": gold} if gold is not None else {})
+                     | ({"judge_score": v} if judge is not None else {}) for c, v in chosen]
+    n, samples = max(len(kept_per_prompt), 1), len(kept_per_prompt) * params.n
+    stats = {"prompts": len(kept_per_prompt), "samples": samples, "kept": len(rows),
+             "kept_fraction": len(rows) / max(samples, 1),
+             "prompts_with_a_kept_sample": sum(1 for k in kept_per_prompt if k > 0) / n,
+             "mean_pass_rate": sum(pass_rates) / len(pass_rates) if pass_rates else None,
              "pass_rate_histogram": dict(sorted(Counter(round(p, 3) for p in pass_rates).items()))}
     if judge is not None:
         stats |= judge_stats(verdicts, threshold)
@@ -80,17 +89,20 @@ def rejection_sample(model: Any, tokenizer: Any, prompts: list[str], examples: l
 
 
 def judge_stats(verdicts: list[tuple[float | None, bool | None]], threshold: float) -> dict[str, Any]:
-    """The judge's figures over the samples: how many it accepted and gave no verdict, and where the rule has a
-    verdict too, the judge's agreement with it, precision (accepted and correct / accepted) and recall (accepted
-    and correct / correct); None where a ratio has no samples.
+    """The judge's figures over the samples: how many it accepted (`judge_accept_rate`: of all samples), how many it
+    gave no verdict; and over the samples where both it and the rule have a verdict, its agreement with the rule,
+    precision (accepted and correct / accepted) and recall (accepted and correct / correct); None where a ratio has
+    no samples. (As a filter, a sample without a verdict is not kept: `judge_failures` says how often.)
 
-    >>> judge_stats([(1.0, True), (0.9, False), (0.0, False), (None, True), (0.2, None)], 0.8)["judge_precision"]
-    0.5
+    >>> s = judge_stats([(1.0, True), (0.9, False), (0.0, False), (None, True), (0.2, None)], 0.8)
+    >>> s["judge_precision"], s["judge_recall"], s["judge_agreement_with_rule"], s["judge_accept_rate"]
+    (0.5, 1.0, 0.6666666666666666, 0.4)
     """
     accepted = [s is not None and s >= threshold for s, _ in verdicts]
-    ruled = [(a, r) for a, (_, r) in zip(accepted, verdicts, strict=True) if r is not None]
+    ruled = [(a, r) for a, (s, r) in zip(accepted, verdicts, strict=True) if r is not None and s is not None]
     ratio = lambda num, den: num / den if den else None  # noqa: E731
     return {"judge_threshold": threshold, "judge_accepted": sum(accepted),
+            "judge_accept_rate": ratio(sum(accepted), len(verdicts)),
             "judge_failures": sum(s is None for s, _ in verdicts),
             "judge_agreement_with_rule": ratio(sum(a == r for a, r in ruled), len(ruled)),
             "judge_precision": ratio(sum(a and r for a, r in ruled), sum(a for a, _ in ruled)),

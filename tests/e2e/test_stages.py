@@ -73,7 +73,7 @@ def test_rejection_sampling_keeps_only_correct(monkeypatch):
     monkeypatch.setattr(sample_mod, "generate", fake_generate)
     rows, stats = sample_mod.rejection_sample(None, None, ["p0", "p1"], examples, SamplingParams(n=4),
                                               [("correctness", load_reward("correctness"), 1.0)])
-    assert rows == [{"question": examples[0].question, "answer": f"#### {golds[0]}", "gold": golds[0]}]
+    assert rows == [{"question": examples[0].question, "completion": f"#### {golds[0]}", "answer": golds[0]}]
     assert stats["mean_pass_rate"] == 0.25 and stats["prompts_with_a_kept_sample"] == 0.5
     assert stats["pass_rate_histogram"] == {0.0: 1, 0.5: 1}
     best, _ = sample_mod.rejection_sample(None, None, ["p0", "p1"], examples, SamplingParams(n=4),
@@ -151,24 +151,78 @@ def test_rejection_sampling_keeps_what_the_judge_accepts(monkeypatch, tmp_path):
     assert len(scores) == 8 and 0 < sum(s is not None and s >= 0.8 for s in scores) < 8, judge.outputs
     accepted = [i for i in range(8) if scores[i] is not None and scores[i] >= 0.8]
     expected = list(dict.fromkeys((i // 4, texts[i]) for i in accepted))  # per prompt, distinct texts
-    assert [(examples.index(next(e for e in examples if e.question == r["question"])), r["answer"]) for r in rows] \
-        == expected
-    assert all(r["judge_score"] == scores[texts.index(r["answer"])] for r in rows)
+    assert [(examples.index(next(e for e in examples if e.question == r["question"])), r["completion"])
+            for r in rows] == expected
+    assert all(r["judge_score"] == scores[texts.index(r["completion"])] and r["answer"] in golds for r in rows)
     right = [i in (0, 3, 5, 7) for i in range(8)]  # the rule reads `#### gold` at their end
     hits = sum(right[i] for i in accepted)
     assert stats["judge_accepted"] == len(accepted) and stats["kept"] == len(expected)
     assert stats["judge_failures"] == scores.count(None)
-    assert stats["judge_precision"] == hits / len(accepted) and stats["judge_recall"] == hits / 4
-    assert stats["judge_agreement_with_rule"] == sum((i in accepted) == right[i] for i in range(8)) / 8
-    assert stats["mean_pass_rate"] == pytest.approx(len(accepted) / 8)
+    judged = [i for i in range(8) if scores[i] is not None]  # the ratios count the samples it has a verdict on
+    assert stats["judge_precision"] == hits / len(accepted)
+    assert stats["judge_recall"] == hits / sum(right[i] for i in judged)
+    assert stats["judge_agreement_with_rule"] == sum((i in accepted) == right[i] for i in judged) / len(judged)
+    assert stats["judge_accept_rate"] == len(accepted) / 8 and stats["mean_pass_rate"] == 0.5  # the rule's
+
+
+def test_rejection_sampling_with_a_judge_by_hand(monkeypatch):
+    """A judge function with set scores: duplicates keep their best score, empty completions and samples without
+    a verdict are never kept, `--keep correct` / `best` with a judge keep by the rule / by rewards + judge."""
+    from minigrpo.rollout.types import Rollout, SamplingParams
+    from minigrpo.tasks.rewards import load_reward
+    from minigrpo.tasks.sources import _to_example
+    from minigrpo.tools import sample as sample_mod
+
+    examples = [_to_example({"question": "Q", "answer": "#### 5"}, "row 0", "question", "answer")]
+    texts = ["#### 5", "#### 5", "", "#### 4", "#### 3", "#### 5"]
+    given = [0.9, None, 1.0, 1.0, None, 0.3]
+
+    def fake_generate(backend, model, tok, prompts, params):
+        z = torch.zeros(6, 1)
+        return Rollout(z.long(), z.long(), z.long(), z + 1, torch.zeros(6, dtype=torch.bool), ["Q"] * 6, texts)
+
+    def judge(prompts, completions, **kw):
+        return list(given)
+
+    monkeypatch.setattr(sample_mod, "generate", fake_generate)
+    correctness = [("correctness", load_reward("correctness"), 1.0)]
+    run = lambda keep, **kw: sample_mod.rejection_sample(None, None, ["Q"], examples, SamplingParams(n=6),  # noqa
+                                                         correctness, keep=keep, judge=judge, **kw)
+    rows, stats = run("judge", threshold=0.8)
+    assert [(r["completion"], r["judge_score"]) for r in rows] == [("#### 5", 0.9), ("#### 4", 1.0)]
+    assert stats["judge_accepted"] == 3 and stats["judge_failures"] == 2 and stats["kept"] == 2
+    # ruled and judged: (0.9, right) (1.0 on "", wrong) (1.0, wrong) (0.3, right) -> 3 accepted, 1 of them right
+    assert stats["judge_precision"] == 1 / 3 and stats["judge_recall"] == 1 / 2
+    assert stats["judge_agreement_with_rule"] == 1 / 4 and stats["mean_pass_rate"] == 0.5
+    rows, _ = run("correct")
+    assert [(r["completion"], r["judge_score"]) for r in rows] == [("#### 5", 0.9)]  # the best of its copies
+    rows, _ = run("best", best_k=2)  # correctness + judge: 1.9 ("#### 5"), then 1.3 ("#### 5" again)
+    assert [(r["completion"], r["judge_score"]) for r in rows] == [("#### 5", 0.9), ("#### 5", 0.3)]
+
+
+def test_sample_refuses_keep_correct_without_gold_answers_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from minigrpo import model as model_module
+    from minigrpo.cli import main
+
+    data = tmp_path / "open.jsonl"
+    data.write_text(json.dumps({"question": "Write a haiku."}) + "\n")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the data was checked")
+
+    monkeypatch.setattr(model_module, "load_model", no_model)
+    assert main(["sample", "--model", "tiny-arith", "--data", str(data), "--out", str(tmp_path / "s.jsonl")]) == 2
+    assert "no 'answer' column (--keep correct compares each sample with its gold answer)" in capsys.readouterr().err
 
 
 def test_sample_with_a_judge_from_the_command_line(tmp_path, capsys):
-    """`minigrpo sample --judge`: the policy samples, the judge grades, the kept rows carry its score."""
+    """`minigrpo sample --judge`: the policy samples, the judge reads each completion, the kept rows carry the score
+    it gives that completion (checked by asking the judge again, one completion at a time)."""
     from minigrpo.cli import main
+    from minigrpo.tasks.model_rewards import Judge
 
     rubric = tmp_path / "rubric.txt"
-    rubric.write_text("{question}")  # the judge works the problem out itself: its answer / 10 is the score
+    rubric.write_text("{answer}\n{question}")  # it reads the completion, then works the problem out: its `#### N`
     out = tmp_path / "kept.jsonl"
     argv = ["sample", "--model", "tiny-arith", "--data", "arith", "--limit", "6", "--n", "4", "--judge", str(ASSET),
             "--judge_rubric", str(rubric), "--judge_pattern", VERDICT.pattern, "--judge_max_tokens", "32",
@@ -176,7 +230,10 @@ def test_sample_with_a_judge_from_the_command_line(tmp_path, capsys):
     assert main(argv) == 0
     stats = json.loads(out.with_suffix(".stats.json").read_text())
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert stats["samples"] == 24 and stats["kept"] == len(rows) <= stats["judge_accepted"]
+    assert stats["samples"] == 24 and 0 < stats["kept"] == len(rows) <= stats["judge_accepted"] < 24
+    judge = Judge(str(ASSET), rubric=str(rubric), pattern=VERDICT.pattern, max_tokens=32)
+    assert [judge(["p"], [r["completion"]], question=[r["question"]])[0] for r in rows] == \
+        [r["judge_score"] for r in rows]
     assert all(r["judge_score"] >= 0.5 for r in rows)
     assert stats["judge_threshold"] == 0.5 and 0 <= stats["judge_agreement_with_rule"] <= 1
     assert "judge: accepted=" in capsys.readouterr().out
@@ -196,29 +253,46 @@ def test_demo_full_runs_r1s_four_stages(tmp_path, monkeypatch):
     assert {r["kind"] for r in mixed} == {"rule", "judge"}
     metrics = [json.loads(line) for line in
                (tmp_path / "demo" / "4-grpo-mixed" / "metrics.jsonl").read_text().splitlines()]
-    assert any("train/rewards/judge/mean" in r and "train/rewards/correctness/mean" in r for r in metrics)
+    assert any(isinstance(r.get("train/rewards/judge/mean"), float) and  # the judge gave verdicts, on its rows
+               isinstance(r.get("train/rewards/correctness/mean"), float) for r in metrics)
 
 
-def test_judge_data_is_balanced_and_on_rows_routes():
-    from minigrpo.tools.demo import JUDGE_RUBRIC, OnRows, judge_data
+def test_judge_data_is_balanced_and_on_rows_routes(tmp_path):
+    from minigrpo.tasks.answers import is_correct
+    from minigrpo.tools.demo import JUDGE_RUBRIC, judge_data, on_rows
 
     graded = [{"answer": f"#### {i}", "reference": "3", "right": i == 3} for i in range(10)]
     graded += [{"answer": "x #### 3", "reference": "3", "right": True}, {"answer": "#### 3", "reference": "3",
                                                                       "right": True}]  # a repeat: counted once
-    folder = Path(__import__("tempfile").mkdtemp())
-    assert judge_data(graded, folder, test_fraction=0.25) == {"train": 3, "test": 1}
-    rows = [json.loads(line) for f in ("train", "test") for line in (folder / f"{f}.jsonl").read_text().splitlines()]
-    assert sorted(r["answer"] for r in rows) == ["#### 0", "#### 0", "#### 10", "#### 10"]
-    assert all(r["question"] == JUDGE_RUBRIC.format(answer=r["question"].split("\n=")[0], reference="3")
-               for r in rows)
+    assert judge_data(graded, tmp_path, test_fraction=0.25, near_misses=False) == {"train": 2, "test": 2}
+    rows = [json.loads(line) for f in ("train", "test") for line in (tmp_path / f"{f}.jsonl").read_text().splitlines()]
+    texts = {JUDGE_RUBRIC.format(answer=g["answer"], reference="3"): g["right"] for g in graded}
+    assert sorted(texts[r["question"]] for r in rows) == [False, False, True, True]  # balanced: 2 right, 2 wrong
+    assert all(r["answer"] == ("#### 10" if texts[r["question"]] else "#### 0") for r in rows)  # each its label
+    counts = judge_data(graded, tmp_path / "near", test_fraction=0.25)  # + each train sample against a near miss
+    rows = [json.loads(line) for line in (tmp_path / "near" / "train.jsonl").read_text().splitlines()]
+    pairs = [r["question"].split("\n= ") for r in rows]
+    assert counts["train"] == len(rows) > 2 and any(ref != "3 ?" for _, ref in pairs)
+    assert all(r["answer"] == ("#### 10" if is_correct(a, ref.removesuffix(" ?")) else "#### 0")
+               for r, (a, ref) in zip(rows, pairs))  # every label the rule's
+    with pytest.raises(ValueError, match="all right or all wrong"):
+        judge_data([g for g in graded if g["right"]], tmp_path / "one-sided")
     calls = []
 
     def reward(prompts, completions, answer, **kw):
         calls.append((completions, answer))
         return [float(len(c)) for c in completions]
 
-    routed = OnRows(reward, "judge")
+    routed = on_rows(reward, "judge")
     assert routed(["p"] * 3, ["a", "bb", "ccc"], kind=["rule", "judge", "judge"], answer=["1", "2", "3"]) \
         == [None, 2.0, 3.0]
     assert calls == [(["bb", "ccc"], ["2", "3"])] and routed.__name__ == "reward"
     assert routed(["p"], ["a"], kind=["rule"], answer=["1"]) == [None] and len(calls) == 1
+
+    async def served(prompts, completions, **kw):  # a server judge is async: so is its routed form
+        return [0.5 for _ in completions]
+
+    from minigrpo.tasks.rewards import score
+
+    totals, _ = score([("judge", on_rows(served, "judge"), 1.0)], ["p"] * 2, ["a", "b"], {"kind": ["judge", "rule"]})
+    assert totals == [0.5, None]
