@@ -357,7 +357,6 @@ def cmd_sample(argv: list[str]) -> int:
         judge = load_judge(options) if args.judge else None  # once the policy and data are good
     except ConfigError as e:
         raise ConfigError(f"--judge {args.judge}: {e}") from None
-    cfg, model, tok, examples, prompts = load_for_inference(args)
     from minigrpo.monitor import print0  # here: heavy, as in load_for_inference
     from minigrpo.rollout.types import SamplingParams
     from minigrpo.tasks.prompts import stop_strings

@@ -204,9 +204,8 @@ def judge_data(graded: list[dict[str, Any]], folder: Path, test_fraction: float 
             near = str(max(0, int(g["reference"]) + rng.choice([-3, -2, -1, 1, 2, 3])))
             if near != g["reference"]:  # (0 - 1 stays 0)
                 shifted.append({"answer": g["answer"], "reference": near, "right": is_correct(g["answer"], near)})
-        more = parts["train"][0] + [g for g in shifted if g["right"]], parts["train"][1] + [
-            g for g in shifted if not g["right"]]
-        parts["train"] = more
+        yes, no = parts["train"]
+        parts["train"] = (yes + [g for g in shifted if g["right"]], no + [g for g in shifted if not g["right"]])
     counts = {}
     for name, (yes, no) in parts.items():
         k = min(len(yes), len(no))
