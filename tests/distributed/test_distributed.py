@@ -63,12 +63,20 @@ def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _assert_same_weights(a_dir, b_dir, atol=1e-4):
+def _assert_same_weights(a_dir, b_dir, atol=1e-4, stray=None):
+    """Every entry close; with stray=(fraction, bound), at most that fraction of a tensor's entries may be off by
+    more, each by at most bound."""
     a = load_file(a_dir / "adapter" / "adapter_model.safetensors")
     b = load_file(b_dir / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-3, msg=lambda m, k=k: f"{k}: {m}")
+        if stray is None:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-3, msg=lambda m, k=k: f"{k}: {m}")
+            continue
+        diff = (a[k] - b[k]).abs()
+        off = diff > atol + 1e-3 * b[k].abs()
+        assert off.float().mean() <= stray[0] and diff.max() <= stray[1], \
+            f"{k}: {int(off.sum())} of {off.numel()} entries off, the largest by {diff.max():.2e}"
 
 
 @pytest.mark.parametrize("engine, loss_type, extra, resume", [
@@ -99,9 +107,14 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, engine, loss
             assert "deepspeed shards of 2 process(es); this launch is deepspeed with 1" in out.stderr, \
                 out.stderr[-3000:]
         _run(launch, "--resume", str(two), "--max_steps=3")
-    # ZeRO-3 reduce-scatters gradients in another order: Adam turns rounding in near-zero gradient entries
-    # into differences up to ~2e-4 on a couple of the 233k weights (the 99.9th percentile is 2e-6).
-    _assert_same_weights(one, two, atol=3e-4 if engine == "zero3" else 1e-4)
+    # ZeRO-3 reduce-scatters gradients in another order: Adam turns rounding in near-zero gradient entries into
+    # differences of up to its step size (lr 1e-3) on a few of the 233k weights: ~2e-4 on AVX2 machines, 1.2e-3 on
+    # 2 of a tensor's 3072 entries on AVX-512 ones (the 99.9th percentile is 2e-6). Those few, bounded by 3 steps'
+    # worth of lr; every other entry within 3e-4.
+    if engine == "zero3":
+        _assert_same_weights(one, two, atol=3e-4, stray=(0.005, 3e-3))
+    else:
+        _assert_same_weights(one, two)
     rows_one, rows_two = _rows(one), _rows(two)
     assert [r["step"] for r in rows_two] == [1, 2, 3]  # process 0 alone logs; a resumed run's rows continue
     for a, b in zip(rows_one, rows_two, strict=True):
