@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 STATE = "trainer_state.pt"
 CHECKSUMS = "checksums.sha256"
 SHARDS_DIR = "shards"  # DeepSpeed / FSDP shards, as accelerate's save_state writes them
+PENDING = "pending-{rank}.pt"  # overlapped rollouts: a process's batches sampled ahead (run.py)
 
 
 def shards_dir(checkpoint: Path) -> Path:

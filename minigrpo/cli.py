@@ -417,14 +417,16 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    """`minigrpo bench rollout` (engine vs HF generate), `bench trl` / `bench memory` (minigrpo vs TRL GRPOTrainer) or
-    `bench step` (a whole step with each rollout backend)."""
+    """`minigrpo bench rollout` (engine vs HF generate), `bench trl` / `bench memory` (minigrpo vs TRL GRPOTrainer),
+    `bench step` (a whole step with each rollout backend) or `bench overlap` (overlapped rollouts vs synchronous)."""
     if argv and argv[0] == "trl":
         return cmd_bench_trl(argv[1:])
     if argv and argv[0] == "memory":
         return cmd_bench_trl(argv[1:], memory=True)
     if argv and argv[0] == "step":
         return cmd_bench_step(argv[1:])
+    if argv and argv[0] == "overlap":
+        return cmd_bench_overlap(argv[1:])
     p = inference_parser("minigrpo bench rollout", "Rollout engine vs transformers generate (and vLLM with --vllm): "
                          "same model, prompts and sampling, interleaved repetitions in one process; median "
                          "tokens/s and the ratios. "
@@ -553,6 +555,40 @@ def cmd_bench_step(argv: list[str]) -> int:
                         args.max_completion_length, betas[0], args.learning_rate, args.seed, args.reps, args.threads,
                         args.train_size, data=args.data, device=args.device, dtype=args.dtype,
                         log=lambda line: print(line, file=sys.stderr))
+    print_report(report, args.out)
+    return 0
+
+
+def cmd_bench_overlap(argv: list[str]) -> int:
+    """`minigrpo bench overlap`: overlapped rollouts against the synchronous loop on one config."""
+    p = argparse.ArgumentParser(prog="minigrpo bench overlap", allow_abbrev=False, description="Overlapped rollouts "
+                                "(max_staleness k) "
+                                "against the synchronous loop: `minigrpo train` with the given keys (default: the "
+                                "embedded default), once per seed and mode, interleaved, each in a fresh process. "
+                                "Prints JSON: median step time, wall time to a held-out figure (evaluations and "
+                                "set-up included), the final held-out figure, and overlapped / synchronous ratios. "
+                                "Other --key=value flags are `minigrpo train` keys.")
+    p.add_argument("--max_staleness", type=int, default=1, help="k of the overlapped runs")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds; each runs both modes")
+    p.add_argument("--target", type=float, default=None, help="held-out figure to reach (default: the lowest "
+                   "final one of the synchronous runs)")
+    p.add_argument("--out", default=None, help="also write the JSON report here")
+    args, rest = p.parse_known_args(argv)
+    check_flags(args, {"max_staleness": (1,)})
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        raise ConfigError(f"--seeds: got {args.seeds!r}, expected comma-separated integers such as 1,2,3") from None
+    cfg = config_from_argv(rest)
+    cfg.validate_grpo()
+    for key in ("seed", "output_dir", "resume"):
+        if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in rest):
+            raise ConfigError(f"--{key}: bench overlap sets it for each run; leave it out")
+    config = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "output_dir", "max_staleness")}
+    from minigrpo.tools.bench import bench_overlap  # here: heavy
+
+    report = bench_overlap(config, args.max_staleness, seeds, args.target,
+                           log=lambda line: print(line, file=sys.stderr))
     print_report(report, args.out)
     return 0
 

@@ -139,9 +139,10 @@ class Config:
                                                                "with LoRA merged (plain decoding kernels), or push "
                                                                "the base once and only the adapter each step "
                                                                "(vLLM's LoRA kernels); see minigrpo/rollout/vllm.py")
-    vllm_importance_sampling_correction: bool = _f(True, "rollout_backend vllm: weight the loss by the ratio of "
-                                                         "the trainer's to vLLM's log-probs of the sampled tokens "
-                                                         "(their numerical mismatch), truncated or masked (TRL's "
+    vllm_importance_sampling_correction: bool = _f(True, "rollout_backend vllm or max_staleness > 0: weight the "
+                                                         "loss by the ratio of the trainer's to the sampler's "
+                                                         "log-probs of the sampled tokens (vLLM's numerical "
+                                                         "mismatch, or a stale policy), truncated or masked (TRL's "
                                                          "default); see minigrpo/algo.py sampler_correction")
     vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = \
         _f("sequence_mask", "per token or per sequence (the geometric mean of its tokens' ratios; TRL takes "
@@ -152,6 +153,13 @@ class Config:
     vllm_logprob_tolerance: float = _f(0.0, "stop the run when a step's mean |sampler - trainer| log-prob of the "
                                             "sampled tokens exceeds this (weights that did not reach the sampler); "
                                             "0: only logged (rollout/logprob_diff_mean)")
+    max_staleness: int = _f(0, "overlapped rollouts: k > 0 runs generation in a process of its own beside the "
+                               "trainer, k batches ahead, so batch j is sampled with the policy of update j-1-k "
+                               "(exactly k updates stale; its log-probs correct the loss, see the "
+                               "vllm_importance_sampling_* keys); 0: the synchronous loop "
+                               "(minigrpo/rollout/overlap.py)")
+    generator_timeout: float = _f(600.0, "max_staleness > 0: seconds the trainer waits for one batch from the "
+                                         "generator process before it stops the run (a stuck generator)")
     rollout_merge_lora: bool = _f(True, "generate with LoRA folded into a temporary copy of the adapted weights "
                                         "(faster decoding; that copy's memory while generating)")
     tools: list[str] = _f([], "tools the model may call (multi-turn rollouts): built-in calculator, python (runs in "
@@ -334,6 +342,18 @@ class Config:
                               f"the mismatch (and vllm_logprob_tolerance would stop a healthy run). Sample with "
                               f"top_p 1 and top_k 0, or set vllm_importance_sampling_correction: false and "
                               f"vllm_logprob_tolerance: 0")
+        if self.max_staleness:
+            refused = [(self.rollout_backend != "engine", f"rollout_backend {self.rollout_backend} (the generator "
+                                                          f"process runs minigrpo's engine, which reports the "
+                                                          f"sampler's log-probs the correction needs)"),
+                       (self.dynamic_sampling, "dynamic_sampling (its extra rounds wait on rewards of the batch "
+                                               "itself: they cannot be sampled ahead)"),
+                       (bool(self.tools or self.environment), "tools or an environment (multi-turn rollouts run "
+                                                              "in the trainer's process)")]
+            for bad, what in refused:
+                if bad:
+                    raise ConfigError(f"max_staleness: {self.max_staleness} (overlapped rollouts) does not work with "
+                                      f"{what}; set max_staleness: 0 for the synchronous loop")
         if self.rollout_backend == "vllm" and self.vllm_lora_sync == "adapter" and not self.use_peft:
             raise ConfigError("vllm_lora_sync: adapter pushes a LoRA adapter, and use_peft is false (full fine-tuning "
                               "pushes every weight); set vllm_lora_sync: merged or use_peft: true")
@@ -384,6 +404,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "save_total_limit": (0, None, False, False), "reward_timeout": (0, None, False, False),
     "reward_timeout_limit": (1, None, False, False), "no_signal_steps": (0, None, False, False),
     "max_turns": (1, None, False, False), "tool_timeout": (0, None, True, False),
+    "max_staleness": (0, None, False, False), "generator_timeout": (0, None, True, False),
 }
 
 DEVICE_RE = re.compile(r"auto|mps|(cpu|cuda|xpu)(:\d+)?")

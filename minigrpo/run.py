@@ -37,6 +37,7 @@ from transformers import get_scheduler
 from minigrpo import rollout
 from minigrpo.agent.turns import multi_turn
 from minigrpo.checkpoint import (
+    PENDING,
     checkpoints,
     load_checkpoint,
     load_policy_weights,
@@ -180,6 +181,10 @@ class LoopState:
     bad_streak: int = 0  # steps in a row whose every update was skipped (non-finite loss or gradient)
     quiet_streak: int = 0  # steps in a row whose rewards carried no learning signal (train.py warns)
     before: dict[str, float] = field(default_factory=dict)  # held-out metrics before training
+    # overlapped rollouts (max_staleness > 0): the generator (rollout/overlap.py), whose batches sampled ahead a
+    # checkpoint keeps (the data order is past their prompts), and those batches once a resume restored them
+    generator: Any = None
+    pending: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -232,7 +237,7 @@ RESUME_FREE = {"output_dir", "resume", "overwrite_output_dir", "resume_allow_cha
                "vllm_logprob_tolerance",
                "save_total_limit", "logging_steps", "log_completions", "report_to", "eval_steps", "eval_limit",
                "eval_batch_size", "eval_metric", "eval_dataset", "eval_split", "max_bad_steps", "no_signal_steps",
-               "reward_timeout", "reward_timeout_limit"}
+               "reward_timeout", "reward_timeout_limit", "generator_timeout"}
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
@@ -494,6 +499,7 @@ def resume(run: Run, opt: Optimization, state: LoopState) -> bool:
     state.sampler.load_state_dict(saved["sampler"])
     state.step, state.bad_streak, state.before = done, saved["bad_streak"], saved["before"]
     state.quiet_streak = saved.get("quiet_streak", 0)
+    state.pending = load_pending(run, path, launched["world"])
     if dist.main:
         trim_logs(run.run_dir, done)
     set_rng_state(saved["rng"])  # last: nothing may draw between here and the next step
@@ -514,6 +520,19 @@ def start_loop(run: Run, opt: Optimization, state: LoopState, show_progress: boo
             name, value = headline(state.before)
             print0(f"held-out {name} before training: {value:.3f} (n={len(run.eval_set)}, greedy)")
     return monitor
+
+
+def load_pending(run: Run, path: Path, world: int) -> list[dict[str, Any]]:
+    """This process's batches sampled ahead that checkpoint `path` kept (overlapped rollouts), if any."""
+    dist = run.dist
+    files = sorted(path.glob(PENDING.format(rank="*")))
+    if not files:
+        return []
+    if world != dist.world:  # each process's batches are its share of the prompts: they do not re-split
+        print0(f"[bold yellow]warning:[/] {path} holds the batches sampled ahead of {world} process(es), this launch "
+               f"has {dist.world}: they are dropped (their {len(files)} x prompts are skipped in the data order)")
+        return []
+    return torch.load(path / PENDING.format(rank=dist.rank), weights_only=False)
 
 
 def resume_hint(run: Run) -> str:
@@ -538,6 +557,8 @@ def save(run: Run, opt: Optimization, state: LoopState) -> Path:
     with disk_errors(final, f"The previous checkpoint is intact; free space and continue with {resume_hint(run)}"):
         tmp = dist.broadcast(start_checkpoint(run.run_dir, state.step) if dist.main else None)
         dist.save_shards(shards_dir(tmp))  # DeepSpeed / FSDP: every process writes its shards
+        if state.generator is not None:  # each process's batches sampled ahead (in flight ones waited for)
+            torch.save(state.generator.state_dict(), tmp / PENDING.format(rank=dist.rank))
         dist.barrier()
         if dist.main:  # the rest is the same on every process (RNG: process 0's)
             save_checkpoint(run.run_dir, state.step, run.model, run.tokenizer, saved, cfg.save_total_limit, weights)

@@ -13,10 +13,11 @@ is ~0 while the gradient is not; watch train/reward and eval/accuracy instead.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,11 @@ from minigrpo.algo import LOSS_TYPES, Norm, group_advantages, kl_k3, masked_mean
 from minigrpo.checkpoint import checkpoints
 from minigrpo.config import Config
 from minigrpo.dist import Distributed
-from minigrpo.errors import NonFiniteError, TrainingStopped
+from minigrpo.errors import ConfigError, NonFiniteError, TrainingStopped
 from minigrpo.logprobs import policy_logprobs
 from minigrpo.model import Reference, trainable_parameters
 from minigrpo.monitor import peak_memory_gb, print0
+from minigrpo.rollout.overlap import Batch, Generator, GeneratorError
 from minigrpo.rollout.types import Rollout, SamplingParams, merge_rollouts, select_rows
 from minigrpo.run import (
     Inputs,
@@ -43,6 +45,7 @@ from minigrpo.run import (
     end_step,
     finish_run,
     prepare_training,
+    resume_hint,
     run_eval,
     setup_run,
     start_loop,
@@ -75,14 +78,20 @@ def rollout_and_score(cfg: Config, model: torch.nn.Module, tokenizer: Any, examp
         sampling = dataclasses.replace(sampling, turns=sampling.turns.bound([ex.columns for ex in examples],
                                                                             sampling.n))
     ro = rollout.generate(cfg.rollout_backend, model, tokenizer, prompts, sampling, cfg.rollout_merge_lora)
+    return score_rollout(ro, examples, reward_funcs, sampling.n, guard, time.perf_counter() - t0)
+
+
+def score_rollout(ro: Rollout, examples: list[Example], reward_funcs: list[tuple[str, Callable, float]], n: int,
+                  guard: RewardGuard | None, generate_s: float) -> Scored:
+    """Score each of a rollout's completions (n per example) with every reward function."""
     t1 = time.perf_counter()
-    reward_prompts, completions, columns = reward_inputs(examples, ro.prompts, ro.completions, sampling.n, ro.stats)
+    reward_prompts, completions, columns = reward_inputs(examples, ro.prompts, ro.completions, n, ro.stats)
     lengths = ro.completion_mask.sum(1).long().tolist()
-    ids = [row[:n] for row, n in zip(ro.completion_ids.tolist(), lengths)]  # TRL passes completion_ids too
+    ids = [row[:length] for row, length in zip(ro.completion_ids.tolist(), lengths)]  # TRL passes these too
     errors: dict[str, int] = {}
     totals, per_func = score(reward_funcs, reward_prompts, completions, columns | {"completion_ids": ids}, errors,
                              guard)
-    return Scored(ro, columns, totals, per_func, t1 - t0, time.perf_counter() - t1, sum(errors.values()))
+    return Scored(ro, columns, totals, per_func, generate_s, time.perf_counter() - t1, sum(errors.values()))
 
 
 def tool_metrics(stats: dict[str, list[float]]) -> dict[str, float]:
@@ -128,12 +137,14 @@ def keep_informative(parts: list[Scored], num_groups: int, G: int, pad_id: int) 
 class SamplerCheck:
     """The sampler/trainer mismatch of a step, micro-batch by micro-batch: the rollout's log-probs of its sampled
     tokens (`Rollout.logprobs`, from the backend) against the trainer's before any update, and, with
-    rollout_backend vllm and vllm_importance_sampling_correction, the correction's weights (algo.py). Each
-    micro-batch's figures stay on the device; `metrics` reads them all at once (one sync per step)."""
+    vllm_importance_sampling_correction under rollout_backend vllm (numerics) or max_staleness > 0 (a policy k
+    updates old), the correction's weights (algo.py). Each micro-batch's figures stay on the device; `metrics`
+    reads them all at once (one sync per step)."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.correct = cfg.rollout_backend == "vllm" and cfg.vllm_importance_sampling_correction
+        self.correct = cfg.vllm_importance_sampling_correction and (cfg.rollout_backend == "vllm" or
+                                                                    cfg.max_staleness > 0)
         self.parts: list[torch.Tensor] = []  # per micro-batch: tokens, sum |d|, max |d|, sum k3, and the ratios'
         # count, sum, min, max, how many fell outside the bounds
 
@@ -155,14 +166,15 @@ class SamplerCheck:
             r, counted = (ratio[:, 0], mask.sum(1) > 0) if sequence else (ratio, known)
             outside = (r < cfg.vllm_importance_sampling_clip_min) | (r > cfg.vllm_importance_sampling_clip_max)
             stats += [counted.sum(), torch.where(counted, r, 0.0).sum(), torch.where(counted, r, torch.inf).amin(),
-                      torch.where(counted, r, -torch.inf).amax(), (outside & counted).sum()]
+                      torch.where(counted, r, -torch.inf).amax(), (outside & counted).sum(),
+                      torch.where(counted, r.double() ** 2, 0.0).sum()]
         self.parts.append(torch.stack([x.double() for x in stats]))
         return weights
 
     def metrics(self) -> dict[str, float]:
         """rollout/logprob_diff_mean and _max (|sampler - trainer| per token), rollout/sampler_kl (k3), and the
-        correction's ratios and the share of them truncated or masked; NaN, not missing, when nothing counted (every
-        process logs the same keys). Nothing when the backend reports no log-probs (hf)."""
+        correction's ratios (mean, spread, extremes) and the share of them truncated or masked; NaN, not missing,
+        when nothing counted (every process logs the same keys). Nothing when the backend reports no log-probs (hf)."""
         if not self.parts:
             return {}
         parts = torch.stack(self.parts).cpu()  # [micro-batches, stats]: the one sync
@@ -172,7 +184,10 @@ class SamplerCheck:
                "rollout/sampler_kl": parts[:, 3].sum().item() / tokens if tokens else nan}
         if self.correct:
             units = parts[:, 4].sum().item()
-            out |= {"rollout/is_ratio_mean": parts[:, 5].sum().item() / units if units else nan,
+            mean = parts[:, 5].sum().item() / units if units else nan
+            out |= {"rollout/is_ratio_mean": mean,
+                    "rollout/is_ratio_std": math.sqrt(max(parts[:, 9].sum().item() / units - mean ** 2, 0.0))
+                    if units else nan,
                     "rollout/is_ratio_min": parts[:, 6].min().item() if units else nan,
                     "rollout/is_ratio_max": parts[:, 7].max().item() if units else nan,
                     "rollout/is_clipped_frac": parts[:, 8].sum().item() / units if units else nan}
@@ -251,23 +266,92 @@ def sample_batch(run: Run, state: LoopState, n: int, reward_funcs: list[tuple[st
     own seed (the run's seed and its place in the data stream): its completions do not depend on what else is
     in the batch, or on which process draws them."""
     cfg, dist = run.cfg, run.dist
-    seeds = [cfg.seed * 1_000_003 + state.sampler.drawn + i for i in range(n * dist.world)]
-    idx = state.sampler.take(n * dist.world)
-    mine = slice(dist.rank * n, (dist.rank + 1) * n)
-    idx, seeds = idx[mine], seeds[mine]
+    idx, seeds = draw(run, state, n)
     try:
         with dist.full_weights(run.model):  # ZeRO-3 / FSDP: whole weights while generating
             return rollout_and_score(cfg, run.model, run.tokenizer, [run.train_set[i] for i in idx],
                                      [run.train_prompts[i] for i in idx], reward_funcs,
                                      dataclasses.replace(sampling, seeds=seeds), guard)
     except NonFiniteError as e:  # the last update broke the weights: nothing here is worth saving
+        raise overflow_error(run, state.step + 1, e) from e
+
+
+def draw(run: Run, state: LoopState, n: int) -> tuple[list[int], list[int]]:
+    """This process's n of the next prompts of the data order (dataset rows) and their sampling seeds."""
+    cfg, dist = run.cfg, run.dist
+    seeds = [cfg.seed * 1_000_003 + state.sampler.drawn + i for i in range(n * dist.world)]
+    idx = state.sampler.take(n * dist.world)
+    mine = slice(dist.rank * n, (dist.rank + 1) * n)
+    return idx[mine], seeds[mine]
+
+
+def overflow_error(run: Run, step: int, e: NonFiniteError) -> TrainingStopped:
+    """What to say when the policy's logits overflowed while sampling the batch of `step`."""
+    found = checkpoints(run.run_dir)
+    then = (f"resume from the last checkpoint, {found[-1][1].name}, with a lower one: --resume {run.run_dir} "
+            f"--learning_rate=... --resume_allow_changes=learning_rate") if found else \
+        "start again with a lower one (the run has no checkpoint: save_steps 0)"
+    return TrainingStopped(f"step {step}: {e} (after {step - 1} steps at learning_rate {run.cfg.learning_rate:g}): "
+                           f"an update made them so large that the model overflows. Nothing was saved; {then}")
+
+
+def start_generator(run: Run, state: LoopState, sampling: SamplingParams, always: bool = False,
+                    ) -> Generator | None:
+    """max_staleness k > 0: the generator process (rollout/overlap.py), its batches restored from a checkpoint,
+    the current weights pushed, and the batches up to k steps ahead submitted. None for the synchronous loop
+    (`always`: the process even at k = 0, each batch then sampled after the update before it: the lockstep test
+    that the process reproduces the synchronous loop bit for bit)."""
+    cfg = run.cfg
+    if not (cfg.max_staleness or always):
+        return None
+    if run.dist.saves_shards:
+        raise ConfigError(f"max_staleness: {cfg.max_staleness} (overlapped rollouts) needs every process to hold "
+                          f"whole weights; under {run.dist.strategy} they are sharded: use DDP or ZeRO-2, or "
+                          f"max_staleness: 0")
+    gen = Generator(run.model, run.tokenizer, cfg.rollout_backend, cfg.rollout_merge_lora, cfg.max_staleness,
+                    cfg.generator_timeout, cfg.num_threads, after=state.step)
+    gen.restore(state.pending)
+    state.pending, state.generator = [], gen
+    gen.push(run.model, state.step)
+    while gen.last_step < min(state.step + 1 + cfg.max_staleness, cfg.max_steps):
+        submit_next(run, state, gen, sampling, version=state.step)
+    return gen
+
+
+def submit_next(run: Run, state: LoopState, gen: Generator, sampling: SamplingParams, version: int) -> None:
+    """Draw the prompts of the next step not submitted yet and queue them, to be sampled with `version`."""
+    rows, seeds = draw(run, state, run.cfg.prompts_per_step)
+    gen.submit(Batch(gen.last_step + 1, version, rows, seeds), [run.train_prompts[i] for i in rows], sampling)
+
+
+@contextlib.contextmanager
+def generator_errors(run: Run, step: int) -> Iterator[None]:
+    """A GeneratorError inside says, besides what happened, the step and where the last checkpoint is."""
+    try:
+        yield
+    except GeneratorError as e:
         found = checkpoints(run.run_dir)
-        then = (f"resume from the last checkpoint, {found[-1][1].name}, with a lower one: --resume {run.run_dir} "
-                f"--learning_rate=... --resume_allow_changes=learning_rate") if found else \
-            "start again with a lower one (the run has no checkpoint: save_steps 0)"
-        raise TrainingStopped(f"step {state.step + 1}: {e} (after {state.step} steps at learning_rate "
-                              f"{cfg.learning_rate:g}): an update made them so large that the model overflows. "
-                              f"Nothing was saved; {then}") from e
+        then = (f"the last checkpoint is {found[-1][1]}: continue with {resume_hint(run)}" if found
+                else "the run has no checkpoint yet")
+        raise GeneratorError(f"step {step}: {e}. {then}") from e
+
+
+def take_ahead(run: Run, step: int, state: LoopState, generator: Generator | None) -> Batch | None:
+    """The batch of `step` if it was sampled ahead: by the generator process, or before a resume (the checkpoint
+    kept it, and the data order is past its prompts). None: the loop samples it now."""
+    if state.pending:  # a run resumed with max_staleness 0 from a checkpoint of overlapped rollouts
+        saved = state.pending.pop(0)
+        return Batch(**(saved | {"rollout": Rollout(**saved["rollout"])}))
+    if generator is None:
+        return None
+    try:
+        with generator_errors(run, step):
+            batch = generator.take()
+    except NonFiniteError as e:
+        raise overflow_error(run, step, e) from e
+    if batch.step != step:  # batches are taken in order: a bug if not
+        raise RuntimeError(f"step {step} took the batch of step {batch.step}")
+    return batch
 
 
 def check_sampler(cfg: Config, step: int, metrics: dict[str, float], run: Run) -> None:
@@ -313,7 +397,8 @@ def no_signal_cause(steps: int, scored: Scored, guard: RewardGuard) -> str:
 REDUCTIONS = {"completions/max_length": "max", "train/skipped_samples": "sum", "train/reward_errors": "sum",
               "train/reward_timeouts": "sum",
               "perf/generate_s": "max", "perf/score_s": "max", "perf/train_s": "max", "perf/step_s": "max",
-              "perf/tokens_per_s": "max", "memory/peak_gb": "max", "rollout/logprob_diff_max": "max",
+              "perf/tokens_per_s": "max", "perf/wait_s": "max", "perf/push_s": "max", "memory/peak_gb": "max",
+              "rollout/logprob_diff_max": "max",
               "rollout/is_ratio_max": "max", "rollout/is_ratio_min": "min", "tools/tool_s": "max", "env/errors": "sum",
               "env/env_s": "max"}
 
@@ -341,13 +426,22 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
     sampling = SamplingParams(n=G, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                               top_p=cfg.top_p, top_k=cfg.top_k, stop=stop_strings(cfg), turns=multi_turn(cfg))
     monitor = start_loop(run, opt, state, show_progress)  # resume, or evaluate before training
+    # max_staleness k > 0: a generator process samples the next k batches while this one trains
+    generator = start_generator(run, state, sampling)
 
-    # Ctrl-C: finish the step, save a checkpoint, stop; again: stop at once. An error closes the monitor.
-    with Interrupt() as interrupt, monitor:
+    # Ctrl-C: finish the step, save a checkpoint, stop; again: stop at once. An error closes the monitor (and
+    # stops the generator).
+    with Interrupt() as interrupt, monitor, generator or contextlib.nullcontext():
         for step in range(state.step + 1, cfg.max_steps + 1):
             t0, timeouts, reward_s = time.perf_counter(), guard.timeouts, dict(guard.seconds)
             # ---- 1-3. prompts -> rollout (G completions each) -> rewards --------------------------------------
-            parts = [sample_batch(run, state, cfg.prompts_per_step, reward_funcs, sampling, guard)]
+            ahead = take_ahead(run, step, state, generator)  # sampled ahead (or kept by a checkpoint), or None
+            wait_s = time.perf_counter() - t0
+            if ahead is not None:
+                examples = [run.train_set[i] for i in ahead.rows]
+                parts = [score_rollout(ahead.rollout, examples, reward_funcs, G, guard, ahead.generate_s)]
+            else:
+                parts = [sample_batch(run, state, cfg.prompts_per_step, reward_funcs, sampling, guard)]
             # DAPO dynamic sampling: groups whose rewards are all equal carry no signal; draw fresh prompts.
             while cfg.dynamic_sampling and len(parts) < cfg.max_sampling_tries:
                 missing = cfg.prompts_per_step - sum(not f for p in parts for f in flat_groups(p.totals, G))
@@ -382,6 +476,11 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
             # ---- 5. loss and update (reference and old log-probs inside) ----------------------------------
             stats = update_policy(model, ref, ro, advantages.to(device), loss_mask, cfg, opt.optimizer,
                                   opt.scheduler, dist, opt.wrapped)
+            t_trained, push_s = time.perf_counter(), 0.0
+            if generator is not None:  # the new weights, and the batch k steps ahead sampled with them
+                push_s = generator.push(model, step)
+                if generator.last_step < cfg.max_steps:
+                    submit_next(run, state, generator, sampling, version=step)
             t_end = time.perf_counter()
             # ---- 6. logging -------------------------------------------------------------------------------
             lengths = ro.completion_mask.sum(1)
@@ -399,12 +498,15 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
                 "perf/generate_s": scored.generate_s, "perf/score_s": scored.score_s,
                 **{f"perf/reward/{name}_s": guard.seconds.get(name, 0.0) - reward_s.get(name, 0.0)
                    for name, _, _ in reward_funcs},  # each reward's own seconds (slow and async ones overlap)
-                "perf/train_s": t_end - t_score, "perf/step_s": t_end - t0,
+                "perf/train_s": t_trained - t_score, "perf/step_s": t_end - t0,
+                "rollout/staleness": float(step - 1 - ahead.version) if ahead is not None else 0.0,
                 "perf/tokens_per_s": ro.num_completion_tokens / (t_end - t0),
                 "memory/peak_gb": peak_memory_gb(device),
             }
             if correct is not None:
                 metrics["train/accuracy"] = sum(correct) / len(correct)
+            if generator is not None:  # how long this step waited for its batch, and handed its weights over
+                metrics |= {"perf/wait_s": wait_s, "perf/push_s": push_s}
             if ro.stats is not None:  # multi-turn: how the tools were used (TRL's call / failure frequencies)
                 metrics |= tool_metrics(ro.stats)
             for name, values in scored.per_func.items():  # each reward's mean and spread (TRL's names)
@@ -430,9 +532,11 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
             metrics = dist.reduce_metrics(metrics, REDUCTIONS | {k: "max" for k in metrics
                                                                  if k.startswith("perf/reward/")})
             monitor.log(step, metrics)
-            check_sampler(cfg, step, metrics, run)
-            end_step(run, opt, state, monitor, interrupt, step,
-                     all_skipped=stats["train/skipped_updates"] == cfg.num_iterations)
+            if ahead is None or ahead.version == step - 1:  # a stale batch's policy differs from the trainer's
+                check_sampler(cfg, step, metrics, run)
+            with generator_errors(run, step):  # a checkpoint waits for the batches in flight
+                end_step(run, opt, state, monitor, interrupt, step,
+                         all_skipped=stats["train/skipped_updates"] == cfg.num_iterations)
 
     # ---- end: final evaluation, the trained policy, curves ---------------------------------------------------
     finish_run(run, monitor, state.before)

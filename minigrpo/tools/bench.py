@@ -333,3 +333,77 @@ def bench_step(model: str = "tiny-arith", gguf_file: str | None = None, backends
     return {"settings": settings | {"beta": beta, "backends": list(backends), "reps": reps,
                                     "warmup_steps_dropped": warmup_steps, "lora": "r16 alpha32 on q/k/v/o"},
             "results": results}
+
+
+# ---- `minigrpo bench overlap`: overlapped rollouts (max_staleness k) against the synchronous loop -------------
+
+class _Timeline:
+    """A run's callback: seconds since the trainer was made at each held-out evaluation."""
+
+    def __init__(self) -> None:
+        self.t0, self.evals = time.perf_counter(), []
+
+    def on_evaluate(self, step: int, metrics: dict[str, float]) -> None:
+        self.evals.append((step, time.perf_counter() - self.t0, metrics))
+
+
+def _run_train(s: dict[str, Any], beta: float) -> dict[str, Any]:
+    """One `minigrpo train` (in a fresh process) with the config `s["config"]`: step times from metrics.jsonl, the
+    held-out metric at each evaluation with the wall time it was reached, and the whole run's seconds."""
+    from minigrpo.api import GRPOTrainer  # here: only this child trains
+    from minigrpo.run import headline  # here: as above
+
+    timeline = _Timeline()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Config(**s["config"], output_dir=str(Path(tmp) / "run"))
+        GRPOTrainer(args=cfg, callbacks=[timeline]).train()
+        run_s = time.perf_counter() - timeline.t0
+        rows = [r for r in read_jsonl(Path(tmp) / "run" / "metrics.jsonl") if "perf/step_s" in r]
+    evals = [(step, seconds, headline(metrics)[1]) for step, seconds, metrics in timeline.evals if headline(metrics)]
+    return {"step_s": [r["perf/step_s"] for r in rows], "generate_s": [r["perf/generate_s"] for r in rows],
+            "wait_s": [r.get("perf/wait_s", 0.0) for r in rows], "evals": evals, "run_s": run_s}
+
+
+RUNNERS["train"] = _run_train
+
+
+def bench_overlap(config: dict[str, Any], max_staleness: int = 1, seeds: tuple[int, ...] = (1, 2, 3),
+                  target: float | None = None, warmup_steps: int = 1, log: Any = None) -> dict[str, Any]:
+    """The synchronous loop (max_staleness 0) and overlapped rollouts (k = max_staleness) on the same config, one
+    fresh process per run, interleaved (seed 1 sync, seed 1 overlapped, seed 2 ...): median step time, wall time
+    (since the trainer was made: set-up and evaluations included) to the first held-out evaluation reaching `target`
+    (default: the lowest final figure over the synchronous runs), and the final held-out figure; ratios of medians."""
+    modes = {"sync": 0, f"k{max_staleness}": max_staleness}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    for seed in seeds:
+        for mode, k in modes.items():
+            result = run_isolated("train", {"config": config | {"seed": seed, "max_staleness": k}}, 0.0)
+            runs[mode].append(result)
+            if log:
+                log(f"seed {seed} {mode}: median step {statistics.median(result['step_s'][warmup_steps:]):.3f} s, "
+                    f"run {result['run_s']:.1f} s, held-out {[round(v, 3) for _, _, v in result['evals']]}")
+    if target is None:
+        target = min(r["evals"][-1][2] for r in runs["sync"])
+
+    def reached(r: dict[str, Any]) -> float:  # seconds to the first evaluation at or above the target
+        return next((t for _, t, v in r["evals"] if v >= target), float("nan"))
+
+    results = {}
+    for mode, rs in runs.items():
+        step_s = [t for r in rs for t in r["step_s"][warmup_steps:]]
+        to_target = [reached(r) for r in rs]
+        results[mode] = {"median_step_s": statistics.median(step_s), "min_step_s": min(step_s),
+                         "max_step_s": max(step_s),
+                         "median_generate_s": statistics.median(t for r in rs for t in r["generate_s"][warmup_steps:]),
+                         "median_wait_s": statistics.median(t for r in rs for t in r["wait_s"][warmup_steps:]),
+                         "s_to_target": to_target, "median_s_to_target": statistics.median(to_target),
+                         "final": [r["evals"][-1][2] for r in rs], "run_s": [r["run_s"] for r in rs],
+                         "evals": [[(step, round(t, 1), v) for step, t, v in r["evals"]] for r in rs]}
+    sync, over = results["sync"], results[f"k{max_staleness}"]
+    ratios = {"step_s": over["median_step_s"] / sync["median_step_s"],
+              "s_to_target": over["median_s_to_target"] / sync["median_s_to_target"],
+              "run_s": statistics.median(over["run_s"]) / statistics.median(sync["run_s"]),
+              "final_points": 100 * (statistics.median(over["final"]) - statistics.median(sync["final"]))}
+    return {"settings": {"config": config, "max_staleness": max_staleness, "seeds": list(seeds), "target": target,
+                         "warmup_steps_dropped": warmup_steps},
+            "results": results, "overlapped_over_sync": ratios}

@@ -82,7 +82,9 @@ def _assert_same_weights(a_dir, b_dir, atol=1e-4, stray=None):
 @pytest.mark.parametrize("engine, loss_type, extra, resume", [
     _engine("ddp", "dapo", (), True),
     _engine("ddp", "grpo", ("--scale_rewards=batch",), False),  # grpo's per-sequence mean; the gathered batch's std
-    _engine("zero2", "dapo", (), True), _engine("zero3", "grpo", ("--beta=0.04",), True)])
+    _engine("zero2", "dapo", (), True), _engine("zero3", "grpo", ("--beta=0.04",), True),
+    # overlapped rollouts: a generator process per training process, each sampling its share one step ahead
+    _engine("ddp", "dapo", ("--max_staleness=1",), "crash")])
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, engine, loss_type, extra, resume):
     """3 steps in one process against 3 in two on the same 16 completions per step; with `resume` the two-process
     run stops after 2 (a checkpoint each step) and a second launch resumes it to 3: one launch per engine less than
@@ -94,6 +96,14 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, engine, loss
     launch = _launcher(engine, tmp_path)
     if not resume:
         _run(launch, *args, "--max_steps=3", "--per_device_train_batch_size=8", f"--output_dir={two}")
+    elif resume == "crash":  # a straight run, then as if it had died after checkpoint-2, resumed: every process
+        # takes back its batch of step 3, sampled ahead before the checkpoint (with max_steps 2 it would not exist)
+        _run(launch, *args, "--max_steps=3", "--save_steps=1", "--per_device_train_batch_size=8",
+             f"--output_dir={two}")
+        assert sorted(p.name for p in (two / "checkpoint-2").glob("pending-*")) == ["pending-0.pt", "pending-1.pt"]
+        for done in ("checkpoint-3", "adapter", "summary.json"):
+            shutil.rmtree(two / done) if (two / done).is_dir() else (two / done).unlink()
+        _run(launch, "--resume", str(two))
     else:
         _run(launch, *args, "--max_steps=2", "--save_steps=1", "--per_device_train_batch_size=8",
              f"--output_dir={two}")
@@ -125,6 +135,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, engine, loss
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
         assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-4)
         assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-3)
+        assert a["rollout/staleness"] == b["rollout/staleness"]
 
 
 def test_dynamic_sampling_with_two_processes(tmp_path):

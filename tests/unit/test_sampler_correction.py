@@ -84,11 +84,11 @@ def test_the_weights_multiply_the_surrogate_not_the_kl():
     _close(plain.per_token, [[-1.0, -1.0]])
 
 
-def test_sampler_check_logs_the_mismatch_and_corrects_only_for_vllm():
+def test_sampler_check_logs_the_mismatch_and_corrects_only_for_vllm_or_stale_batches():
     # known tokens: row 0 |d| 0.1, 1.0, 0; row 1 0.7; row 2 0 x 4 -> 8 tokens, sum 1.8, max 1.0
-    for backend, corrected in (("engine", False), ("vllm", True)):
+    for backend, staleness, corrected in (("engine", 0, False), ("vllm", 0, True), ("engine", 1, True)):
         check = SamplerCheck(Config(rollout_backend=backend, vllm_importance_sampling_mode="token_mask",
-                                    vllm_importance_sampling_clip_max=2.0))
+                                    vllm_importance_sampling_clip_max=2.0, max_staleness=staleness))
         weights = check.weights(OLD, SAMPLER, MASK)
         m = check.metrics()
         assert m["rollout/logprob_diff_mean"] == pytest.approx(1.8 / 8)
@@ -101,6 +101,8 @@ def test_sampler_check_logs_the_mismatch_and_corrects_only_for_vllm():
         else:  # token ratios e^.1, e^-1, 1, e^.7, 1 x 4: one (e^.7 > 2) masked
             ratios = [e(0.1), e(-1), 1, e(0.7), 1, 1, 1, 1]
             assert m["rollout/is_ratio_mean"] == pytest.approx(sum(ratios) / 8)
+            mean = sum(ratios) / 8
+            assert m["rollout/is_ratio_std"] == pytest.approx(math.sqrt(sum((r - mean) ** 2 for r in ratios) / 8))
             assert m["rollout/is_ratio_min"] == pytest.approx(e(-1)) and m["rollout/is_ratio_max"] == pytest.approx(
                 e(0.7))
             assert m["rollout/is_clipped_frac"] == pytest.approx(1 / 8)
@@ -114,8 +116,8 @@ def test_sampler_check_logs_nan_not_nothing_when_no_token_counts():
     check.weights(OLD, torch.full_like(SAMPLER, NAN), MASK)
     m = check.metrics()
     assert sorted(m) == sorted(["rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/sampler_kl",
-                                "rollout/is_ratio_mean", "rollout/is_ratio_min", "rollout/is_ratio_max",
-                                "rollout/is_clipped_frac"])
+                                "rollout/is_ratio_mean", "rollout/is_ratio_std", "rollout/is_ratio_min",
+                                "rollout/is_ratio_max", "rollout/is_clipped_frac"])
     assert all(math.isnan(v) for v in m.values())
     sequence = SamplerCheck(Config(rollout_backend="vllm"))  # sequence_mask: a sequence with no known token has ratio 1
     sequence.weights(OLD, torch.full_like(SAMPLER, NAN), MASK)

@@ -1,0 +1,235 @@
+"""Overlapped rollouts: a generator process beside the trainer, `max_staleness` = k batches ahead.
+
+While the trainer updates on batch j, the generator samples batches j+1 .. j+k. Which weights sample which batch
+is fixed, not left to timing: batch j is sampled with the policy after update max(0, j-1-k) (its version), so a
+run is reproducible, each batch is exactly min(j-1, k) updates stale, and a resumed run goes on as the
+uninterrupted one. k = 0 is the synchronous loop and starts no process at all.
+
+On one machine: the process is spawned (not forked: OpenMP pools, CUDA and gloo do not survive a fork) with a copy
+of the policy whose frozen weights ARE the trainer's (shared memory, no second copy of a LoRA base), and k + 1
+shared slots for the trainable weights. After update v the trainer copies its trainable weights into slot
+v mod (k+1) (`push`); each request names its version, and the generator loads that slot before sampling. Version v
+samples batches up to v+1+k, and the trainer overwrites its slot with version v+k+1 only after it took batch v+k+1:
+no lock is needed.
+
+Batches come back unscored: rewards run in the trainer (they may be Python functions, and the reward guard's time
+limits and counts are the trainer's). The batch keeps the sampler's log-probs: the trainer weights the loss by
+the ratio of the current policy to them (train.py SamplerCheck, algo.py sampler_correction).
+
+Several training processes: each has its own generator, for its share of the prompts. A generator elsewhere (other
+GPUs or nodes) would be vLLM's server mode fed weights over NCCL, as TRL's `vllm-serve` does: not built (README).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import faulthandler
+import os
+import queue
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from minigrpo import rollout
+from minigrpo.errors import NonFiniteError, TrainingStopped
+from minigrpo.rollout.types import Rollout, SamplingParams
+
+
+class GeneratorError(TrainingStopped):
+    """The generator process died, failed or stopped answering: the run stops (exit 3) with its reason."""
+
+
+@dataclass
+class Batch:
+    """A batch sampled ahead: the step it is for, the policy version that samples it (the update it follows),
+    this process's dataset rows and sampling seeds; once generated, the rollout and its seconds."""
+    step: int
+    version: int
+    rows: list[int]
+    seeds: list[int]
+    rollout: Rollout | None = None
+    generate_s: float = 0.0
+
+
+def version_for(step: int, ahead: int) -> int:
+    """The update whose policy samples the batch of `step` with k = `ahead` batches sampled ahead."""
+    return max(0, step - 1 - ahead)
+
+
+class Generator:
+    """The generator process and its queues, used as a context manager (the process is stopped on leaving).
+
+    `submit` queues a batch (sampled in order), `take` returns the oldest one (waiting at most `timeout` seconds),
+    `push` hands over the trainable weights after an update; `after` is the last step done (a resumed run's).
+    `state_dict` waits for what is in flight and returns the batches not taken yet (a checkpoint keeps them: the
+    data order has already moved past their prompts)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, backend: str, merge_lora: bool, ahead: int,
+                 timeout: float, threads: int, after: int = 0) -> None:
+        self.ahead, self.timeout = ahead, timeout
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        # The child's policy: frozen weights are the trainer's own tensors (the memo hands them to the copy as
+        # they are; the spawn moves them into shared memory), trainable ones its own copies.
+        memo: dict[int, Any] = {id(p): p for p in model.parameters() if not p.requires_grad}
+        memo |= {id(b): b for b in model.buffers()}
+        child_model = copy.deepcopy(model, memo)
+        self.slots = [{n: p.detach().clone() for n, p in trainable.items()} for _ in range(ahead + 1)]
+        for slot in self.slots:
+            for t in slot.values():
+                t.share_memory_()
+        ctx = mp.get_context("spawn")
+        self.requests, self.results = ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=serve, name="minigrpo-generator", daemon=True,
+                                args=(child_model, tokenizer, backend, merge_lora, self.slots, self.requests,
+                                      self.results, threads, os.getpid()))
+        self.proc.start()
+        del child_model  # the child holds it now; ours would keep a second copy of the trainable weights
+        self.inflight: collections.deque[Batch] = collections.deque()  # submitted, not yet come back
+        self.ready: collections.deque[Batch] = collections.deque()  # come back (or restored), not taken
+        self.last_step = after  # the last step a batch was submitted or restored for (or that was done)
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def push(self, model: torch.nn.Module, version: int) -> float:
+        """Copy the trainable weights after update `version` into its slot; returns the seconds it took."""
+        t0 = time.perf_counter()
+        slot = self.slots[version % len(self.slots)]
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in slot:
+                    slot[name].copy_(p.detach())
+        return time.perf_counter() - t0
+
+    def submit(self, batch: Batch, prompts: list[str], params: SamplingParams) -> None:
+        """Queue `batch` (its version's weights pushed already), sampled from `prompts` with `params`."""
+        if batch.step <= self.last_step:
+            raise ValueError(f"batch of step {batch.step} submitted after step {self.last_step}'s")
+        self.requests.put((batch.step, batch.version, prompts, dataclasses.replace(params, seeds=batch.seeds)))
+        self.inflight.append(batch)
+        self.last_step = batch.step
+
+    def restore(self, saved: list[dict[str, Any]]) -> None:
+        """Batches a checkpoint kept (`state_dict`), to be taken first."""
+        for d in saved:
+            ro = Rollout(**d.pop("rollout"))
+            self.ready.append(Batch(**d, rollout=ro))
+            self.last_step = max(self.last_step, self.ready[-1].step)
+
+    def take(self) -> Batch:
+        """The oldest batch not taken, waiting for it to be generated; GeneratorError if the process died,
+        failed, or sent nothing for `timeout` seconds."""
+        if not self.ready:
+            self._receive()
+        return self.ready.popleft()
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        """The batches sampled ahead and not taken yet (those in flight are waited for), as plain data."""
+        while self.inflight:
+            self._receive()
+        return [dataclasses.asdict(b) for b in self.ready]
+
+    def _receive(self) -> None:
+        """Wait for the oldest batch in flight and move it to `ready`."""
+        batch = self.inflight[0]
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                message = self.results.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+                break
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    code = self.proc.exitcode
+                    how = (f"signal {signal.Signals(-code).name}" if code is not None and code < 0
+                           else f"exit code {code}")
+                    raise GeneratorError(f"the generator process (pid {self.proc.pid}) died ({how}) while "
+                                         f"sampling the batch of step {batch.step}, and sent no traceback (killed "
+                                         f"from outside, or out of memory: see the system log)") from None
+                if time.monotonic() >= deadline:
+                    self._dump_stacks()
+                    self.close()
+                    raise GeneratorError(f"the generator process sent no batch for step {batch.step} in "
+                                         f"{self.timeout:g} s (generator_timeout) and was stopped (its stacks, if it "
+                                         f"could print them, are above). A generation that is slow, not stuck, "
+                                         f"needs a larger generator_timeout") from None
+        kind, step, *rest = message
+        if kind == "nonfinite":
+            raise NonFiniteError(rest[0])
+        if kind == "error":
+            raise GeneratorError(f"the generator process failed while sampling the batch of step {step}:\n"
+                                 f"{rest[0]}")
+        version, ro, seconds = rest
+        if (step, version) != (batch.step, batch.version):  # requests are served in order: a bug if not
+            raise RuntimeError(f"generator answered step {step} (version {version}) for step {batch.step} "
+                               f"(version {batch.version})")
+        self.inflight.popleft()
+        batch.rollout, batch.generate_s = ro, seconds
+        self.ready.append(batch)
+
+    def _dump_stacks(self) -> None:
+        """Ask a stuck process to print its Python stacks (faulthandler, SIGUSR2), and give it a moment."""
+        if self.proc.is_alive() and hasattr(signal, "SIGUSR2"):
+            os.kill(self.proc.pid, signal.SIGUSR2)
+            time.sleep(1.0)
+
+    def close(self) -> None:
+        """Stop the process (asked, then killed) and drop the queues; safe to call twice."""
+        if self.proc.is_alive():
+            self.requests.put(None)
+            self.proc.join(timeout=5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=5)
+        self.inflight.clear()
+        for q in (self.requests, self.results):
+            q.cancel_join_thread()  # a killed reader must not make our exit wait on the queue's pipe
+            q.close()
+
+
+def serve(model: torch.nn.Module, tokenizer: Any, backend: str, merge_lora: bool,
+          slots: list[dict[str, torch.Tensor]], requests: Any, results: Any, threads: int, parent: int) -> None:
+    """The generator process: load the requested version's weights, sample, send the rollout back; in order.
+    Ctrl-C and SIGTERM are the trainer's to handle (it finishes its step, saves, and stops this process); the
+    process ends when asked, when it fails (its traceback sent), or when the trainer is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "SIGUSR2"):
+        faulthandler.register(signal.SIGUSR2, all_threads=True)  # the trainer's timeout asks for the stacks
+    if threads:
+        torch.set_num_threads(threads)
+    params, loaded = dict(model.named_parameters()), None
+    while True:
+        try:
+            message = requests.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the trainer died without stopping us
+                return
+            continue
+        if message is None:
+            return
+        step, version, prompts, params_ = message
+        try:
+            if version != loaded:
+                with torch.no_grad():
+                    for name, t in slots[version % len(slots)].items():
+                        params[name].copy_(t)
+                loaded = version
+            t0 = time.perf_counter()
+            ro = rollout.generate(backend, model, tokenizer, prompts, params_, merge_lora)
+            results.put(("ok", step, version, ro, time.perf_counter() - t0))
+        except NonFiniteError as e:
+            results.put(("nonfinite", step, str(e)))
+            return
+        except BaseException:  # noqa: BLE001 - everything goes back to the trainer, which reports it
+            results.put(("error", step, traceback.format_exc()))
+            return
