@@ -719,7 +719,8 @@ def main(argv: list[str] | None = None) -> int:
               "  sample  rejection sampling into an SFT JSONL\n"
               "  plot    a run's training curves as a PNG\n"
               "  demo    the R1 recipe in miniature (SFT, GRPO, rejection sampling, SFT) with a table\n"
-              "  bench   rollout: the rollout engine vs transformers generate; trl: a step vs TRL; step: each backend\n"
+              "  bench   rollout: the rollout engine vs transformers generate; trl: a step vs TRL; step: each\n"
+              "          backend; overlap: overlapped rollouts (max_staleness) vs the synchronous loop\n"
               "  plan    estimated peak memory by part, and what would make a run fit\n"
               "  export  a run's adapter, or the merged model, for peft / transformers / vLLM")
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -349,7 +349,10 @@ class Config:
                        (self.dynamic_sampling, "dynamic_sampling (its extra rounds wait on rewards of the batch "
                                                "itself: they cannot be sampled ahead)"),
                        (bool(self.tools or self.environment), "tools or an environment (multi-turn rollouts run "
-                                                              "in the trainer's process)")]
+                                                              "in the trainer's process)"),
+                       (self.gradient_checkpointing,
+                        "gradient_checkpointing (transformers then hooks the embeddings with a local function, which "
+                        "cannot be sent to the generator process); set gradient_checkpointing: false")]
             for bad, what in refused:
                 if bad:
                     raise ConfigError(f"max_staleness: {self.max_staleness} (overlapped rollouts) does not work with "

@@ -557,8 +557,11 @@ def save(run: Run, opt: Optimization, state: LoopState) -> Path:
     with disk_errors(final, f"The previous checkpoint is intact; free space and continue with {resume_hint(run)}"):
         tmp = dist.broadcast(start_checkpoint(run.run_dir, state.step) if dist.main else None)
         dist.save_shards(shards_dir(tmp))  # DeepSpeed / FSDP: every process writes its shards
-        if state.generator is not None:  # each process's batches sampled ahead (in flight ones waited for)
-            torch.save(state.generator.state_dict(), tmp / PENDING.format(rank=dist.rank))
+        # each process's batches sampled ahead (in flight ones waited for), or those a resume restored and the
+        # loop has not taken yet (resumed with max_staleness 0)
+        ahead = state.generator.state_dict() if state.generator is not None else state.pending
+        if ahead or state.generator is not None:
+            torch.save(ahead, tmp / PENDING.format(rank=dist.rank))
         dist.barrier()
         if dist.main:  # the rest is the same on every process (RNG: process 0's)
             save_checkpoint(run.run_dir, state.step, run.model, run.tokenizer, saved, cfg.save_total_limit, weights)

@@ -34,7 +34,7 @@ from minigrpo.errors import ConfigError, NonFiniteError, TrainingStopped
 from minigrpo.logprobs import policy_logprobs
 from minigrpo.model import Reference, trainable_parameters
 from minigrpo.monitor import peak_memory_gb, print0
-from minigrpo.rollout.overlap import Batch, Generator, GeneratorError
+from minigrpo.rollout.overlap import Batch, Generator, GeneratorError, saved_batch
 from minigrpo.rollout.types import Rollout, SamplingParams, merge_rollouts, select_rows
 from minigrpo.run import (
     Inputs,
@@ -141,10 +141,10 @@ class SamplerCheck:
     updates old), the correction's weights (algo.py). Each micro-batch's figures stay on the device; `metrics`
     reads them all at once (one sync per step)."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, stale: bool = False) -> None:
         self.cfg = cfg
         self.correct = cfg.vllm_importance_sampling_correction and (cfg.rollout_backend == "vllm" or
-                                                                    cfg.max_staleness > 0)
+                                                                    cfg.max_staleness > 0 or stale)
         self.parts: list[torch.Tensor] = []  # per micro-batch: tokens, sum |d|, max |d|, sum k3, and the ratios'
         # count, sum, min, max, how many fell outside the bounds
 
@@ -197,12 +197,13 @@ class SamplerCheck:
 def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, advantages: torch.Tensor,
                   loss_mask: torch.Tensor, cfg: Config, optimizer: torch.optim.Optimizer,
                   scheduler: Any, dist: Distributed | None = None, wrapped: torch.nn.Module | None = None,
-                  ) -> dict[str, float]:
+                  stale: bool = False) -> dict[str, float]:
     """num_iterations clipped-surrogate updates on one rollout; returns the step's loss statistics.
 
     With several processes, `wrapped` is the strategy's model (DDP, DeepSpeed or FSDP: each averages gradients
     over processes): the normalising counts are the global ones and each loss is scaled by the world size,
-    so the gradient is the one-process gradient of the whole global batch."""
+    so the gradient is the one-process gradient of the whole global batch. `stale`: the rollout was sampled by an
+    older policy (overlapped rollouts): its log-probs correct the loss whatever the backend."""
     dist, wrapped = dist or Distributed(), wrapped or model
     input_ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)  # [B, P+C]
     attention = torch.cat([ro.prompt_mask, ro.completion_mask.long()], 1)  # [B, P+C]
@@ -221,7 +222,7 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
                                         cfg.logprob_chunk_size, None if targets is None else targets[s])[0]
                         for s in micro]
     old_logp: list[torch.Tensor | None] = [None] * len(micro)
-    sampler, weights = SamplerCheck(cfg), [None] * len(micro)  # the backend's log-probs against the trainer's
+    sampler, weights = SamplerCheck(cfg, stale), [None] * len(micro)  # the backend's log-probs against the trainer's
     sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "ratio": 0.0}
     params, grad_norms, skipped = trainable_parameters(model), [], 0
     model.train()
@@ -304,18 +305,21 @@ def start_generator(run: Run, state: LoopState, sampling: SamplingParams, always
     cfg = run.cfg
     if not (cfg.max_staleness or always):
         return None
-    if run.dist.saves_shards:
-        raise ConfigError(f"max_staleness: {cfg.max_staleness} (overlapped rollouts) needs every process to hold "
-                          f"whole weights; under {run.dist.strategy} they are sharded: use DDP or ZeRO-2, or "
-                          f"max_staleness: 0")
     gen = Generator(run.model, run.tokenizer, cfg.rollout_backend, cfg.rollout_merge_lora, cfg.max_staleness,
                     cfg.generator_timeout, cfg.num_threads, after=state.step)
     gen.restore(state.pending)
     state.pending, state.generator = [], gen
     gen.push(run.model, state.step)
-    while gen.last_step < min(state.step + 1 + cfg.max_staleness, cfg.max_steps):
-        submit_next(run, state, gen, sampling, version=state.step)
+    gen.resubmit([[run.train_prompts[i] for i in b.rows] for b in gen.unsent], sampling)
+    submit_ahead(run, state, gen, sampling, done=state.step)
     return gen
+
+
+def submit_ahead(run: Run, state: LoopState, gen: Generator, sampling: SamplingParams, done: int) -> None:
+    """After step `done` (its weights pushed): queue the batches up to step done+1+k (none past max_steps), each
+    sampled with the weights of `done`. Batches a resume restored may already reach further (a larger k before)."""
+    while gen.last_step < min(done + 1 + run.cfg.max_staleness, run.cfg.max_steps):
+        submit_next(run, state, gen, sampling, version=done)
 
 
 def submit_next(run: Run, state: LoopState, gen: Generator, sampling: SamplingParams, version: int) -> None:
@@ -336,12 +340,28 @@ def generator_errors(run: Run, step: int) -> Iterator[None]:
         raise GeneratorError(f"step {step}: {e}. {then}") from e
 
 
+def sample_kept(run: Run, state: LoopState, sampling: SamplingParams) -> None:
+    """Resumed with max_staleness 0 from a checkpoint of overlapped rollouts: sample now, with the checkpoint's
+    weights (theirs), the batches it kept as requests, as the generator process would have."""
+    for i, saved in enumerate(state.pending):
+        if saved["rollout"] is None:
+            t0 = time.perf_counter()
+            try:
+                with run.dist.full_weights(run.model):
+                    ro = rollout.generate(run.cfg.rollout_backend, run.model, run.tokenizer,
+                                          [run.train_prompts[r] for r in saved["rows"]],
+                                          dataclasses.replace(sampling, seeds=saved["seeds"]),
+                                          run.cfg.rollout_merge_lora)
+            except NonFiniteError as e:
+                raise overflow_error(run, state.step + 1, e) from e
+            state.pending[i] = saved | {"rollout": dataclasses.asdict(ro), "generate_s": time.perf_counter() - t0}
+
+
 def take_ahead(run: Run, step: int, state: LoopState, generator: Generator | None) -> Batch | None:
     """The batch of `step` if it was sampled ahead: by the generator process, or before a resume (the checkpoint
     kept it, and the data order is past its prompts). None: the loop samples it now."""
     if state.pending:  # a run resumed with max_staleness 0 from a checkpoint of overlapped rollouts
-        saved = state.pending.pop(0)
-        return Batch(**(saved | {"rollout": Rollout(**saved["rollout"])}))
+        return saved_batch(state.pending.pop(0))
     if generator is None:
         return None
     try:
@@ -417,6 +437,10 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
     guard = RewardGuard(cfg.reward_timeout, cfg.reward_timeout_limit)  # time limits; what rewards did wrong
     run = setup_run(cfg, "GRPO", inputs)
     cfg = run.cfg  # as resolved at start (the template "auto" made concrete)
+    if cfg.max_staleness and run.dist.sharded:
+        raise ConfigError(f"max_staleness: {cfg.max_staleness} (overlapped rollouts) needs every process to hold "
+                          f"whole weights; under {run.dist.strategy} (ZeRO-3 / FSDP) they are sharded: use DDP or "
+                          f"ZeRO-2, or max_staleness: 0")
     model, tok, dist, device, G = run.model, run.tokenizer, run.dist, run.device, cfg.num_generations
     ref = Reference(model, cfg.use_peft) if cfg.beta > 0 else None  # before the strategy may split the weights
     # The strategy (DDP, DeepSpeed, FSDP with several processes) takes the model and optimizer; the loss pass
@@ -428,6 +452,8 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
     monitor = start_loop(run, opt, state, show_progress)  # resume, or evaluate before training
     # max_staleness k > 0: a generator process samples the next k batches while this one trains
     generator = start_generator(run, state, sampling)
+    if generator is None:
+        sample_kept(run, state, sampling)
 
     # Ctrl-C: finish the step, save a checkpoint, stop; again: stop at once. An error closes the monitor (and
     # stops the generator).
@@ -435,7 +461,8 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
         for step in range(state.step + 1, cfg.max_steps + 1):
             t0, timeouts, reward_s = time.perf_counter(), guard.timeouts, dict(guard.seconds)
             # ---- 1-3. prompts -> rollout (G completions each) -> rewards --------------------------------------
-            ahead = take_ahead(run, step, state, generator)  # sampled ahead (or kept by a checkpoint), or None
+            # sampled ahead (by the generator, or kept by a checkpoint), or None: sampled here and now
+            ahead = take_ahead(run, step, state, generator)
             wait_s = time.perf_counter() - t0
             if ahead is not None:
                 examples = [run.train_set[i] for i in ahead.rows]
@@ -474,13 +501,13 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
                 loss_mask = loss_mask * (~ro.truncated).float()[:, None]
             t_score = time.perf_counter()
             # ---- 5. loss and update (reference and old log-probs inside) ----------------------------------
+            stale = ahead is not None and ahead.version < step - 1  # sampled by an older policy: corrected
             stats = update_policy(model, ref, ro, advantages.to(device), loss_mask, cfg, opt.optimizer,
-                                  opt.scheduler, dist, opt.wrapped)
+                                  opt.scheduler, dist, opt.wrapped, stale=stale)
             t_trained, push_s = time.perf_counter(), 0.0
             if generator is not None:  # the new weights, and the batch k steps ahead sampled with them
                 push_s = generator.push(model, step)
-                if generator.last_step < cfg.max_steps:
-                    submit_next(run, state, generator, sampling, version=step)
+                submit_ahead(run, state, generator, sampling, done=step)
             t_end = time.perf_counter()
             # ---- 6. logging -------------------------------------------------------------------------------
             lengths = ro.completion_mask.sum(1)
@@ -532,7 +559,7 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
             metrics = dist.reduce_metrics(metrics, REDUCTIONS | {k: "max" for k in metrics
                                                                  if k.startswith("perf/reward/")})
             monitor.log(step, metrics)
-            if ahead is None or ahead.version == step - 1:  # a stale batch's policy differs from the trainer's
+            if not stale:  # a stale batch's policy differs from the trainer's by design
                 check_sampler(cfg, step, metrics, run)
             with generator_errors(run, step):  # a checkpoint waits for the batches in flight
                 end_step(run, opt, state, monitor, interrupt, step,

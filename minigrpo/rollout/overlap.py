@@ -23,10 +23,12 @@ GPUs or nodes) would be vLLM's server mode fed weights over NCCL, as TRL's `vllm
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
 import faulthandler
 import os
+import pickle
 import queue
 import signal
 import time
@@ -38,7 +40,7 @@ import torch
 import torch.multiprocessing as mp
 
 from minigrpo import rollout
-from minigrpo.errors import NonFiniteError, TrainingStopped
+from minigrpo.errors import ConfigError, NonFiniteError, TrainingStopped
 from minigrpo.rollout.types import Rollout, SamplingParams
 
 
@@ -58,6 +60,25 @@ class Batch:
     generate_s: float = 0.0
 
 
+def raise_open_files_limit() -> None:
+    """The soft limit on open files up to the hard one (as torch's DataLoader advice goes): a model shared with
+    another process holds one descriptor per tensor, past 1024 for a model with LoRA on every linear layer."""
+    try:
+        import resource  # here: POSIX only
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def saved_batch(d: dict[str, Any]) -> Batch:
+    """A Batch from `Generator.state_dict`'s plain data (its rollout None when it is still to be sampled)."""
+    ro = d["rollout"]
+    return Batch(**(d | {"rollout": None if ro is None else Rollout(**ro)}))
+
+
 def version_for(step: int, ahead: int) -> int:
     """The update whose policy samples the batch of `step` with k = `ahead` batches sampled ahead."""
     return max(0, step - 1 - ahead)
@@ -68,8 +89,9 @@ class Generator:
 
     `submit` queues a batch (sampled in order), `take` returns the oldest one (waiting at most `timeout` seconds),
     `push` hands over the trainable weights after an update; `after` is the last step done (a resumed run's).
-    `state_dict` waits for what is in flight and returns the batches not taken yet (a checkpoint keeps them: the
-    data order has already moved past their prompts)."""
+    `state_dict` returns the batches not taken yet (a checkpoint keeps them: the data order has already moved past
+    their prompts): generated, or, those to be sampled with the weights pushed last (the checkpoint's), as requests
+    a resume samples again (`restore`, `resubmit`); older ones in flight are waited for."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, backend: str, merge_lora: bool, ahead: int,
                  timeout: float, threads: int, after: int = 0) -> None:
@@ -84,16 +106,30 @@ class Generator:
         for slot in self.slots:
             for t in slot.values():
                 t.share_memory_()
+        raise_open_files_limit()  # every tensor shared with the child holds a file descriptor
         ctx = mp.get_context("spawn")
         self.requests, self.results = ctx.Queue(), ctx.Queue()
         self.proc = ctx.Process(target=serve, name="minigrpo-generator", daemon=True,
                                 args=(child_model, tokenizer, backend, merge_lora, self.slots, self.requests,
                                       self.results, threads, os.getpid()))
-        self.proc.start()
+        # The trainer's signals (Ctrl-C, SIGTERM, SIGUSR1: finish the step, save, stop) are blocked while the child
+        # starts, so that it inherits them blocked and ignores them before it unblocks them (serve).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, TRAINER_SIGNALS) if hasattr(signal, "pthread_sigmask") \
+            else None
+        try:
+            self.proc.start()
+        except (pickle.PicklingError, TypeError, AttributeError) as e:  # a hook or layer that cannot be sent
+            raise ConfigError(f"max_staleness: the policy cannot be sent to the generator process ({e}): a layer "
+                              f"or hook of it does not pickle; set max_staleness: 0") from e
+        finally:
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         del child_model  # the child holds it now; ours would keep a second copy of the trainable weights
         self.inflight: collections.deque[Batch] = collections.deque()  # submitted, not yet come back
         self.ready: collections.deque[Batch] = collections.deque()  # come back (or restored), not taken
         self.last_step = after  # the last step a batch was submitted or restored for (or that was done)
+        self.version = -1  # the last version pushed
+        self.unsent: list[Batch] = []  # restored requests, to be submitted again once their version is pushed
 
     def __enter__(self) -> Generator:
         return self
@@ -104,11 +140,13 @@ class Generator:
     def push(self, model: torch.nn.Module, version: int) -> float:
         """Copy the trainable weights after update `version` into its slot; returns the seconds it took."""
         t0 = time.perf_counter()
-        slot = self.slots[version % len(self.slots)]
+        slot, self.version = self.slots[version % len(self.slots)], version
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in slot:
                     slot[name].copy_(p.detach())
+        if any(t.is_cuda for t in slot.values()):  # the copies are asynchronous: done before the child reads them
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     def submit(self, batch: Batch, prompts: list[str], params: SamplingParams) -> None:
@@ -120,11 +158,20 @@ class Generator:
         self.last_step = batch.step
 
     def restore(self, saved: list[dict[str, Any]]) -> None:
-        """Batches a checkpoint kept (`state_dict`), to be taken first."""
+        """Batches a checkpoint kept (`state_dict`), to be taken first: generated ones, and requests `resubmit`
+        sends again (in order, after the generated ones: their versions are the newest)."""
         for d in saved:
-            ro = Rollout(**d.pop("rollout"))
-            self.ready.append(Batch(**d, rollout=ro))
-            self.last_step = max(self.last_step, self.ready[-1].step)
+            batch = saved_batch(d)
+            (self.ready if batch.rollout is not None else self.unsent).append(batch)
+            self.last_step = max(self.last_step, batch.step)
+
+    def resubmit(self, prompts: list[list[str]], params: SamplingParams) -> None:
+        """Send the restored requests again (`prompts`: each one's), with the weights pushed since (their own)."""
+        for batch, texts in zip(self.unsent, prompts, strict=True):
+            batch.version = self.version  # the same weights: the checkpoint's
+            self.requests.put((batch.step, batch.version, texts, dataclasses.replace(params, seeds=batch.seeds)))
+            self.inflight.append(batch)
+        self.unsent = []
 
     def take(self) -> Batch:
         """The oldest batch not taken, waiting for it to be generated; GeneratorError if the process died,
@@ -134,10 +181,11 @@ class Generator:
         return self.ready.popleft()
 
     def state_dict(self) -> list[dict[str, Any]]:
-        """The batches sampled ahead and not taken yet (those in flight are waited for), as plain data."""
-        while self.inflight:
+        """The batches not taken yet, as plain data: generated ones (those in flight from older weights are waited
+        for), then those to be sampled with the weights pushed last, without their rollout."""
+        while self.inflight and self.inflight[0].version < self.version:
             self._receive()
-        return [dataclasses.asdict(b) for b in self.ready]
+        return [dataclasses.asdict(b) for b in (*self.ready, *self.inflight, *self.unsent)]
 
     def _receive(self) -> None:
         """Wait for the oldest batch in flight and move it to `ready`."""
@@ -148,7 +196,7 @@ class Generator:
                 message = self.results.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
                 break
             except queue.Empty:
-                if not self.proc.is_alive():
+                if not self.proc.is_alive() and self.results.empty():  # (its last message may have just come)
                     code = self.proc.exitcode
                     how = (f"signal {signal.Signals(-code).name}" if code is not None and code < 0
                            else f"exit code {code}")
@@ -168,7 +216,8 @@ class Generator:
         if kind == "error":
             raise GeneratorError(f"the generator process failed while sampling the batch of step {step}:\n"
                                  f"{rest[0]}")
-        version, ro, seconds = rest
+        version, data, seconds = rest
+        ro = pickle.loads(data)
         if (step, version) != (batch.step, batch.version):  # requests are served in order: a bug if not
             raise RuntimeError(f"generator answered step {step} (version {version}) for step {batch.step} "
                                f"(version {batch.version})")
@@ -196,13 +245,22 @@ class Generator:
             q.close()
 
 
+TRAINER_SIGNALS = {signal.SIGINT, signal.SIGTERM, *([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])}
+
+
 def serve(model: torch.nn.Module, tokenizer: Any, backend: str, merge_lora: bool,
           slots: list[dict[str, torch.Tensor]], requests: Any, results: Any, threads: int, parent: int) -> None:
     """The generator process: load the requested version's weights, sample, send the rollout back; in order.
-    Ctrl-C and SIGTERM are the trainer's to handle (it finishes its step, saves, and stops this process); the
-    process ends when asked, when it fails (its traceback sent), or when the trainer is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Ctrl-C, SIGTERM and SIGUSR1 are the trainer's to handle (it finishes its step, saves, and stops this process);
+    the process ends when asked, when it fails (its traceback sent), or when the trainer is gone.
+
+    Rollouts go back pickled by value: tensors sent as shared memory would have to be fetched from this process
+    when the trainer reads them, and it may be gone by then (after a failure, the trainer still reads the batches
+    sent before it)."""
+    for sig in TRAINER_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, TRAINER_SIGNALS)
     if hasattr(signal, "SIGUSR2"):
         faulthandler.register(signal.SIGUSR2, all_threads=True)  # the trainer's timeout asks for the stacks
     if threads:
@@ -212,8 +270,10 @@ def serve(model: torch.nn.Module, tokenizer: Any, backend: str, merge_lora: bool
         try:
             message = requests.get(timeout=1.0)
         except queue.Empty:
-            if os.getppid() != parent:  # the trainer died without stopping us
-                return
+            message = ()
+        if os.getppid() != parent:  # the trainer died without stopping us: leave at once (a result no one reads
+            os._exit(0)  # would hold a normal exit, which flushes the queue, forever)
+        if message == ():
             continue
         if message is None:
             return
@@ -226,7 +286,7 @@ def serve(model: torch.nn.Module, tokenizer: Any, backend: str, merge_lora: bool
                 loaded = version
             t0 = time.perf_counter()
             ro = rollout.generate(backend, model, tokenizer, prompts, params_, merge_lora)
-            results.put(("ok", step, version, ro, time.perf_counter() - t0))
+            results.put(("ok", step, version, pickle.dumps(ro), time.perf_counter() - t0))
         except NonFiniteError as e:
             results.put(("nonfinite", step, str(e)))
             return

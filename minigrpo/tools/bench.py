@@ -382,11 +382,12 @@ def bench_overlap(config: dict[str, Any], max_staleness: int = 1, seeds: tuple[i
             if log:
                 log(f"seed {seed} {mode}: median step {statistics.median(result['step_s'][warmup_steps:]):.3f} s, "
                     f"run {result['run_s']:.1f} s, held-out {[round(v, 3) for _, _, v in result['evals']]}")
-    if target is None:
+    evaluated = all(r["evals"] for rs in runs.values() for r in rs)  # eval_limit 0: speed only
+    if target is None and evaluated:
         target = min(r["evals"][-1][2] for r in runs["sync"])
 
     def reached(r: dict[str, Any]) -> float:  # seconds to the first evaluation at or above the target
-        return next((t for _, t, v in r["evals"] if v >= target), float("nan"))
+        return next((t for _, t, v in r["evals"] if target is not None and v >= target), float("nan"))
 
     results = {}
     for mode, rs in runs.items():
@@ -397,7 +398,8 @@ def bench_overlap(config: dict[str, Any], max_staleness: int = 1, seeds: tuple[i
                          "median_generate_s": statistics.median(t for r in rs for t in r["generate_s"][warmup_steps:]),
                          "median_wait_s": statistics.median(t for r in rs for t in r["wait_s"][warmup_steps:]),
                          "s_to_target": to_target, "median_s_to_target": statistics.median(to_target),
-                         "final": [r["evals"][-1][2] for r in rs], "run_s": [r["run_s"] for r in rs],
+                         "final": [r["evals"][-1][2] if evaluated else float("nan") for r in rs],
+                         "run_s": [r["run_s"] for r in rs],
                          "evals": [[(step, round(t, 1), v) for step, t, v in r["evals"]] for r in rs]}
     sync, over = results["sync"], results[f"k{max_staleness}"]
     ratios = {"step_s": over["median_step_s"] / sync["median_step_s"],

@@ -20,7 +20,7 @@ from minigrpo import train as train_module
 from minigrpo.api import GRPOTrainer
 from minigrpo.cli import main
 from minigrpo.config import Config
-from minigrpo.errors import ConfigError
+from minigrpo.errors import ConfigError, TrainingStopped
 from minigrpo.rollout.overlap import GeneratorError, version_for
 from minigrpo.tasks.rewards import correctness_reward as correctness
 
@@ -84,14 +84,16 @@ def straight(tmp_path_factory):
     return run
 
 
-def _children(pid: int) -> list[int]:
+def _generators(pid: int) -> list[int]:
+    """The spawned children of process `pid` (not multiprocessing's resource tracker)."""
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(fields[1]) == pid:
+        if int(fields[1]) == pid and b"spawn_main" in command:
             out.append(int(stat.parent.name))
     return out
 
@@ -123,7 +125,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights_and_the_generator_g
     run = tmp_path / "killed"
     proc = _start(run)
     _wait_for(lambda: (run / "checkpoint-2").exists(), proc)
-    children = _children(proc.pid)
+    children = _generators(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "adapter").exists(), "the run finished before the kill: nothing was tested"
@@ -211,6 +213,8 @@ def test_a_stuck_generator_times_out_with_a_message(tmp_path):
     ({"rollout_backend": "hf"}, "rollout_backend hf"),
     ({"dynamic_sampling": True}, "dynamic_sampling"),
     ({"tools": ["calculator"]}, "tools or an environment"),
+    ({"use_peft": True, "gradient_checkpointing": True}, "gradient_checkpointing"),
+    ({"gradient_checkpointing": True}, "gradient_checkpointing"),
 ])
 def test_what_overlapped_rollouts_refuse_is_named_before_any_work(change, named):
     with pytest.raises(ConfigError, match=f"max_staleness: 1 .*{named}"):
@@ -218,26 +222,35 @@ def test_what_overlapped_rollouts_refuse_is_named_before_any_work(change, named)
     Config(max_staleness=0, **change).validate_grpo()  # the synchronous loop takes each
 
 
-def interrupt_at_step_2(prompts, completions, answer, **kwargs):
-    """Correctness, and at its second call (step 2) a SIGUSR1 to this process: finish the step, save, stop."""
-    interrupt_at_step_2.calls = getattr(interrupt_at_step_2, "calls", 0) + 1
-    if interrupt_at_step_2.calls == 2:
-        os.kill(os.getpid(), signal.SIGUSR1)
-    return correctness(prompts, completions, answer)
+class StopAtStep2:
+    """A callback: once step 2 is logged, SIGUSR1 to this process (finish the step, save, stop)."""
+
+    def on_log(self, step, metrics):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
 
 
 @pytest.mark.parametrize("before, after, staleness", [
-    (1, 0, [0.0, 1.0, 1.0, 1.0, 0.0]),  # the kept batches of steps 3 and 4 (sampled before the stop) come first
-    (0, 1, [0.0, 0.0, 0.0, 1.0, 1.0]),  # nothing kept: batches 3 and 4 sampled with the resumed policy
+    # the kept batches of steps 3 and 4 (sampled before the stop) come first; checkpoint-3 keeps step 4's again
+    (1, 0, [0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]),
+    (0, 1, [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]),  # nothing kept: batches 3 and 4 sampled with the resumed policy
+    # k 2 -> 1: the kept batches 3-5 are 2 updates stale; the next ones are sampled 1 step ahead, not 2
+    (2, 1, [0.0, 1.0, 2.0, 2.0, 2.0, 1.0, 1.0]),
 ])
 def test_a_run_resumed_with_another_max_staleness_goes_on_in_order(tmp_path, before, after, staleness):
     run = tmp_path / "run"
-    interrupt_at_step_2.calls = 0
-    args = [*STEPS, "--save_steps=0", "--reward_funcs=test_overlap:interrupt_at_step_2"]
-    assert main(["train", *args, f"--max_staleness={before}", f"--output_dir={run}"]) == 3
-    assert bool(list((run / "checkpoint-2").glob("pending-*.pt"))) == bool(before)
-    assert main(["train", "--resume", str(run), f"--max_staleness={after}",
-                 "--resume_allow_changes=max_staleness"]) == 0
+    cfg = Config(max_steps=5, eval_limit=0, per_device_train_batch_size=32, save_steps=0, max_staleness=before,
+                 output_dir=str(run))
+    with pytest.raises(TrainingStopped, match="interrupted: checkpoint of step 2"):
+        GRPOTrainer(args=cfg, callbacks=[StopAtStep2()]).train()
+    if before:  # batches 3 .. 2+1+k, sampled ahead before the stop
+        assert len(torch.load(run / "checkpoint-2" / "pending-0.pt", weights_only=False)) == before + 1
+    assert not list((run / "checkpoint-2").glob("pending-*.pt")) or before
+    assert main(["train", "--resume", str(run), f"--max_staleness={after}", "--max_steps=7", "--save_steps=1",
+                 "--save_total_limit=0",
+                 "--resume_allow_changes=max_staleness,max_steps"]) == 0
     rows = _metrics(run)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
     assert [r["rollout/staleness"] for r in rows] == staleness
+    if after == 0 and before:  # resumed at k = 0, the batch of step 4 still not taken when step 3 saved
+        assert [b["step"] for b in torch.load(run / "checkpoint-3" / "pending-0.pt", weights_only=False)] == [4]
