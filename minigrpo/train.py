@@ -296,23 +296,26 @@ def overflow_error(run: Run, step: int, e: NonFiniteError) -> TrainingStopped:
                            f"an update made them so large that the model overflows. Nothing was saved; {then}")
 
 
-def start_generator(run: Run, state: LoopState, sampling: SamplingParams, always: bool = False,
-                    ) -> Generator | None:
-    """max_staleness k > 0: the generator process (rollout/overlap.py), its batches restored from a checkpoint,
-    the current weights pushed, and the batches up to k steps ahead submitted. None for the synchronous loop
-    (`always`: the process even at k = 0, each batch then sampled after the update before it: the lockstep test
-    that the process reproduces the synchronous loop bit for bit)."""
+def start_generator(run: Run, always: bool = False) -> Generator | None:
+    """max_staleness k > 0: the generator process (rollout/overlap.py), started; `feed_generator` gives it work.
+    None for the synchronous loop (`always`: the process even at k = 0, each batch then sampled after the update
+    before it: the lockstep test that the process reproduces the synchronous loop bit for bit)."""
     cfg = run.cfg
     if not (cfg.max_staleness or always):
         return None
-    gen = Generator(run.model, run.tokenizer, cfg.rollout_backend, cfg.rollout_merge_lora, cfg.max_staleness,
-                    cfg.generator_timeout, cfg.num_threads, after=state.step)
+    return Generator(run.model, run.tokenizer, cfg.rollout_backend, cfg.rollout_merge_lora, cfg.max_staleness,
+                     cfg.generator_timeout, cfg.num_threads)
+
+
+def feed_generator(run: Run, state: LoopState, gen: Generator, sampling: SamplingParams) -> None:
+    """Once the loop knows where it starts (a resume): the batches a checkpoint kept restored, the current weights
+    pushed, and the batches up to k steps ahead submitted."""
+    gen.last_step = state.step
     gen.restore(state.pending)
     state.pending, state.generator = [], gen
     gen.push(run.model, state.step)
     gen.resubmit([[run.train_prompts[i] for i in b.rows] for b in gen.unsent], sampling)
     submit_ahead(run, state, gen, sampling, done=state.step)
-    return gen
 
 
 def submit_ahead(run: Run, state: LoopState, gen: Generator, sampling: SamplingParams, done: int) -> None:
@@ -449,11 +452,19 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
     state = LoopState(PromptSampler(len(run.train_set), cfg.seed))
     sampling = SamplingParams(n=G, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                               top_p=cfg.top_p, top_k=cfg.top_k, stop=stop_strings(cfg), turns=multi_turn(cfg))
-    monitor = start_loop(run, opt, state, show_progress)  # resume, or evaluate before training
-    # max_staleness k > 0: a generator process samples the next k batches while this one trains
-    generator = start_generator(run, state, sampling)
-    if generator is None:
-        sample_kept(run, state, sampling)
+    # max_staleness k > 0: a generator process samples the next k batches while this one trains; started before
+    # the evaluation start_loop runs, so that its start-up (seconds of imports) happens meanwhile
+    generator = start_generator(run)
+    try:
+        monitor = start_loop(run, opt, state, show_progress)  # resume, or evaluate before training
+    except BaseException:
+        if generator is not None:
+            generator.close()
+        raise
+    if generator is not None:
+        feed_generator(run, state, generator, sampling)
+    else:
+        sample_kept(run, state, sampling)  # resumed at k = 0 from a checkpoint of overlapped rollouts
 
     # Ctrl-C: finish the step, save a checkpoint, stop; again: stop at once. An error closes the monitor (and
     # stops the generator).

@@ -88,13 +88,13 @@ class Generator:
     """The generator process and its queues, used as a context manager (the process is stopped on leaving).
 
     `submit` queues a batch (sampled in order), `take` returns the oldest one (waiting at most `timeout` seconds),
-    `push` hands over the trainable weights after an update; `after` is the last step done (a resumed run's).
+    `push` hands over the trainable weights after an update.
     `state_dict` returns the batches not taken yet (a checkpoint keeps them: the data order has already moved past
     their prompts): generated, or, those to be sampled with the weights pushed last (the checkpoint's), as requests
     a resume samples again (`restore`, `resubmit`); older ones in flight are waited for."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, backend: str, merge_lora: bool, ahead: int,
-                 timeout: float, threads: int, after: int = 0) -> None:
+                 timeout: float, threads: int) -> None:
         self.ahead, self.timeout = ahead, timeout
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         # The child's policy: frozen weights are the trainer's own tensors (the memo hands them to the copy as
@@ -127,7 +127,7 @@ class Generator:
         del child_model  # the child holds it now; ours would keep a second copy of the trainable weights
         self.inflight: collections.deque[Batch] = collections.deque()  # submitted, not yet come back
         self.ready: collections.deque[Batch] = collections.deque()  # come back (or restored), not taken
-        self.last_step = after  # the last step a batch was submitted or restored for (or that was done)
+        self.last_step = 0  # the last step a batch was submitted or restored for (or done: a resume sets it)
         self.version = -1  # the last version pushed
         self.unsent: list[Batch] = []  # restored requests, to be submitted again once their version is pushed
 
@@ -205,6 +205,7 @@ class Generator:
                                          f"from outside, or out of memory: see the system log)") from None
                 if time.monotonic() >= deadline:
                     self._dump_stacks()
+                    self.proc.kill()  # stuck: asking it to stop would wait in vain
                     self.close()
                     raise GeneratorError(f"the generator process sent no batch for step {batch.step} in "
                                          f"{self.timeout:g} s (generator_timeout) and was stopped (its stacks, if it "
