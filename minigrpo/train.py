@@ -364,14 +364,15 @@ def take_ahead(run: Run, step: int, state: LoopState, generator: Generator | Non
     """The batch of `step` if it was sampled ahead: by the generator process, or before a resume (the checkpoint
     kept it, and the data order is past its prompts). None: the loop samples it now."""
     if state.pending:  # a run resumed with max_staleness 0 from a checkpoint of overlapped rollouts
-        return saved_batch(state.pending.pop(0))
-    if generator is None:
+        batch = saved_batch(state.pending.pop(0))
+    elif generator is None:
         return None
-    try:
-        with generator_errors(run, step):
-            batch = generator.take()
-    except NonFiniteError as e:
-        raise overflow_error(run, step, e) from e
+    else:
+        try:
+            with generator_errors(run, step):
+                batch = generator.take()
+        except NonFiniteError as e:
+            raise overflow_error(run, step, e) from e
     if batch.step != step:  # batches are taken in order: a bug if not
         raise RuntimeError(f"step {step} took the batch of step {batch.step}")
     return batch
@@ -454,17 +455,18 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
                               top_p=cfg.top_p, top_k=cfg.top_k, stop=stop_strings(cfg), turns=multi_turn(cfg))
     # max_staleness k > 0: a generator process samples the next k batches while this one trains; started before
     # the evaluation start_loop runs, so that its start-up (seconds of imports) happens meanwhile
-    generator = start_generator(run)
+    generator, monitor = start_generator(run), None
     try:
         monitor = start_loop(run, opt, state, show_progress)  # resume, or evaluate before training
-    except BaseException:
         if generator is not None:
-            generator.close()
+            feed_generator(run, state, generator, sampling)
+        else:
+            sample_kept(run, state, sampling)  # resumed at k = 0 from a checkpoint of overlapped rollouts
+    except BaseException:
+        for opened in (generator, monitor):
+            if opened is not None:
+                opened.close()
         raise
-    if generator is not None:
-        feed_generator(run, state, generator, sampling)
-    else:
-        sample_kept(run, state, sampling)  # resumed at k = 0 from a checkpoint of overlapped rollouts
 
     # Ctrl-C: finish the step, save a checkpoint, stop; again: stop at once. An error closes the monitor (and
     # stops the generator).

@@ -31,6 +31,7 @@ import os
 import pickle
 import queue
 import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -106,12 +107,13 @@ class Generator:
         for slot in self.slots:
             for t in slot.values():
                 t.share_memory_()
+        self.tags = torch.full((ahead + 1,), -1, dtype=torch.long).share_memory_()  # each slot's version
         raise_open_files_limit()  # every tensor shared with the child holds a file descriptor
         ctx = mp.get_context("spawn")
         self.requests, self.results = ctx.Queue(), ctx.Queue()
         self.proc = ctx.Process(target=serve, name="minigrpo-generator", daemon=True,
-                                args=(child_model, tokenizer, backend, merge_lora, self.slots, self.requests,
-                                      self.results, threads, os.getpid()))
+                                args=(child_model, tokenizer, backend, merge_lora, self.slots, self.tags,
+                                      self.requests, self.results, threads, os.getpid()))
         # The trainer's signals (Ctrl-C, SIGTERM, SIGUSR1: finish the step, save, stop) are blocked while the child
         # starts, so that it inherits them blocked and ignores them before it unblocks them (serve).
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, TRAINER_SIGNALS) if hasattr(signal, "pthread_sigmask") \
@@ -130,7 +132,19 @@ class Generator:
         self.last_step = 0  # the last step a batch was submitted or restored for (or done: a resume sets it)
         self.version = -1  # the last version pushed
         self.unsent: list[Batch] = []  # restored requests, to be submitted again once their version is pushed
+        # The queue's messages are read whole by a thread: a message half written by a process that then froze
+        # would block a reader forever, and the wait for `received` keeps its time limit.
+        self.received: queue.Queue[tuple] = queue.Queue()
+        threading.Thread(target=self._read, name="minigrpo-generator-reader", daemon=True).start()
 
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self.results.get()
+            except (EOFError, OSError, ValueError):  # the process died mid-message, or the queue was closed
+                self.received.put(("gone", None))
+                return
+            self.received.put(message)
     def __enter__(self) -> Generator:
         return self
 
@@ -140,13 +154,19 @@ class Generator:
     def push(self, model: torch.nn.Module, version: int) -> float:
         """Copy the trainable weights after update `version` into its slot; returns the seconds it took."""
         t0 = time.perf_counter()
-        slot, self.version = self.slots[version % len(self.slots)], version
+        index = version % len(self.slots)
+        # a batch still to be sampled from this slot's older version is waited for first (after a resume with a
+        # smaller k, restored batches can reach further ahead than k + 1 slots cover)
+        while any(b.version != version and b.version % len(self.slots) == index for b in self.inflight):
+            self._receive()
+        slot, self.version = self.slots[index], version
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in slot:
                     slot[name].copy_(p.detach())
         if any(t.is_cuda for t in slot.values()):  # the copies are asynchronous: done before the child reads them
             torch.cuda.synchronize()
+        self.tags[index] = version
         return time.perf_counter() - t0
 
     def submit(self, batch: Batch, prompts: list[str], params: SamplingParams) -> None:
@@ -193,10 +213,13 @@ class Generator:
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                message = self.results.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+                message = self.received.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+                if message[0] == "gone":
+                    raise queue.Empty
                 break
             except queue.Empty:
-                if not self.proc.is_alive() and self.results.empty():  # (its last message may have just come)
+                self.proc.join(timeout=0.1 if self.proc.is_alive() else 0)  # (a dying process: its exit code)
+                if not self.proc.is_alive() and self.received.empty():  # (its last message may have just come)
                     code = self.proc.exitcode
                     how = (f"signal {signal.Signals(-code).name}" if code is not None and code < 0
                            else f"exit code {code}")
@@ -250,7 +273,8 @@ TRAINER_SIGNALS = {signal.SIGINT, signal.SIGTERM, *([signal.SIGUSR1] if hasattr(
 
 
 def serve(model: torch.nn.Module, tokenizer: Any, backend: str, merge_lora: bool,
-          slots: list[dict[str, torch.Tensor]], requests: Any, results: Any, threads: int, parent: int) -> None:
+          slots: list[dict[str, torch.Tensor]], tags: torch.Tensor, requests: Any, results: Any, threads: int,
+          parent: int) -> None:
     """The generator process: load the requested version's weights, sample, send the rollout back; in order.
     Ctrl-C, SIGTERM and SIGUSR1 are the trainer's to handle (it finishes its step, saves, and stops this process);
     the process ends when asked, when it fails (its traceback sent), or when the trainer is gone.
@@ -281,9 +305,14 @@ def serve(model: torch.nn.Module, tokenizer: Any, backend: str, merge_lora: bool
         step, version, prompts, params_ = message
         try:
             if version != loaded:
+                index = version % len(slots)
+                before = int(tags[index])
                 with torch.no_grad():
-                    for name, t in slots[version % len(slots)].items():
+                    for name, t in slots[index].items():
                         params[name].copy_(t)
+                if before != version or int(tags[index]) != version:  # a bug in the trainer's slot bookkeeping
+                    raise RuntimeError(f"weight slot {index} held version {before} -> {int(tags[index])} while "
+                                       f"step {step} asked for version {version}")
                 loaded = version
             t0 = time.perf_counter()
             ro = rollout.generate(backend, model, tokenizer, prompts, params_, merge_lora)

@@ -5,6 +5,7 @@ SIGTERM, and a generator that dies or hangs stops the run with a clear message i
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 from minigrpo import train as train_module
 from minigrpo.api import GRPOTrainer
+from minigrpo.checkpoint import write_checksums
 from minigrpo.cli import main
 from minigrpo.config import Config
 from minigrpo.errors import ConfigError, TrainingStopped
@@ -190,7 +192,10 @@ def test_a_dead_generator_stops_the_run_with_a_clear_error(tmp_path, capsys):
     assert code == 3, out
     message = out.out + out.err
     assert "the generator process" in message and "died (signal SIGKILL)" in message, message
-    assert "step " in message and "no checkpoint yet" in message  # step 1's checkpoint waits for its batch 3
+    # killed during step 1: step 1's checkpoint waits for batch 2 (version 0) unless it came back before the kill;
+    # the message names the step and the last checkpoint either way
+    assert re.search(r"step [123]: the generator process", message), message
+    assert "no checkpoint yet" in message or "the last checkpoint is" in message, message
     assert time.time() - t0 < 120
 
 
@@ -254,3 +259,23 @@ def test_a_run_resumed_with_another_max_staleness_goes_on_in_order(tmp_path, bef
     assert [r["rollout/staleness"] for r in rows] == staleness
     if after == 0 and before:  # resumed at k = 0, the batch of step 4 still not taken when step 3 saved
         assert [b["step"] for b in torch.load(run / "checkpoint-3" / "pending-0.pt", weights_only=False)] == [4]
+
+
+def test_a_batch_kept_as_a_request_is_sampled_again_with_the_checkpoints_weights(tmp_path):
+    """A checkpoint does not wait for batches still being sampled with its own weights: it keeps them as requests,
+    and a resume samples them again with those weights. Made certain here (a request whatever the timing), the
+    resumed run ends with the uninterrupted run's weights."""
+    base = dict(max_steps=4, eval_limit=0, per_device_train_batch_size=32, save_steps=0, max_staleness=1,
+                use_peft=True, learning_rate=1e-3)
+    GRPOTrainer(args=Config(**base, output_dir=str(tmp_path / "straight"))).train()
+    run = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match="interrupted: checkpoint of step 2"):
+        GRPOTrainer(args=Config(**base, output_dir=str(run)), callbacks=[StopAtStep2()]).train()
+    kept = torch.load(run / "checkpoint-2" / "pending-0.pt", weights_only=False)
+    assert [(b["step"], b["version"]) for b in kept] == [(3, 1), (4, 2)]  # batch 4: the checkpoint's weights
+    kept[-1]["rollout"] = None
+    torch.save(kept, run / "checkpoint-2" / "pending-0.pt")
+    write_checksums(run / "checkpoint-2")
+    assert main(["train", "--resume", str(run)]) == 0
+    assert _same_weights(load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"),
+                         load_file(run / "adapter" / "adapter_model.safetensors"))
