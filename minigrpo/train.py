@@ -73,12 +73,19 @@ def rollout_and_score(cfg: Config, model: torch.nn.Module, tokenizer: Any, examp
                       prompts: list[str], reward_funcs: list[tuple[str, Callable, float]],
                       sampling: SamplingParams, guard: RewardGuard | None = None) -> Scored:
     """Sample G completions per prompt, then score each with every reward function (time-limited by `guard`)."""
+    ro, seconds = generate_rollout(cfg, model, tokenizer, examples, prompts, sampling)
+    return score_rollout(ro, examples, reward_funcs, sampling.n, guard, seconds)
+
+
+def generate_rollout(cfg: Config, model: torch.nn.Module, tokenizer: Any, examples: list[Example],
+                     prompts: list[str], sampling: SamplingParams) -> tuple[Rollout, float]:
+    """G completions per prompt from the configured backend, and the seconds they took."""
     t0 = time.perf_counter()
     if sampling.turns is not None:  # an environment is reset with each trajectory's row
         sampling = dataclasses.replace(sampling, turns=sampling.turns.bound([ex.columns for ex in examples],
                                                                             sampling.n))
     ro = rollout.generate(cfg.rollout_backend, model, tokenizer, prompts, sampling, cfg.rollout_merge_lora)
-    return score_rollout(ro, examples, reward_funcs, sampling.n, guard, time.perf_counter() - t0)
+    return ro, time.perf_counter() - t0
 
 
 def score_rollout(ro: Rollout, examples: list[Example], reward_funcs: list[tuple[str, Callable, float]], n: int,
@@ -266,15 +273,12 @@ def sample_batch(run: Run, state: LoopState, n: int, reward_funcs: list[tuple[st
     Every process draws the prompts of all (the same draw) and keeps its share. Each prompt samples from its
     own seed (the run's seed and its place in the data stream): its completions do not depend on what else is
     in the batch, or on which process draws them."""
-    cfg, dist = run.cfg, run.dist
     idx, seeds = draw(run, state, n)
-    try:
-        with dist.full_weights(run.model):  # ZeRO-3 / FSDP: whole weights while generating
-            return rollout_and_score(cfg, run.model, run.tokenizer, [run.train_set[i] for i in idx],
-                                     [run.train_prompts[i] for i in idx], reward_funcs,
-                                     dataclasses.replace(sampling, seeds=seeds), guard)
-    except NonFiniteError as e:  # the last update broke the weights: nothing here is worth saving
-        raise overflow_error(run, state.step + 1, e) from e
+    # ZeRO-3 / FSDP: whole weights while generating
+    with overflow_errors(run, state.step + 1), run.dist.full_weights(run.model):
+        return rollout_and_score(run.cfg, run.model, run.tokenizer, [run.train_set[i] for i in idx],
+                                 [run.train_prompts[i] for i in idx], reward_funcs,
+                                 dataclasses.replace(sampling, seeds=seeds), guard)
 
 
 def draw(run: Run, state: LoopState, n: int) -> tuple[list[int], list[int]]:
@@ -286,14 +290,20 @@ def draw(run: Run, state: LoopState, n: int) -> tuple[list[int], list[int]]:
     return idx[mine], seeds[mine]
 
 
-def overflow_error(run: Run, step: int, e: NonFiniteError) -> TrainingStopped:
-    """What to say when the policy's logits overflowed while sampling the batch of `step`."""
-    found = checkpoints(run.run_dir)
-    then = (f"resume from the last checkpoint, {found[-1][1].name}, with a lower one: --resume {run.run_dir} "
-            f"--learning_rate=... --resume_allow_changes=learning_rate") if found else \
-        "start again with a lower one (the run has no checkpoint: save_steps 0)"
-    return TrainingStopped(f"step {step}: {e} (after {step - 1} steps at learning_rate {run.cfg.learning_rate:g}): "
-                           f"an update made them so large that the model overflows. Nothing was saved; {then}")
+@contextlib.contextmanager
+def overflow_errors(run: Run, step: int) -> Iterator[None]:
+    """The policy's logits overflowing while sampling the batch of `step` (the last update broke the weights:
+    nothing here is worth saving) stops the run with what to do."""
+    try:
+        yield
+    except NonFiniteError as e:
+        found = checkpoints(run.run_dir)
+        then = (f"resume from the last checkpoint, {found[-1][1].name}, with a lower one: --resume {run.run_dir} "
+                f"--learning_rate=... --resume_allow_changes=learning_rate") if found else \
+            "start again with a lower one (the run has no checkpoint: save_steps 0)"
+        raise TrainingStopped(f"step {step}: {e} (after {step - 1} steps at learning_rate "
+                              f"{run.cfg.learning_rate:g}): an update made them so large that the model overflows. "
+                              f"Nothing was saved; {then}") from e
 
 
 def start_generator(run: Run, always: bool = False) -> Generator | None:
@@ -348,16 +358,12 @@ def sample_kept(run: Run, state: LoopState, sampling: SamplingParams) -> None:
     weights (theirs), the batches it kept as requests, as the generator process would have."""
     for i, saved in enumerate(state.pending):
         if saved["rollout"] is None:
-            t0 = time.perf_counter()
-            try:
-                with run.dist.full_weights(run.model):
-                    ro = rollout.generate(run.cfg.rollout_backend, run.model, run.tokenizer,
-                                          [run.train_prompts[r] for r in saved["rows"]],
-                                          dataclasses.replace(sampling, seeds=saved["seeds"]),
-                                          run.cfg.rollout_merge_lora)
-            except NonFiniteError as e:
-                raise overflow_error(run, state.step + 1, e) from e
-            state.pending[i] = saved | {"rollout": dataclasses.asdict(ro), "generate_s": time.perf_counter() - t0}
+            rows = saved["rows"]
+            with overflow_errors(run, state.step + 1), run.dist.full_weights(run.model):
+                ro, seconds = generate_rollout(run.cfg, run.model, run.tokenizer, [run.train_set[r] for r in rows],
+                                               [run.train_prompts[r] for r in rows],
+                                               dataclasses.replace(sampling, seeds=saved["seeds"]))
+            state.pending[i] = saved | {"rollout": dataclasses.asdict(ro), "generate_s": seconds}
 
 
 def take_ahead(run: Run, step: int, state: LoopState, generator: Generator | None) -> Batch | None:
@@ -368,11 +374,8 @@ def take_ahead(run: Run, step: int, state: LoopState, generator: Generator | Non
     elif generator is None:
         return None
     else:
-        try:
-            with generator_errors(run, step):
-                batch = generator.take()
-        except NonFiniteError as e:
-            raise overflow_error(run, step, e) from e
+        with overflow_errors(run, step), generator_errors(run, step):
+            batch = generator.take()
     if batch.step != step:  # batches are taken in order: a bug if not
         raise RuntimeError(f"step {step} took the batch of step {batch.step}")
     return batch

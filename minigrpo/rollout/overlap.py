@@ -96,7 +96,7 @@ class Generator:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, backend: str, merge_lora: bool, ahead: int,
                  timeout: float, threads: int) -> None:
-        self.ahead, self.timeout = ahead, timeout
+        self.timeout = timeout
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         # The child's policy: frozen weights are the trainer's own tensors (the memo hands them to the copy as
         # they are; the spawn moves them into shared memory), trainable ones its own copies.
