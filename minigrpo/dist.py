@@ -219,6 +219,16 @@ class Distributed:
             return t
         return self.acc.gather(t.to(self.acc.device)).to(t.device)
 
+    def gather_uneven(self, t: torch.Tensor) -> torch.Tensor:
+        """Every process's 1-D tensor, whatever its length, concatenated in process order."""
+        if not self.acc:
+            return t
+        sizes = self.gather(torch.tensor([t.numel()], device=t.device))
+        padded = torch.zeros(int(sizes.max()), dtype=t.dtype, device=t.device)
+        padded[:t.numel()] = t
+        everyone = self.gather(padded).view(len(sizes), -1)
+        return torch.cat([row[:int(n)] for row, n in zip(everyone, sizes)])
+
     def reduce_metrics(self, metrics: dict[str, float], reductions: dict[str, str] | None = None,
                        ) -> dict[str, float]:
         """Each metric over processes: the mean (each process had the same number of completions), or what

@@ -185,6 +185,7 @@ class LoopState:
     # checkpoint keeps (the data order is past their prompts), and those batches once a resume restored them
     generator: Any = None
     pending: list[dict[str, Any]] = field(default_factory=list)
+    entropy: Any = None  # GRPO's entropy coefficient (algo.EntropyControl): adaptive, it is state to resume
 
 
 @dataclass
@@ -499,6 +500,9 @@ def resume(run: Run, opt: Optimization, state: LoopState) -> bool:
     state.sampler.load_state_dict(saved["sampler"])
     state.step, state.bad_streak, state.before = done, saved["bad_streak"], saved["before"]
     state.quiet_streak = saved.get("quiet_streak", 0)
+    if state.entropy is not None and state.entropy.adaptive and "entropy_control" in saved:
+        state.entropy.coef = saved["entropy_control"]["coef"]
+        state.entropy.last_entropy = saved["entropy_control"]["last_entropy"]
     state.pending = load_pending(run, path, launched["world"])
     if dist.main:
         trim_logs(run.run_dir, done)
@@ -552,6 +556,8 @@ def save(run: Run, opt: Optimization, state: LoopState) -> Path:
              "bad_streak": state.bad_streak, "quiet_streak": state.quiet_streak, "before": state.before,
              "launch": {"strategy": dist.strategy, "world": dist.world}}
     saved |= {} if dist.saves_shards else {"optimizer": opt.optimizer.state_dict()}
+    if state.entropy is not None and state.entropy.adaptive:
+        saved["entropy_control"] = {"coef": state.entropy.coef, "last_entropy": state.entropy.last_entropy}
     weights = dist.policy_state()  # ZeRO-3 / FSDP: gathered from every process; else None
     final = run.run_dir / f"checkpoint-{state.step}"
     with disk_errors(final, f"The previous checkpoint is intact; free space and continue with {resume_hint(run)}"):

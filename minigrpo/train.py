@@ -26,7 +26,19 @@ import torch
 
 from minigrpo import rollout
 from minigrpo.agent.turns import multi_turn
-from minigrpo.algo import LOSS_TYPES, Norm, group_advantages, kl_k3, masked_mean, policy_loss, sampler_correction
+from minigrpo.algo import (
+    LOSS_TYPES,
+    EntropyControl,
+    Norm,
+    decoupled_rewards,
+    entropy_bonus,
+    group_advantages,
+    high_entropy_mask,
+    kl_k3,
+    masked_mean,
+    policy_loss,
+    sampler_correction,
+)
 from minigrpo.checkpoint import checkpoints
 from minigrpo.config import Config
 from minigrpo.dist import Distributed
@@ -155,6 +167,11 @@ class SamplerCheck:
         self.parts: list[torch.Tensor] = []  # per micro-batch: tokens, sum |d|, max |d|, sum k3, and the ratios'
         # count, sum, min, max, how many fell outside the bounds
 
+    @property
+    def level(self) -> str:
+        """Whether the correction's weights are per token or one per sequence (vespo folds them in accordingly)."""
+        return "sequence" if self.cfg.vllm_importance_sampling_mode.startswith("sequence") else "token"
+
     def weights(self, trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
                 ) -> torch.Tensor | None:
         """Record one micro-batch [b, C]; the correction's weights [b, C], or None when it is off."""
@@ -204,13 +221,14 @@ class SamplerCheck:
 def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, advantages: torch.Tensor,
                   loss_mask: torch.Tensor, cfg: Config, optimizer: torch.optim.Optimizer,
                   scheduler: Any, dist: Distributed | None = None, wrapped: torch.nn.Module | None = None,
-                  stale: bool = False) -> dict[str, float]:
+                  stale: bool = False, entropy_control: EntropyControl | None = None) -> dict[str, float]:
     """num_iterations clipped-surrogate updates on one rollout; returns the step's loss statistics.
 
     With several processes, `wrapped` is the strategy's model (DDP, DeepSpeed or FSDP: each averages gradients
     over processes): the normalising counts are the global ones and each loss is scaled by the world size,
     so the gradient is the one-process gradient of the whole global batch. `stale`: the rollout was sampled by an
-    older policy (overlapped rollouts): its log-probs correct the loss whatever the backend."""
+    older policy (overlapped rollouts): its log-probs correct the loss whatever the backend. `entropy_control`: the
+    entropy bonus's coefficient (default: cfg's, fixed), updated after each optimizer step when adaptive."""
     dist, wrapped = dist or Distributed(), wrapped or model
     input_ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)  # [B, P+C]
     attention = torch.cat([ro.prompt_mask, ro.completion_mask.long()], 1)  # [B, P+C]
@@ -231,10 +249,15 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
     old_logp: list[torch.Tensor | None] = [None] * len(micro)
     sampler, weights = SamplerCheck(cfg, stale), [None] * len(micro)  # the backend's log-probs against the trainer's
     sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "ratio": 0.0}
+    if cfg.top_entropy_quantile < 1:
+        sums["entropy_kept"] = 0.0
+    if cfg.off_policy_mask_threshold is not None:
+        sums["off_policy_masked"] = 0.0
+    control = entropy_control or EntropyControl(cfg.entropy_coef)
     params, grad_norms, skipped = trainable_parameters(model), [], 0
     model.train()
     for _ in range(cfg.num_iterations):
-        finite = True  # a non-finite loss skips the update, as a non-finite gradient does
+        finite, coef, measured = True, control.applied(), [0.0, 0.0]  # a non-finite loss skips the update
         for j, s in enumerate(micro):
             logp, entropy = policy_logprobs(wrapped, input_ids[s], attention[s], C, cfg.temperature, group_size,
                                             cfg.logprob_chunk_size, None if targets is None else targets[s])
@@ -242,11 +265,27 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
                 old_logp[j] = logp.detach()  # (up to the backend's numerics: compared here, corrected for vLLM)
                 if ro.logprobs is not None:
                     weights[j] = sampler.weights(old_logp[j], ro.logprobs[s], ro.generated_mask[s])
+            selected = None  # the top entropy quantile of the micro-batch's valid tokens, over every process
+            if cfg.top_entropy_quantile < 1:
+                pooled = dist.gather_uneven(entropy.detach()[loss_mask[s].bool()])
+                selected = high_entropy_mask(entropy, loss_mask[s], cfg.top_entropy_quantile, pooled)
             out = policy_loss(logp, old_logp[j], advantages[s], loss_mask[s], epsilon=cfg.epsilon,
                               epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logp=ref_logp[j],
                               level=cfg.importance_sampling_level, dual_clip=cfg.dual_clip,
-                              sampler_weights=weights[j])
+                              sampler_weights=weights[j], sampler_level=sampler.level, loss_mode=cfg.loss_mode,
+                              delta=cfg.delta, sapo_temperatures=(cfg.sapo_temperature_pos, cfg.sapo_temperature_neg),
+                              vespo_params=(cfg.vespo_k_pos, cfg.vespo_lambda_pos, cfg.vespo_k_neg,
+                                            cfg.vespo_lambda_neg),
+                              unbiased_kl=cfg.use_bias_correction_kl,
+                              off_policy_threshold=cfg.off_policy_mask_threshold,
+                              sampler_logp=None if ro.logprobs is None else ro.logprobs[s], token_mask=selected)
             loss = LOSS_TYPES[cfg.loss_type](out.per_token, loss_mask[s], norm)
+            chosen = loss_mask[s] if selected is None else loss_mask[s] * selected  # the bonus's tokens
+            if coef:  # entropy bonus: the batch's mean token entropy, whatever the aggregation
+                loss = loss - coef * entropy_bonus(entropy, chosen, norm)
+            if control.adaptive:  # the entropy the controller steers: over the bonus's tokens
+                measured[0] += float((entropy.detach() * chosen).sum())
+                measured[1] += float(chosen.sum())
             # the strategy averages over processes; the norm already counts them all
             dist.backward(loss * dist.world, last=j == len(micro) - 1)
             # token-weighted over the global batch: the mean over processes of these is the global token mean
@@ -255,14 +294,19 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
             finite = finite and math.isfinite(value)
             sums["loss"] += value * dist.world / cfg.num_iterations  # averaged over processes: the total
             for key, value in (("kl", out.kl), ("clip_ratio", out.clipped), ("entropy", entropy.detach()),
-                               ("ratio", out.ratio)):
+                               ("ratio", out.ratio), ("entropy_kept", selected),
+                               ("off_policy_masked", None if out.kept is None else 1 - out.kept.expand_as(logp))):
                 if value is not None:
                     sums[key] += masked_mean(value, loss_mask[s]).item() * share
         grad_norm, applied = dist.step(optimizer, params, cfg.max_grad_norm, finite)  # clip; a non-finite
         grad_norms.append(grad_norm)  # loss or gradient would poison the weights: that update is skipped
         skipped += not applied
         step_schedule(scheduler)  # skipped updates count too
-    return {f"train/{k}": v for k, v in sums.items()} | sampler.metrics() | {
+        if control.adaptive:  # the next update's coefficient, from this batch's entropy over every process
+            entropy_sum, count = dist.sum(measured)
+            control.update(entropy_sum / max(count, 1))
+    coefficient = {"train/entropy_coef": coef} if cfg.entropy_coef or cfg.use_adaptive_entropy else {}
+    return {f"train/{k}": v for k, v in sums.items()} | sampler.metrics() | coefficient | {
         "train/grad_norm": sum(grad_norms) / len(grad_norms), "train/skipped_updates": float(skipped)}
 
 
@@ -453,7 +497,9 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
     # The strategy (DDP, DeepSpeed, FSDP with several processes) takes the model and optimizer; the loss pass
     # goes through opt.wrapped. One plain process: wrapped is the model.
     opt = prepare_training(run, cfg.max_steps * cfg.num_iterations)
-    state = LoopState(PromptSampler(len(run.train_set), cfg.seed))
+    state = LoopState(PromptSampler(len(run.train_set), cfg.seed),
+                      entropy=EntropyControl(cfg.entropy_coef, cfg.use_adaptive_entropy, cfg.entropy_target,
+                                             cfg.entropy_coef_delta, cfg.entropy_coef_min, cfg.entropy_coef_max))
     sampling = SamplingParams(n=G, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                               top_p=cfg.top_p, top_k=cfg.top_k, stop=stop_strings(cfg), turns=multi_turn(cfg))
     # max_staleness k > 0: a generator process samples the next k batches while this one trains; started before
@@ -507,8 +553,18 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
             rewards = torch.tensor([r if r is not None else 0.0 for r in totals], dtype=torch.float32)
             # Over the global batch (every process's rewards, in process order), then this process's rows:
             # per group it is the same thing, and scale_rewards: batch takes the std of the whole batch.
-            advantages, zero_std = group_advantages(dist.gather(rewards), dist.gather(valid), G,
-                                                    cfg.scale_rewards, cfg.std_floor)
+            if cfg.multi_objective_aggregation == "normalize_then_sum":  # GDPO: each function normalised first
+                per_func = torch.tensor([[math.nan if v is None else v for v in scored.per_func[name]]
+                                         for name, _, _ in reward_funcs], dtype=torch.float32).T  # [B, K]
+                weights = torch.tensor([w for _, _, w in reward_funcs])
+                decoupled = decoupled_rewards(dist.gather(per_func), weights, G)  # NaN: skipped (valid 0)
+                advantages, zero_std = group_advantages(decoupled.nan_to_num(0.0), dist.gather(valid), G, "batch",
+                                                        cfg.std_floor)
+            else:  # loss tokens per completion: REINFORCE++ whitens over tokens
+                lengths = ro.generated_mask.sum(1).float().cpu()
+                advantages, zero_std = group_advantages(dist.gather(rewards), dist.gather(valid), G,
+                                                        cfg.scale_rewards, cfg.std_floor, estimator=cfg.adv_estimator,
+                                                        lengths=dist.gather(lengths))
             mine = slice(dist.rank * len(rewards), (dist.rank + 1) * len(rewards))
             advantages, zero_std = advantages[mine], zero_std[mine.start // G:mine.stop // G]
             keep = valid * (~zero_std).float().repeat_interleave(G) if cfg.drop_zero_std_groups else valid
@@ -519,7 +575,7 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
             # ---- 5. loss and update (reference and old log-probs inside) ----------------------------------
             stale = ahead is not None and ahead.version < step - 1  # sampled by an older policy: corrected
             stats = update_policy(model, ref, ro, advantages.to(device), loss_mask, cfg, opt.optimizer,
-                                  opt.scheduler, dist, opt.wrapped, stale=stale)
+                                  opt.scheduler, dist, opt.wrapped, stale=stale, entropy_control=state.entropy)
             t_trained, push_s = time.perf_counter(), 0.0
             if generator is not None:  # the new weights, and the batch k steps ahead sampled with them
                 push_s = generator.push(model, step)

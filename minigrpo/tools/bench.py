@@ -409,3 +409,60 @@ def bench_overlap(config: dict[str, Any], max_staleness: int = 1, seeds: tuple[i
     return {"settings": {"config": config, "max_staleness": max_staleness, "seeds": list(seeds), "target": target,
                          "warmup_steps_dropped": warmup_steps},
             "results": results, "overlapped_over_sync": ratios}
+
+
+# The comparison of issue 22: name -> the keys that differ from the base config. The surrogates and options all act
+# through the ratio, which is exactly 1 when each batch is used once on-policy: the base trains num_iterations 2.
+ALGO_VARIANTS: dict[str, dict[str, Any]] = {
+    "vanilla (dapo)": {},
+    "loss_type grpo": {"loss_type": "grpo"},
+    "Dr. GRPO": {"loss_type": "dr_grpo", "scale_rewards": "none"},
+    "GSPO": {"importance_sampling_level": "sequence"},
+    "LUSPO": {"loss_type": "luspo", "importance_sampling_level": "sequence"},
+    "CISPO (eps_high 5)": {"loss_mode": "cispo", "epsilon_high": 5.0},
+    "SAPO": {"loss_mode": "sapo"},
+    "VESPO": {"loss_mode": "vespo"},
+    "delta 1.5 (eps_high 0.28)": {"epsilon_high": 0.28, "delta": 1.5},
+    "beta 0.04 (k3)": {"beta": 0.04},
+    "beta 0.04, unbiased KL": {"beta": 0.04, "use_bias_correction_kl": True},
+    "entropy bonus 0.01": {"entropy_coef": 0.01},
+    "adaptive entropy (target 0.2)": {"use_adaptive_entropy": True},
+    "top 20% entropy tokens": {"top_entropy_quantile": 0.2},
+    "off-policy mask 0.5": {"off_policy_mask_threshold": 0.5},
+    "RLOO": {"adv_estimator": "rloo"},
+    "REINFORCE++": {"adv_estimator": "reinforce_plus_plus"},
+    "REINFORCE++ baseline": {"adv_estimator": "reinforce_plus_plus_baseline"},
+    "GRPO pass@k": {"adv_estimator": "grpo_passk"},
+    "2 rewards, sum then normalise": {"reward_funcs": ["correctness", "format_strict"]},
+    "2 rewards, GDPO": {"reward_funcs": ["correctness", "format_strict"],
+                        "multi_objective_aggregation": "normalize_then_sum"},
+}
+
+
+def bench_algo(config: dict[str, Any], variants: dict[str, dict[str, Any]], seeds: tuple[int, ...] = (1, 2, 3),
+               log: Any = None) -> dict[str, Any]:
+    """Each variant (keys over `config`) once per seed, each run in a fresh process, interleaved (seed 1: every
+    variant, then seed 2, ...: drifts of the machine's load fall on all alike): the held-out figure after the run
+    (per seed, and the median at every evaluation step), median wall time of a run (set-up and evaluations included) and its ratio to
+    the first variant's, median step time."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for seed in seeds:
+        for name, keys in variants.items():
+            result = run_isolated("train", {"config": config | keys | {"seed": seed}}, 0.0)
+            runs[name].append(result)
+            if log:
+                log(f"seed {seed} {name}: held-out {result['evals'][-1][2] if result['evals'] else None}, "
+                    f"run {result['run_s']:.1f} s")
+    first = next(iter(variants))
+    base_s = statistics.median(r["run_s"] for r in runs[first])
+    results = {}
+    for name, rs in runs.items():
+        finals = [r["evals"][-1][2] if r["evals"] else float("nan") for r in rs]
+        steps = sorted({step for r in rs for step, _, _ in r["evals"]})
+        at = {step: [next((v for s, _, v in r["evals"] if s == step), float("nan")) for r in rs] for step in steps}
+        results[name] = {"keys": variants[name], "held_out": finals, "median_held_out": statistics.median(finals),
+                         "median_held_out_at": {step: statistics.median(vs) for step, vs in at.items()},
+                         "run_s": [round(r["run_s"], 1) for r in rs],
+                         "run_s_ratio": statistics.median(r["run_s"] for r in rs) / base_s,
+                         "median_step_s": statistics.median(t for r in rs for t in r["step_s"][1:] or r["step_s"])}
+    return {"settings": {"config": config, "seeds": list(seeds)}, "results": results}

@@ -84,7 +84,11 @@ def _assert_same_weights(a_dir, b_dir, atol=1e-4, stray=None):
     _engine("ddp", "grpo", ("--scale_rewards=batch",), False),  # grpo's per-sequence mean; the gathered batch's std
     _engine("zero2", "dapo", (), True), _engine("zero3", "grpo", ("--beta=0.04",), True),
     # overlapped rollouts: a generator process per training process, each sampling its share one step ahead
-    _engine("ddp", "dapo", ("--max_staleness=1",), "crash")])
+    _engine("ddp", "dapo", ("--max_staleness=1",), "crash"),
+    # issue 22: the entropy quantile over both processes' tokens, REINFORCE++ whitened over the global batch, the
+    # adaptive entropy coefficient carried by the checkpoint
+    _engine("ddp", "dapo", ("--top_entropy_quantile=0.5", "--use_adaptive_entropy=true", "--entropy_coef=0.01",
+                            "--entropy_target=10", "--adv_estimator=reinforce_plus_plus"), True)])
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, engine, loss_type, extra, resume):
     """3 steps in one process against 3 in two on the same 16 completions per step; with `resume` the two-process
     run stops after 2 (a checkpoint each step) and a second launch resumes it to 3: one launch per engine less than
@@ -136,6 +140,8 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, engine, loss
         assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-4)
         assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-3)
         assert a["rollout/staleness"] == b["rollout/staleness"]
+        for key in ("train/entropy_coef", "train/entropy_kept"):  # issue 22's case: the same selection and control
+            assert a.get(key) == pytest.approx(b.get(key), abs=1e-6), key
 
 
 def test_dynamic_sampling_with_two_processes(tmp_path):

@@ -1,11 +1,13 @@
 """Property tests (hypothesis) of the GRPO math: centred advantages, k3 >= 0, padding never matters."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minigrpo.algo import LOSS_TYPES, Norm, group_advantages, kl_k3, policy_loss
+from minigrpo.algo import LOSS_TYPES, Norm, group_advantages, high_entropy_mask, kl_k3, policy_loss
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -95,3 +97,58 @@ def test_loss_ignores_masked_positions(case, level, dual_clip, beta):
     noise = torch.where(keep, out.per_token, case["other"]["logp"] * 1e3)
     for name, agg in LOSS_TYPES.items():
         assert torch.equal(agg(noise, mask, norm), base[name]), name
+
+
+@SETTINGS
+@given(grouped_rewards(), st.data())
+def test_rloo_advantages_are_leave_one_out(case, data):
+    G, values = case
+    valid = data.draw(st.lists(st.sampled_from([1.0, 1.0, 1.0, 0.0]), min_size=len(values), max_size=len(values)))
+    rewards, v = torch.tensor(values, dtype=torch.float64), torch.tensor(valid, dtype=torch.float64)
+    adv, zero_std = group_advantages(rewards, v, G, estimator="rloo")
+    for g in range(len(values) // G):
+        idx = [i for i in range(g * G, (g + 1) * G) if valid[i]]
+        scale = max([1.0] + [abs(values[i]) for i in idx])
+        assert abs(sum(adv[i].item() for i in idx)) <= 1e-9 * scale * G  # zero-sum over the group's valid samples
+        for i in range(g * G, (g + 1) * G):
+            if not valid[i] or len(idx) < 2 or zero_std[g]:
+                assert adv[i].item() == 0.0  # skipped, alone (no other sample), or a flat group: exactly 0
+            else:  # r_i minus the mean of the others
+                others = [values[j] for j in idx if j != i]
+                assert adv[i].item() == pytest.approx(values[i] - sum(others) / len(others), rel=1e-9, abs=1e-9 * scale)
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.floats(0.0, 12.0, allow_nan=False), st.booleans()), min_size=1, max_size=80),
+       st.sampled_from([0.0, 0.05, 0.2, 0.37, 0.5, 0.8, 1.0]))
+def test_entropy_selection_keeps_exactly_the_top_quantile(tokens, rho):
+    entropy = torch.tensor([e for e, _ in tokens], dtype=torch.float64)[None]
+    mask = torch.tensor([float(m) for _, m in tokens], dtype=torch.float64)[None]
+    kept = high_entropy_mask(entropy, mask, rho)
+    assert (kept <= mask).all()  # never a masked token
+    valid = sorted(entropy[mask.bool()].tolist(), reverse=True)
+    if not valid:
+        assert kept.sum() == 0
+        return
+    n = len(valid)
+    # the (1 - rho) quantile sits at position p = (1 - rho)(n - 1) of the ascending order: n - ceil(p) tokens are
+    # above it (p an integer: the token at p itself is kept, as TRL's >=)
+    k = n - math.ceil((1 - rho) * (n - 1) - 1e-9)
+    chosen = sorted(entropy[kept.bool()].tolist(), reverse=True)
+    assert chosen[:k] == valid[:k]  # the k highest are all kept ...
+    assert all(e == valid[k - 1] for e in chosen[k:])  # ... and nothing lower, except ties with the k-th
+    assert len(chosen) >= 1 and (rho < 1 or len(chosen) == n)
+
+
+@SETTINGS
+@given(st.lists(log_prob, min_size=1, max_size=32), st.lists(log_prob, min_size=32, max_size=32))
+def test_unbiased_kl_is_zero_when_the_policies_agree(logps, olds):
+    logp = torch.tensor(logps, dtype=torch.float64)[None]
+    old = torch.tensor(olds[:len(logps)], dtype=torch.float64)[None]
+    mask = torch.ones_like(logp)
+    out = policy_loss(logp, old, torch.zeros(1, dtype=torch.float64), mask, epsilon=0.2, beta=0.1, ref_logp=logp,
+                      unbiased_kl=True)
+    assert out.kl.abs().max().item() == 0.0  # pi_theta == pi_ref: k3 is 0, whatever the ratio to pi_old
+    moved = policy_loss(logp, old, torch.zeros(1, dtype=torch.float64), mask, epsilon=0.2, beta=0.1,
+                        ref_logp=logp - 0.5, unbiased_kl=True)
+    assert (moved.kl > 0).all()  # and positive when they differ (k3 > 0, ratio > 0)

@@ -28,7 +28,18 @@ import math
 import pytest
 import torch
 
-from minigrpo.algo import LOSS_TYPES, Norm, completion_mask, group_advantages, kl_k3, policy_loss
+from minigrpo.algo import (
+    LOSS_TYPES,
+    EntropyControl,
+    Norm,
+    completion_mask,
+    decoupled_rewards,
+    entropy_bonus,
+    group_advantages,
+    high_entropy_mask,
+    kl_k3,
+    policy_loss,
+)
 from minigrpo.rollout.types import make_rollout
 from minigrpo.tasks.rewards import load_reward, soft_overlong_punishment
 from minigrpo.tiny import tiny_tokenizer
@@ -254,10 +265,12 @@ EXPECTED_LOSS = {
     "dr_grpo": dict(full=S / 24, split=S / 24, no_trunc=-3.03 * A / 24, drop=S / 24),
     # grpo: sequence means (-3.03a / 3 = -1.01a, 8.2a / 4 = 2.05a, 0, ...) summed (1.04a) / 6 sequences
     "grpo": dict(full=1.04 * A / 6, split=1.04 * A / 6, no_trunc=-1.01 * A / 6, drop=1.04 * A / 6),
+    # luspo: S / 6 sequences (each sequence's sum: its loss times its length); the denominator ignores masks
+    "luspo": dict(full=S / 6, split=S / 6, no_trunc=-3.03 * A / 6, drop=S / 6),
 }
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"])
 def test_example_loss_types(example, loss_type):
     assert set(LOSS_TYPES) == set(EXPECTED_LOSS)
     agg, want = LOSS_TYPES[loss_type], EXPECTED_LOSS[loss_type]
@@ -324,3 +337,234 @@ def test_load_reward_overlong_uses_the_run_options():
     for bad in (0, 17):
         with pytest.raises(ValueError, match="overlong_buffer"):
             load_reward("overlong", {"max_completion_length": 16, "overlong_buffer": bad})
+
+
+# ---- 2026 surrogates (loss_mode), delta, unbiased KL, masks, entropy bonus (issue 22) ------------------------------
+# On the same example: old_logp[i][t] = -(4i + t + 1) / 7 and logp = old_logp + ln r with r from RATIOS.
+
+
+def old_logp(i: int, t: int) -> float:
+    return -(4 * i + t + 1) / 7
+
+
+def new_logp(i: int, t: int) -> float:
+    return old_logp(i, t) + math.log(RATIOS[i][t])
+
+
+def test_example_cispo(example):
+    # the weight min(r, eps_high) is capped (eps_high = 1.4 here: ScaleRL's 5 would cap nothing) and carries no
+    # gradient: per token -min(r, 1.4) * A * logp
+    logp = example["logp"].clone().requires_grad_(True)
+    out = policy_loss(logp, example["old"], example["adv"], example["mask"], epsilon=EPS, epsilon_high=1.4,
+                      loss_mode="cispo")
+    m = example["mask"]
+    expected = [[-1.25 * A * new_logp(0, 0), -1.4 * A * new_logp(0, 1), -0.5 * A * new_logp(0, 2), 0.0],
+                [w * A * new_logp(1, t) for t, w in enumerate([0.7, 0.9, 1.4, 1.4])],
+                [0.0] * 4] + [[0.0] * 4] * 3  # c2..c5: A = 0, the zero-variance group included
+    close(out.per_token, expected, m)
+    # only A > 0 tokens over the cap count as clipped (TRL's cispo_clip_ratio): c0's 1.5
+    assert (out.clipped * m).tolist() == [[0, 1, 0, 0]] + [[0] * 4] * 5
+    (out.per_token * m).sum().backward()
+    # d/dlogp = -w * A: every active token keeps a gradient, the capped ones too (unlike the clipped surrogate)
+    assert logp.grad[0].tolist() == pytest.approx([-1.25 * A, -1.4 * A, -0.5 * A, 0.0], rel=1e-12)
+    assert logp.grad[1].tolist() == pytest.approx([0.7 * A, 0.9 * A, 1.4 * A, 1.4 * A], rel=1e-12)
+    assert logp.grad[2:].abs().sum().item() == 0.0
+
+
+def test_example_sapo(example):
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    logp = example["logp"].clone().requires_grad_(True)
+    out = policy_loss(logp, example["old"], example["adv"], example["mask"], epsilon=EPS, loss_mode="sapo",
+                      sapo_temperatures=(1.0, 1.05))
+    m = example["mask"]
+    # -sigmoid(tau (r - 1)) * 4 / tau * A: tau 1 for c0 (A > 0), 1.05 for c1 (A < 0)
+    pos = [-sig(r - 1) * 4 * A for r in RATIOS[0][:3]]
+    neg = [sig(1.05 * (r - 1)) * 4 / 1.05 * A for r in RATIOS[1]]
+    close(out.per_token[:2], [pos + [0.0], neg], m[:2])
+    close(out.per_token[2:], [[0.0] * 4] * 4, m[2:])  # A = 0
+    assert out.clipped.sum().item() == 0  # no hard clip
+    (out.per_token * m).sum().backward()
+    # d/dlogp = -4 sig'(tau (r - 1)) r A: at r far from 1 the gate fades (c1's 5.0: 0.06 of the vanilla gradient)
+    dsig = lambda x: sig(x) * (1 - sig(x))  # noqa: E731
+    assert logp.grad[1].tolist() == pytest.approx([4 * dsig(1.05 * (r - 1)) * r * A for r in RATIOS[1]], rel=1e-12)
+    # on-policy (r = 1) the gate's slope is 1: the gradient equals the vanilla surrogate's, -A per token
+    at_one = example["old"].clone().requires_grad_(True)
+    (policy_loss(at_one, example["old"], example["adv"], m, epsilon=EPS, loss_mode="sapo").per_token * m).sum() \
+        .backward()
+    close(at_one.grad * m, (-example["adv"][:, None] * m).tolist())
+
+
+def test_example_vespo(example):
+    m = example["mask"]
+    out = policy_loss(example["logp"], example["old"], example["adv"], m, epsilon=EPS, loss_mode="vespo",
+                      vespo_params=(2.0, 3.0, 3.0, 2.0))
+    # w = product of the active tokens' ratios; phi(w) = e^lam * w^k * e^(-lam w), phi(1) = 1
+    w0, w1 = 1.25 * 1.5 * 0.5, 0.7 * 0.9 * 1.5 * 5.0  # 0.9375 (the masked 7.0 takes no part), 4.725
+    phi0 = math.exp(3.0) * w0 ** 2 * math.exp(-3.0 * w0)  # A > 0: k 2, lambda 3
+    phi1 = math.exp(2.0) * w1 ** 3 * math.exp(-2.0 * w1)  # A < 0: k 3, lambda 2
+    expected = [[-phi0 * A * new_logp(0, t) for t in range(3)] + [0.0],
+                [phi1 * A * new_logp(1, t) for t in range(4)]] + [[0.0] * 4] * 4
+    close(out.per_token, expected, m)
+    # the sampler's weights join w in logs: a token weight of 2 on c0's first token doubles w0
+    weights = torch.ones(6, 4, dtype=torch.float64) * m
+    weights[0, 0] = 2.0
+    again = policy_loss(example["logp"], example["old"], example["adv"], m, epsilon=EPS, loss_mode="vespo",
+                        sampler_weights=weights)
+    phi0b = math.exp(3.0) * (2 * w0) ** 2 * math.exp(-3.0 * 2 * w0)
+    close(again.per_token[0], [-phi0b * A * new_logp(0, t) for t in range(3)] + [0.0], m[0])
+
+
+def test_example_delta_two_sided_clip(example):
+    m = example["mask"]
+    out = policy_loss(example["logp"], example["old"], example["adv"], m, epsilon=EPS, epsilon_high=EPS_HIGH,
+                      delta=3.0)
+    # c1 (A < 0) ratio 5.0: -min(min(5, 3) * -a, 1.28 * -a) = 3a (5a without delta); everything else unchanged
+    close(out.per_token[:2], [[-1.25 * A, -1.28 * A, -0.5 * A, 0.0], [0.8 * A, 0.9 * A, 1.5 * A, 3.0 * A]], m[:2])
+    assert out.clipped[1].tolist() == [1, 0, 0, 1]
+    logp = example["logp"].clone().requires_grad_(True)
+    (policy_loss(logp, example["old"], example["adv"], m, epsilon=EPS, epsilon_high=EPS_HIGH, delta=3.0).per_token
+     * m).sum().backward()
+    assert logp.grad[1].tolist() == pytest.approx([0.0, 0.9 * A, 1.5 * A, 0.0], rel=1e-12)  # capped: no gradient
+
+
+def test_example_luspo_with_sequence_ratios(example):
+    out = policy_loss(example["logp"], example["old"], example["adv"], example["mask"], epsilon=EPS,
+                      epsilon_high=EPS_HIGH, level="sequence")
+    r0, r1 = 0.9375 ** (1 / 3), 4.725 ** (1 / 4)
+    # each sequence's loss times its length, over 6 sequences: (3 * -r0 a + 4 * r1 a) / 6
+    norm = Norm(num_sequences=6, num_tokens=17, num_micro_batches=1, max_completion_length=C)
+    assert LOSS_TYPES["luspo"](out.per_token, example["mask"], norm).item() == pytest.approx(
+        (3 * -r0 + 4 * r1) * A / 6, rel=1e-12)
+
+
+def test_example_unbiased_kl(example):
+    m = example["mask"]
+    # reference = old policy: d = ref - logp = -ln r, k3 = 1/r + ln r - 1; unbiased: times r -> 1 + r ln r - r
+    out = policy_loss(example["logp"], example["old"], example["adv"], m, epsilon=EPS, epsilon_high=EPS_HIGH,
+                      beta=0.1, ref_logp=example["old"], unbiased_kl=True)
+    expected = [[1 + r * math.log(r) - r for r in row] for row in RATIOS]
+    close(out.kl, expected, m)
+    plain = policy_loss(example["logp"], example["old"], example["adv"], m, epsilon=EPS, epsilon_high=EPS_HIGH,
+                        beta=0.1, ref_logp=example["old"])
+    close(plain.kl, [[1 / r + math.log(r) - 1 for r in row] for row in RATIOS], m)
+    # zero where the policies agree (c3..c5 have r = 1), and wherever logp == ref
+    assert (out.kl[3:] * m[3:]).abs().sum().item() == 0.0
+    same = policy_loss(example["logp"], example["old"], example["adv"], m, epsilon=EPS, beta=0.1,
+                       ref_logp=example["logp"], unbiased_kl=True)
+    assert (same.kl * m).abs().sum().item() == 0.0
+
+
+def test_example_off_policy_mask(example):
+    m = example["mask"]
+    # sampler log-probs 0.6 above the current policy on c0 (A > 0) and c1 (A < 0), equal on the rest: only c1 is
+    # dropped (A < 0 and mean drift 0.6 > 0.5); c0 is kept whatever its drift (A >= 0)
+    sampler = example["logp"].clone()
+    sampler[:2] += 0.6
+    out = policy_loss(example["logp"], example["old"], example["adv"], m, epsilon=EPS, epsilon_high=EPS_HIGH,
+                      off_policy_threshold=0.5, sampler_logp=sampler)
+    assert out.kept[:, 0].tolist() == [1, 0, 1, 1, 1, 1]
+    close(out.per_token[:2], [[-1.25 * A, -1.28 * A, -0.5 * A, 0.0], [0.0] * 4], m[:2])
+    # without sampler log-probs the old ones stand in: c1's drift is -mean ln r = -ln(4.725) / 4 < 0.5: kept
+    out = policy_loss(example["logp"], example["old"], example["adv"], m, epsilon=EPS, epsilon_high=EPS_HIGH,
+                      off_policy_threshold=0.5)
+    assert out.kept[:, 0].tolist() == [1] * 6
+    # a threshold below c1's drift (-0.388): dropped; NaN sampler entries fall back to the old log-probs
+    nan_sampler = torch.full_like(sampler, float("nan"))
+    out = policy_loss(example["logp"], example["old"], example["adv"], m, epsilon=EPS, epsilon_high=EPS_HIGH,
+                      off_policy_threshold=0.0, sampler_logp=nan_sampler)
+    assert -math.log(4.725) / 4 < 0 and out.kept[:, 0].tolist() == [1] * 6
+    out = policy_loss(example["logp"], example["old"], example["adv"], m, epsilon=EPS, epsilon_high=EPS_HIGH,
+                      off_policy_threshold=0.0, sampler_logp=example["old"] + 1.0)
+    assert out.kept[:, 0].tolist() == [1, 0, 1, 1, 1, 1]  # c1: drift 1 - mean ln r = 0.612 > 0
+
+
+def test_example_high_entropy_selection_and_bonus(example):
+    m = example["mask"]
+    # entropies 1..24 row by row; the 17 active ones are 1 2 3 | 5 6 7 8 | 9 | 13 14 | 17 18 19 20 | 21 22 23
+    entropy = torch.arange(1, 25, dtype=torch.float64).view(6, 4)
+    # rho = 0.25: threshold = the 0.75 quantile of the 17 = sorted[12] (0.75 * 16 = 12 exactly) = 19
+    kept = high_entropy_mask(entropy, m, 0.25)
+    assert kept.tolist() == [[0] * 4, [0] * 4, [0] * 4, [0] * 4, [0, 0, 1, 1], [1, 1, 1, 0]]  # 19 20 21 22 23
+    assert kept.sum().item() == 5 == 17 - math.ceil(0.75 * 16)
+    assert high_entropy_mask(entropy, m, 0.0).tolist() == [[0] * 4] * 5 + [[0, 0, 1, 0]]  # the highest only: 23
+    assert torch.equal(high_entropy_mask(entropy, m, 1.0), m)  # all valid tokens, never a masked one (24, 4, ...)
+    # masked tokens multiply the surrogate only: c0..c1 (the only A != 0 rows) are all dropped here
+    out = policy_loss(example["logp"], example["old"], example["adv"], m, epsilon=EPS, epsilon_high=EPS_HIGH,
+                      token_mask=kept)
+    assert (out.per_token * m).abs().sum().item() == 0.0
+    # the bonus: sum of the selected entropies / the batch's 17 active tokens: (19+20+21+22+23) / 17
+    norm = Norm(num_sequences=6, num_tokens=17, num_micro_batches=1, max_completion_length=C)
+    assert entropy_bonus(entropy, m * kept, norm).item() == pytest.approx(105 / 17, rel=1e-12)
+    assert entropy_bonus(entropy, m, norm).item() == pytest.approx(
+        (6 + 26 + 9 + 27 + 74 + 66) / 17, rel=1e-12)  # every active token
+
+
+def test_adaptive_entropy_control_by_hand():
+    c = EntropyControl(0.01, adaptive=True, target=0.5, step=0.005, low=0.0, high=0.012)
+    assert c.applied() == 0.0  # no measurement yet: no bonus (TRL's conservative start)
+    c.update(0.4)  # at or below the target: up by the step, capped at the bound
+    assert c.coef == pytest.approx(0.012) and c.applied() == pytest.approx(0.012)
+    c.update(0.6)  # above: down by the step; and not applied while above the target
+    assert c.coef == pytest.approx(0.007) and c.applied() == 0.0
+    for _ in range(3):
+        c.update(0.9)
+    assert c.coef == 0.0  # floored at the lower bound
+    fixed = EntropyControl(0.03)
+    fixed.update(0.0)
+    assert fixed.applied() == 0.03 and fixed.coef == 0.03  # not adaptive: constant
+
+
+# ---- advantage estimators (adv_estimator) and GDPO ---------------------------------------------------------------
+# rewards [2, 0, 1 | 1, 1, 1]; loss tokens per completion (MASK) [3, 4, 1 | 2, 4, 3] = 17
+
+
+def test_example_rloo():
+    adv, zero_std = group_advantages(torch.tensor(REWARDS, dtype=torch.float64), torch.ones(6), G, "group",
+                                     estimator="rloo")
+    # r_i - mean of the other two: 2 - 0.5 = 1.5, 0 - 1.5 = -1.5, 1 - 1 = 0; the flat group exactly 0
+    assert adv.tolist() == [1.5, -1.5, 0.0, 0.0, 0.0, 0.0]
+    assert zero_std.tolist() == [False, True]
+    # a skipped sample takes no part: [2, -, 1] -> 2 - 1 = 1, 1 - 2 = -1, the skipped one 0
+    adv, _ = group_advantages(torch.tensor([2.0, 9.0, 1.0]), torch.tensor([1.0, 0.0, 1.0]), 3, estimator="rloo")
+    assert adv.tolist() == [1.0, 0.0, -1.0]
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+def test_example_reinforce_plus_plus(baseline):
+    lengths = torch.tensor([3.0, 4.0, 1.0, 2.0, 4.0, 3.0])
+    estimator = "reinforce_plus_plus_baseline" if baseline else "reinforce_plus_plus"
+    adv, zero_std = group_advantages(torch.tensor(REWARDS, dtype=torch.float64), torch.ones(6), G,
+                                     estimator=estimator, lengths=lengths)
+    # x = r (or r - group mean: [1, -1, 0 | 0, 0, 0]); token-weighted mean over 17 tokens:
+    #   plain: (2*3 + 0*4 + 1*(1 + 2 + 4 + 3)) / 17 = 16/17;  baseline: (3 - 4) / 17 = -1/17
+    # deviations are then 18/17 (3 tokens), -16/17 (4 tokens), 1/17 (10 tokens) in both cases, so the unbiased
+    # token variance is (3 * 18^2 + 4 * 16^2 + 10) / 17^2 / 16 = 2006 / 4624
+    std = math.sqrt(2006 / 4624 + 1e-8)
+    expected = [18 / 17 / std, -16 / 17 / std] + [1 / 17 / std] * 4
+    assert adv.tolist() == pytest.approx(expected, rel=1e-12)
+    assert zero_std.tolist() == [False, True]  # flagged, yet it moves: the baseline is the batch's
+
+
+def test_example_grpo_passk():
+    rewards = torch.tensor(REWARDS, dtype=torch.float64)
+    adv, _ = group_advantages(rewards, torch.ones(6), G, "group", estimator="grpo_passk")
+    # group 0: only its best (c0, 2) gets (2 - 1) / (std 1 + 1e-4); group 1 is flat
+    assert adv.tolist() == pytest.approx([1 / 1.0001, 0, 0, 0, 0, 0], rel=1e-12)
+    adv, _ = group_advantages(rewards, torch.ones(6), G, "none", estimator="grpo_passk")
+    assert adv.tolist() == [1.0, 0, 0, 0, 0, 0]
+    # a tie at the top has no margin: [1, 1, 0] -> 0 everywhere
+    adv, _ = group_advantages(torch.tensor([1.0, 1.0, 0.0]), torch.ones(3), 3, "none", estimator="grpo_passk")
+    assert adv.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_gdpo_decoupled_rewards_by_hand():
+    # two functions on one group of 3, weights 1 and 2: f1 = [1, 0, 0] (mean 1/3, std sqrt(1/3)),
+    # f2 = [0.5, 0.5, 0.5] (flat: std 0 -> every z 0); a row where both are missing is NaN
+    per_func = torch.tensor([[1.0, 0.5], [0.0, 0.5], [0.0, 0.5], [math.nan, math.nan], [1.0, 0.0], [1.0, 1.0]])
+    total = decoupled_rewards(per_func, torch.tensor([1.0, 2.0]), 3)
+    s = math.sqrt(1 / 3) + 1e-4
+    assert total[:3].tolist() == pytest.approx([(2 / 3) / s, (-1 / 3) / s, (-1 / 3) / s], rel=1e-6)
+    # group 2: row 3 unknown; f1 = [1, 1] flat -> 0; f2 = [0, 1]: mean 0.5, std sqrt(0.5): z = -+0.5 / (0.7072)
+    assert math.isnan(total[3].item())
+    z = 0.5 / (math.sqrt(0.5) + 1e-4)
+    assert total[4:].tolist() == pytest.approx([2 * -z, 2 * z], rel=1e-6)

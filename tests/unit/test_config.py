@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from minigrpo.cli import main
-from minigrpo.config import Config, ConfigError, load_config, parse_overrides
+from minigrpo.config import Config, ConfigError, load_config, parse_overrides, save_config
 
 
 def test_defaults_follow_trl_names():
@@ -39,7 +39,8 @@ def test_wrong_type_in_yaml_names_key_and_expected(tmp_path):
     with pytest.raises(ConfigError, match=r"num_generations: got 'eight' \(str\), expected an integer"):
         load_config(str(path))
     path.write_text("loss_type: ppo\n")
-    with pytest.raises(ConfigError, match=r"loss_type: .*one of \['grpo', 'bnpo', 'dr_grpo', 'dapo'\]"):
+    with pytest.raises(ConfigError, match=r"loss_type: .*one of \['grpo', 'bnpo', 'dr_grpo', 'dapo', 'luspo'\] "
+                                          r"\(or TRL's cispo, sapo, vespo"):
         load_config(str(path))
     path.write_text("use_peft: 3\n")
     with pytest.raises(ConfigError, match="use_peft: got 3 .* expected true or false"):
@@ -160,3 +161,41 @@ def test_temperature_zero_with_groups_is_refused_it_cannot_learn():
 def test_command_line_values_that_look_right_but_are_not(flag, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, parse_overrides([flag]))
+
+
+@pytest.mark.parametrize("loss_type, mode, aggregation", [("cispo", "cispo", "dapo"), ("sapo", "sapo", "grpo"),
+                                                          ("vespo", "vespo", "dapo")])
+def test_trl_loss_types_that_name_a_surrogate_become_two_keys(loss_type, mode, aggregation, tmp_path):
+    # TRL's loss_type mixes the surrogate and the aggregation; here they are loss_mode + loss_type (README)
+    cfg = Config(loss_type=loss_type, epsilon_high=5.0)
+    assert (cfg.loss_mode, cfg.loss_type) == (mode, aggregation)
+    cfg.validate_grpo()
+    save_config(cfg, str(tmp_path / "c.yaml"))  # the resolved pair is what a run records and resumes with
+    again = load_config(str(tmp_path / "c.yaml"))
+    assert (again.loss_mode, again.loss_type) == (mode, aggregation)
+    with pytest.raises(ConfigError, match=f"loss_type: {loss_type} .* and loss_mode: "):
+        Config(loss_type=loss_type, loss_mode="sapo" if mode != "sapo" else "cispo")
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"loss_mode": "cispo"}, "loss_mode: cispo caps the weight at epsilon_high itself .* got None"),
+    ({"loss_mode": "cispo", "epsilon_high": 0.28}, "set epsilon_high above 1, e.g. 5.0"),
+    ({"delta": 3.0, "loss_mode": "sapo"}, "delta: the two-sided clip of loss_mode vanilla"),
+    ({"delta": 1.2, "epsilon_high": 0.28}, r"delta: 1.2 must be above 1 \+ epsilon_high = 1.28"),
+    ({"dual_clip": 3.0, "loss_mode": "vespo"}, "dual_clip: bounds loss_mode vanilla's clipped loss"),
+    ({"loss_type": "luspo"}, "loss_type: luspo .* set importance_sampling_level: sequence"),
+    ({"loss_mode": "vespo", "importance_sampling_level": "sequence"}, "loss_mode: vespo weights each sequence"),
+    ({"use_bias_correction_kl": True}, "use_bias_correction_kl: corrects the KL term, and beta is 0"),
+    ({"adv_estimator": "rloo", "scale_rewards": "batch"}, "scale_rewards / std_floor: the divisor of adv_estimator"),
+    ({"adv_estimator": "reinforce_plus_plus", "std_floor": 0.1}, "reinforce_plus_plus takes no divisor"),
+    ({"multi_objective_aggregation": "normalize_then_sum", "adv_estimator": "rloo"},
+     "normalize_then_sum \\(GDPO\\) forms GRPO advantages"),
+    ({"multi_objective_aggregation": "normalize_then_sum", "scale_rewards": "none"},
+     "scale_rewards: none contradicts it"),
+    ({"entropy_coef_min": 0.5, "entropy_coef_max": 0.1}, "entropy_coef_min: 0.5 is above entropy_coef_max"),
+    ({"adv_estimator": "gae"}, r"adv_estimator: got 'gae', expected one of \['grpo', 'rloo'"),
+    ({"loss_mode": "gspo"}, r"loss_mode: got 'gspo', expected one of \['vanilla', 'cispo', 'sapo', 'vespo'\]"),
+])
+def test_algorithm_options_that_contradict_each_other_are_refused(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        Config(**kw).validate_grpo()

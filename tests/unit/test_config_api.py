@@ -26,7 +26,8 @@ def test_python_values_are_coerced_like_yaml_values():
     ("max_steps", 2.5, "max_steps: got 2.5 (float), expected an integer"),
     ("use_peft", 1, "use_peft: got 1 (int), expected true or false"),
     ("beta", True, "beta: got True (bool), expected a number"),
-    ("loss_type", "ppo", "loss_type: got 'ppo', expected one of ['grpo', 'bnpo', 'dr_grpo', 'dapo']"),
+    ("loss_type", "ppo", "loss_type: got 'ppo', expected one of ['grpo', 'bnpo', 'dr_grpo', 'dapo', 'luspo'] (or "
+                         "TRL's cispo, sapo, vespo, which set loss_mode too)"),
     ("rollout_backend", "sglang", "rollout_backend: got 'sglang', expected one of ['engine', 'hf', 'vllm']"),
 ])
 def test_wrong_values_name_the_key(key, value, message):
