@@ -443,8 +443,8 @@ def bench_algo(config: dict[str, Any], variants: dict[str, dict[str, Any]], seed
                log: Any = None) -> dict[str, Any]:
     """Each variant (keys over `config`) once per seed, each run in a fresh process, interleaved (seed 1: every
     variant, then seed 2, ...: drifts of the machine's load fall on all alike): the held-out figure after the run
-    (per seed, and the median at every evaluation step), median wall time of a run (set-up and evaluations included) and its ratio to
-    the first variant's, median step time."""
+    (per seed, and the median at every evaluation step), median wall time of a run (set-up and evaluations
+    included) and its ratio to the first variant's, median step time."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for seed in seeds:
         for name, keys in variants.items():
