@@ -13,7 +13,8 @@ Log-probs are taken from logits / temperature, the distribution the completions 
 The mask keeps completion tokens up to and including the first EOS (correct when pad == eos).
 
 Token aggregation, `loss_type` (sums run over masked tokens of the whole accumulated batch; each
-micro-batch contributes its share, so accumulation gives the same gradient as one big batch):
+micro-batch contributes its share, so accumulation gives the same gradient as one big batch, except with
+top_entropy_quantile < 1, whose quantile is the micro-batch's, as TRL's):
 
     grpo     mean over each sequence's tokens, then mean over sequences     (DeepSeekMath; length bias)
     bnpo     sum over the micro-batch's tokens / its active tokens            (per micro-batch, as TRL)
@@ -51,7 +52,7 @@ Token selection and masks (multiply the surrogate, not the KL term; the aggregat
     off_policy_mask_threshold  drop a sequence with A < 0 whose mean (logp_sampler - logp_theta) > delta
                                (DeepSeek-V3.2, 2512.02556)
 KL option `use_bias_correction_kl` (DeepSeek-V3.2): k3 * r, unbiased for samples of pi_old.
-Entropy bonus (`entropy_coef`, TRL's): loss - c * sum(H over selected tokens) / active tokens of the batch.
+Entropy bonus (`entropy_coef`, TRL's key): loss - c * sum(H over the kept tokens) / active tokens of the batch.
 Adaptive (Skywork-OR1, 2505.22312): after each update c moves by entropy_coef_delta, up while the entropy is <=
 entropy_target, down otherwise, within [entropy_coef_min, entropy_coef_max]; applied only while entropy <= target.
 
@@ -234,8 +235,7 @@ LOG_MIN_WEIGHT = math.log(1e-8)  # VESPO's clamp of log w (as its reference code
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                 epsilon: float, epsilon_high: float | None = None, beta: float = 0.0,
                 ref_logp: torch.Tensor | None = None, level: str = "token", dual_clip: float | None = None,
-                sampler_weights: torch.Tensor | None = None, sampler_level: str = "token",
-                loss_mode: str = "vanilla", delta: float | None = None,
+                sampler_weights: torch.Tensor | None = None, loss_mode: str = "vanilla", delta: float | None = None,
                 sapo_temperatures: tuple[float, float] = (1.0, 1.05),
                 vespo_params: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
                 unbiased_kl: bool = False, off_policy_threshold: float | None = None,
@@ -244,11 +244,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 
     The clip range is [1 - epsilon, 1 + epsilon_high] (epsilon_high None: epsilon); keyword-only, like every
     option here: two clip bounds side by side are too easy to swap. `sampler_weights` [B, T] (from
-    `sampler_correction`, `sampler_level` its mode's level) multiply the surrogate, not the KL term (vespo folds
-    them into its sequence weight instead). sapo_temperatures: (A > 0, A <= 0); vespo_params: (k_pos, lambda_pos,
-    k_neg, lambda_neg). off_policy_threshold: drop sequences with A < 0 whose mean log(sampler / theta) is above
-    it, the sampler's log-probs `sampler_logp` (NaN: unknown, old_logp used) or old_logp. token_mask [B, T]: the
-    tokens kept by the entropy selection (`high_entropy_mask`)."""
+    `sampler_correction`) multiply the surrogate, not the KL term (vespo multiplies its sequence ratio by their
+    product over the sequence's tokens instead: a per-token correction; config.py refuses the sequence modes).
+    sapo_temperatures: (A > 0, A <= 0); vespo_params: (k_pos, lambda_pos, k_neg, lambda_neg).
+    off_policy_threshold: drop sequences with A < 0 whose mean log(sampler / theta) is above it, the sampler's
+    log-probs `sampler_logp` (NaN: unknown, old_logp used) or old_logp. token_mask [B, T]: the tokens kept by the
+    entropy selection (`high_entropy_mask`)."""
     if loss_mode not in LOSS_MODES:
         raise ValueError(f"loss_mode: unknown {loss_mode!r}; use one of {list(LOSS_MODES)}")
     if epsilon_high is None:
@@ -284,9 +285,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     else:  # vespo: a Gamma-shaped weight of the whole sequence's ratio (a product, not a mean), no gradient
         log_w = (token_log_ratio.clamp(-20.0, 20.0) * mask).sum(1, keepdim=True)  # [B, 1]
         if sampler_weights is not None:  # the sampler's weights join the sequence ratio (in logs)
-            log_is = torch.log(sampler_weights).clamp(LOG_MIN_WEIGHT, 20.0) * mask
-            log_w = log_w + (masked_mean(log_is, mask, dim=1)[:, None] if sampler_level == "sequence"
-                             else log_is.sum(1, keepdim=True))
+            log_w = log_w + (torch.log(sampler_weights).clamp(LOG_MIN_WEIGHT, 20.0) * mask).sum(1, keepdim=True)
         log_w = log_w.clamp(LOG_MIN_WEIGHT, 20.0).detach()
         k_pos, lam_pos, k_neg, lam_neg = vespo_params
         k = torch.where(A >= 0, A.new_tensor(k_pos), A.new_tensor(k_neg))
@@ -327,8 +326,10 @@ def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float
 
 
 def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, norm: Norm) -> torch.Tensor:
-    """This micro-batch's share of the batch's mean token entropy: sum over `mask` / active tokens of the batch
-    (TRL's; the same meaning under every loss_type). Subtracted from the loss times entropy_coef."""
+    """This micro-batch's share of the bonus: the sum of its entropies over `mask` (the tokens kept) / the batch's
+    active tokens, under every loss_type (TRL's dapo / cispo / vespo form; TRL's grpo-style losses divide by the
+    kept tokens instead: with top_entropy_quantile rho < 1 this bonus is ~rho times theirs). Subtracted from the
+    loss times entropy_coef."""
     return (entropy * mask).sum() / max(norm.num_tokens, 1)
 
 

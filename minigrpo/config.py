@@ -374,14 +374,16 @@ class Config:
         if self.vllm_importance_sampling_clip_min >= self.vllm_importance_sampling_clip_max:
             raise ConfigError(f"vllm_importance_sampling_clip_min: {self.vllm_importance_sampling_clip_min} must be "
                               f"below vllm_importance_sampling_clip_max ({self.vllm_importance_sampling_clip_max})")
-        if self.rollout_backend == "vllm" and (self.vllm_importance_sampling_correction or
-                                               self.vllm_logprob_tolerance) and (self.top_p < 1 or self.top_k > 0):
+        if self.rollout_backend == "vllm" and (self.vllm_importance_sampling_correction or self.vllm_logprob_tolerance
+                                               or self.off_policy_mask_threshold is not None) \
+                and (self.top_p < 1 or self.top_k > 0):
             raise ConfigError(f"top_p: {self.top_p} / top_k: {self.top_k} with rollout_backend vllm: vLLM's "
                               f"log-probs are then over the truncated distribution and the trainer's over the whole "
                               f"vocabulary, so the sampler correction would weight every token by the kept mass, not "
-                              f"the mismatch (and vllm_logprob_tolerance would stop a healthy run). Sample with "
-                              f"top_p 1 and top_k 0, or set vllm_importance_sampling_correction: false and "
-                              f"vllm_logprob_tolerance: 0")
+                              f"the mismatch (vllm_logprob_tolerance would stop a healthy run, and "
+                              f"off_policy_mask_threshold drop sequences that did not drift). Sample with "
+                              f"top_p 1 and top_k 0, or set vllm_importance_sampling_correction: false, "
+                              f"vllm_logprob_tolerance: 0 and off_policy_mask_threshold: null")
         if self.max_staleness:
             refused = [(self.rollout_backend != "engine", f"rollout_backend {self.rollout_backend} (the generator "
                                                           f"process runs minigrpo's engine, which reports the "
@@ -438,7 +440,23 @@ class Config:
             (self.multi_objective_aggregation == "normalize_then_sum" and self.scale_rewards == "none",
              "multi_objective_aggregation: normalize_then_sum (GDPO) divides by the batch's std; scale_rewards: "
              "none contradicts it"),
-            (self.entropy_coef_min > self.entropy_coef_max,
+            (self.loss_mode == "vespo" and self.vllm_importance_sampling_correction and
+             (self.rollout_backend == "vllm" or self.max_staleness > 0) and
+             self.vllm_importance_sampling_mode.startswith("sequence"),
+             f"loss_mode: vespo multiplies its sequence ratio by the sampler's per-token weights; "
+             f"vllm_importance_sampling_mode: {self.vllm_importance_sampling_mode} gives one mean per sequence: set "
+             f"token_truncate or token_mask (as TRL requires)"),
+            (self.adv_estimator.startswith("reinforce_plus_plus") and (self.drop_zero_std_groups or
+                                                                       self.dynamic_sampling),
+             f"adv_estimator: {self.adv_estimator} has a batch baseline: a group whose rewards tie still carries "
+             f"signal, so drop_zero_std_groups / dynamic_sampling would discard it; set them false or use a group "
+             f"estimator (grpo, rloo, grpo_passk)"),
+            (self.off_policy_mask_threshold is not None and self.rollout_backend == "hf" and
+             self.num_iterations == 1 and not self.max_staleness,
+             "off_policy_mask_threshold: with rollout_backend hf (no sampler log-probs) and num_iterations 1 the "
+             "policy never drifts from the old log-probs it is compared with: the mask could never act. Use "
+             "rollout_backend engine or vllm, or num_iterations > 1"),
+            (self.use_adaptive_entropy and self.entropy_coef_min > self.entropy_coef_max,
              f"entropy_coef_min: {self.entropy_coef_min} is above entropy_coef_max ({self.entropy_coef_max})"),
         ]
         for bad, message in rules:

@@ -167,11 +167,6 @@ class SamplerCheck:
         self.parts: list[torch.Tensor] = []  # per micro-batch: tokens, sum |d|, max |d|, sum k3, and the ratios'
         # count, sum, min, max, how many fell outside the bounds
 
-    @property
-    def level(self) -> str:
-        """Whether the correction's weights are per token or one per sequence (vespo folds them in accordingly)."""
-        return "sequence" if self.cfg.vllm_importance_sampling_mode.startswith("sequence") else "token"
-
     def weights(self, trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
                 ) -> torch.Tensor | None:
         """Record one micro-batch [b, C]; the correction's weights [b, C], or None when it is off."""
@@ -254,6 +249,9 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
     if cfg.off_policy_mask_threshold is not None:
         sums["off_policy_masked"] = 0.0
     control = entropy_control or EntropyControl(cfg.entropy_coef)
+    bonus_on = bool(cfg.entropy_coef or cfg.use_adaptive_entropy)
+    if bonus_on:  # the loss without the bonus, and the coefficient each update applied
+        sums |= {"policy_loss": 0.0, "entropy_coef_applied": 0.0}
     params, grad_norms, skipped = trainable_parameters(model), [], 0
     model.train()
     for _ in range(cfg.num_iterations):
@@ -272,7 +270,7 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
             out = policy_loss(logp, old_logp[j], advantages[s], loss_mask[s], epsilon=cfg.epsilon,
                               epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logp=ref_logp[j],
                               level=cfg.importance_sampling_level, dual_clip=cfg.dual_clip,
-                              sampler_weights=weights[j], sampler_level=sampler.level, loss_mode=cfg.loss_mode,
+                              sampler_weights=weights[j], loss_mode=cfg.loss_mode,
                               delta=cfg.delta, sapo_temperatures=(cfg.sapo_temperature_pos, cfg.sapo_temperature_neg),
                               vespo_params=(cfg.vespo_k_pos, cfg.vespo_lambda_pos, cfg.vespo_k_neg,
                                             cfg.vespo_lambda_neg),
@@ -281,8 +279,8 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
                               sampler_logp=None if ro.logprobs is None else ro.logprobs[s], token_mask=selected)
             loss = LOSS_TYPES[cfg.loss_type](out.per_token, loss_mask[s], norm)
             chosen = loss_mask[s] if selected is None else loss_mask[s] * selected  # the bonus's tokens
-            if coef:  # entropy bonus: the batch's mean token entropy, whatever the aggregation
-                loss = loss - coef * entropy_bonus(entropy, chosen, norm)
+            bonus = coef * entropy_bonus(entropy, chosen, norm) if coef else 0.0  # whatever the aggregation
+            loss = loss - bonus
             if control.adaptive:  # the entropy the controller steers: over the bonus's tokens
                 measured[0] += float((entropy.detach() * chosen).sum())
                 measured[1] += float(chosen.sum())
@@ -293,6 +291,8 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
             value = loss.item()
             finite = finite and math.isfinite(value)
             sums["loss"] += value * dist.world / cfg.num_iterations  # averaged over processes: the total
+            if bonus_on:
+                sums["policy_loss"] += (value + float(bonus)) * dist.world / cfg.num_iterations
             for key, value in (("kl", out.kl), ("clip_ratio", out.clipped), ("entropy", entropy.detach()),
                                ("ratio", out.ratio), ("entropy_kept", selected),
                                ("off_policy_masked", None if out.kept is None else 1 - out.kept.expand_as(logp))):
@@ -302,10 +302,12 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
         grad_norms.append(grad_norm)  # loss or gradient would poison the weights: that update is skipped
         skipped += not applied
         step_schedule(scheduler)  # skipped updates count too
+        if bonus_on:
+            sums["entropy_coef_applied"] += coef / cfg.num_iterations
         if control.adaptive:  # the next update's coefficient, from this batch's entropy over every process
             entropy_sum, count = dist.sum(measured)
             control.update(entropy_sum / max(count, 1))
-    coefficient = {"train/entropy_coef": coef} if cfg.entropy_coef or cfg.use_adaptive_entropy else {}
+    coefficient = {"train/entropy_coef": control.coef} if bonus_on else {}  # the controller's, as TRL logs it
     return {f"train/{k}": v for k, v in sums.items()} | sampler.metrics() | coefficient | {
         "train/grad_norm": sum(grad_norms) / len(grad_norms), "train/skipped_updates": float(skipped)}
 
@@ -556,15 +558,18 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
             if cfg.multi_objective_aggregation == "normalize_then_sum":  # GDPO: each function normalised first
                 per_func = torch.tensor([[math.nan if v is None else v for v in scored.per_func[name]]
                                          for name, _, _ in reward_funcs], dtype=torch.float32).T  # [B, K]
-                weights = torch.tensor([w for _, _, w in reward_funcs])
+                weights = torch.tensor([w for _, _, w in reward_funcs], dtype=torch.float64)
                 decoupled = decoupled_rewards(dist.gather(per_func), weights, G)  # NaN: skipped (valid 0)
                 advantages, zero_std = group_advantages(decoupled.nan_to_num(0.0), dist.gather(valid), G, "batch",
                                                         cfg.std_floor)
-            else:  # loss tokens per completion: REINFORCE++ whitens over tokens
-                lengths = ro.generated_mask.sum(1).float().cpu()
+            else:  # loss tokens per completion (drop_zero_std_groups is refused with REINFORCE++, which uses them)
+                tokens = ro.generated_mask * (~ro.truncated).float()[:, None] if cfg.mask_truncated_completions \
+                    else ro.generated_mask
+                lengths = tokens.sum(1).float().cpu()
                 advantages, zero_std = group_advantages(dist.gather(rewards), dist.gather(valid), G,
                                                         cfg.scale_rewards, cfg.std_floor, estimator=cfg.adv_estimator,
                                                         lengths=dist.gather(lengths))
+            moved = bool((advantages != 0).any())  # some completion of the global batch has a learning signal
             mine = slice(dist.rank * len(rewards), (dist.rank + 1) * len(rewards))
             advantages, zero_std = advantages[mine], zero_std[mine.start // G:mine.stop // G]
             keep = valid * (~zero_std).float().repeat_interleave(G) if cfg.drop_zero_std_groups else valid
@@ -622,7 +627,7 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
                                         "advantage": advantages[i].item(), "answer": gold[i]}
                                        for i in range(min(cfg.log_completions, G))])
             # ---- 7. evaluation, checkpoint, guards (a run that learns nothing says so, and why) --------------
-            quiet = dist.sum([float(informative)])[0] == 0  # no group of the global batch carries signal
+            quiet = not moved  # no completion of the global batch has a non-zero advantage
             state.quiet_streak = state.quiet_streak + 1 if quiet else 0
             if cfg.no_signal_steps and quiet and state.quiet_streak % cfg.no_signal_steps == 0:
                 print0(f"[bold red]warning:[/] step {step}: {no_signal_cause(state.quiet_streak, scored, guard)}")

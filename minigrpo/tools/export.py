@@ -48,9 +48,9 @@ from minigrpo.errors import ConfigError
 from minigrpo.model import DTYPES, RANDOM_INITS, load_model, load_tokenizer, resolve_model_path
 
 CARD_SETTINGS = ["model", "gguf_file", "dtype", "dataset", "template", "reward_funcs", "reward_weights", "loss_type",
-                 "num_generations", "max_completion_length", "temperature", "beta", "epsilon", "learning_rate",
-                 "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "use_peft", "lora_r",
-                 "lora_alpha", "lora_target_modules", "load_in_4bit", "seed"]
+                 "loss_mode", "adv_estimator", "num_generations", "max_completion_length", "temperature", "beta",
+                 "epsilon", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
+                 "use_peft", "lora_r", "lora_alpha", "lora_target_modules", "load_in_4bit", "seed"]
 
 
 def policy_dir(run_dir: Path, checkpoint: int | None = None) -> Path:

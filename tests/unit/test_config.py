@@ -192,10 +192,34 @@ def test_trl_loss_types_that_name_a_surrogate_become_two_keys(loss_type, mode, a
      "normalize_then_sum \\(GDPO\\) forms GRPO advantages"),
     ({"multi_objective_aggregation": "normalize_then_sum", "scale_rewards": "none"},
      "scale_rewards: none contradicts it"),
-    ({"entropy_coef_min": 0.5, "entropy_coef_max": 0.1}, "entropy_coef_min: 0.5 is above entropy_coef_max"),
+    ({"entropy_coef_min": 0.5, "entropy_coef_max": 0.1, "use_adaptive_entropy": True},
+     "entropy_coef_min: 0.5 is above entropy_coef_max"),
+    ({"loss_mode": "vespo", "max_staleness": 1}, "vllm_importance_sampling_mode: sequence_mask gives one mean per "
+                                                "sequence: set token_truncate or token_mask"),
+    ({"adv_estimator": "reinforce_plus_plus_baseline", "drop_zero_std_groups": True},
+     "a group whose rewards tie still carries signal"),
+    ({"adv_estimator": "reinforce_plus_plus", "dynamic_sampling": True}, "set them false or use a group estimator"),
+    ({"off_policy_mask_threshold": 0.5, "rollout_backend": "hf"}, "the mask could never act"),
+    ({"off_policy_mask_threshold": 0.5, "rollout_backend": "vllm", "top_p": 0.9,
+      "vllm_importance_sampling_correction": False}, "off_policy_mask_threshold drop sequences that did not drift"),
     ({"adv_estimator": "gae"}, r"adv_estimator: got 'gae', expected one of \['grpo', 'rloo'"),
     ({"loss_mode": "gspo"}, r"loss_mode: got 'gspo', expected one of \['vanilla', 'cispo', 'sapo', 'vespo'\]"),
 ])
 def test_algorithm_options_that_contradict_each_other_are_refused(kw, message):
     with pytest.raises(ConfigError, match=message):
         Config(**kw).validate_grpo()
+
+
+def test_bench_algo_command_line(capsys):
+    with pytest.raises(SystemExit) as e:  # the help lists every variant by name (one had a bare % once)
+        main(["bench", "algo", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    from minigrpo.tools.bench import ALGO_VARIANTS
+
+    assert all(name in " ".join(out.split()) for name in ALGO_VARIANTS)
+    assert all("," not in name for name in ALGO_VARIANTS)  # --only splits on commas
+    assert main(["bench", "algo", "--only", "SAPO,nope"]) == 2
+    assert "--only: unknown variants ['nope']" in capsys.readouterr().err
+    assert main(["bench", "algo", "--seed=3"]) == 2
+    assert "--seed: bench algo sets it for each run" in capsys.readouterr().err
