@@ -140,7 +140,8 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, engine, loss
         assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-4)
         assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-3)
         assert a["rollout/staleness"] == b["rollout/staleness"]
-        for key in ("train/entropy_coef", "train/entropy_coef_applied", "train/entropy_kept"):  # issue 22's case: the same selection and control
+        # issue 22's case: the same token selection and entropy control
+        for key in ("train/entropy_coef", "train/entropy_coef_applied", "train/entropy_kept"):
             assert a.get(key) == pytest.approx(b.get(key), abs=1e-6), key
 
 
