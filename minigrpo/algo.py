@@ -49,7 +49,7 @@ loss_mode + aggregation, config.py). With r the ratio at `importance_sampling_le
 Token selection and masks (multiply the surrogate, not the KL term; the aggregation's counts are unchanged, as TRL):
     top_entropy_quantile rho   keep tokens whose entropy >= the (1 - rho) quantile of the micro-batch's valid
                                tokens over every process ("Beyond the 80/20 rule", 2506.01939)
-    off_policy_mask_threshold  drop a sequence with A < 0 whose mean (logp_sampler - logp_theta) > delta
+    off_policy_mask_threshold  drop a sequence with A < 0 whose mean (logp_sampler - logp_theta) exceeds it
                                (DeepSeek-V3.2, 2512.02556)
 KL option `use_bias_correction_kl` (DeepSeek-V3.2): k3 * r, unbiased for samples of pi_old.
 Entropy bonus (`entropy_coef`, TRL's key): loss - c * sum(H over the kept tokens) / active tokens of the batch.

@@ -269,8 +269,8 @@ class Config:
                                            "its files are moved to output_dir/replaced-<time>/ (nothing deleted)")
     resume_allow_changes: list[str] = _f([], "with resume: keys whose change from the checkpoint's config is "
                                              "accepted although it breaks exact resume ('all': any)")
-    no_signal_steps: int = _f(5, "warn when this many steps in a row carry no learning signal (every group's "
-                                 "rewards tie, or every sample skipped), with the likely cause; 0: never")
+    no_signal_steps: int = _f(5, "warn when this many steps in a row carry no learning signal (every advantage 0: "
+                                 "groups that tie, samples skipped), with the likely cause; 0: never")
     resume: bool = _f(False, "continue output_dir's run from its last complete checkpoint (`minigrpo train|sft "
                              "--resume RUN_DIR` sets this and output_dir, and reads RUN_DIR/config.yaml)")
 
@@ -446,16 +446,15 @@ class Config:
              f"loss_mode: vespo multiplies its sequence ratio by the sampler's per-token weights; "
              f"vllm_importance_sampling_mode: {self.vllm_importance_sampling_mode} gives one mean per sequence: set "
              f"token_truncate or token_mask (as TRL requires)"),
-            (self.adv_estimator.startswith("reinforce_plus_plus") and (self.drop_zero_std_groups or
-                                                                       self.dynamic_sampling),
-             f"adv_estimator: {self.adv_estimator} has a batch baseline: a group whose rewards tie still carries "
-             f"signal, so drop_zero_std_groups / dynamic_sampling would discard it; set them false or use a group "
-             f"estimator (grpo, rloo, grpo_passk)"),
-            (self.off_policy_mask_threshold is not None and self.rollout_backend == "hf" and
+            (self.adv_estimator == "reinforce_plus_plus" and (self.drop_zero_std_groups or self.dynamic_sampling),
+             "adv_estimator: reinforce_plus_plus has a batch baseline: a group whose rewards tie still gets its "
+             "reward minus the batch's mean, so drop_zero_std_groups / dynamic_sampling would discard that signal; "
+             "set them false or use reinforce_plus_plus_baseline or a group estimator (grpo, rloo, grpo_passk)"),
+            (self.off_policy_mask_threshold is not None and self.rollout_backend != "vllm" and
              self.num_iterations == 1 and not self.max_staleness,
-             "off_policy_mask_threshold: with rollout_backend hf (no sampler log-probs) and num_iterations 1 the "
-             "policy never drifts from the old log-probs it is compared with: the mask could never act. Use "
-             "rollout_backend engine or vllm, or num_iterations > 1"),
+             f"off_policy_mask_threshold: with rollout_backend {self.rollout_backend}, num_iterations 1 and "
+             f"max_staleness 0 every batch is trained once by the policy that sampled it: nothing drifts and the "
+             f"mask could never act. It needs num_iterations > 1, max_staleness > 0 or rollout_backend vllm"),
             (self.use_adaptive_entropy and self.entropy_coef_min > self.entropy_coef_max,
              f"entropy_coef_min: {self.entropy_coef_min} is above entropy_coef_max ({self.entropy_coef_max})"),
         ]

@@ -292,7 +292,8 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
             finite = finite and math.isfinite(value)
             sums["loss"] += value * dist.world / cfg.num_iterations  # averaged over processes: the total
             if bonus_on:
-                sums["policy_loss"] += (value + float(bonus)) * dist.world / cfg.num_iterations
+                sums["policy_loss"] += (value + (bonus.item() if torch.is_tensor(bonus) else 0.0)) * dist.world \
+                    / cfg.num_iterations
             for key, value in (("kl", out.kl), ("clip_ratio", out.clipped), ("entropy", entropy.detach()),
                                ("ratio", out.ratio), ("entropy_kept", selected),
                                ("off_policy_masked", None if out.kept is None else 1 - out.kept.expand_as(logp))):
@@ -442,9 +443,9 @@ def check_sampler(cfg: Config, step: int, metrics: dict[str, float], run: Run) -
                           f"saved; {then}")
 
 
-def no_signal_cause(steps: int, scored: Scored, guard: RewardGuard) -> str:
-    """Why `steps` steps in a row carried no learning signal (every group's rewards tied), from this step's
-    rewards and what the reward guard saw: the warning's words."""
+def no_signal_cause(steps: int, scored: Scored, guard: RewardGuard, estimator: str = "grpo", G: int = 0) -> str:
+    """Why `steps` steps in a row carried no learning signal (every advantage 0), from this step's rewards, the
+    advantage estimator and what the reward guard saw: the warning's words."""
     head = f"no learning signal for {steps} steps in a row: "
     values = [t for t in scored.totals if t is not None]
     if not values:
@@ -462,6 +463,10 @@ def no_signal_cause(steps: int, scored: Scored, guard: RewardGuard) -> str:
         return head + (f"every completion got the same reward {values[0]:g}. The task may be too hard for the model "
                        f"(no completion right: look at samples.jsonl, the template, max_completion_length), too "
                        f"easy, or the rewards may not depend on the completion (or its answer column)")
+    if estimator == "grpo_passk" and G and not all(flat_groups(scored.totals, G)):
+        return head + ("adv_estimator grpo_passk gives a group's best sample its margin over the second best, and "
+                       "every group's best reward is tied (two or more samples share it): that is 0 everywhere. "
+                       "With 0/1 rewards it learns only from groups with a single success; use grpo or rloo")
     return head + ("within each group the rewards are equal (groups differ from each other): the G samples of a "
                    "prompt end alike; raise temperature or num_generations")
 
@@ -630,7 +635,8 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
             quiet = not moved  # no completion of the global batch has a non-zero advantage
             state.quiet_streak = state.quiet_streak + 1 if quiet else 0
             if cfg.no_signal_steps and quiet and state.quiet_streak % cfg.no_signal_steps == 0:
-                print0(f"[bold red]warning:[/] step {step}: {no_signal_cause(state.quiet_streak, scored, guard)}")
+                print0(f"[bold red]warning:[/] step {step}: "
+                       f"{no_signal_cause(state.quiet_streak, scored, guard, cfg.adv_estimator, G)}")
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
                 metrics |= run_eval(run)
             metrics = dist.reduce_metrics(metrics, REDUCTIONS | {k: "max" for k in metrics

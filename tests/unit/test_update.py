@@ -4,6 +4,7 @@
 import copy
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -146,10 +147,13 @@ def test_entropy_bonus_alone_raises_the_entropy():
     cfg = Config(use_peft=False, num_generations=G, per_device_train_batch_size=8, max_grad_norm=0,
                  max_completion_length=6, entropy_coef=1.0)
     opt, sched = sgd(model, 0.5)
-    stats = update_policy(model, None, ro, torch.zeros(8), ro.completion_mask, cfg, opt, sched)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning from reading the bonus (a tensor with a graph) for the logs
+        stats = update_policy(model, None, ro, torch.zeros(8), ro.completion_mask, cfg, opt, sched)
     assert (token_entropy(model, ro) * ro.completion_mask).sum() > before + 1e-3
-    assert stats["train/entropy_coef"] == 1.0
+    assert stats["train/entropy_coef"] == stats["train/entropy_coef_applied"] == 1.0
     assert stats["train/loss"] == pytest.approx(-stats["train/entropy"], rel=1e-5)  # loss = -1 * mean entropy
+    assert stats["train/policy_loss"] == pytest.approx(0.0, abs=1e-7)  # the surrogate alone: A = 0
 
 
 def test_bnpo_is_per_micro_batch():
@@ -413,3 +417,19 @@ def test_tool_tokens_never_reach_the_loss(micro):
 
     assert max_param_diff(updated(57, tool=True), updated(99, tool=True)) == 0.0
     assert max_param_diff(updated(57, tool=False), updated(99, tool=False)) > 0.0
+
+
+def test_the_no_signal_warning_names_grpo_passk_ties():
+    # two groups of 4, each with its best reward tied (two 1s): pass@k's margin is 0 everywhere, though the rewards
+    # differ within each group
+    totals = [1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+    adv, zero_std = group_advantages(torch.tensor(totals), torch.ones(8), 4, estimator="grpo_passk")
+    assert adv.tolist() == [0.0] * 8 and zero_std.tolist() == [False, False]
+    scored = Scored(hand_rollout(), {}, totals, {}, 0.0, 0.0)
+    guard = rewards.RewardGuard(10.0, 3)
+    said = train_mod.no_signal_cause(5, scored, guard, "grpo_passk", 4)
+    assert said.startswith("no learning signal for 5 steps in a row: adv_estimator grpo_passk gives a group's best")
+    assert "every group's best reward is tied" in said
+    # the same rewards under grpo would move (the run would not warn); a flat batch keeps the generic cause
+    assert "within each group the rewards are equal" in train_mod.no_signal_cause(
+        5, Scored(hand_rollout(), {}, [1.0] * 4 + [0.0] * 4, {}, 0.0, 0.0), guard, "grpo_passk", 4)
