@@ -562,6 +562,18 @@ def cmd_bench_step(argv: list[str]) -> int:
     return 0
 
 
+def bench_seeds(text: str, rest: list[str], what: str) -> tuple[int, ...]:
+    """The seeds of a `bench` that trains once per seed (--seeds 1,2,3); the keys it sets for each run refused."""
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--seeds: got {text!r}, expected comma-separated integers such as 1,2,3") from None
+    for key in ("seed", "output_dir", "resume"):
+        if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in rest):
+            raise ConfigError(f"--{key}: bench {what} sets it for each run; leave it out")
+    return seeds
+
+
 def cmd_bench_overlap(argv: list[str]) -> int:
     """`minigrpo bench overlap`: overlapped rollouts against the synchronous loop on one config."""
     p = argparse.ArgumentParser(prog="minigrpo bench overlap", allow_abbrev=False, description="Overlapped rollouts "
@@ -578,15 +590,9 @@ def cmd_bench_overlap(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="also write the JSON report here")
     args, rest = p.parse_known_args(argv)
     check_flags(args, {"max_staleness": (1,)})
-    try:
-        seeds = tuple(int(s) for s in args.seeds.split(","))
-    except ValueError:
-        raise ConfigError(f"--seeds: got {args.seeds!r}, expected comma-separated integers such as 1,2,3") from None
+    seeds = bench_seeds(args.seeds, rest, "overlap")
     cfg = config_from_argv(rest)
     cfg.validate_grpo()
-    for key in ("seed", "output_dir", "resume"):
-        if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in rest):
-            raise ConfigError(f"--{key}: bench overlap sets it for each run; leave it out")
     config = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "output_dir", "max_staleness")}
     from minigrpo.tools.bench import bench_overlap  # here: heavy
 
@@ -611,10 +617,7 @@ def cmd_bench_algo(argv: list[str]) -> int:
                    + "; ".join(ALGO_VARIANTS))
     p.add_argument("--out", default=None, help="also write the JSON report here")
     args, rest = p.parse_known_args(argv)
-    try:
-        seeds = tuple(int(s) for s in args.seeds.split(","))
-    except ValueError:
-        raise ConfigError(f"--seeds: got {args.seeds!r}, expected comma-separated integers such as 1,2,3") from None
+    seeds = bench_seeds(args.seeds, rest, "algo")
     variants = ALGO_VARIANTS
     if args.only:
         names = [n.strip() for n in args.only.split(",")]
@@ -622,9 +625,6 @@ def cmd_bench_algo(argv: list[str]) -> int:
         if unknown:
             raise ConfigError(f"--only: unknown variants {unknown}; choose from {list(ALGO_VARIANTS)}")
         variants = {n: ALGO_VARIANTS[n] for n in names}
-    for key in ("seed", "output_dir", "resume"):
-        if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in rest):
-            raise ConfigError(f"--{key}: bench algo sets it for each run; leave it out")
     if not any(a == "--num_iterations" or a.startswith("--num_iterations=") for a in rest):
         rest = [*rest, "--num_iterations=2"]
     cfg = config_from_argv(rest)
