@@ -213,6 +213,12 @@ class SamplerCheck:
         return out
 
 
+def entropy_control_of(cfg: Config) -> EntropyControl:
+    """The entropy bonus's coefficient as configured (fixed, or adaptive from entropy_coef)."""
+    return EntropyControl(cfg.entropy_coef, cfg.use_adaptive_entropy, cfg.entropy_target, cfg.entropy_coef_delta,
+                          cfg.entropy_coef_min, cfg.entropy_coef_max)
+
+
 def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, advantages: torch.Tensor,
                   loss_mask: torch.Tensor, cfg: Config, optimizer: torch.optim.Optimizer,
                   scheduler: Any, dist: Distributed | None = None, wrapped: torch.nn.Module | None = None,
@@ -248,7 +254,7 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
         sums["entropy_kept"] = 0.0
     if cfg.off_policy_mask_threshold is not None:
         sums["off_policy_masked"] = 0.0
-    control = entropy_control or EntropyControl(cfg.entropy_coef)
+    control = entropy_control or entropy_control_of(cfg)
     bonus_on = bool(cfg.entropy_coef or cfg.use_adaptive_entropy)
     if bonus_on:  # the loss without the bonus, and the coefficient each update applied
         sums |= {"policy_loss": 0.0, "entropy_coef_applied": 0.0}
@@ -505,8 +511,7 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
     # goes through opt.wrapped. One plain process: wrapped is the model.
     opt = prepare_training(run, cfg.max_steps * cfg.num_iterations)
     state = LoopState(PromptSampler(len(run.train_set), cfg.seed),
-                      entropy=EntropyControl(cfg.entropy_coef, cfg.use_adaptive_entropy, cfg.entropy_target,
-                                             cfg.entropy_coef_delta, cfg.entropy_coef_min, cfg.entropy_coef_max))
+                      entropy=entropy_control_of(cfg))
     sampling = SamplingParams(n=G, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                               top_p=cfg.top_p, top_k=cfg.top_k, stop=stop_strings(cfg), turns=multi_turn(cfg))
     # max_staleness k > 0: a generator process samples the next k batches while this one trains; started before
@@ -560,6 +565,9 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
             rewards = torch.tensor([r if r is not None else 0.0 for r in totals], dtype=torch.float32)
             # Over the global batch (every process's rewards, in process order), then this process's rows:
             # per group it is the same thing, and scale_rewards: batch takes the std of the whole batch.
+            # the tokens that may reach the loss: generated ones (tool answers are context), truncated rows out
+            trained = ro.generated_mask * (~ro.truncated).float()[:, None] if cfg.mask_truncated_completions \
+                else ro.generated_mask
             if cfg.multi_objective_aggregation == "normalize_then_sum":  # GDPO: each function normalised first
                 per_func = torch.tensor([[math.nan if v is None else v for v in scored.per_func[name]]
                                          for name, _, _ in reward_funcs], dtype=torch.float32).T  # [B, K]
@@ -568,9 +576,7 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
                 advantages, zero_std = group_advantages(decoupled.nan_to_num(0.0), dist.gather(valid), G, "batch",
                                                         cfg.std_floor)
             else:  # loss tokens per completion (drop_zero_std_groups is refused with REINFORCE++, which uses them)
-                tokens = ro.generated_mask * (~ro.truncated).float()[:, None] if cfg.mask_truncated_completions \
-                    else ro.generated_mask
-                lengths = tokens.sum(1).float().cpu()
+                lengths = trained.sum(1).float().cpu()
                 advantages, zero_std = group_advantages(dist.gather(rewards), dist.gather(valid), G,
                                                         cfg.scale_rewards, cfg.std_floor, estimator=cfg.adv_estimator,
                                                         lengths=dist.gather(lengths))
@@ -578,9 +584,7 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
             mine = slice(dist.rank * len(rewards), (dist.rank + 1) * len(rewards))
             advantages, zero_std = advantages[mine], zero_std[mine.start // G:mine.stop // G]
             keep = valid * (~zero_std).float().repeat_interleave(G) if cfg.drop_zero_std_groups else valid
-            loss_mask = ro.generated_mask * keep.to(device)[:, None]  # skipped samples and tool answers leave it
-            if cfg.mask_truncated_completions:
-                loss_mask = loss_mask * (~ro.truncated).float()[:, None]
+            loss_mask = trained * keep.to(device)[:, None]  # skipped samples leave it too
             t_score = time.perf_counter()
             # ---- 5. loss and update (reference and old log-probs inside) ----------------------------------
             stale = ahead is not None and ahead.version < step - 1  # sampled by an older policy: corrected
