@@ -440,6 +440,9 @@ def cmd_bench(argv: list[str]) -> int:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions of each backend (after one warm-up)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives steadier numbers)")
     p.add_argument("--vllm", action="store_true", help="vLLM too (colocated; its CUDA or CPU build installed)")
+    p.add_argument("--rollout_dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="the weights' precision while generating, for every backend (the config key of that name); "
+                   "auto: the model's")
     args = p.parse_args(argv)
     if args.limit is None:
         args.limit = 16
@@ -454,16 +457,19 @@ def cmd_bench(argv: list[str]) -> int:
     if args.vllm:
         from minigrpo import rollout
 
-        rollout.backend("vllm").start(dataclasses.replace(cfg, rollout_backend="vllm"), model, tok)
+        vllm_cfg = dataclasses.replace(cfg, rollout_backend="vllm", rollout_dtype=args.rollout_dtype)
+        rollout.backend("vllm").start(vllm_cfg, model, tok)
     from minigrpo.agent.turns import multi_turn  # here: heavy (transformers), as above
 
     turns = multi_turn(cfg)  # an environment is reset with each problem's row
     turns = turns.bound([ex.columns for ex in examples], args.n) if turns else None
+    dtype = None if args.rollout_dtype in ("auto", cfg.dtype) else args.rollout_dtype
     report = bench_rollout(model, tok, prompts, args.n, cfg.max_completion_length, args.reps, args.temperature,
-                           vllm=args.vllm, turns=turns)
+                           vllm=args.vllm, turns=turns, weights_dtype=dtype)
     report["settings"] = {"model": cfg.model, "gguf_file": cfg.gguf_file, "prompts": len(prompts), "n": args.n,
                           "max_new_tokens": cfg.max_completion_length, "threads": args.threads, "reps": args.reps,
-                          "vllm": args.vllm, "tools": [str(t) for t in cfg.tools], "max_turns": cfg.max_turns}
+                          "vllm": args.vllm, "tools": [str(t) for t in cfg.tools], "max_turns": cfg.max_turns,
+                          "rollout_dtype": args.rollout_dtype}
     print(json.dumps(report, indent=2))
     return 0
 
@@ -649,8 +655,17 @@ def cmd_bench_trl(argv: list[str], memory: bool = False) -> int:
                     "Needs the `bench` extra (pip install -e '.[bench]').", memory)
     p.add_argument("--vllm", default="off", choices=["off", "on", "both"],
                    help="generation: each framework's own (off), each one's colocated vLLM (on, CUDA), or both")
+    p.add_argument("--workload", default="default", help="comma-separated shapes of a step, each run for every beta: "
+                   "default (the flags as given), small (G 4 x 2 prompts), random-qwen2 (a random tiny Qwen2, G 4 x "
+                   "2 prompts: every completion runs to the length limit); default: default")
     args = p.parse_args(argv)
     betas = check_step_flags(args)
+    from minigrpo.tools.bench import WORKLOADS  # here: heavy (torch)
+
+    workloads = tuple(w for w in args.workload.split(",") if w)
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown or not workloads:
+        raise ConfigError(f"--workload: unknown {unknown or args.workload!r}; choose among {', '.join(WORKLOADS)}")
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -663,7 +678,7 @@ def cmd_bench_trl(argv: list[str], memory: bool = False) -> int:
                        args.learning_rate, args.seed, args.reps, args.threads, args.train_size,
                        data=args.data, device=args.device, dtype=args.dtype,
                        vllm={"off": (False,), "on": (True,), "both": (False, True)}[args.vllm],
-                       log=lambda line: print(line, file=sys.stderr))
+                       log=lambda line: print(line, file=sys.stderr), workloads=workloads)
     if memory:  # the memory figures first, then the whole report
         report = {"memory": {name: {"trl_peak_rss_mb": r["trl"]["peak_rss_mb"],
                                     "minigrpo_peak_rss_mb": r["minigrpo"]["peak_rss_mb"],
@@ -717,8 +732,8 @@ def cmd_plan(argv: list[str]) -> int:
         print("usage: minigrpo plan [--config FILE.yaml] [--key=value ...] [--gpu_gb N | --cpu_gb N]\n\n"
               "Estimate the peak memory of `minigrpo train` with the same config, by part (weights, adapters, "
               "gradients,\noptimizer states, reference, generation KV cache, evaluation, activations, logits "
-              "chunk, runtime),\nwithout loading the weights. With --gpu_gb (a CUDA GPU of that size) or --cpu_gb "
-              "(RAM), say whether\nthe run fits and which options would make it fit. Exit status 0 if it fits "
+              "chunk, runtime),\nwithout loading the weights, in GiB. With --gpu_gb (a CUDA GPU of that size) or "
+              "--cpu_gb (RAM), say whether\nthe run fits and which options would make it fit. Exit status 0 if it fits "
               "(or no size is given), 1 if not.")
         return 0
     limit, device, rest, given = None, "cpu", [], None

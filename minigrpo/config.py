@@ -140,10 +140,12 @@ class Config:
                                                                "with LoRA merged (plain decoding kernels), or push "
                                                                "the base once and only the adapter each step "
                                                                "(vLLM's LoRA kernels); see minigrpo/rollout/vllm.py")
-    vllm_importance_sampling_correction: bool = _f(True, "rollout_backend vllm or max_staleness > 0: weight the "
+    vllm_importance_sampling_correction: bool = _f(True, "rollout_backend vllm, max_staleness > 0 or a "
+                                                         "rollout_dtype other than dtype: weight the "
                                                          "loss by the ratio of the trainer's to the sampler's "
-                                                         "log-probs of the sampled tokens (vLLM's numerical "
-                                                         "mismatch, or a stale policy), truncated or masked (TRL's "
+                                                         "log-probs of the sampled tokens (vLLM's or the rollout "
+                                                         "precision's numerical mismatch, or a stale policy), "
+                                                         "truncated or masked (TRL's "
                                                          "default); see minigrpo/algo.py sampler_correction")
     vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = \
         _f("sequence_mask", "per token or per sequence (the geometric mean of its tokens' ratios; TRL takes "
@@ -161,6 +163,19 @@ class Config:
                                "(minigrpo/rollout/overlap.py)")
     generator_timeout: float = _f(600.0, "max_staleness > 0: seconds the trainer waits for one batch from the "
                                          "generator process before it stops the run (a stuck generator)")
+    rollout_dtype: Literal["auto", "float32", "bfloat16", "float16"] = \
+        _f("auto", "the weights' precision while sampling training rollouts (engine, hf: a temporary copy in it; "
+                   "vllm: its engine's dtype); auto: `dtype`. bfloat16 under float32 halves the weights read per "
+                   "token (2.7x the matmul speed where the CPU has AMX, slower where it has only AVX2); it changes "
+                   "the sampled distribution slightly: the mismatch is logged (rollout/logprob_diff_mean) and "
+                   "corrected (vllm_importance_sampling_*). Evaluation keeps `dtype`")
+    engine_decode: Literal["auto", "plain", "hf"] = \
+        _f("auto", "rollout_backend engine: auto decodes Llama, Mistral, Qwen2 and Qwen3 models with the engine's "
+                   "own step (minigrpo/rollout/decode.py: transformers' arithmetic without its forward's "
+                   "bookkeeping, each prompt's KV cache read once for its samples; greedy gives generate's tokens), "
+                   "its float32 linear layers on a CPU as MKL packed GEMMs (1.5x the matmul speed; a packed copy of "
+                   "the weights while generating), and any other model through transformers' forward; plain: that "
+                   "step without packing; hf: always transformers' forward")
     rollout_merge_lora: bool = _f(True, "generate with LoRA folded into a temporary copy of the adapted weights "
                                         "(faster decoding; that copy's memory while generating)")
     tools: list[str] = _f([], "tools the model may call (multi-turn rollouts): built-in calculator, python (runs in "

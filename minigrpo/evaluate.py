@@ -67,12 +67,13 @@ def evaluate_metric(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                     max_new_tokens: int, batch_size: int = 32, backend: str = "hf",
                     stop: list[str] | tuple[str, ...] = (), guard: RewardGuard | None = None,
                     turns: MultiTurn | None = None, k: int = 0, temperature: float = 1.0,
-                    top_p: float = 1.0) -> dict[str, Any]:
+                    top_p: float = 1.0, engine_decode: str = "auto") -> dict[str, Any]:
     """The mean of `metric` (samples it scores None are left out) over greedy completions, and their mean length.
     With k > 1 also pass@k and sampled pass@1 from k samples per problem, a sample passing when the metric gives
     it full marks (1: every test passed, a verifier's full credit). `guard`: the run's time limit on reward calls
-    (a metric is a reward); `turns`: multi-turn, with tools."""
-    greedy = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop, turns=turns)
+    (a metric is a reward); `turns`: multi-turn, with tools; `engine_decode`: the config key of that name."""
+    greedy = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop, turns=turns,
+                            engine_decode=engine_decode)
     values, lengths = [], []
     for totals, ro in _scored(model, tokenizer, prompts, examples, metric, greedy, batch_size, backend, guard):
         lengths += ro.completion_mask.sum(1).tolist()
@@ -81,7 +82,7 @@ def evaluate_metric(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
               "mean_length": sum(lengths) / max(len(lengths), 1)}
     if k > 1:
         sampled = SamplingParams(n=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop,
-                                 turns=turns)
+                                 turns=turns, engine_decode=engine_decode)
         passes = [[v is not None and v >= 1.0 for v in totals[i:i + k]] for totals, _ in _scored(
             model, tokenizer, prompts, examples, metric, sampled, max(batch_size // k, 1), backend, guard)
             for i in range(0, len(totals), k)]
@@ -125,15 +126,17 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
              max_new_tokens: int, batch_size: int = 32, backend: str = "hf", k: int = 0,
              temperature: float = 1.0, top_p: float = 1.0, keep_records: bool = False,
              stop: list[str] | tuple[str, ...] = (), turns: MultiTurn | None = None,
-             rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+             rows: list[dict[str, Any]] | None = None, engine_decode: str = "auto") -> dict[str, Any]:
     """Greedy accuracy, format compliance and mean length; with k > 1 also pass@k, maj@k and sampled pass@1.
     `stop`: the strings that end a completion (the template's, prompts.stop_strings). `turns`: multi-turn, with
     tools; the report then adds tool_call_frequency (the share of problems whose trajectory called a tool).
-    `rows`: the problems' dataset rows, what an environment is reset with (needed with one)."""
+    `rows`: the problems' dataset rows, what an environment is reset with (needed with one). `engine_decode`: the
+    config key of that name."""
     if turns is not None and turns.environment is not None and rows is None:
         raise ValueError("evaluate: an environment is reset with each problem's dataset row: pass rows=")
     rows = rows if rows is not None else [{} for _ in prompts]
-    greedy = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop, turns=turns)
+    greedy = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop, turns=turns,
+                            engine_decode=engine_decode)
     texts, lengths, truncated, called = [], [], [], []
     for chunk, chunk_rows in zip(_batched(prompts, batch_size), _batched(rows, batch_size), strict=True):
         ro = generate(backend, model, tokenizer, chunk, _bound(greedy, chunk_rows))
@@ -152,7 +155,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         report["tool_call_frequency"] = sum(called) / n
     if k > 1:
         sampled = SamplingParams(n=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop,
-                                 turns=turns)
+                                 turns=turns, engine_decode=engine_decode)
         groups: list[list[str]] = []
         size = max(batch_size // k, 1)
         for chunk, chunk_rows in zip(_batched(prompts, size), _batched(rows, size), strict=True):

@@ -204,6 +204,26 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+@contextlib.contextmanager
+def cast_weights(model: torch.nn.Module, dtype: str | None) -> Iterator[torch.nn.Module]:
+    """Inside: every floating-point parameter of `model` holds a copy of itself in `dtype` (config
+    `rollout_dtype`: bfloat16 rollouts of a float32 model); the original tensors are put back on exit,
+    untouched (the same Parameter objects: the optimizer's references stay valid). Buffers are left as they are
+    (rotary frequencies stay float32: transformers computes the angles in float32 and casts the result).
+    dtype None, or the parameters' own: nothing happens. Costs, while inside, one copy of the weights in `dtype`."""
+    target = getattr(torch, dtype) if dtype else None
+    params = [p for p in model.parameters() if p.is_floating_point() and p.dtype != target] if target else []
+    originals = [p.data for p in params]
+    try:
+        with torch.no_grad():
+            for p in params:
+                p.data = p.data.to(target)
+        yield model
+    finally:
+        for p, data in zip(params, originals):
+            p.data = data
+
+
 class MergedLinear(torch.nn.Linear):
     """A LoRA layer folded into a plain Linear by `merged_lora` (what generation runs: the engine, vLLM's push)."""
 

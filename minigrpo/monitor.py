@@ -83,13 +83,14 @@ def peak_rss_bytes() -> int:
 
 
 def peak_memory_gb(device: Any) -> float:
-    """The peak that limits a run on `device`: allocated GPU memory on CUDA, else the process's peak RSS; in GB
-    (1e9 bytes). The one reading of peak memory: the loop's memory/peak_gb, `bench` and `plan` use it."""
+    """The peak that limits a run on `device`: allocated GPU memory on CUDA, else the process's peak RSS; in GiB
+    (2**30 bytes, the unit `minigrpo plan` prints and GPU memory is sold in). The one reading of peak memory: the
+    loop's memory/peak_gb, `bench` and `plan` use it."""
     if getattr(device, "type", str(device)).startswith("cuda"):
         import torch  # here: this module loads before torch on the command line (quiet_libraries)
 
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return peak_rss_bytes() / 1e9
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return peak_rss_bytes() / 2**30
 
 
 def make_run_dir(output_dir: str | None) -> Path:

@@ -403,11 +403,12 @@ def run_eval(run: Run) -> dict[str, float]:
                 report = evaluate(run.model, run.tokenizer, prompts, [ex.columns["answer"] for ex in examples],
                                   max_new_tokens=cfg.max_completion_length, batch_size=cfg.eval_batch_size,
                                   backend=cfg.rollout_backend, stop=stop_strings(cfg), turns=turns,
-                                  rows=[ex.columns for ex in examples])
+                                  rows=[ex.columns for ex in examples], engine_decode=cfg.engine_decode)
             else:
                 report = evaluate_metric(run.model, run.tokenizer, prompts, examples, metric, name,
                                          cfg.max_completion_length, cfg.eval_batch_size, cfg.rollout_backend,
-                                         stop=stop_strings(cfg), guard=run.eval_guard, turns=turns)
+                                         stop=stop_strings(cfg), guard=run.eval_guard, turns=turns,
+                                         engine_decode=cfg.engine_decode)
             totals = [report[k] * len(prompts) for k in keys] + [len(prompts)]
     totals = dist.sum(totals)
     return {f"eval/{k}": v / totals[-1] for k, v in zip(keys, totals)}

@@ -13,7 +13,8 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from minigrpo.compat import cache_kwargs, preallocate
 from minigrpo.errors import NonFiniteError
-from minigrpo.model import merged_lora
+from minigrpo.model import cast_weights, merged_lora
+from minigrpo.rollout.decode import NativeDecoder, SharedPrefixKV
 from minigrpo.rollout.types import (
     Rollout,
     SamplingParams,
@@ -34,39 +35,49 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
     `groups` = (prompt index of each row, one generator per prompt), rows of a prompt contiguous: each
     prompt's rows draw from its own generator, so what a prompt samples does not depend on the batch.
 
+    One pass over the vocabulary after the log-softmax: each row draws one u in (0, 1] and takes the first token
+    whose cumulative probability reaches u * total (inverse-CDF sampling, exact; u > 0 and u * total <= total
+    land on a token of positive probability). torch.multinomial draws one
+    exponential per vocabulary entry instead: 6 ms a [8, 49152] block on one core, 14% of SmolLM2's decoding.
+
     top-k / top-p restrict what can be drawn; the returned log-prob stays the full tempered distribution's,
     the one the trainer computes (with top-p < 1 the sampler and the trained policy differ: see README).
+    A row of NaN or +inf logits draws some token (the caller checks `torch.isfinite` and stops).
     """
     logits = logits.float()
     if params.temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
-    scaled = logits / params.temperature
+    scaled = logits / params.temperature if params.temperature != 1 else logits
     logp_all = torch.log_softmax(scaled, -1)  # [B, V]
-    if params.top_k > 0:
-        kth = torch.topk(scaled, min(params.top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
-        scaled = scaled.masked_fill(scaled < kth, -torch.inf)
-    if params.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-        sorted_logits, order = torch.sort(scaled, descending=True)
-        probs = torch.softmax(sorted_logits, -1)
-        drop = probs.cumsum(-1) - probs > params.top_p  # the first token is always kept
-        scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(drop, -torch.inf))
-    probs = torch.softmax(scaled, -1)
+    if params.top_k > 0 or params.top_p < 1.0:
+        if params.top_k > 0:
+            kth = torch.topk(scaled, min(params.top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
+            scaled = scaled.masked_fill(scaled < kth, -torch.inf)
+        if params.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+            sorted_logits, order = torch.sort(scaled, descending=True)
+            probs = torch.softmax(sorted_logits, -1)
+            drop = probs.cumsum(-1) - probs > params.top_p  # the first token is always kept
+            scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(drop, -torch.inf))
+        cdf = torch.softmax(scaled, -1).cumsum_(-1)
+    else:
+        cdf = logp_all.exp().cumsum_(-1)  # [B, V]
     if groups is None:
-        tokens = torch.multinomial(probs, 1)[:, 0]
+        u = 1 - torch.rand(cdf.shape[0], device=cdf.device)
     else:
         ids, counts = torch.unique_consecutive(groups[0], return_counts=True)
-        blocks = probs.split(counts.tolist())
-        tokens = torch.cat([torch.multinomial(block, 1, generator=groups[1][g])[:, 0]
-                            for g, block in zip(ids.tolist(), blocks)])
+        u = 1 - torch.cat([torch.rand(c, generator=groups[1][g], device=cdf.device)
+                       for g, c in zip(ids.tolist(), counts.tolist())])
+    target = (u * cdf[:, -1])[:, None]  # the total is 1 up to rounding
+    tokens = torch.searchsorted(cdf, target)[:, 0].clamp_(max=cdf.shape[-1] - 1)  # clamp: a NaN row only
     return tokens, logp_all.gather(-1, tokens[:, None])[:, 0]
 
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
              params: SamplingParams, merge_lora: bool = True) -> Rollout:
     """The `engine` backend: `engine_generate` with LoRA folded into the weights while it runs (faster decoding),
-    unless merge_lora is False."""
-    with merged_lora(model, merge_lora):
+    unless merge_lora is False, and the weights in `params.weights_dtype` when it is set."""
+    with merged_lora(model, merge_lora), cast_weights(model, params.weights_dtype):
         return engine_generate(model, tokenizer, prompts, params)
 
 
@@ -92,15 +103,22 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     pad = tokenizer.pad_token_id
     was_training = model.training
     model.eval()
-    # ---- prefill: once per prompt, then the cache is expanded to its n samples ---------------------------
+    # ---- prefill: once per prompt; the native step reads each prompt's cache once for its n samples, transformers'
+    # forward needs it expanded to them -------------------------------------------------------------------------
     cache = DynamicCache(config=model.config)
     with_cache = cache_kwargs(model, cache)  # {"cache" or "past_key_values": cache}, as this transformers names it
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=position, **with_cache, use_cache=True,
                 logits_to_keep=1)
-    if params.n > 1:
-        cache.batch_repeat_interleave(params.n)
-    preallocate(cache, params.max_new_tokens)
+    decoder = None if params.engine_decode == "hf" else NativeDecoder.of(
+        model, packed_rows=ids.shape[0] * params.n if params.engine_decode == "auto" else 0)[0]
+    if decoder is not None:
+        kv = SharedPrefixKV(cache, mask, params.n, params.max_new_tokens)
+    else:
+        if params.n > 1:
+            cache.batch_repeat_interleave(params.n)
+        preallocate(cache, params.max_new_tokens)
+        kv = cache
     logits = out.logits[:, -1].repeat_interleave(params.n, 0)  # [B, V]
     P = ids.shape[1]
     mask = torch.cat([mask.repeat_interleave(params.n, 0),
@@ -168,12 +186,15 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         if int(done.sum()) * 4 >= len(done):  # a quarter of the batch has finished: drop those rows
             keep = (~done).nonzero()[:, 0]
             live, done, mask, position = live[keep], done[keep], mask[keep], position[keep]
-            cache.batch_select_indices(keep)
+            kv.batch_select_indices(keep)
             next_tokens = next_tokens[keep]
         position = position + 1
-        out = model(input_ids=next_tokens[:, None], attention_mask=mask[:, :P + t + 1], position_ids=position,
-                    **with_cache, use_cache=True)
-        logits = out.logits[:, -1]
+        if decoder is not None:
+            logits = decoder.step(next_tokens, position, live, kv)
+        else:
+            out = model(input_ids=next_tokens[:, None], attention_mask=mask[:, :P + t + 1], position_ids=position,
+                        **with_cache, use_cache=True)
+            logits = out.logits[:, -1]
     model.train(was_training)
     prompt_ids, prompt_mask = ids.repeat_interleave(params.n, 0), full_prompt_mask
     if episodes is not None:

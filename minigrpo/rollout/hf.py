@@ -6,7 +6,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from minigrpo.errors import NonFiniteError
-from minigrpo.model import merged_lora
+from minigrpo.model import cast_weights, merged_lora
 from minigrpo.rollout.types import (
     Rollout,
     Sampled,
@@ -38,8 +38,8 @@ class StopStrings(StoppingCriteria):
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
              params: SamplingParams, merge_lora: bool = True) -> Rollout:
     """Sample `params.n` completions per prompt with transformers' `generate` (LoRA folded in while it runs,
-    unless merge_lora is False)."""
-    with merged_lora(model, merge_lora):
+    unless merge_lora is False; the weights in `params.weights_dtype` when it is set)."""
+    with merged_lora(model, merge_lora), cast_weights(model, params.weights_dtype):
         return hf_generate(model, tokenizer, prompts, params)
 
 

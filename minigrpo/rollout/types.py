@@ -34,6 +34,11 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seeds: list[int] | None = None  # engine: one per prompt; its samples then depend on nothing else
+    weights_dtype: str | None = None  # engine and hf: sample with the weights cast to this dtype (a temporary
+    # copy: model.cast_weights), e.g. "bfloat16" (config rollout_dtype); None: as they are
+    engine_decode: str = "auto"  # engine: "auto" decodes Llama-family models with its own step (rollout/decode.py;
+    # float32 weights on a CPU as MKL packed GEMMs), "plain" with that step on the weights as they are, "hf" always
+    # through transformers' forward (config engine_decode)
     stop: tuple[str, ...] | list[str] = ()  # texts that end a completion (kept in it, as EOS is: module docstring)
     # agent.turns.MultiTurn (not imported: agent/ imports the rollout helpers, directly or through the rewards)
     turns: Any = None  # multi-turn: tools answer the turns (agent/turns.py); max_new_tokens then

@@ -24,24 +24,53 @@ from minigrpo.compat import drop_gguf_marker
 from minigrpo.config import Config
 from minigrpo.model import load_tokenizer, resolve_model_path
 from minigrpo.monitor import peak_memory_gb, peak_rss_bytes, read_jsonl
-from minigrpo.rollout.engine import engine_generate
-from minigrpo.rollout.hf import hf_generate
+from minigrpo.rollout import engine, hf
 from minigrpo.rollout.types import SamplingParams
 from minigrpo.tasks.prompts import render_prompts
 from minigrpo.tasks.rewards import correctness_reward
 from minigrpo.tasks.sources import load_split
 
 
+def matmul_roofline(model: torch.nn.Module, rows: int, dtype: str | None = None, reps: int = 3) -> dict[str, float]:
+    """The matrix work of one decode step of `model` at `rows` sequences, timed on this machine: every Linear
+    weight (the LM head included, once) multiplied by a [rows, in] input in turn, as a step streams them from
+    memory, in `dtype` (None: the weights' own); the fastest of `reps` passes. What a decode step could reach if
+    the matrix products were all it did: `tokens_per_s` = rows / that time. Attention, sampling, norms and
+    Python are what an engine adds on top; `bench_rollout` reports each backend's fraction of this."""
+    target = getattr(torch, dtype) if dtype else None
+    weights = [m.weight.detach() if target is None else m.weight.detach().to(target)
+               for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+    flops = sum(2 * w.numel() for w in weights)  # per token
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(reps + 1):  # the first pass warms up
+            if weights[0].device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+            if weights[0].device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+    return {"rows": rows, "flops_per_token": flops, "step_s": best, "gflops": flops * rows / best / 1e9,
+            "tokens_per_s": rows / best, "dtype": str(weights[0].dtype).removeprefix("torch.")}
+
+
 def bench_rollout(model: Any, tokenizer: Any, prompts: list[str], n: int, max_new_tokens: int, reps: int = 5,
-                  temperature: float = 1.0, warmup: int = 1, vllm: bool = False, turns: Any = None) -> dict[str, Any]:
+                  temperature: float = 1.0, warmup: int = 1, vllm: bool = False, turns: Any = None,
+                  weights_dtype: str | None = None) -> dict[str, Any]:
     """Tokens/s of each backend over `reps` interleaved repetitions (seeded identically per repetition). With
     `vllm` (its colocated instance started for `model`: rollout.vllm.start), vLLM too: its time includes the
     weight push every generation pays (reported apart as vllm_push_s). `turns` (agent.turns.MultiTurn): multi-turn
     rollouts with tools, the engine's loop against the HF reference loop (and vLLM's); the tokens counted are the whole
     trajectories' (tool answers included: every backend feeds them through the model), and the report adds the
-    tool calls per sample."""
-    params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, turns=turns)
-    backends = {"engine": engine_generate, "hf": hf_generate}
+    tool calls per sample. `weights_dtype`: the engine and hf sample with the weights in it (vLLM runs in the dtype
+    it was started with). The report adds the matrix-work roofline (`matmul_roofline`) and each backend's
+    fraction of it."""
+    params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, turns=turns,
+                            weights_dtype=weights_dtype)
+    backends = {"engine": engine.generate, "hf": hf.generate}  # with what they do around it (the weights' dtype)
     if vllm:
         from minigrpo.rollout import vllm as vllm_backend  # only with --vllm: it imports vllm on use
 
@@ -50,6 +79,7 @@ def bench_rollout(model: Any, tokenizer: Any, prompts: list[str], n: int, max_ne
     rates: dict[str, list[float]] = {k: [] for k in backends}
     calls: dict[str, list[float]] = {k: [] for k in backends}
     pushes: list[float] = []
+    unpushed: list[float] = []  # vLLM's tokens/s without its weight push
     for rep in range(warmup + reps):
         for name, fn in backends.items():
             torch.manual_seed(rep)
@@ -62,9 +92,12 @@ def bench_rollout(model: Any, tokenizer: Any, prompts: list[str], n: int, max_ne
                     calls[name].append(sum(ro.stats["tool_calls"]) / len(ro.stats["tool_calls"]))
                 if name == "vllm":
                     pushes.append(instance.push_s)
-    report: dict[str, Any] = {}
+                    unpushed.append(ro.num_completion_tokens / (seconds - instance.push_s))
+    roof = matmul_roofline(model, len(prompts) * n, weights_dtype)
+    report: dict[str, Any] = {"roofline": roof}
     for name, values in rates.items():
-        report[name] = {"median_tokens_per_s": statistics.median(values), "min": min(values), "max": max(values)}
+        report[name] = {"median_tokens_per_s": statistics.median(values), "min": min(values), "max": max(values),
+                        "roofline_fraction": statistics.median(values) / roof["tokens_per_s"]}
         if calls[name]:
             report[name]["tool_calls_per_sample"] = statistics.mean(calls[name])
     median = {name: report[name]["median_tokens_per_s"] for name in backends}
@@ -73,6 +106,8 @@ def bench_rollout(model: Any, tokenizer: Any, prompts: list[str], n: int, max_ne
         report["ratio_vllm_over_hf"] = median["vllm"] / median["hf"]
         report["ratio_engine_over_vllm"] = median["engine"] / median["vllm"]
         report["vllm_push_s"] = statistics.median(pushes)
+        report["vllm"]["median_tokens_per_s_without_push"] = statistics.median(unpushed)
+        report["ratio_engine_over_vllm_without_push"] = median["engine"] / statistics.median(unpushed)
     return report
 
 
@@ -96,7 +131,7 @@ def _peak_gpu_gb() -> float:
     return peak_memory_gb(torch.device("cuda")) if torch.cuda.is_available() else 0.0
 
 
-def _minigrpo_config(s: dict[str, Any], beta: float, output_dir: str) -> Any:
+def _minigrpo_config(s: dict[str, Any], beta: float, output_dir: str | None) -> Any:
     return Config(model=s["model"], gguf_file=s["gguf_file"], use_peft=True, lora_r=16, lora_alpha=32,
                   lora_dropout=0.0, lora_target_modules=list(LORA_TARGETS), gradient_checkpointing=False,
                   dtype=s.get("dtype", "float32"), device=s.get("device", "cpu"), beta=beta, learning_rate=s["lr"],
@@ -138,7 +173,7 @@ def _run_trl(s: dict[str, Any], beta: float) -> dict[str, Any]:
     from trl import GRPOConfig, GRPOTrainer
 
     t0 = time.perf_counter()
-    cfg = _minigrpo_config(s, beta, "")
+    cfg = _minigrpo_config(s, beta, None)  # its hyperparameters only: no folder
     path = resolve_model_path(s["model"])
     tok = AutoTokenizer.from_pretrained(path, gguf_file=s["gguf_file"])
     if tok.pad_token is None:
@@ -234,26 +269,70 @@ def _summary(runs: list[dict[str, Any]], warmup_steps: int) -> dict[str, Any]:
             "median_run_s": statistics.median(r["run_s"] for r in runs), "timed_steps": len(step_s)}
 
 
+# `bench trl --workload`: named shapes of a step, each run for every beta. "default" is the flags as given (the
+# favourable case: tiny-arith, G 8 x 4 prompts, answers that end early); the others override them.
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "small": {"num_generations": 4, "prompts_per_step": 2},  # 8 completions a step: little to batch
+    # a random tiny Qwen2 (arith vocabulary): almost every completion runs to the length limit
+    "random-qwen2": {"model": "random-qwen2", "num_generations": 4, "prompts_per_step": 2},
+}
+
+
+def random_qwen2(out: str, seed: int = 0) -> str:
+    """A seeded random Qwen2 (hidden 128, 4 layers, 4 heads over 2 KV heads) with the arith tokenizer, saved
+    under `out` for both frameworks to load: a model of another architecture whose answers never end early."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM  # here: only this workload builds one
+
+    from minigrpo.tiny import arith_tokenizer
+
+    tok = arith_tokenizer()
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         bos_token_id=None)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def bench_trl(model: str = "tiny-arith", gguf_file: str | None = None, steps: int = 10, num_generations: int = 8,
               prompts_per_step: int = 4, max_completion_length: int = 64, betas: tuple[float, ...] = (0.04, 0.0),
               lr: float = 1e-4, seed: int = 42, reps: int = 2, threads: int = 1, train_size: int = 2000,
               warmup_steps: int = 1, data: str = "arith", device: str = "cpu", dtype: str = "float32",
-              vllm: tuple[bool, ...] = (False,), log: Any = None) -> dict[str, Any]:
+              vllm: tuple[bool, ...] = (False,), log: Any = None, workloads: tuple[str, ...] = ("default",),
+              ) -> dict[str, Any]:
     """minigrpo vs TRL GRPOTrainer, identical settings, interleaved isolated runs; medians and ratios per variant.
 
-    Variants: each beta, times each vllm choice (False: each framework's own generation; True: each one's
-    colocated vLLM). Results are keyed by the beta ("0.04"), or "0.04 vllm" / "0.04 no-vllm" when vllm is varied.
+    Variants: each workload (WORKLOADS), times each beta, times each vllm choice (False: each framework's own
+    generation; True: each one's colocated vLLM). Results are keyed by the beta ("0.04"), "0.04 vllm" /
+    "0.04 no-vllm" when vllm is varied, prefixed by the workload ("small 0.04") when several are given.
     """
     settings = {"model": model, "gguf_file": None, "steps": steps, "num_generations": num_generations,
                 "prompts_per_step": prompts_per_step, "max_completion_length": max_completion_length, "lr": lr,
                 "seed": seed, "threads": threads, "train_size": train_size, "data": data, "device": device,
                 "dtype": dtype}
+    report: dict[str, Any] = {"results": {}}
     with contextlib.ExitStack() as stack:
         if gguf_file:  # TRL's Trainer refuses GGUF-loaded models (quantized): both load one dequantized fp32 copy
             settings["model"] = _dequantized_copy(model, gguf_file, stack.enter_context(tempfile.TemporaryDirectory()))
-        report = _bench_trl(settings, betas, vllm, reps, warmup_steps, log)
-    report["settings"] |= {"model": model, "gguf_file": gguf_file}
-    return report
+        for workload in workloads:
+            given = settings | WORKLOADS[workload]
+            if given["model"] == "random-qwen2":
+                given["model"] = random_qwen2(stack.enter_context(tempfile.TemporaryDirectory()), seed)
+            part = _bench_trl(given, betas, vllm, reps, warmup_steps,
+                              None if log is None else lambda line, w=workload: log(f"{w}: {line}"))
+            prefix = "" if len(workloads) == 1 else f"{workload} "
+            report["results"] |= {prefix + k: v for k, v in part["results"].items()}
+            report.setdefault("workloads", {})[workload] = {"model": WORKLOADS[workload].get("model", model)} | {
+                k: given[k] for k in ("num_generations", "prompts_per_step", "max_completion_length")}
+            report["settings"] = part["settings"] | {k: settings[k] for k in ("num_generations", "prompts_per_step",
+                                                                              "max_completion_length")}
+    report["settings"] |= {"model": model, "gguf_file": gguf_file, "workloads": list(workloads)}
+    return {"settings": report.pop("settings")} | report
 
 
 def _dequantized_copy(model: str, gguf_file: str, out: str) -> str:

@@ -10,7 +10,8 @@ Per part, in bytes:
     reference       beta > 0 under full fine-tuning: a frozen copy of the weights (LoRA: none)
     generation      KV cache of a rollout (all completions of a step, prompt + max_completion_length each)
                     x 1.2 (row compaction copies one layer at a time; measured), the sampling logits, and
-                    under LoRA the temporary merged copy of the adapted weights (`rollout_merge_lora`)
+                    under LoRA the temporary merged copy of the adapted weights (`rollout_merge_lora`);
+                    with a `rollout_dtype` other than dtype, a copy of the weights and the KV cache in it
     evaluation      the same for an evaluation batch (greedy, one completion per prompt)
     activations     saved for backward over one micro-batch at the longest completions: (9h + 2kv + 4m)
                     values per token per layer counted from a Llama layer's saved tensors, x 1.6 measured
@@ -19,8 +20,9 @@ Per part, in bytes:
     logits chunk    the LM head's chunk of completion tokens x vocab, fp32: ~7.5 live copies (logits,
                     log-softmax, probabilities and their gradients; measured)
     runtime (CPU)   the Python process with torch, transformers and peft imported (measured here), plus
-                    0.25 GB measured for the tokenizer, data and first forward passes of a run
+                    0.25 GiB measured for the tokenizer, data and first forward passes of a run
 
+Every figure is in GiB (2**30 bytes), as memory/peak_gb.
 Peak = runtime + weights + trainable + optimizer + reference + max(generation, evaluation,
 gradients + activations + logits chunk). Completions are taken at max_completion_length (the worst case).
 """
@@ -41,7 +43,7 @@ from minigrpo.monitor import peak_rss_bytes
 from minigrpo.tasks.prompts import render_prompts, resolve_template
 from minigrpo.tasks.sources import load_split
 
-GB = 1024**3
+GB = 1024**3  # GiB: the unit of every memory figure (monitor.peak_memory_gb, memory/peak_gb)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NF4_BYTES = 0.53  # 4 bits + double-quantized absmax per 64 weights
 KV_FACTOR = 1.2  # generation peak / raw KV cache, measured on the tiny model (125-1000 rows)
@@ -144,12 +146,16 @@ def estimate(cfg: Config, shape: Shape, prompt_len: int, device: str = "cpu", ru
     kv_token = L * 2 * shape.kv_dim * act
 
     merged = shape.adapted_params * act if cfg.use_peft and cfg.rollout_merge_lora and not quantized else 0.0
+    # rollout_dtype other than dtype (engine, hf): a copy of the weights in it while sampling, and its KV cache
+    cast = DTYPE_BYTES[cfg.rollout_dtype] if cfg.rollout_dtype not in ("auto", cfg.dtype) and \
+        cfg.rollout_backend != "vllm" and not quantized else 0
 
-    def generation(rows: int) -> float:
-        return KV_FACTOR * rows * (P + T) * kv_token + rows * shape.vocab * 4 * 3 + merged
+    def generation(rows: int, kv_bytes: float, extra: float) -> float:
+        return KV_FACTOR * rows * (P + T) * kv_bytes + rows * shape.vocab * 4 * 3 + extra
 
-    rollout = generation(cfg.completions_per_step)
-    evaluation = generation(min(cfg.eval_batch_size, cfg.eval_limit)) if cfg.eval_limit else 0.0
+    rollout = generation(cfg.completions_per_step, kv_token * cast / act if cast else kv_token,
+                         merged + shape.params * cast)
+    evaluation = generation(min(cfg.eval_batch_size, cfg.eval_limit), kv_token, merged) if cfg.eval_limit else 0.0
     B = cfg.per_device_train_batch_size
     groups = max(1, B // cfg.num_generations)
     tokens = B * T + groups * P
@@ -226,12 +232,12 @@ def report(cfg: Config, result: Plan, device: str) -> str:
              f"{cfg.max_completion_length} tokens"]
     for name, value in result.parts.items():
         if value:
-            lines.append(f"  {name:<14}{value / GB:8.2f} GB")
-    lines.append(f"  {'peak':<14}{result.peak / GB:8.2f} GB  (set by {result.phase})")
+            lines.append(f"  {name:<14}{value / GB:8.2f} GiB")
+    lines.append(f"  {'peak':<14}{result.peak / GB:8.2f} GiB  (set by {result.phase})")
     if result.limit is not None:
         verdict = "fits" if result.fits else "does NOT fit"
-        lines.append(f"{verdict} in {result.limit / GB:.1f} GB")
+        lines.append(f"{verdict} in {result.limit / GB:.1f} GiB")
         for flags, peak in result.suggestions:
             mark = "fits" if peak <= result.limit else "    "
-            lines.append(f"  {mark}  {flags:<60} -> {peak / GB:.2f} GB")
+            lines.append(f"  {mark}  {flags:<60} -> {peak / GB:.2f} GiB")
     return "\n".join(lines)

@@ -62,7 +62,7 @@ def test_plan_cli(capsys):
     assert "peak" in out and "weights" in out and "LoRA r=16" in out
     assert main(["plan", "--gpu_gb", "0.01"]) == 1
     out = capsys.readouterr().out
-    assert "does NOT fit in 0.0 GB" in out
+    assert "does NOT fit in 0.0 GiB" in out
     assert main(["plan", "--gpu_gb=lots"]) == 2
     assert "--gpu_gb: expected a number" in capsys.readouterr().err
 
@@ -85,3 +85,16 @@ def test_plan_within_25_percent_of_a_measured_run():
     out = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "tiny-arith LoRA" in out.stdout and "error" in out.stdout
+
+
+def test_a_lower_precision_rollout_counts_its_copy_of_the_weights_and_its_cache():
+    """rollout_dtype bfloat16 under float32: the rollout holds a 2-byte copy of every weight and a KV cache of
+    half the size; evaluation keeps the float32 weights; vLLM holds its own copy (not counted here)."""
+    shape = model_shape(Config())
+    base, bf16 = estimate(Config(), shape, 40), estimate(Config(rollout_dtype="bfloat16"), shape, 40)
+    assert bf16.parts["evaluation"] == base.parts["evaluation"]
+    cache_and_logits = base.parts["generation"]
+    rows, vocab = Config().completions_per_step, shape.vocab
+    kv = cache_and_logits - rows * vocab * 4 * 3
+    assert bf16.parts["generation"] == pytest.approx(kv / 2 + rows * vocab * 4 * 3 + shape.params * 2)
+    assert estimate(Config(rollout_dtype="float32"), shape, 40).parts == base.parts  # the weights' own dtype

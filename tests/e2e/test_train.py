@@ -185,3 +185,17 @@ def test_code_task_trains_with_its_tests_as_the_reward(smoke_cfg, tmp_path):
     assert rows[0]["eval/code_tests"] == 0.0 and "eval/code_tests" in rows[-1]
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert all(s["rewards/code_tests"] == 0.0 for s in samples)
+
+
+def test_bfloat16_rollouts_log_and_correct_their_mismatch(smoke_cfg):
+    """rollout_dtype bfloat16 under float32 weights (LoRA merged, then cast): the run trains, each step logs the
+    sampler's mismatch (larger than float32 sampling's ~1e-6, small) and the correction's ratios, and the saved
+    adapter stays float32."""
+    run = train(Config(**smoke_cfg, use_peft=True, rollout_dtype="bfloat16"), show_progress=False)
+    steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train/reward" in r]
+    assert len(steps) == 2
+    for s in steps:
+        assert 1e-4 < s["rollout/logprob_diff_mean"] < 0.05, s
+        assert abs(s["rollout/is_ratio_mean"] - 1) < 0.05 and s["rollout/is_ratio_min"] < 1 < s["rollout/is_ratio_max"]
+    trained = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert {t.dtype for t in trained.values()} == {torch.float32}

@@ -103,6 +103,24 @@ def test_top_k_and_top_p_restrict_and_renormalise():
     assert torch.allclose(logp[drawn == 0], torch.log(p[0]))  # log-prob of the full tempered distribution
 
 
+def test_inverse_cdf_draw_lands_on_a_drawable_token_at_both_ends(monkeypatch):
+    """The sampler takes the first token whose cumulative probability reaches u * total, u = 1 - rand in (0, 1]:
+    rand = 0 gives the last drawable token, rand just below 1 the first; tokens outside top-k (probability 0),
+    before, between or after them, are never drawn, and the log-prob is the full tempered distribution's."""
+    logits = torch.tensor([[-1.0, 3.0, -2.0, 2.0, 0.5, -4.0]])  # top-2: tokens 1 and 3
+    params = SamplingParams(temperature=1.0, top_k=2)
+    full = torch.log_softmax(logits, -1)[0]
+    for rand, expected in [(0.0, 3), (1 - 2 ** -24, 1), (0.5, 1)]:  # p(1 | top-2) = 0.73 > 0.5
+        monkeypatch.setattr(torch, "rand", lambda n, *a, value=rand, **k: torch.full((n,), value))
+        drawn, logp = sample_tokens(logits, params)
+        assert drawn.tolist() == [expected], rand
+        assert logp.item() == full[expected].item()
+    # the same at u's edges with every token drawable: the last and the first token
+    for rand, expected in [(0.0, 5), (1 - 2 ** -24, 0)]:
+        monkeypatch.setattr(torch, "rand", lambda n, *a, value=rand, **k: torch.full((n,), value))
+        assert sample_tokens(logits, SamplingParams(temperature=1.0))[0].tolist() == [expected]
+
+
 def test_per_sequence_eos_finished_rows_leave_and_early_exit(monkeypatch):
     """Sequences stop at their own EOS (pads after it); finished rows leave the batch; decoding stops at the end."""
     from minigrpo.rollout import engine
@@ -125,7 +143,9 @@ def test_per_sequence_eos_finished_rows_leave_and_early_exit(monkeypatch):
 
     monkeypatch.setattr(engine, "sample_tokens", scripted)
     forwards = []
-    model.register_forward_hook(lambda *a: forwards.append(1))
+    model.register_forward_hook(lambda *a: forwards.append(1))  # the prefill (transformers' forward)
+    monkeypatch.setattr(engine.NativeDecoder, "step", lambda self, *a, f=engine.NativeDecoder.step: (
+        forwards.append(1), f(self, *a))[1])  # the decode steps (the engine's own)
     ro = engine_generate(model, tok, _prompts(tok, 2), SamplingParams(n=3, max_new_tokens=50))
     assert len(forwards) == 4  # prefill + 3 decode steps, then every sequence has ended
     assert batch_sizes == [6, 6, 6, 3]  # 1 of 6 done: kept; 3 of 6 done (>= a quarter): dropped
@@ -166,3 +186,35 @@ def test_per_prompt_seeds_make_samples_independent_of_the_batch():
     assert torch.equal(again.completion_ids, together.completion_ids)
     other = run(prompts, [20, 21, 22])
     assert not torch.equal(other.completion_ids[:, :4], together.completion_ids[:, :4])
+
+
+def test_cast_weights_restores_the_same_tensors_and_bf16_rollouts_report_their_mismatch():
+    """rollout_dtype: the engine samples with a bfloat16 copy of the weights, then the float32 ones are back
+    untouched (the same Parameter objects and tensors, bit for bit); the sampled log-probs are the bfloat16
+    policy's, close to the trainer's float32 ones but not equal: what the sampler correction then weighs."""
+    from minigrpo.model import cast_weights
+    from minigrpo.rollout import engine
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=5)
+    before = {name: (p, p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters()}
+    buffers = {name: b.dtype for name, b in model.named_buffers()}
+    with cast_weights(model, "bfloat16"):
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+        assert {name: b.dtype for name, b in model.named_buffers()} == buffers  # rotary frequencies stay float32
+    for name, p in model.named_parameters():
+        param, data, value = before[name]
+        assert p is param and p.data_ptr() == data and p.dtype == torch.float32 and torch.equal(p, value), name
+    with cast_weights(model, None), cast_weights(model, "float32"):  # nothing to do
+        assert all(p.data_ptr() == before[name][1] for name, p in model.named_parameters())
+
+    params = SamplingParams(n=4, max_new_tokens=16, temperature=1.0, weights_dtype="bfloat16")
+    torch.manual_seed(0)
+    ro = engine.generate(model, tok, _prompts(tok, 2), params)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)
+    attention = torch.cat([ro.prompt_mask, ro.completion_mask.long()], 1)
+    with torch.no_grad():
+        logp, _ = policy_logprobs(model, ids, attention, ro.completion_ids.shape[1], 1.0)
+    gap = ((ro.logprobs - logp) * ro.completion_mask).abs().sum() / ro.completion_mask.sum()
+    assert 1e-4 < gap < 0.05, gap  # float32 sampling agrees to ~1e-6 (test above); bfloat16 to ~1e-3

@@ -84,11 +84,15 @@ def test_the_weights_multiply_the_surrogate_not_the_kl():
     _close(plain.per_token, [[-1.0, -1.0]])
 
 
-def test_sampler_check_logs_the_mismatch_and_corrects_only_for_vllm_or_stale_batches():
+def test_sampler_check_logs_the_mismatch_and_corrects_only_for_vllm_stale_or_lower_precision_batches():
     # known tokens: row 0 |d| 0.1, 1.0, 0; row 1 0.7; row 2 0 x 4 -> 8 tokens, sum 1.8, max 1.0
-    for backend, staleness, corrected in (("engine", 0, False), ("vllm", 0, True), ("engine", 1, True)):
+    for backend, staleness, rollout_dtype, corrected in (("engine", 0, "auto", False), ("vllm", 0, "auto", True),
+                                                         ("engine", 1, "auto", True),
+                                                         ("engine", 0, "float32", False),  # the weights' own
+                                                         ("engine", 0, "bfloat16", True), ("hf", 0, "float16", True)):
         check = SamplerCheck(Config(rollout_backend=backend, vllm_importance_sampling_mode="token_mask",
-                                    vllm_importance_sampling_clip_max=2.0, max_staleness=staleness))
+                                    vllm_importance_sampling_clip_max=2.0, max_staleness=staleness,
+                                    rollout_dtype=rollout_dtype))
         weights = check.weights(OLD, SAMPLER, MASK)
         m = check.metrics()
         assert m["rollout/logprob_diff_mean"] == pytest.approx(1.8 / 8)

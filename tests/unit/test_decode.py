@@ -1,0 +1,133 @@
+"""The engine's own decode step (rollout/decode.py): transformers' logits, generate's greedy tokens, on each
+architecture it claims, and transformers' forward for every other one."""
+
+import pytest
+import torch
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from minigrpo.compat import decoder_parts
+from minigrpo.rollout import engine
+from minigrpo.rollout.engine import engine_generate
+from minigrpo.rollout.hf import hf_generate
+from minigrpo.rollout.types import SamplingParams
+from minigrpo.tasks.arith import arith_rows
+from minigrpo.tiny import arith_tokenizer
+
+SHAPE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def _model(kind: str, tok) -> torch.nn.Module:
+    ids = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    torch.manual_seed(3)
+    if kind == "llama":  # SmolLM2's family; biases on, a head_dim of its own
+        model = LlamaForCausalLM(LlamaConfig(**SHAPE, **ids, attention_bias=True, mlp_bias=True, head_dim=32))
+    elif kind == "qwen2":  # q/k/v biases
+        model = Qwen2ForCausalLM(Qwen2Config(**SHAPE, **ids))
+    elif kind == "qwen3":  # RMSNorm over each query / key head
+        model = Qwen3ForCausalLM(Qwen3Config(**SHAPE, **ids, head_dim=16))
+    else:
+        model = MistralForCausalLM(MistralConfig(**SHAPE, **ids, sliding_window=None))
+    with torch.no_grad():  # norms away from 1 and biases away from 0, so that a missed one shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.3)
+    head = torch.nn.Linear(SHAPE["hidden_size"], len(tok), bias=True)  # a bias keeps EOS away: long answers
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()[tok.eos_token_id] = -100.0
+    model.lm_head = head
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = tok.eos_token_id
+    return model.eval()
+
+
+def _prompts(tok, n=5):
+    qs = [row["question"] for row in arith_rows("test", n)]
+    qs[1] = qs[1][:12]  # left padding
+    return [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            for q in qs]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
+def test_native_step_gives_transformers_logits_and_generate_greedy_tokens(kind, monkeypatch):
+    tok = arith_tokenizer()
+    model = _model(kind, tok)
+    assert decoder_parts(model)[0] is not None, decoder_parts(model)[1]
+    steps, step = [], engine.NativeDecoder.step
+    monkeypatch.setattr(engine.NativeDecoder, "step", lambda self, *a: (steps.append(1), step(self, *a))[1])
+    greedy = SamplingParams(n=1, max_new_tokens=20, temperature=0.0)
+    ours = engine_generate(model, tok, _prompts(tok), greedy)
+    ref = engine_generate(model, tok, _prompts(tok), SamplingParams(n=1, max_new_tokens=20, temperature=0.0,
+                                                                   engine_decode="hf"))
+    assert len(steps) == ref.completion_ids.shape[1] - 1 == 19  # the native step ran (after the prefill's token)
+    assert torch.equal(ours.completion_ids, ref.completion_ids)
+    assert torch.equal(ours.completion_ids, hf_generate(model, tok, _prompts(tok), greedy).completion_ids)
+    # sampled, rows ending at their own EOS (and leaving the batch): the same tokens from the same seeds, and
+    # log-probs within float32 rounding of transformers'
+    with torch.no_grad():
+        model.lm_head.bias[tok.eos_token_id] = 2.0
+    sampled = dict(n=3, max_new_tokens=16, temperature=1.0, seeds=[1, 2, 3, 4, 5])
+    batch_sizes = []
+    monkeypatch.setattr(engine.NativeDecoder, "step", lambda self, tokens, *a: (
+        batch_sizes.append(len(tokens)), step(self, tokens, *a))[1])
+    a = engine_generate(model, tok, _prompts(tok), SamplingParams(**sampled))
+    assert batch_sizes[0] == 15 and min(batch_sizes) < 12  # rows left the batch on the way
+    b = engine_generate(model, tok, _prompts(tok), SamplingParams(**sampled, engine_decode="hf"))
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+
+
+def test_other_architectures_decode_through_transformers():
+    tok = arith_tokenizer()
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               head_dim=16, sliding_window=8))
+    parts, why = decoder_parts(gemma)
+    assert parts is None and "gemma3" in why
+    windowed = MistralForCausalLM(MistralConfig(**SHAPE, vocab_size=len(tok), sliding_window=8))
+    assert decoder_parts(windowed) == (None, "sliding-window attention layers")
+    qwen_windows = Qwen2Config(**SHAPE, vocab_size=len(tok), use_sliding_window=True, sliding_window=8,
+                               max_window_layers=1)
+    assert decoder_parts(Qwen2ForCausalLM(qwen_windows))[0] is None
+
+
+def test_packed_plain_and_transformers_steps_agree():
+    """engine_decode auto (float32 weights as MKL packed GEMMs on this CPU), plain (F.linear) and hf: greedy tokens
+    equal, sampled log-probs within float32 rounding. The packed path is what auto runs here (a loud failure if
+    this torch's CPU build loses the ops)."""
+    from minigrpo.compat import mkl_packed_linear
+
+    tok = arith_tokenizer()
+    model = _model("qwen2", tok)
+    assert mkl_packed_linear(model.model.layers[0].self_attn.q_proj, 8) is not None
+    x = torch.randn(3, SHAPE["hidden_size"])
+    q = model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(mkl_packed_linear(q, 8)(x), q(x), atol=1e-6, rtol=1e-6)
+    runs = {mode: engine_generate(model, tok, _prompts(tok), SamplingParams(n=1, max_new_tokens=12, temperature=0.0,
+                                                                           engine_decode=mode))
+            for mode in ("auto", "plain", "hf")}
+    assert torch.equal(runs["auto"].completion_ids, runs["plain"].completion_ids)
+    assert torch.equal(runs["auto"].completion_ids, runs["hf"].completion_ids)
+    torch.testing.assert_close(runs["auto"].logprobs, runs["hf"].logprobs, atol=1e-5, rtol=0)
+    assert mkl_packed_linear(torch.nn.Linear(4, 4).to(torch.bfloat16), 8) is None  # float32 only
+
+
+def test_a_model_with_forward_hooks_decodes_through_transformers():
+    """A hook that edits outputs runs only in transformers' forward: the engine then decodes through it."""
+    tok = arith_tokenizer()
+    model = _model("llama", tok)
+    handle = model.model.layers[1].mlp.register_forward_hook(lambda module, args, out: out * 0)
+    assert decoder_parts(model) == (None, "forward hooks on the model (they run only in transformers' forward)")
+    handle.remove()
+    assert decoder_parts(model)[0] is not None
