@@ -49,7 +49,7 @@ def main() -> int:
         plan, real = planned_gb(args), measured_gb(args)
         error = plan / real - 1
         worst = max(worst, abs(error))
-        print(f"{name:<28} planned {plan:6.2f} GB   measured {real:6.2f} GB   error {error:+.0%}", flush=True)
+        print(f"{name:<28} planned {plan:6.2f} GiB   measured {real:6.2f} GiB   error {error:+.0%}", flush=True)
     return 0 if worst <= 0.25 else 1
 
 

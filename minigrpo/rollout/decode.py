@@ -63,13 +63,18 @@ class SharedPrefixKV:
         # additive mask of each prompt's padding, in the step's grouped layout [P, 1, 1, L]
         self.prefix_bias = torch.zeros(prompt_mask.shape, device=keys.device).masked_fill(
             prompt_mask == 0, -torch.inf)[:, None, None]
+        # float32 whatever the weights: products with a slice of a bfloat16 buffer copy it first on a CPU (half a
+        # bfloat16 step's attention time), float32 ones read it in place
         shape = (B, keys.shape[1], max_new_tokens, keys.shape[3])
-        self.own = [(keys.new_empty(shape), keys.new_empty(shape)) for _ in self.prefix]
+        self.own = [(keys.new_empty(shape, dtype=torch.float32), keys.new_empty(shape, dtype=torch.float32))
+                    for _ in self.prefix]
         self.n, self.prompts, self.length = n, P, 0
 
     def batch_select_indices(self, keep: torch.Tensor) -> None:
-        """Keep only the rows `keep` (finished rows leave), in the engine's order."""
-        self.own = [(k[keep], v[keep]) for k, v in self.own]
+        """Keep only the rows `keep` (finished rows leave), in the engine's order; one layer at a time, so the copy
+        costs one layer's memory."""
+        for i, (k, v) in enumerate(self.own):
+            self.own[i] = (k[keep], v[keep])
 
 
 class NativeDecoder:
@@ -119,13 +124,12 @@ class NativeDecoder:
             own_k[:, :, t], own_v[:, :, t] = k, v
             q = q.view(b, K, G, D)
             shared = torch.matmul(grouped(q), prefix_k.transpose(-1, -2)) * p.scaling + kv.prefix_bias
-            scores = torch.cat([rowwise(shared), torch.matmul(q, own_k[:, :, :t + 1].transpose(-1, -2)) * p.scaling],
-                               -1)  # [b, K, G, P + t + 1]
-            weights = torch.softmax(scores.float(), -1).to(q.dtype)
+            own = torch.matmul(q.float(), own_k[:, :, :t + 1].transpose(-1, -2)) * p.scaling
+            weights = torch.softmax(torch.cat([rowwise(shared).float(), own], -1), -1)  # [b, K, G, P + t + 1]
             P = prefix_k.shape[2]
-            attn = rowwise(torch.matmul(grouped(weights[..., :P].contiguous()), prefix_v)) + \
+            attn = rowwise(torch.matmul(grouped(weights[..., :P].to(q.dtype)), prefix_v)) + \
                 torch.matmul(weights[..., P:], own_v[:, :, :t + 1])  # [b, K, G, D]
-            x = x + o_proj(attn.reshape(b, H * D))
+            x = x + o_proj(attn.reshape(b, H * D).to(x.dtype))
             h = rms_norm(x, norm_post)
             x = x + down(F.silu(gate(h)) * up(h))
         kv.length += 1

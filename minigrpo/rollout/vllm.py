@@ -195,6 +195,7 @@ class ColocatedVLLM:
         longest = cfg.max_prompt_length + cfg.max_completion_length  # no longer than the model's positions
         positions = getattr(model.config, "max_position_embeddings", None) or longest
         dtype = cfg.dtype if cfg.rollout_dtype == "auto" else cfg.rollout_dtype  # the sampler's precision
+        self.dtype = getattr(torch, dtype)  # what the pushed weights are cast to (vLLM warns per tensor otherwise)
         self.llm = LLM(model=self.folder, dtype=dtype, seed=cfg.seed + int(os.environ["RANK"]),
                        max_model_len=min(longest, positions), load_format="dummy",
                        enable_sleep_mode=self.sleep, distributed_executor_backend="external_launcher",
@@ -213,6 +214,10 @@ class ColocatedVLLM:
                 raise ConfigError(f"vllm_lora_sync: adapter: vLLM refused the adapter: {e}; check lora_target_modules "
                                   f"({cfg.lora_target_modules}) or set vllm_lora_sync: merged") from None
 
+    def cast(self, weights: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+        """The pushed tensors in vLLM's dtype (rollout_dtype), floating-point ones only."""
+        return [(name, t.to(self.dtype) if t.is_floating_point() else t) for name, t in weights]
+
     def push_weights(self, model: torch.nn.Module) -> None:
         """Load the policy's current weights into vLLM: every tensor, LoRA merged; or the adapter (and the base the
         first time)."""
@@ -221,7 +226,7 @@ class ColocatedVLLM:
             from vllm.lora.request import LoRARequest  # optional dependency, as in check
 
             if not self.base_pushed:  # frozen under LoRA: once
-                vllm_push_weights(self.llm, vllm_weights(model, base_only=True))
+                vllm_push_weights(self.llm, self.cast(vllm_weights(model, base_only=True)))
                 self.base_pushed = True
             # adapter_config.json + adapter_model.safetensors (peft), from the parameters themselves (under FSDP
             # state_dict() would reshard them) and without the embeddings (peft's "auto" looks the base up)
@@ -233,7 +238,7 @@ class ColocatedVLLM:
             self.lora_request = LoRARequest(f"minigrpo-policy-{lora_id}", lora_id, self.adapter_dir)
         else:
             with merged_lora(model):
-                vllm_push_weights(self.llm, vllm_weights(model))
+                vllm_push_weights(self.llm, self.cast(vllm_weights(model)))
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
         # the last push's seconds (bench rollout reports it); with the adapter push, saving it (vLLM loads it in
         # the generation that follows)

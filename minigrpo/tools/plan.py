@@ -11,7 +11,9 @@ Per part, in bytes:
     generation      KV cache of a rollout (all completions of a step, prompt + max_completion_length each)
                     x 1.2 (row compaction copies one layer at a time; measured), the sampling logits, and
                     under LoRA the temporary merged copy of the adapted weights (`rollout_merge_lora`);
-                    with a `rollout_dtype` other than dtype, a copy of the weights and the KV cache in it
+                    with a `rollout_dtype` other than dtype, a copy of the weights and the KV cache in it;
+                    the engine's own decode step (Llama family) keeps each prompt's KV once for its samples
+                    and, on a CPU in float32, a packed copy of the linear weights (`engine_decode`)
     evaluation      the same for an evaluation batch (greedy, one completion per prompt)
     activations     saved for backward over one micro-batch at the longest completions: (9h + 2kv + 4m)
                     values per token per layer counted from a Llama layer's saved tensors, x 1.6 measured
@@ -37,6 +39,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from minigrpo import tiny
+from minigrpo.compat import decoder_parts
 from minigrpo.config import Config
 from minigrpo.model import RANDOM_INITS, load_tokenizer, model_errors, resolve_model_path
 from minigrpo.monitor import peak_rss_bytes
@@ -78,6 +81,8 @@ class Shape:
     intermediate: int
     kv_dim: int  # num_key_value_heads x head_dim
     vocab: int
+    lm_head_params: int = 0  # the LM head's weight (tied or not)
+    native: bool = False  # the engine decodes it with its own step (compat.decoder_parts): KV shared per prompt
 
 
 def model_shape(cfg: Config) -> Shape:
@@ -105,9 +110,12 @@ def model_shape(cfg: Config) -> Shape:
     heads = mcfg.num_attention_heads
     head_dim = getattr(mcfg, "head_dim", None) or h // heads
     kv = (getattr(mcfg, "num_key_value_heads", None) or heads) * head_dim
+    head = model.get_output_embeddings()
     return Shape(params=sum(p.numel() for p in model.parameters()), linear_layer_params=linear_params,
                  lora_params=lora, adapted_params=adapted, layers=mcfg.num_hidden_layers, hidden=h,
-                 intermediate=getattr(mcfg, "intermediate_size", 4 * h), kv_dim=kv, vocab=mcfg.vocab_size)
+                 intermediate=getattr(mcfg, "intermediate_size", 4 * h), kv_dim=kv, vocab=mcfg.vocab_size,
+                 lm_head_params=head.weight.numel() if head is not None else 0,
+                 native=decoder_parts(model)[0] is not None)
 
 
 def prompt_tokens(cfg: Config, sample: int = 256) -> int:
@@ -149,13 +157,21 @@ def estimate(cfg: Config, shape: Shape, prompt_len: int, device: str = "cpu", ru
     # rollout_dtype other than dtype (engine, hf): a copy of the weights in it while sampling, and its KV cache
     cast = DTYPE_BYTES[cfg.rollout_dtype] if cfg.rollout_dtype not in ("auto", cfg.dtype) and \
         cfg.rollout_backend != "vllm" and not quantized else 0
+    # the engine's own decode step (engine_decode): each prompt's KV once for its samples; on a CPU under auto, a
+    # packed copy of the float32 linear weights (compat.mkl_packed_linear) while generating
+    native = shape.native and cfg.rollout_backend == "engine" and cfg.engine_decode != "hf"
 
-    def generation(rows: int, kv_bytes: float, extra: float) -> float:
-        return KV_FACTOR * rows * (P + T) * kv_bytes + rows * shape.vocab * 4 * 3 + extra
+    def generation(rows: int, prompts: int, kv_bytes: float, weight_bytes: int, extra: float) -> float:
+        packed = (shape.linear_layer_params + shape.lm_head_params) * 4 if native and weight_bytes == 4 and \
+            cfg.engine_decode == "auto" and device == "cpu" and not quantized else 0
+        tokens = rows * T + prompts * P if native else rows * (P + T)
+        return KV_FACTOR * tokens * kv_bytes + rows * shape.vocab * 4 * 3 + extra + packed
 
-    rollout = generation(cfg.completions_per_step, kv_token * cast / act if cast else kv_token,
-                         merged + shape.params * cast)
-    evaluation = generation(min(cfg.eval_batch_size, cfg.eval_limit), kv_token, merged) if cfg.eval_limit else 0.0
+    rows = cfg.completions_per_step
+    rollout = generation(rows, rows // cfg.num_generations, kv_token * cast / act if cast else kv_token,
+                         cast or act, merged + shape.params * cast)
+    evaluation = generation(*[min(cfg.eval_batch_size, cfg.eval_limit)] * 2, kv_token, act, merged) \
+        if cfg.eval_limit else 0.0
     B = cfg.per_device_train_batch_size
     groups = max(1, B // cfg.num_generations)
     tokens = B * T + groups * P

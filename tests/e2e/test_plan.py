@@ -87,14 +87,28 @@ def test_plan_within_25_percent_of_a_measured_run():
     assert "tiny-arith LoRA" in out.stdout and "error" in out.stdout
 
 
-def test_a_lower_precision_rollout_counts_its_copy_of_the_weights_and_its_cache():
-    """rollout_dtype bfloat16 under float32: the rollout holds a 2-byte copy of every weight and a KV cache of
-    half the size; evaluation keeps the float32 weights; vLLM holds its own copy (not counted here)."""
-    shape = model_shape(Config())
-    base, bf16 = estimate(Config(), shape, 40), estimate(Config(rollout_dtype="bfloat16"), shape, 40)
+def test_generation_counts_the_rollout_precision_the_shared_prompt_cache_and_the_packed_weights():
+    """The rollout's memory by engine mode, from the model's shape (prompt length 40): the engine's own decode
+    step (tiny-arith is a Llama) keeps each prompt's KV once and, on a CPU in float32, a packed copy of the linear
+    weights; rollout_dtype bfloat16 instead holds a 2-byte copy of every weight and a KV cache of half the size
+    (no packing: MKL packs float32 only); transformers' forward (engine_decode hf) a KV cache per row; evaluation
+    keeps the float32 weights."""
+    from minigrpo.tools.plan import KV_FACTOR
+
+    cfg = Config()
+    shape = model_shape(cfg)
+    assert shape.native
+    rows, T, P, V = cfg.completions_per_step, cfg.max_completion_length, 40, shape.vocab
+    kv_token, logits = shape.layers * 2 * shape.kv_dim * 4, rows * V * 4 * 3
+    shared = KV_FACTOR * (rows * T + rows // cfg.num_generations * P) * kv_token
+    packed = (shape.linear_layer_params + shape.lm_head_params) * 4
+    base = estimate(cfg, shape, P)
+    assert base.parts["generation"] == pytest.approx(shared + logits + packed)
+    bf16 = estimate(Config(rollout_dtype="bfloat16"), shape, P)
+    assert bf16.parts["generation"] == pytest.approx(shared / 2 + logits + shape.params * 2)
     assert bf16.parts["evaluation"] == base.parts["evaluation"]
-    cache_and_logits = base.parts["generation"]
-    rows, vocab = Config().completions_per_step, shape.vocab
-    kv = cache_and_logits - rows * vocab * 4 * 3
-    assert bf16.parts["generation"] == pytest.approx(kv / 2 + rows * vocab * 4 * 3 + shape.params * 2)
-    assert estimate(Config(rollout_dtype="float32"), shape, 40).parts == base.parts  # the weights' own dtype
+    hf = estimate(Config(engine_decode="hf"), shape, P)
+    assert hf.parts["generation"] == pytest.approx(KV_FACTOR * rows * (P + T) * kv_token + logits)
+    assert estimate(Config(engine_decode="plain"), shape, P).parts["generation"] == pytest.approx(shared + logits)
+    assert estimate(cfg, shape, P, device="cuda").parts["generation"] == pytest.approx(shared + logits)
+    assert estimate(Config(rollout_dtype="float32"), shape, P).parts == base.parts  # the weights' own dtype
