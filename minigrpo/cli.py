@@ -259,11 +259,12 @@ def cmd_eval(argv: list[str]) -> int:
         report = evaluate(model, tok, prompts, [ex.columns["answer"] for ex in examples],
                           max_new_tokens=cfg.max_completion_length, batch_size=args.batch_size, k=args.k,
                           temperature=args.temperature, keep_records=True, backend=cfg.rollout_backend,
-                          stop=stop_strings(cfg), turns=multi_turn(cfg), rows=[ex.columns for ex in examples])
+                          stop=stop_strings(cfg), turns=multi_turn(cfg), rows=[ex.columns for ex in examples],
+                          engine_decode=cfg.engine_decode)
     else:
         report = evaluate_metric(model, tok, prompts, examples, metric, name, cfg.max_completion_length,
                                  args.batch_size, cfg.rollout_backend, stop=stop_strings(cfg), turns=multi_turn(cfg),
-                                 k=args.k, temperature=args.temperature)
+                                 k=args.k, temperature=args.temperature, engine_decode=cfg.engine_decode)
     report["settings"] = {"model": cfg.model, "gguf_file": cfg.gguf_file, "adapter": args.adapter,
                           "data": cfg.dataset, "split": args.split, "template": cfg.template,
                           "max_new_tokens": cfg.max_completion_length, "decoding": "greedy", "k": args.k,
@@ -363,7 +364,7 @@ def cmd_sample(argv: list[str]) -> int:
     from minigrpo.tools.sample import sample_to_jsonl
 
     params = SamplingParams(n=args.n, max_new_tokens=cfg.max_completion_length, temperature=args.temperature,
-                            stop=stop_strings(cfg))
+                            stop=stop_strings(cfg), engine_decode=cfg.engine_decode)
     stats = sample_to_jsonl(model, tok, prompts, examples, params, funcs, Path(args.out), args.keep, args.best_k,
                             args.batch_size, backend=cfg.rollout_backend, judge=judge,
                             threshold=0.8 if args.judge_threshold is None else args.judge_threshold)

@@ -318,6 +318,18 @@ def mkl_packed_linear(module: torch.nn.Module, rows: int) -> typing.Callable[[to
 # ---- transformers: the Llama family's modules, for the engine's own decode step -------------------------------
 
 NATIVE_DECODE_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # the model_type values rollout/decode.py runs
+# transformers' own forward hooks that leave outputs alone, so decoding without them changes nothing (5.17-5.24):
+# the output recorder's (`output_capturing_hook`: appends hidden states / attentions to a collector when one is
+# active; installed on the first forward that asks for them) and `enable_input_require_grads`' (gradient
+# checkpointing and k-bit training: marks the embeddings' output as requiring grad; nothing under no_grad)
+HARMLESS_HOOKS = ("output_capturing_hook", "make_inputs_require_grads")
+
+
+def outside_hooks(module: torch.nn.Module) -> list[typing.Any]:
+    """The forward (pre-)hooks on `module` other than transformers' harmless ones (HARMLESS_HOOKS)."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return [h for h in hooks if not (getattr(h, "__module__", "").startswith("transformers.") and
+                                     getattr(h, "__name__", "") in HARMLESS_HOOKS)]
 
 
 @dataclasses.dataclass
@@ -368,7 +380,7 @@ def decoder_parts(model: torch.nn.Module) -> tuple[DecoderParts | None, str]:
         return None, "sliding-window attention layers"
     if getattr(config, "hidden_act", None) != "silu" or getattr(config, "pretraining_tp", 1) != 1:
         return None, f"hidden_act {getattr(config, 'hidden_act', None)!r} / pretraining_tp"
-    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+    if any(outside_hooks(m) for m in model.modules()):
         return None, "forward hooks on the model (they run only in transformers' forward)"
     try:
         layers = []

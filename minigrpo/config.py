@@ -386,6 +386,10 @@ class Config:
                               f"max_completion_length={self.max_completion_length}, got {self.overlong_buffer}")
         if not self.reward_funcs:
             raise ConfigError("reward_funcs: at least one reward function is needed, e.g. [correctness]")
+        if self.rollout_dtype not in ("auto", self.dtype) and self.rollout_backend == "hf":
+            raise ConfigError(f"rollout_dtype: {self.rollout_dtype} with rollout_backend hf: transformers' generate "
+                              f"reports no log-probs, so the sampler's mismatch could be neither logged nor "
+                              f"corrected. Use rollout_backend engine (or vllm), or rollout_dtype: auto")
         if self.vllm_importance_sampling_clip_min >= self.vllm_importance_sampling_clip_max:
             raise ConfigError(f"vllm_importance_sampling_clip_min: {self.vllm_importance_sampling_clip_min} must be "
                               f"below vllm_importance_sampling_clip_max ({self.vllm_importance_sampling_clip_max})")

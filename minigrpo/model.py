@@ -206,22 +206,27 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 @contextlib.contextmanager
 def cast_weights(model: torch.nn.Module, dtype: str | None) -> Iterator[torch.nn.Module]:
-    """Inside: every floating-point parameter of `model` holds a copy of itself in `dtype` (config
-    `rollout_dtype`: bfloat16 rollouts of a float32 model); the original tensors are put back on exit,
-    untouched (the same Parameter objects: the optimizer's references stay valid). Buffers are left as they are
-    (rotary frequencies stay float32: transformers computes the angles in float32 and casts the result).
-    dtype None, or the parameters' own: nothing happens. Costs, while inside, one copy of the weights in `dtype`."""
+    """Inside: every floating-point parameter of `model` is replaced, in its module, by a frozen copy in `dtype`
+    (config `rollout_dtype`: bfloat16 rollouts of a float32 model); the original Parameter objects are put back on
+    exit, untouched. They are swapped, not re-typed in place: setting a parameter's `.data` to another dtype
+    would reset its gradient accumulator, where DDP's reduction hooks live. Tied parameters get one copy, still
+    tied. Buffers are left as they are (rotary frequencies stay float32: transformers computes the angles in
+    float32 and casts the result). dtype None, or the parameters' own: nothing happens. Costs, while inside, one
+    copy of the weights in `dtype`."""
     target = getattr(torch, dtype) if dtype else None
-    params = [p for p in model.parameters() if p.is_floating_point() and p.dtype != target] if target else []
-    originals = [p.data for p in params]
+    slots = [(module, name, p) for module in model.modules() for name, p in module.named_parameters(recurse=False)
+             if target is not None and p.is_floating_point() and p.dtype != target]
+    copies: dict[int, torch.nn.Parameter] = {}
     try:
         with torch.no_grad():
-            for p in params:
-                p.data = p.data.to(target)
+            for module, name, p in slots:
+                if id(p) not in copies:
+                    copies[id(p)] = torch.nn.Parameter(p.detach().to(target), requires_grad=False)
+                setattr(module, name, copies[id(p)])
         yield model
     finally:
-        for p, data in zip(params, originals):
-            p.data = data
+        for module, name, p in slots:
+            setattr(module, name, p)
 
 
 class MergedLinear(torch.nn.Linear):

@@ -8,9 +8,10 @@ handling a fifth of SmolLM2-135M's attention. The arithmetic is transformers' ow
 the rotation, the MLP), so greedy decoding still gives `generate`'s tokens (tests/unit/test_engine.py); only the
 softmax's summation order differs from SDPA's (~1e-7).
 
-Used by the engine when `compat.decoder_parts` recognises the model (`engine_decode: auto`); any other model
-decodes through transformers' forward, as with `engine_decode: hf`. Prefill stays transformers' (its KV cache,
-preallocated, is what this step extends).
+Used by the engine when `compat.decoder_parts` recognises the model (`engine_decode: auto` or `plain`); any other
+model, or one with forward hooks of its own, decodes through transformers' forward, as with `engine_decode: hf`.
+Prefill stays transformers': its KV cache is each prompt's shared prefix (SharedPrefixKV); the completions' keys
+and values go to buffers of their own.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
+def own_dtype(keys: torch.Tensor) -> torch.dtype:
+    """The dtype of the completions' KV buffers: float32 on a CPU, the prefill's elsewhere (minigrpo plan counts
+    the same)."""
+    return torch.float32 if keys.device.type == "cpu" else keys.dtype
+
+
 class SharedPrefixKV:
     """The KV cache of a native decode: each prompt's keys and values once ([prompts, K, P, D], from the prefill:
     not copied to its n samples), and each row's own completion columns ([rows, K, T, D], allocated once,
@@ -63,11 +70,10 @@ class SharedPrefixKV:
         # additive mask of each prompt's padding, in the step's grouped layout [P, 1, 1, L]
         self.prefix_bias = torch.zeros(prompt_mask.shape, device=keys.device).masked_fill(
             prompt_mask == 0, -torch.inf)[:, None, None]
-        # float32 whatever the weights: products with a slice of a bfloat16 buffer copy it first on a CPU (half a
-        # bfloat16 step's attention time), float32 ones read it in place
-        shape = (B, keys.shape[1], max_new_tokens, keys.shape[3])
-        self.own = [(keys.new_empty(shape, dtype=torch.float32), keys.new_empty(shape, dtype=torch.float32))
-                    for _ in self.prefix]
+        # float32 on a CPU whatever the weights: products with a slice of a bfloat16 buffer copy it first there
+        # (half a bfloat16 step's attention time), float32 ones read it in place; the weights' dtype elsewhere
+        shape, dtype = (B, keys.shape[1], max_new_tokens, keys.shape[3]), own_dtype(keys)
+        self.own = [(keys.new_empty(shape, dtype=dtype), keys.new_empty(shape, dtype=dtype)) for _ in self.prefix]
         self.n, self.prompts, self.length = n, P, 0
 
     def batch_select_indices(self, keep: torch.Tensor) -> None:

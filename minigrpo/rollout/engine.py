@@ -1,9 +1,10 @@
 """minigrpo's rollout engine (`rollout_backend: engine`, the default): a sampler made for GRPO's groups.
 
-Each prompt is prefilled once and its KV cache shared by its n samples; the cache is preallocated for the
-whole completion (no re-allocation per token); rows that finish leave the batch; each prompt samples from
-its own seed, so what it samples does not depend on the rest of the batch. Greedy decoding gives
-transformers' `generate` tokens (tests/unit/test_engine.py).
+Each prompt is prefilled once and its KV cache shared by its n samples (read once for them by the engine's own
+decode step, rollout/decode.py, on Llama-family models; expanded to them and preallocated for the whole completion
+under transformers' forward); rows that finish leave the batch; each prompt samples from its own seed, so what it
+samples does not depend on the rest of the batch. Greedy decoding gives transformers' `generate` tokens
+(tests/unit/test_engine.py, test_decode.py).
 """
 
 from __future__ import annotations

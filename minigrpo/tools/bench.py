@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from minigrpo.compat import drop_gguf_marker
+from minigrpo.compat import drop_gguf_marker, mkl_packed_linear
 from minigrpo.config import Config
 from minigrpo.model import load_tokenizer, resolve_model_path
 from minigrpo.monitor import peak_memory_gb, peak_rss_bytes, read_jsonl
@@ -34,27 +34,36 @@ from minigrpo.tasks.sources import load_split
 def matmul_roofline(model: torch.nn.Module, rows: int, dtype: str | None = None, reps: int = 3) -> dict[str, float]:
     """The matrix work of one decode step of `model` at `rows` sequences, timed on this machine: every Linear
     weight (the LM head included, once) multiplied by a [rows, in] input in turn, as a step streams them from
-    memory, in `dtype` (None: the weights' own); the fastest of `reps` passes. What a decode step could reach if
+    memory, in `dtype` (None: the weights' own), with the fastest kernel the engine uses for them; the fastest of
+    `reps` passes. What a decode step could reach if
     the matrix products were all it did: `tokens_per_s` = rows / that time. Attention, sampling, norms and
     Python are what an engine adds on top; `bench_rollout` reports each backend's fraction of this."""
     target = getattr(torch, dtype) if dtype else None
-    weights = [m.weight.detach() if target is None else m.weight.detach().to(target)
-               for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
-    flops = sum(2 * w.numel() for w in weights)  # per token
+    layers = [torch.nn.Linear(m.in_features, m.out_features, bias=False, device="meta") for m in model.modules()
+              if isinstance(m, torch.nn.Linear)]
+    for layer, m in zip(layers, (m for m in model.modules() if isinstance(m, torch.nn.Linear))):
+        layer.weight = torch.nn.Parameter(m.weight.detach() if target is None else m.weight.detach().to(target),
+                                          requires_grad=False)
+    # the fastest kernel the engine has for them: MKL's packed GEMM for float32 on a CPU, else F.linear
+    with torch.no_grad():
+        calls = [(mkl_packed_linear(layer, rows) or layer, layer.in_features) for layer in layers]
+    kernel = "mkl packed" if any(c is not layer for (c, _), layer in zip(calls, layers)) else "linear"
+    first = layers[0].weight
+    inputs = {k: torch.randn(rows, k, dtype=first.dtype, device=first.device) for _, k in calls}
+    flops = sum(2 * layer.weight.numel() for layer in layers)  # per token
     best = float("inf")
     with torch.no_grad():
         for _ in range(reps + 1):  # the first pass warms up
-            if weights[0].device.type == "cuda":
+            if first.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            for w in weights:
-                torch.nn.functional.linear(inputs[w.shape[1]], w)
-            if weights[0].device.type == "cuda":
+            for call, k in calls:
+                call(inputs[k])
+            if first.device.type == "cuda":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)
     return {"rows": rows, "flops_per_token": flops, "step_s": best, "gflops": flops * rows / best / 1e9,
-            "tokens_per_s": rows / best, "dtype": str(weights[0].dtype).removeprefix("torch.")}
+            "tokens_per_s": rows / best, "dtype": str(first.dtype).removeprefix("torch."), "kernel": kernel}
 
 
 def bench_rollout(model: Any, tokenizer: Any, prompts: list[str], n: int, max_new_tokens: int, reps: int = 5,

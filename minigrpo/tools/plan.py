@@ -164,8 +164,10 @@ def estimate(cfg: Config, shape: Shape, prompt_len: int, device: str = "cpu", ru
     def generation(rows: int, prompts: int, kv_bytes: float, weight_bytes: int, extra: float) -> float:
         packed = (shape.linear_layer_params + shape.lm_head_params) * 4 if native and weight_bytes == 4 and \
             cfg.engine_decode == "auto" and device == "cpu" and not quantized else 0
-        tokens = rows * T + prompts * P if native else rows * (P + T)
-        return KV_FACTOR * tokens * kv_bytes + rows * shape.vocab * 4 * 3 + extra + packed
+        # the native step keeps the completions' keys and values in float32 on a CPU (rollout/decode.own_dtype)
+        kv = (rows * T * (kv_token / act * 4 if device == "cpu" else kv_bytes) + prompts * P * kv_bytes) if native \
+            else rows * (P + T) * kv_bytes
+        return KV_FACTOR * kv + rows * shape.vocab * 4 * 3 + extra + packed
 
     rows = cfg.completions_per_step
     rollout = generation(rows, rows // cfg.num_generations, kv_token * cast / act if cast else kv_token,

@@ -90,9 +90,9 @@ def test_plan_within_25_percent_of_a_measured_run():
 def test_generation_counts_the_rollout_precision_the_shared_prompt_cache_and_the_packed_weights():
     """The rollout's memory by engine mode, from the model's shape (prompt length 40): the engine's own decode
     step (tiny-arith is a Llama) keeps each prompt's KV once and, on a CPU in float32, a packed copy of the linear
-    weights; rollout_dtype bfloat16 instead holds a 2-byte copy of every weight and a KV cache of half the size
-    (no packing: MKL packs float32 only); transformers' forward (engine_decode hf) a KV cache per row; evaluation
-    keeps the float32 weights."""
+    weights, the completions' KV in float32 on a CPU; rollout_dtype bfloat16 instead holds a 2-byte copy of every
+    weight and the prompts' KV in bfloat16 (no packing: MKL packs float32 only); transformers' forward
+    (engine_decode hf) a KV cache per row; evaluation keeps the float32 weights."""
     from minigrpo.tools.plan import KV_FACTOR
 
     cfg = Config()
@@ -105,7 +105,8 @@ def test_generation_counts_the_rollout_precision_the_shared_prompt_cache_and_the
     base = estimate(cfg, shape, P)
     assert base.parts["generation"] == pytest.approx(shared + logits + packed)
     bf16 = estimate(Config(rollout_dtype="bfloat16"), shape, P)
-    assert bf16.parts["generation"] == pytest.approx(shared / 2 + logits + shape.params * 2)
+    prompts_kv = KV_FACTOR * (rows // cfg.num_generations) * P * kv_token
+    assert bf16.parts["generation"] == pytest.approx(shared - prompts_kv / 2 + logits + shape.params * 2)
     assert bf16.parts["evaluation"] == base.parts["evaluation"]
     hf = estimate(Config(engine_decode="hf"), shape, P)
     assert hf.parts["generation"] == pytest.approx(KV_FACTOR * rows * (P + T) * kv_token + logits)

@@ -224,3 +224,10 @@ def test_bench_algo_command_line(capsys):
     assert "--only: unknown variants ['nope']" in capsys.readouterr().err
     assert main(["bench", "algo", "--seed=3"]) == 2
     assert "--seed: bench algo sets it for each run" in capsys.readouterr().err
+
+
+def test_lower_precision_rollouts_need_a_backend_that_reports_log_probs():
+    with pytest.raises(ConfigError, match="rollout_dtype: bfloat16 with rollout_backend hf: transformers' generate"):
+        Config(rollout_dtype="bfloat16", rollout_backend="hf").validate_grpo()
+    Config(rollout_dtype="float32", rollout_backend="hf").validate_grpo()  # the weights' own dtype: nothing changes
+    Config(rollout_dtype="bfloat16").validate_grpo()  # the engine reports them

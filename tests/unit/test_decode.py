@@ -131,3 +131,17 @@ def test_a_model_with_forward_hooks_decodes_through_transformers():
     assert decoder_parts(model) == (None, "forward hooks on the model (they run only in transformers' forward)")
     handle.remove()
     assert decoder_parts(model)[0] is not None
+
+
+def test_transformers_own_recording_hooks_do_not_turn_the_native_step_off():
+    """transformers installs output-recording hooks on a model's first forward that asks for hidden states, and
+    enable_input_require_grads (gradient checkpointing, k-bit training) one on the embeddings: both leave outputs
+    alone, so the native step stays on (a training run's policy pass installs the first)."""
+    tok = arith_tokenizer()
+    model = _model("qwen2", tok)
+    ids = torch.tensor([[3, 4, 5]])
+    model(input_ids=ids, output_hidden_states=True)
+    model.enable_input_require_grads()
+    hooks = [h for m in model.modules() for h in m._forward_hooks.values()]
+    assert {h.__name__ for h in hooks} == {"output_capturing_hook", "make_inputs_require_grads"}
+    assert decoder_parts(model)[0] is not None

@@ -167,6 +167,18 @@ def test_bench_rollout_reports_both_backends_and_ratio():
         assert 0 < r["min"] <= r["median_tokens_per_s"] <= r["max"]
     assert report["ratio_engine_over_hf"] == report["engine"]["median_tokens_per_s"] / report["hf"][
         "median_tokens_per_s"]
+    # the matrix-work roofline of a decode step at 2 prompts x 2 rows, and each backend's fraction of it
+    roof = report["roofline"]
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert roof["rows"] == 4 and roof["flops_per_token"] == 2 * linear and roof["dtype"] == "float32"
+    assert roof["kernel"] == "mkl packed"  # this torch's CPU build: the kernel the engine's float32 step uses
+    assert roof["tokens_per_s"] == pytest.approx(4 / roof["step_s"])
+    assert roof["gflops"] == pytest.approx(roof["tokens_per_s"] * roof["flops_per_token"] / 1e9)
+    for name in ("engine", "hf"):
+        assert report[name]["roofline_fraction"] == report[name]["median_tokens_per_s"] / roof["tokens_per_s"]
+    bf16 = bench_rollout(model, tok, _prompts(tok, 2), n=2, max_new_tokens=4, reps=1, warmup=0,
+                         weights_dtype="bfloat16")["roofline"]
+    assert bf16["dtype"] == "bfloat16" and bf16["kernel"] == "linear"
 
 
 def test_per_prompt_seeds_make_samples_independent_of_the_batch():
@@ -198,6 +210,11 @@ def test_cast_weights_restores_the_same_tensors_and_bf16_rollouts_report_their_m
     tok = tiny_tokenizer()
     model = tiny_model(tok, seed=5)
     before = {name: (p, p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters()}
+
+    def accumulator(p):  # where DDP hangs its reduction hooks: resetting it would silently stop the all-reduce
+        return p.expand_as(p).grad_fn.next_functions[0][0]
+
+    accumulators = {name: accumulator(p) for name, p in model.named_parameters()}  # held: they stay alive
     buffers = {name: b.dtype for name, b in model.named_buffers()}
     with cast_weights(model, "bfloat16"):
         assert all(p.dtype == torch.bfloat16 for p in model.parameters())
@@ -205,6 +222,7 @@ def test_cast_weights_restores_the_same_tensors_and_bf16_rollouts_report_their_m
     for name, p in model.named_parameters():
         param, data, value = before[name]
         assert p is param and p.data_ptr() == data and p.dtype == torch.float32 and torch.equal(p, value), name
+        assert accumulator(p) is accumulators[name], name
     with cast_weights(model, None), cast_weights(model, "float32"):  # nothing to do
         assert all(p.data_ptr() == before[name][1] for name, p in model.named_parameters())
 

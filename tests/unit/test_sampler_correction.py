@@ -89,7 +89,8 @@ def test_sampler_check_logs_the_mismatch_and_corrects_only_for_vllm_stale_or_low
     for backend, staleness, rollout_dtype, corrected in (("engine", 0, "auto", False), ("vllm", 0, "auto", True),
                                                          ("engine", 1, "auto", True),
                                                          ("engine", 0, "float32", False),  # the weights' own
-                                                         ("engine", 0, "bfloat16", True), ("hf", 0, "float16", True)):
+                                                         ("engine", 0, "bfloat16", True),
+                                                         ("engine", 0, "float16", True)):
         check = SamplerCheck(Config(rollout_backend=backend, vllm_importance_sampling_mode="token_mask",
                                     vllm_importance_sampling_clip_max=2.0, max_staleness=staleness,
                                     rollout_dtype=rollout_dtype))
