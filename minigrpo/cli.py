@@ -453,20 +453,19 @@ def cmd_bench(argv: list[str]) -> int:
 
     torch.set_num_threads(args.threads)
     cfg, model, tok, examples, prompts = load_for_inference(args)
+    cfg = dataclasses.replace(cfg, rollout_dtype=args.rollout_dtype)  # the precision every backend samples in
     from minigrpo.tools.bench import bench_rollout  # here: heavy
 
     if args.vllm:
         from minigrpo import rollout
 
-        vllm_cfg = dataclasses.replace(cfg, rollout_backend="vllm", rollout_dtype=args.rollout_dtype)
-        rollout.backend("vllm").start(vllm_cfg, model, tok)
+        rollout.backend("vllm").start(dataclasses.replace(cfg, rollout_backend="vllm"), model, tok)
     from minigrpo.agent.turns import multi_turn  # here: heavy (transformers), as above
 
     turns = multi_turn(cfg)  # an environment is reset with each problem's row
     turns = turns.bound([ex.columns for ex in examples], args.n) if turns else None
-    dtype = None if args.rollout_dtype in ("auto", cfg.dtype) else args.rollout_dtype
     report = bench_rollout(model, tok, prompts, args.n, cfg.max_completion_length, args.reps, args.temperature,
-                           vllm=args.vllm, turns=turns, weights_dtype=dtype)
+                           vllm=args.vllm, turns=turns, weights_dtype=cfg.rollout_cast)
     report["settings"] = {"model": cfg.model, "gguf_file": cfg.gguf_file, "prompts": len(prompts), "n": args.n,
                           "max_new_tokens": cfg.max_completion_length, "threads": args.threads, "reps": args.reps,
                           "vllm": args.vllm, "tools": [str(t) for t in cfg.tools], "max_turns": cfg.max_turns,

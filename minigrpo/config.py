@@ -301,6 +301,11 @@ class Config:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
     @property
+    def rollout_cast(self) -> str | None:
+        """The dtype training rollouts are sampled in when it is not the weights' own (`rollout_dtype`), else None."""
+        return None if self.rollout_dtype in ("auto", self.dtype) else self.rollout_dtype
+
+    @property
     def prompts_per_step(self) -> int:
         """Distinct prompts per step; each is sampled num_generations times."""
         return self.completions_per_step // self.num_generations
@@ -386,7 +391,7 @@ class Config:
                               f"max_completion_length={self.max_completion_length}, got {self.overlong_buffer}")
         if not self.reward_funcs:
             raise ConfigError("reward_funcs: at least one reward function is needed, e.g. [correctness]")
-        if self.rollout_dtype not in ("auto", self.dtype) and self.rollout_backend == "hf":
+        if self.rollout_cast and self.rollout_backend == "hf":
             raise ConfigError(f"rollout_dtype: {self.rollout_dtype} with rollout_backend hf: transformers' generate "
                               f"reports no log-probs, so the sampler's mismatch could be neither logged nor "
                               f"corrected. Use rollout_backend engine (or vllm), or rollout_dtype: auto")

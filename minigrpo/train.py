@@ -153,11 +153,6 @@ def keep_informative(parts: list[Scored], num_groups: int, G: int, pad_id: int) 
                   sum(p.generate_s for p in parts), sum(p.score_s for p in parts), sum(p.reward_errors for p in parts))
 
 
-def rollout_weights_dtype(cfg: Config) -> str | None:
-    """The dtype the engine / hf sample training rollouts in, when it is not the weights' own (`rollout_dtype`)."""
-    return None if cfg.rollout_dtype in ("auto", cfg.dtype) else cfg.rollout_dtype
-
-
 class SamplerCheck:
     """The sampler/trainer mismatch of a step, micro-batch by micro-batch: the rollout's log-probs of its sampled
     tokens (`Rollout.logprobs`, from the backend) against the trainer's before any update, and, with
@@ -169,7 +164,7 @@ class SamplerCheck:
         self.cfg = cfg
         self.correct = cfg.vllm_importance_sampling_correction and (cfg.rollout_backend == "vllm" or
                                                                     cfg.max_staleness > 0 or stale or
-                                                                    rollout_weights_dtype(cfg) is not None)
+                                                                    cfg.rollout_cast is not None)
         self.parts: list[torch.Tensor] = []  # per micro-batch: tokens, sum |d|, max |d|, sum k3, and the ratios'
         # count, sum, min, max, how many fell outside the bounds
 
@@ -507,7 +502,7 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
     guard = RewardGuard(cfg.reward_timeout, cfg.reward_timeout_limit)  # time limits; what rewards did wrong
     run = setup_run(cfg, "GRPO", inputs)
     cfg = run.cfg  # as resolved at start (the template "auto" made concrete)
-    if rollout_weights_dtype(cfg) and run.dist.sharded and cfg.rollout_backend != "vllm":
+    if cfg.rollout_cast and run.dist.sharded and cfg.rollout_backend != "vllm":
         raise ConfigError(f"rollout_dtype: {cfg.rollout_dtype} casts a copy of whole weights for sampling; under "
                           f"{run.dist.strategy} (ZeRO-3 / FSDP) they are sharded: use DDP or ZeRO-2, or "
                           f"rollout_dtype: auto")
@@ -524,7 +519,7 @@ def run_grpo(cfg: Config, show_progress: bool = True, inputs: Inputs | None = No
                       entropy=entropy_control_of(cfg))
     sampling = SamplingParams(n=G, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                               top_p=cfg.top_p, top_k=cfg.top_k, stop=stop_strings(cfg), turns=multi_turn(cfg),
-                              weights_dtype=rollout_weights_dtype(cfg), engine_decode=cfg.engine_decode)
+                              weights_dtype=cfg.rollout_cast, engine_decode=cfg.engine_decode)
     # max_staleness k > 0: a generator process samples the next k batches while this one trains; started before
     # the evaluation start_loop runs, so that its start-up (seconds of imports) happens meanwhile
     generator, monitor = start_generator(run), None

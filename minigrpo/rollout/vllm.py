@@ -194,7 +194,7 @@ class ColocatedVLLM:
         memory = {} if on_cpu else {"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization}
         longest = cfg.max_prompt_length + cfg.max_completion_length  # no longer than the model's positions
         positions = getattr(model.config, "max_position_embeddings", None) or longest
-        dtype = cfg.dtype if cfg.rollout_dtype == "auto" else cfg.rollout_dtype  # the sampler's precision
+        dtype = cfg.rollout_cast or cfg.dtype  # the sampler's precision
         self.dtype = getattr(torch, dtype)  # what the pushed weights are cast to (vLLM warns per tensor otherwise)
         self.llm = LLM(model=self.folder, dtype=dtype, seed=cfg.seed + int(os.environ["RANK"]),
                        max_model_len=min(longest, positions), load_format="dummy",

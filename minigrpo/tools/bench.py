@@ -39,11 +39,10 @@ def matmul_roofline(model: torch.nn.Module, rows: int, dtype: str | None = None,
     the matrix products were all it did: `tokens_per_s` = rows / that time. Attention, sampling, norms and
     Python are what an engine adds on top; `bench_rollout` reports each backend's fraction of this."""
     target = getattr(torch, dtype) if dtype else None
-    layers = [torch.nn.Linear(m.in_features, m.out_features, bias=False, device="meta") for m in model.modules()
-              if isinstance(m, torch.nn.Linear)]
-    for layer, m in zip(layers, (m for m in model.modules() if isinstance(m, torch.nn.Linear))):
-        layer.weight = torch.nn.Parameter(m.weight.detach() if target is None else m.weight.detach().to(target),
-                                          requires_grad=False)
+    layers = []  # the model's Linear layers' weights (in `dtype`), without biases
+    for m in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
+        layers.append(torch.nn.Linear(m.in_features, m.out_features, bias=False, device="meta"))
+        layers[-1].weight = torch.nn.Parameter(m.weight.detach().to(target or m.weight.dtype), requires_grad=False)
     # the fastest kernel the engine has for them: MKL's packed GEMM for float32 on a CPU, else F.linear
     with torch.no_grad():
         calls = [(mkl_packed_linear(layer, rows) or layer, layer.in_features) for layer in layers]

@@ -155,8 +155,8 @@ def estimate(cfg: Config, shape: Shape, prompt_len: int, device: str = "cpu", ru
 
     merged = shape.adapted_params * act if cfg.use_peft and cfg.rollout_merge_lora and not quantized else 0.0
     # rollout_dtype other than dtype (engine, hf): a copy of the weights in it while sampling, and its KV cache
-    cast = DTYPE_BYTES[cfg.rollout_dtype] if cfg.rollout_dtype not in ("auto", cfg.dtype) and \
-        cfg.rollout_backend != "vllm" and not quantized else 0
+    cast = DTYPE_BYTES[cfg.rollout_cast] if cfg.rollout_cast and cfg.rollout_backend != "vllm" and not quantized \
+        else 0
     # the engine's own decode step (engine_decode): each prompt's KV once for its samples; on a CPU under auto, a
     # packed copy of the float32 linear weights (compat.mkl_packed_linear) while generating
     native = shape.native and cfg.rollout_backend == "engine" and cfg.engine_decode != "hf"
