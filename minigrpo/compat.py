@@ -299,18 +299,17 @@ def verifiers_message(message: dict[str, Any]) -> Any:
 
 # ---- torch: MKL's packed GEMM for the engine's decode step on a CPU --------------------------------------------
 
-def mkl_packed_linear(module: torch.nn.Module, rows: int) -> typing.Callable[[torch.Tensor], torch.Tensor] | None:
-    """x -> module(x) for a plain float32 Linear on the CPU, through MKL's packed GEMM (cblas_sgemm_pack: the
-    weight re-laid out once for the kernel): 1.5x F.linear's throughput at decode shapes (32 x 576 @ 576 x 1536,
-    weights streamed from memory) on this project's CPUs, same results. `rows`: the batch it is packed for (a hint;
-    any batch runs). None where it does not apply (another dtype or device, no MKL). torch has no public packed
-    linear; these are the ops inductor's freezing pass emits (torch 2.13). Costs a packed copy of the weight."""
-    weight = getattr(module, "weight", None)
-    if weight is None or weight.dtype != torch.float32 or weight.device.type != "cpu" or \
-            not torch.backends.mkl.is_available() or not hasattr(torch.ops.mkl, "_mkl_linear"):
+def mkl_packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int,
+                      ) -> typing.Callable[[torch.Tensor], torch.Tensor] | None:
+    """x -> F.linear(x, weight, bias) for a float32 weight on the CPU, through MKL's packed GEMM (cblas_sgemm_pack:
+    the weight re-laid out once for the kernel): 1.5x F.linear's throughput at decode shapes (32 x 576 @ 576 x 1536,
+    weights streamed from memory) on this project's CPUs, same results. `rows`: the batch it is packed for (another
+    batch size runs through F.linear). None where it does not apply (another dtype or device, no MKL). torch has no
+    public packed linear; these are the ops inductor's freezing pass emits (torch 2.13). Costs a packed copy."""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or not torch.backends.mkl.is_available() or \
+            not hasattr(torch.ops.mkl, "_mkl_linear"):
         return None
-    bias = None if module.bias is None else module.bias.detach()
-    weight = weight.detach()
+    weight, bias = weight.detach(), None if bias is None else bias.detach()
     packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
     return lambda x: torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
 

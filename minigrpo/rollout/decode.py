@@ -1,17 +1,23 @@
 """The engine's own decode step for Llama-family models (Llama, Mistral, Qwen2, Qwen3; SmolLM2 is a Llama).
 
 One token per row through the model's own weights, without transformers' forward around it: no mask builder,
-no output dataclasses, no per-module hooks, and attention for a single query computed as two batched matrix
-products per layer with the query heads grouped over their KV head (no repeated K/V). On a 2-core CPU that
-forward's bookkeeping is most of a decode step for a small model (tiny-arith: ~1.5 ms of ~2 ms) and the mask
-handling a fifth of SmolLM2-135M's attention. The arithmetic is transformers' own, op for op (RMSNorm in float32,
-the rotation, the MLP), so greedy decoding still gives `generate`'s tokens (tests/unit/test_engine.py); only the
-softmax's summation order differs from SDPA's (~1e-7).
+no output dataclasses, no per-module hooks. On a 2-core CPU that forward's bookkeeping is most of a decode step for
+a small model (tiny-arith: ~1.5 ms of ~2 ms) and the mask handling a fifth of SmolLM2-135M's attention. The
+arithmetic is transformers' own, op for op (RMSNorm in float32, the rotation, the MLP), so greedy decoding still
+gives `generate`'s tokens (tests/unit/test_decode.py); only the softmax's summation order may differ (~1e-7).
 
-Used by the engine when `compat.decoder_parts` recognises the model (`engine_decode: auto` or `plain`); any other
-model, or one with forward hooks of its own, decodes through transformers' forward, as with `engine_decode: hf`.
-Prefill stays transformers': its KV cache is each prompt's shared prefix (SharedPrefixKV); the completions' keys
-and values go to buffers of their own.
+What makes it fast, each measured (BENCHMARKS.md, issue 23):
+- products (`products`, `product_layout`): those reading the same input fused into one (q/k/v; gate/up) on a
+  copy of their weights made per call (the weights change every step): MKL's packed layout for a model whose
+  weights stream from memory (compat.mkl_packed_linear), a plain [in, out] layout for one that stays in cache;
+- attention: two cache layouts (`kv_layout`): a prompt's keys read once for its n samples (SharedPrefixKV, two
+  batched products with the query heads grouped over their KV head) where that prefix is large, and one
+  scaled_dot_product_attention call over each row's own copy (ExpandedKV) where the calls would cost more than
+  re-reading a small prefix.
+
+Used by the engine when `compat.decoder_parts` recognises the model (`engine_decode: auto` or `plain`: the
+weights as they are, one product per module, no copy); any other model, or one with forward hooks of its own,
+decodes through transformers' forward, as with `engine_decode: hf`. Prefill stays transformers'.
 """
 
 from __future__ import annotations
@@ -23,18 +29,49 @@ import torch.nn.functional as F
 
 from minigrpo.compat import DecoderParts, decoder_parts, mkl_packed_linear
 
+Product = Callable[[torch.Tensor], torch.Tensor]
+# a decoder whose linear weights total less than this stays in the CPU's caches between steps: its products run
+# on plain [in, out] copies (8 x 128 @ 128 x 384: 5.0 us as MKL packed, 2.6 as a plain product); above it they
+# stream from memory, where the packed layout is faster (SmolLM2-135M's layers: 2.1 s packed vs 2.7 s plain)
+CACHED_WEIGHT_BYTES = 32 * 2**20
+# ExpandedKV when re-reading the prompts' keys and values for every sample costs less than this a layer (bytes):
+# about what SharedPrefixKV's ~25 extra calls a layer cost on this project's CPUs (~60 us at ~14 GB/s)
+EXPAND_BYTES = 2**20
 
-def linear(module: torch.nn.Module, packed_rows: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A plain Linear as one call without the module's overhead: MKL's packed GEMM for float32 on a CPU when
-    `packed_rows` (the batch it is packed for) is given (compat.mkl_packed_linear), else F.linear; anything
-    else (a LoRA or quantized layer) is called as it is."""
-    if isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward:
-        fast = mkl_packed_linear(module, packed_rows) if packed_rows else None
-        if fast is not None:
-            return fast
-        weight, bias = module.weight, module.bias
-        return lambda x: F.linear(x, weight, bias)
-    return module
+
+def _plain(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward
+
+
+def products(modules: list[torch.nn.Module], layout: str, rows: int) -> Product:
+    """x [b, in] -> the outputs of `modules` (Linears reading the same input) side by side [b, sum of outs].
+
+    layout "packed" (float32 on a CPU, with MKL) or "transposed": one product on a copy of the modules' weights
+    stacked, as MKL's packed GEMM for `rows` rows (a batch of fewer rows, once some have finished, is padded to
+    them: the packed kernel otherwise hands back to F.linear, a third slower) or as a plain [in, out] matrix
+    (F.linear hands MKL a transposed operand: twice slower at a tiny model's shapes); column for column the same
+    arithmetic as F.linear. "plain", or modules other than plain Linears (LoRA, quantized): each module called."""
+    if layout == "plain" or not all(_plain(m) for m in modules):
+        calls = [m if not _plain(m) else (lambda x, m=m: F.linear(x, m.weight, m.bias)) for m in modules]
+        return calls[0] if len(calls) == 1 else lambda x: torch.cat([c(x) for c in calls], -1)
+    weight = torch.cat([m.weight.detach() for m in modules]) if len(modules) > 1 else modules[0].weight.detach()
+    bias = None if all(m.bias is None for m in modules) else torch.cat(
+        [m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features) for m in modules])
+    packed = mkl_packed_linear(weight, bias, rows) if layout == "packed" else None
+    if packed is not None:
+        return lambda x: packed(x) if x.shape[0] == rows else packed(F.pad(x, (0, 0, 0, rows - x.shape[0])))[
+            :x.shape[0]]
+    weight = weight.t().contiguous()  # [in, out]
+    return (lambda x: torch.mm(x, weight)) if bias is None else (lambda x: torch.addmm(bias, x, weight))
+
+
+def product_layout(weights: list[torch.Tensor], fast: bool) -> str:
+    """The layout of a decoder's products (`products`) over its linear `weights`: for float32 weights on a CPU
+    under `fast` (engine_decode auto), "packed" when they outgrow the caches, else "transposed"; "plain"
+    otherwise (bfloat16's kernels give other roundings on another layout, and no faster ones)."""
+    if not fast or weights[0].device.type != "cpu" or weights[0].dtype != torch.float32:
+        return "plain"
+    return "packed" if sum(w.numel() * w.element_size() for w in weights) > CACHED_WEIGHT_BYTES else "transposed"
 
 
 def rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
@@ -44,16 +81,22 @@ def rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
     return norm.weight * h.to(x.dtype)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' apply_rotary_pos_emb on one tensor [b, heads, D] (cos, sin: [b, 1, D])."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb on [b, heads, D] (cos, sin: [b, 1, D]): x * cos + rotate_half(x) * sin,
+    with rotate_half(x) * sin = roll(x, D / 2) * signed_sin (sin with its first half negated): the same products."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 def own_dtype(keys: torch.Tensor) -> torch.dtype:
     """The dtype of the completions' KV buffers: float32 on a CPU, the prefill's elsewhere (minigrpo plan counts
     the same)."""
     return torch.float32 if keys.device.type == "cpu" else keys.dtype
+
+
+def kv_layout(rows: int, prompts: int, prompt_len: int, kv_dim: int) -> str:
+    """"expanded" (ExpandedKV) when copying each prompt's keys and values to its n rows adds less than
+    EXPAND_BYTES to what a layer reads per step (kv_dim = KV heads x head_dim; float32), else "shared"."""
+    return "expanded" if (rows - prompts) * prompt_len * kv_dim * 2 * 4 <= EXPAND_BYTES else "shared"
 
 
 class SharedPrefixKV:
@@ -82,61 +125,126 @@ class SharedPrefixKV:
         for i, (k, v) in enumerate(self.own):
             self.own[i] = (k[keep], v[keep])
 
-
-class NativeDecoder:
-    """`step(tokens, position, live, kv)`: the next-token logits of each row still decoding, extending `kv`
-    (SharedPrefixKV) by one column."""
-
-    def __init__(self, parts: DecoderParts, packed_rows: int = 0) -> None:
-        self.parts = parts
-        self.layers = [(*(linear(m, packed_rows) for m in (p.q, p.k, p.v, p.o, p.gate, p.up, p.down)), p.norm_in,
-                        p.norm_post, p.q_norm, p.k_norm) for p in parts.layers]
-        self.head = linear(parts.lm_head, packed_rows)
-
-    @classmethod
-    def of(cls, model: torch.nn.Module, packed_rows: int = 0) -> tuple[NativeDecoder | None, str]:
-        """The decoder for `model` (its float32 linear layers packed for MKL for `packed_rows` rows when given, on
-        a CPU), or None and why transformers' forward is used instead."""
-        parts, why = decoder_parts(model)
-        return (cls(parts, packed_rows), "") if parts is not None else (None, why)
-
-    def step(self, tokens: torch.Tensor, position: torch.Tensor, live: torch.Tensor, kv: SharedPrefixKV,
-             ) -> torch.Tensor:
-        """tokens [b], position [b, 1], live [b] (each row's index among the prompts x n rows) -> logits [b, V]."""
-        p = self.parts
-        b, H, K, D, n, t = tokens.shape[0], p.heads, p.kv_heads, p.head_dim, kv.n, kv.length
-        G, B, whole = H // K, kv.prompts * kv.n, tokens.shape[0] == kv.prompts * kv.n  # whole: no row has left
+    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, live: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        """Layer i's attention for one new token a row: q [b, H, D], k / v [b, K, D] (stored) -> [b, H, D] (float32
+        on a CPU); live: each row's index among the prompts x n rows."""
+        (prefix_k, prefix_v), (own_k, own_v), t = self.prefix[i], self.own[i], self.length
+        b, H, D = q.shape
+        K, n = k.shape[1], self.n
+        G, B = H // K, self.prompts * n
+        whole = b == B  # no row has left
 
         def grouped(x: torch.Tensor) -> torch.Tensor:  # [b, K, G, X] -> [prompts, K, n * G, X]
             if not whole:
                 x = x.new_zeros((B, *x.shape[1:])).index_copy_(0, live, x)
             X = x.shape[-1]
-            return x.view(kv.prompts, n, K, G, X).transpose(1, 2).reshape(kv.prompts, K, n * G, X)
+            return x.view(self.prompts, n, K, G, X).transpose(1, 2).reshape(self.prompts, K, n * G, X)
 
         def rowwise(x: torch.Tensor) -> torch.Tensor:  # [prompts, K, n * G, X] -> [b, K, G, X]
             X = x.shape[-1]
-            x = x.view(kv.prompts, K, n, G, X).transpose(1, 2).reshape(B, K, G, X)
+            x = x.view(self.prompts, K, n, G, X).transpose(1, 2).reshape(B, K, G, X)
             return x if whole else x[live]
 
+        own_k[:, :, t], own_v[:, :, t] = k, v
+        q = q.reshape(b, K, G, D)
+        shared = torch.matmul(grouped(q), prefix_k.transpose(-1, -2)) * scaling + self.prefix_bias
+        own = torch.matmul(q.float(), own_k[:, :, :t + 1].transpose(-1, -2)) * scaling
+        weights = torch.softmax(torch.cat([rowwise(shared).float(), own], -1), -1)  # [b, K, G, P + t + 1]
+        P = prefix_k.shape[2]
+        return (rowwise(torch.matmul(grouped(weights[..., :P].to(q.dtype)), prefix_v)) +
+                torch.matmul(weights[..., P:], own_v[:, :, :t + 1])).view(b, H, D)
+
+
+class ExpandedKV:
+    """The KV cache of a native decode where prompts are short and models small: each row's copy of its prompt's
+    keys and values ahead of its own completion columns ([rows, K, P + T, D], allocated once), read with one
+    scaled_dot_product_attention call a layer: ~25 calls a layer fewer than SharedPrefixKV, for re-reading each
+    prompt's part n times (kv_layout chooses)."""
+
+    def __init__(self, cache, prompt_mask: torch.Tensor, n: int, max_new_tokens: int) -> None:
+        keys = cache.layers[0].keys
+        P, B, dtype = prompt_mask.shape[1], prompt_mask.shape[0] * n, own_dtype(keys)
+        shape = (B, keys.shape[1], P + max_new_tokens, keys.shape[3])
+        self.own = []
+        for layer in cache.layers:
+            k, v = keys.new_empty(shape, dtype=dtype), keys.new_empty(shape, dtype=dtype)
+            k[:, :, :P], v[:, :, :P] = layer.keys.repeat_interleave(n, 0), layer.values.repeat_interleave(n, 0)
+            self.own.append((k, v))
+        # additive mask of each row's prompt padding [rows, 1, 1, P + T]
+        self.bias = torch.zeros((B, 1, 1, P + max_new_tokens), device=keys.device, dtype=dtype)
+        self.bias[:, 0, 0, :P].masked_fill_(prompt_mask.repeat_interleave(n, 0) == 0, -torch.inf)
+        self.prompt_len, self.length = P, 0
+
+    def batch_select_indices(self, keep: torch.Tensor) -> None:
+        """Keep only the rows `keep`, as SharedPrefixKV does."""
+        self.bias = self.bias[keep]
+        for i, (k, v) in enumerate(self.own):
+            self.own[i] = (k[keep], v[keep])
+
+    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, live: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        """As SharedPrefixKV.attend."""
+        (own_k, own_v), L = self.own[i], self.prompt_len + self.length + 1
+        own_k[:, :, L - 1], own_v[:, :, L - 1] = k, v
+        return F.scaled_dot_product_attention(q[:, :, None].to(own_k.dtype), own_k[:, :, :L], own_v[:, :, :L],
+                                              attn_mask=self.bias[..., :L], scale=scaling,
+                                              enable_gqa=q.shape[1] != k.shape[1])[:, :, 0]
+
+
+def make_kv(cache, prompt_mask: torch.Tensor, n: int, max_new_tokens: int) -> SharedPrefixKV | ExpandedKV:
+    """The native decode's cache for a prefill `cache` of prompts (their mask [prompts, P]), n rows a prompt."""
+    keys = cache.layers[0].keys
+    layout = kv_layout(prompt_mask.shape[0] * n, prompt_mask.shape[0], prompt_mask.shape[1],
+                       keys.shape[1] * keys.shape[3])
+    return (ExpandedKV if layout == "expanded" else SharedPrefixKV)(cache, prompt_mask, n, max_new_tokens)
+
+
+class NativeDecoder:
+    """`step(tokens, position, live, kv)`: the next-token logits of each row still decoding, extending `kv`
+    (make_kv) by one column."""
+
+    def __init__(self, parts: DecoderParts, rows: int = 0) -> None:
+        linears = [m for p in parts.layers for m in (p.q, p.k, p.v, p.o, p.gate, p.up, p.down)] + [parts.lm_head]
+        self.parts = parts
+        self.layout = product_layout([m.weight for m in linears if _plain(m)] or [parts.lm_head.weight], rows > 0)
+
+        def fuse(*modules: torch.nn.Module) -> Product:
+            return products(list(modules), self.layout, rows)
+
+        self.layers = [(fuse(p.q, p.k, p.v), fuse(p.o), fuse(p.gate, p.up), fuse(p.down), p.norm_in, p.norm_post,
+                        p.q_norm, p.k_norm) for p in parts.layers]
+        self.head = fuse(parts.lm_head)
+        half = parts.head_dim // 2
+        self.sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(parts.lm_head.weight.device)
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, rows: int = 0) -> tuple[NativeDecoder | None, str]:
+        """The decoder for `model`, its products laid out for `rows` rows when given (`product_layout`; 0: the
+        weights as they are), or None and why transformers' forward is used instead."""
+        parts, why = decoder_parts(model)
+        return (cls(parts, rows), "") if parts is not None else (None, why)
+
+    def step(self, tokens: torch.Tensor, position: torch.Tensor, live: torch.Tensor,
+             kv: SharedPrefixKV | ExpandedKV) -> torch.Tensor:
+        """tokens [b], position [b, 1], live [b] (each row's index among the prompts x n rows) -> logits [b, V]."""
+        p = self.parts
+        b, H, K, D = tokens.shape[0], p.heads, p.kv_heads, p.head_dim
         x = p.embed(tokens)  # [b, hidden]
         cos, sin = p.rotary(x[:, None], position)  # [b, 1, D]
-        for (q_proj, k_proj, v_proj, o_proj, gate, up, down, norm_in, norm_post, q_norm, k_norm), \
-                (prefix_k, prefix_v), (own_k, own_v) in zip(self.layers, kv.prefix, kv.own):
-            h = rms_norm(x, norm_in)
-            q, k, v = q_proj(h).view(b, H, D), k_proj(h).view(b, K, D), v_proj(h).view(b, K, D)
-            if q_norm is not None:
-                q, k = rms_norm(q, q_norm), rms_norm(k, k_norm)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            own_k[:, :, t], own_v[:, :, t] = k, v
-            q = q.view(b, K, G, D)
-            shared = torch.matmul(grouped(q), prefix_k.transpose(-1, -2)) * p.scaling + kv.prefix_bias
-            own = torch.matmul(q.float(), own_k[:, :, :t + 1].transpose(-1, -2)) * p.scaling
-            weights = torch.softmax(torch.cat([rowwise(shared).float(), own], -1), -1)  # [b, K, G, P + t + 1]
-            P = prefix_k.shape[2]
-            attn = rowwise(torch.matmul(grouped(weights[..., :P].to(q.dtype)), prefix_v)) + \
-                torch.matmul(weights[..., P:], own_v[:, :, :t + 1])  # [b, K, G, D]
+        sin = sin * self.sign.to(sin.dtype)
+        for i, (qkv_proj, o_proj, gate_up, down, norm_in, norm_post, q_norm, k_norm) in enumerate(self.layers):
+            qkv = qkv_proj(rms_norm(x, norm_in)).view(b, H + 2 * K, D)
+            if q_norm is not None:  # Qwen3: a norm over each head, before the rotation
+                q = rotate(rms_norm(qkv[:, :H], q_norm), cos, sin)
+                k = rotate(rms_norm(qkv[:, H:H + K], k_norm), cos, sin)
+            else:
+                qk = rotate(qkv[:, :H + K], cos, sin)
+                q, k = qk[:, :H], qk[:, H:]
+            attn = kv.attend(i, q, k, qkv[:, H + K:], live, p.scaling)
             x = x + o_proj(attn.reshape(b, H * D).to(x.dtype))
-            h = rms_norm(x, norm_post)
-            x = x + down(F.silu(gate(h)) * up(h))
+            gu = gate_up(rms_norm(x, norm_post))
+            half = gu.shape[-1] // 2
+            x = x + down(F.silu(gu[:, :half]) * gu[:, half:])
         kv.length += 1
         return self.head(rms_norm(x, p.norm))

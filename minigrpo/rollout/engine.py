@@ -15,7 +15,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from minigrpo.compat import cache_kwargs, preallocate
 from minigrpo.errors import NonFiniteError
 from minigrpo.model import cast_weights, merged_lora
-from minigrpo.rollout.decode import NativeDecoder, SharedPrefixKV
+from minigrpo.rollout.decode import NativeDecoder, make_kv
 from minigrpo.rollout.types import (
     Rollout,
     SamplingParams,
@@ -113,9 +113,9 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     out = model(input_ids=ids, attention_mask=mask, position_ids=position, **with_cache, use_cache=True,
                 logits_to_keep=1)
     decoder = None if params.engine_decode == "hf" else NativeDecoder.of(
-        model, packed_rows=ids.shape[0] * params.n if params.engine_decode == "auto" else 0)[0]
+        model, rows=ids.shape[0] * params.n if params.engine_decode == "auto" else 0)[0]
     if decoder is not None:
-        kv = SharedPrefixKV(cache, mask, params.n, params.max_new_tokens)
+        kv = make_kv(cache, mask, params.n, params.max_new_tokens)
     else:
         if params.n > 1:
             cache.batch_repeat_interleave(params.n)

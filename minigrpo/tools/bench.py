@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from minigrpo.compat import drop_gguf_marker, mkl_packed_linear
+from minigrpo.compat import drop_gguf_marker
 from minigrpo.config import Config
 from minigrpo.model import load_tokenizer, resolve_model_path
 from minigrpo.monitor import peak_memory_gb, peak_rss_bytes, read_jsonl
 from minigrpo.rollout import engine, hf
+from minigrpo.rollout.decode import product_layout, products
 from minigrpo.rollout.types import SamplingParams
 from minigrpo.tasks.prompts import render_prompts
 from minigrpo.tasks.rewards import correctness_reward
@@ -43,10 +44,12 @@ def matmul_roofline(model: torch.nn.Module, rows: int, dtype: str | None = None,
     for m in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
         layers.append(torch.nn.Linear(m.in_features, m.out_features, bias=False, device="meta"))
         layers[-1].weight = torch.nn.Parameter(m.weight.detach().to(target or m.weight.dtype), requires_grad=False)
-    # the fastest kernel the engine has for them: MKL's packed GEMM for float32 on a CPU, else F.linear
+    # the kernel the engine's decode step uses for them (rollout/decode.product_layout): MKL's packed GEMM for
+    # float32 weights streamed from memory on a CPU, a plain [in, out] copy for ones that stay in cache, else F.linear
+    layout = product_layout([layer.weight for layer in layers], fast=True)
     with torch.no_grad():
-        calls = [(mkl_packed_linear(layer, rows) or layer, layer.in_features) for layer in layers]
-    kernel = "mkl packed" if any(c is not layer for (c, _), layer in zip(calls, layers)) else "linear"
+        calls = [(products([layer], layout, rows), layer.in_features) for layer in layers]
+    kernel = {"packed": "mkl packed", "transposed": "mm [in, out]", "plain": "linear"}[layout]
     first = layers[0].weight
     inputs = {k: torch.randn(rows, k, dtype=first.dtype, device=first.device) for _, k in calls}
     flops = sum(2 * layer.weight.numel() for layer in layers)  # per token

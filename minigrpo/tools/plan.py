@@ -43,6 +43,7 @@ from minigrpo.compat import decoder_parts
 from minigrpo.config import Config
 from minigrpo.model import RANDOM_INITS, load_tokenizer, model_errors, resolve_model_path
 from minigrpo.monitor import peak_rss_bytes
+from minigrpo.rollout.decode import kv_layout
 from minigrpo.tasks.prompts import render_prompts, resolve_template
 from minigrpo.tasks.sources import load_split
 
@@ -164,8 +165,11 @@ def estimate(cfg: Config, shape: Shape, prompt_len: int, device: str = "cpu", ru
     def generation(rows: int, prompts: int, kv_bytes: float, weight_bytes: int, extra: float) -> float:
         packed = (shape.linear_layer_params + shape.lm_head_params) * 4 if native and weight_bytes == 4 and \
             cfg.engine_decode == "auto" and device == "cpu" and not quantized else 0
-        # the native step keeps the completions' keys and values in float32 on a CPU (rollout/decode.own_dtype)
-        kv = (rows * T * (kv_token / act * 4 if device == "cpu" else kv_bytes) + prompts * P * kv_bytes) if native \
+        # the native step keeps the completions' keys and values in float32 on a CPU (rollout/decode.own_dtype),
+        # with each prompt's copied ahead of them when that copy is small (decode.kv_layout), beside the prefill's
+        own = kv_token / act * 4 if device == "cpu" else kv_bytes
+        expanded = kv_layout(rows, prompts, P, shape.kv_dim) == "expanded"
+        kv = (rows * ((P if expanded else 0) + T) * own + prompts * P * kv_bytes) if native \
             else rows * (P + T) * kv_bytes
         return KV_FACTOR * kv + rows * shape.vocab * 4 * 3 + extra + packed
 

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from minigrpo.compat import decoder_parts
-from minigrpo.rollout import engine
+from minigrpo.rollout import decode, engine
 from minigrpo.rollout.engine import engine_generate
 from minigrpo.rollout.hf import hf_generate
 from minigrpo.rollout.types import SamplingParams
@@ -59,11 +59,32 @@ def _prompts(tok, n=5):
             for q in qs]
 
 
+def _force_layouts(monkeypatch, kv: str, products: str) -> list:
+    """Make the engine choose these layouts (decode.kv_layout, decode.product_layout) whatever the sizes; the list
+    it returns collects the KV cache kinds the engine made."""
+    monkeypatch.setattr(decode, "EXPAND_BYTES", float("inf") if kv == "expanded" else -1)
+    monkeypatch.setattr(decode, "CACHED_WEIGHT_BYTES", -1 if products == "packed" else float("inf"))
+    made, make = [], engine.make_kv
+
+    def recorded(*args):
+        kv_cache = make(*args)
+        made.append(type(kv_cache).__name__)
+        return kv_cache
+
+    monkeypatch.setattr(engine, "make_kv", recorded)
+    return made
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
-def test_native_step_gives_transformers_logits_and_generate_greedy_tokens(kind, monkeypatch):
+@pytest.mark.parametrize("kv,products", [("shared", "packed"), ("expanded", "transposed"), ("shared", "transposed"),
+                                         ("expanded", "packed")])
+def test_native_step_gives_transformers_logits_and_generate_greedy_tokens(kind, kv, products, monkeypatch):
+    """Each layout of the cache (a prompt's keys once for its samples, or copied to each) and of the products
+    (MKL packed, a plain [in, out] copy): generate's greedy tokens, the hf path's samples."""
     tok = arith_tokenizer()
     model = _model(kind, tok)
     assert decoder_parts(model)[0] is not None, decoder_parts(model)[1]
+    made = _force_layouts(monkeypatch, kv, products)
     steps, step = [], engine.NativeDecoder.step
     monkeypatch.setattr(engine.NativeDecoder, "step", lambda self, *a: (steps.append(1), step(self, *a))[1])
     greedy = SamplingParams(n=1, max_new_tokens=20, temperature=0.0)
@@ -83,6 +104,7 @@ def test_native_step_gives_transformers_logits_and_generate_greedy_tokens(kind, 
         batch_sizes.append(len(tokens)), step(self, tokens, *a))[1])
     a = engine_generate(model, tok, _prompts(tok), SamplingParams(**sampled))
     assert batch_sizes[0] == 15 and min(batch_sizes) < 12  # rows left the batch on the way
+    assert set(made) == {"ExpandedKV" if kv == "expanded" else "SharedPrefixKV"}
     b = engine_generate(model, tok, _prompts(tok), SamplingParams(**sampled, engine_decode="hf"))
     assert torch.equal(a.completion_ids, b.completion_ids)
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
@@ -103,24 +125,49 @@ def test_other_architectures_decode_through_transformers():
 
 
 def test_packed_plain_and_transformers_steps_agree():
-    """engine_decode auto (float32 weights as MKL packed GEMMs on this CPU), plain (F.linear) and hf: greedy tokens
-    equal, sampled log-probs within float32 rounding. The packed path is what auto runs here (a loud failure if
-    this torch's CPU build loses the ops)."""
-    from minigrpo.compat import mkl_packed_linear
-
+    """engine_decode auto (fused products on copies of the weights, here a plain [in, out] layout: a tiny model),
+    plain (F.linear per module) and hf: greedy tokens equal, sampled log-probs within float32 rounding."""
     tok = arith_tokenizer()
     model = _model("qwen2", tok)
-    assert mkl_packed_linear(model.model.layers[0].self_attn.q_proj, 8) is not None
-    x = torch.randn(3, SHAPE["hidden_size"])
-    q = model.model.layers[0].self_attn.q_proj
-    torch.testing.assert_close(mkl_packed_linear(q, 8)(x), q(x), atol=1e-6, rtol=1e-6)
     runs = {mode: engine_generate(model, tok, _prompts(tok), SamplingParams(n=1, max_new_tokens=12, temperature=0.0,
                                                                            engine_decode=mode))
             for mode in ("auto", "plain", "hf")}
     assert torch.equal(runs["auto"].completion_ids, runs["plain"].completion_ids)
     assert torch.equal(runs["auto"].completion_ids, runs["hf"].completion_ids)
     torch.testing.assert_close(runs["auto"].logprobs, runs["hf"].logprobs, atol=1e-5, rtol=0)
-    assert mkl_packed_linear(torch.nn.Linear(4, 4).to(torch.bfloat16), 8) is None  # float32 only
+
+
+def test_products_of_every_layout_equal_the_modules_outputs():
+    """decode.products: q/k/v (biases) fused into one product, as MKL packed GEMMs (a loud failure if this torch's
+    CPU build loses the ops), a plain [in, out] copy, or each module; fewer rows than packed for are padded."""
+    from minigrpo.compat import mkl_packed_linear
+
+    tok = arith_tokenizer()
+    attn = _model("qwen2", tok).model.layers[0].self_attn
+    modules = [attn.q_proj, attn.k_proj, attn.v_proj]
+    x = torch.randn(8, SHAPE["hidden_size"])
+    with torch.no_grad():
+        expected = torch.cat([m(x) for m in modules], -1)
+        for layout in ("packed", "transposed", "plain"):
+            fused = decode.products(modules, layout, rows=8)
+            torch.testing.assert_close(fused(x), expected, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(fused(x[:3]), expected[:3], atol=1e-6, rtol=1e-6)  # rows have left
+    assert mkl_packed_linear(attn.q_proj.weight, attn.q_proj.bias, 8) is not None
+    assert mkl_packed_linear(torch.randn(4, 4, dtype=torch.bfloat16), None, 8) is None  # float32 only
+    weights = [m.weight for m in modules]
+    assert decode.product_layout(weights, fast=True) == "transposed"  # a tiny model stays in cache
+    assert decode.product_layout(weights, fast=False) == "plain"  # engine_decode plain
+    big = [torch.empty(4096, 4096)] * 2  # 128 MiB: streamed from memory
+    assert decode.product_layout(big, fast=True) == "packed"
+    assert decode.product_layout([w.to(torch.bfloat16) for w in big], fast=True) == "plain"
+
+
+def test_kv_layout_copies_a_prompt_to_its_samples_only_when_small():
+    # the random Qwen2 workload of `bench trl` (8 rows, 2 prompts of ~15 tokens, 2 KV heads of 32): 46 KB a layer
+    assert decode.kv_layout(rows=8, prompts=2, prompt_len=15, kv_dim=64) == "expanded"
+    # SmolLM2-135M on GSM8K (32 rows, 4 prompts of ~150 tokens, 3 KV heads of 64): 6.5 MB a layer
+    assert decode.kv_layout(rows=32, prompts=4, prompt_len=150, kv_dim=192) == "shared"
+    assert decode.kv_layout(rows=4, prompts=4, prompt_len=150, kv_dim=192) == "expanded"  # n = 1: no copy
 
 
 def test_a_model_with_forward_hooks_decodes_through_transformers():

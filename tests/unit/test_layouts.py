@@ -7,7 +7,7 @@ import torch
 from minigrpo.algo import token_logprobs
 from minigrpo.config import Config
 from minigrpo.logprobs import _body, _packed_feats, _shared_prefix_feats, logprob_layout, policy_logprobs
-from minigrpo.model import load_model, merged_lora
+from minigrpo.model import Reference, load_model, merged_lora
 from minigrpo.rollout import generate
 from minigrpo.rollout.engine import engine_generate
 from minigrpo.rollout.types import SamplingParams
@@ -114,6 +114,28 @@ def test_merged_lora_generation_equals_the_adapter_path_and_restores_the_model()
     assert all(m is modules_before[n] for n, m in model.named_modules())
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+def test_the_lora_reference_is_the_base_model_and_the_adapters_come_back():
+    """Reference.active with LoRA: inside, the model computes what peft's disable_adapter() gives (the base model);
+    after it, even when the pass inside raised, the adapted model again."""
+    model, tok, prompts = _lora_arith()
+    with torch.no_grad():
+        model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.normal_()  # adapters matter
+    ids = torch.tensor([[3, 4, 5, 6]])
+    ref = Reference(model, use_peft=True)
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        with ref.active() as inside:
+            assert inside is model
+            assert torch.equal(inside(input_ids=ids).logits, base)
+        assert torch.equal(model(input_ids=ids).logits, adapted)
+        with pytest.raises(RuntimeError), ref.active():
+            raise RuntimeError("a failed reference pass")
+        assert torch.equal(model(input_ids=ids).logits, adapted)
+    assert (adapted - base).abs().max() > 1e-2
 
 
 def test_merged_lora_leaves_non_peft_models_alone():
