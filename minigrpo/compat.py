@@ -360,6 +360,9 @@ class DecoderParts:
     kv_heads: int
     head_dim: int
     scaling: float
+    # the rotation of a position depends on nothing else in the call (every rope type but the dynamic ones, which
+    # rescale with the longest position seen): a table of positions gives the same angles
+    rope_static: bool = True
 
 
 def decoder_parts(model: torch.nn.Module) -> tuple[DecoderParts | None, str]:
@@ -394,7 +397,8 @@ def decoder_parts(model: torch.nn.Module) -> tuple[DecoderParts | None, str]:
             return None, "a norm without weight / variance_epsilon"
         first = base.layers[0].self_attn
         parts = DecoderParts(base.embed_tokens, layers, base.norm, inner.lm_head, base.rotary_emb,
-                             config.num_attention_heads, config.num_key_value_heads, first.head_dim, first.scaling)
+                             config.num_attention_heads, config.num_key_value_heads, first.head_dim, first.scaling,
+                             getattr(base.rotary_emb, "rope_type", None) not in ("dynamic", "longrope"))
     except AttributeError as e:
         return None, f"a module not where transformers 5.17-5.24 put it ({e})"
     if type(parts.embed) is not torch.nn.Embedding or not isinstance(parts.lm_head, torch.nn.Linear):

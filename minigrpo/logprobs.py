@@ -155,12 +155,18 @@ def chunked_head_logprobs(head: Callable, hidden: torch.Tensor, targets: torch.T
 
 
 MAX_PACKED_MASK = 2 ** 26  # mask entries (per micro-batch) up to which packing is allowed: 256 MB in fp32
+# a model call's fixed cost per layer, in FLOPs: transformers' forward bookkeeping (module calls, masks, LoRA
+# wrappers) is ~0.8-1 ms a layer on this project's CPUs, ~4e7 FLOPs' time there. It decides for small models, where
+# the shared prefix's second call costs more than the prompt tokens it saves (a 4-layer random Qwen2, prompts of
+# ~10 tokens, G 4: 19.0 ms shared prefix vs 15.6 plain a reference pass); a larger model's tokens outweigh it
+CALL_FLOPS_PER_LAYER = 4e7
 
 
 def logprob_layout(model: PreTrainedModel, attention_mask: torch.Tensor, C: int, G: int) -> str:
     """'plain', 'shared_prefix' or 'packed': the layout with the fewest estimated FLOPs for this batch.
 
-    Per layer, a token costs ~2 x the layer's weights (4h^2 + 3hm) and an attended (query, key) pair ~4h.
+    Per layer, a token costs ~2 x the layer's weights (4h^2 + 3hm), an attended (query, key) pair ~4h and each
+    model call CALL_FLOPS_PER_LAYER (the shared prefix makes two).
     Packed rows carry no completion padding but attend densely over prompt + all G completions; padded
     rows carry every completion to the longest one. Packing needs a custom 4D mask: sdpa or eager attention,
     no sliding window shorter than a packed row, and a mask of at most MAX_PACKED_MASK entries.
@@ -175,8 +181,10 @@ def logprob_layout(model: PreTrainedModel, attention_mask: torch.Tensor, C: int,
     lengths = attention_mask[:, P:].sum(1).clamp(min=1).view(n_groups, G).sum(1)  # packed completion tokens
     K = int(lengths.max())
     per_token, per_pair = 2 * (4 * h * h + 3 * h * m), 4 * h
-    padded = (n_groups * P + G * n_groups * C) * per_token + n_groups * (P * P / 2 + G * C * (P + C / 2)) * per_pair
-    packed = n_groups * (P + K) * per_token + n_groups * (P + K) ** 2 * per_pair
+    per_call = CALL_FLOPS_PER_LAYER * (getattr(cfg, "num_hidden_layers", 0) or 1)
+    padded = (n_groups * P + G * n_groups * C) * per_token + n_groups * (P * P / 2 + G * C * (P + C / 2)) * per_pair \
+        + 2 * per_call
+    packed = n_groups * (P + K) * per_token + n_groups * (P + K) ** 2 * per_pair + per_call
     attn = attn_implementation(model)
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
     can_pack = (attn in ("sdpa", "eager") and (not window or P + K <= window)
@@ -186,10 +194,9 @@ def logprob_layout(model: PreTrainedModel, attention_mask: torch.Tensor, C: int,
     # plain rows, each carrying its prompt.
     wrapped = hasattr(model, "module") or type(model).__name__.startswith("FSDP")
     shared = not (checkpointing_enabled(model) or wrapped)
-    plain = n_groups * G * ((P + C) * per_token + (P + C) ** 2 / 2 * per_pair)
-    if can_pack and packed < (padded if shared else plain):
-        return "packed"
-    return "shared_prefix" if shared else "plain"
+    plain = n_groups * G * ((P + C) * per_token + (P + C) ** 2 / 2 * per_pair) + per_call
+    best = min(([padded] if shared else []) + [plain] + ([packed] if can_pack else []))
+    return "packed" if can_pack and packed == best else "shared_prefix" if shared and padded == best else "plain"
 
 
 def _packed_feats(body: Callable[..., torch.Tensor], model: PreTrainedModel, rollout_ids: torch.Tensor,

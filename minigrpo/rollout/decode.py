@@ -48,20 +48,23 @@ def products(modules: list[torch.nn.Module], layout: str, rows: int) -> Product:
 
     layout "packed" (float32 on a CPU, with MKL) or "transposed": one product on a copy of the modules' weights
     stacked, as MKL's packed GEMM for `rows` rows (a batch of fewer rows, once some have finished, is padded to
-    them: the packed kernel otherwise hands back to F.linear, a third slower) or as a plain [in, out] matrix
-    (F.linear hands MKL a transposed operand: twice slower at a tiny model's shapes); column for column the same
-    arithmetic as F.linear. "plain", or modules other than plain Linears (LoRA, quantized): each module called."""
+    them: the packed kernel otherwise hands back to F.linear, a third slower; a larger one, the prefill's, does)
+    or as a plain [in, out] matrix (F.linear hands MKL a transposed operand: twice slower at a tiny model's
+    shapes); column for column the same arithmetic as F.linear. "plain", or modules other than plain Linears
+    (LoRA, quantized): each module called."""
     if layout == "plain" or not all(_plain(m) for m in modules):
         calls = [m if not _plain(m) else (lambda x, m=m: F.linear(x, m.weight, m.bias)) for m in modules]
         return calls[0] if len(calls) == 1 else lambda x: torch.cat([c(x) for c in calls], -1)
-    weight = torch.cat([m.weight.detach() for m in modules]) if len(modules) > 1 else modules[0].weight.detach()
+    weights = [m.weight.detach() for m in modules]
     bias = None if all(m.bias is None for m in modules) else torch.cat(
-        [m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features) for m in modules])
-    packed = mkl_packed_linear(weight, bias, rows) if layout == "packed" else None
+        [m.bias.detach() if m.bias is not None else weights[0].new_zeros(m.out_features) for m in modules])
+    packed = None
+    if layout == "packed":
+        packed = mkl_packed_linear(torch.cat(weights) if len(weights) > 1 else weights[0], bias, rows)
     if packed is not None:
-        return lambda x: packed(x) if x.shape[0] == rows else packed(F.pad(x, (0, 0, 0, rows - x.shape[0])))[
+        return lambda x: packed(x) if x.shape[0] >= rows else packed(F.pad(x, (0, 0, 0, rows - x.shape[0])))[
             :x.shape[0]]
-    weight = weight.t().contiguous()  # [in, out]
+    weight = torch.cat([w.t() for w in weights], 1)  # [in, out], one copy
     return (lambda x: torch.mm(x, weight)) if bias is None else (lambda x: torch.addmm(bias, x, weight))
 
 
@@ -74,11 +77,16 @@ def product_layout(weights: list[torch.Tensor], fast: bool) -> str:
     return "packed" if sum(w.numel() * w.element_size() for w in weights) > CACHED_WEIGHT_BYTES else "transposed"
 
 
-def rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
-    """transformers' LlamaRMSNorm, op for op: in float32, then back to the input dtype, times the weight."""
+def rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+    """transformers' LlamaRMSNorm (norm: its weight and epsilon), op for op: in float32, then back to the input
+    dtype, times the weight. In float32 torch's F.rms_norm is the same composite (x * rsqrt(mean(x^2) + eps), times
+    the weight) in one call."""
+    weight, eps = norm
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
     h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * h.to(x.dtype)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -106,8 +114,9 @@ class SharedPrefixKV:
     query rows, as cascade / Hydragen attention does), so the prompt's part of the cache is read n times less than
     from a cache expanded to every row; rows that finish leave the completion part (`batch_select_indices`)."""
 
-    def __init__(self, cache, prompt_mask: torch.Tensor, n: int, max_new_tokens: int) -> None:
-        self.prefix = [(layer.keys.contiguous(), layer.values.contiguous()) for layer in cache.layers]
+    def __init__(self, prefill: list[tuple[torch.Tensor, torch.Tensor]], prompt_mask: torch.Tensor, n: int,
+                 max_new_tokens: int) -> None:
+        self.prefix = [(k.contiguous(), v.contiguous()) for k, v in prefill]
         P, B = prompt_mask.shape[0], prompt_mask.shape[0] * n
         keys = self.prefix[0][0]
         # additive mask of each prompt's padding, in the step's grouped layout [P, 1, 1, L]
@@ -162,14 +171,15 @@ class ExpandedKV:
     scaled_dot_product_attention call a layer: ~25 calls a layer fewer than SharedPrefixKV, for re-reading each
     prompt's part n times (kv_layout chooses)."""
 
-    def __init__(self, cache, prompt_mask: torch.Tensor, n: int, max_new_tokens: int) -> None:
-        keys = cache.layers[0].keys
+    def __init__(self, prefill: list[tuple[torch.Tensor, torch.Tensor]], prompt_mask: torch.Tensor, n: int,
+                 max_new_tokens: int) -> None:
+        keys = prefill[0][0]
         P, B, dtype = prompt_mask.shape[1], prompt_mask.shape[0] * n, own_dtype(keys)
         shape = (B, keys.shape[1], P + max_new_tokens, keys.shape[3])
         self.own = []
-        for layer in cache.layers:
+        for keys_, values in prefill:
             k, v = keys.new_empty(shape, dtype=dtype), keys.new_empty(shape, dtype=dtype)
-            k[:, :, :P], v[:, :, :P] = layer.keys.repeat_interleave(n, 0), layer.values.repeat_interleave(n, 0)
+            k[:, :, :P], v[:, :, :P] = keys_.repeat_interleave(n, 0), values.repeat_interleave(n, 0)
             self.own.append((k, v))
         # additive mask of each row's prompt padding [rows, 1, 1, P + T]
         self.bias = torch.zeros((B, 1, 1, P + max_new_tokens), device=keys.device, dtype=dtype)
@@ -192,19 +202,22 @@ class ExpandedKV:
                                               enable_gqa=q.shape[1] != k.shape[1])[:, :, 0]
 
 
-def make_kv(cache, prompt_mask: torch.Tensor, n: int, max_new_tokens: int) -> SharedPrefixKV | ExpandedKV:
-    """The native decode's cache for a prefill `cache` of prompts (their mask [prompts, P]), n rows a prompt."""
-    keys = cache.layers[0].keys
+def make_kv(prefill: list[tuple[torch.Tensor, torch.Tensor]], prompt_mask: torch.Tensor, n: int,
+            max_new_tokens: int) -> SharedPrefixKV | ExpandedKV:
+    """The native decode's cache from the prompts' keys and values ([prompts, K, P, D] per layer: `prefill`), their
+    mask [prompts, P], n rows a prompt."""
+    keys = prefill[0][0]
     layout = kv_layout(prompt_mask.shape[0] * n, prompt_mask.shape[0], prompt_mask.shape[1],
                        keys.shape[1] * keys.shape[3])
-    return (ExpandedKV if layout == "expanded" else SharedPrefixKV)(cache, prompt_mask, n, max_new_tokens)
+    return (ExpandedKV if layout == "expanded" else SharedPrefixKV)(prefill, prompt_mask, n, max_new_tokens)
 
 
 class NativeDecoder:
     """`step(tokens, position, live, kv)`: the next-token logits of each row still decoding, extending `kv`
-    (make_kv) by one column."""
+    (make_kv) by one column. Built per generation (the weights change every step): the products' copies
+    (`products`), the norms' weights and the rotation's angles for `positions` positions read once."""
 
-    def __init__(self, parts: DecoderParts, rows: int = 0) -> None:
+    def __init__(self, parts: DecoderParts, rows: int = 0, positions: int = 0) -> None:
         linears = [m for p in parts.layers for m in (p.q, p.k, p.v, p.o, p.gate, p.up, p.down)] + [parts.lm_head]
         self.parts = parts
         self.layout = product_layout([m.weight for m in linears if _plain(m)] or [parts.lm_head.weight], rows > 0)
@@ -212,39 +225,83 @@ class NativeDecoder:
         def fuse(*modules: torch.nn.Module) -> Product:
             return products(list(modules), self.layout, rows)
 
-        self.layers = [(fuse(p.q, p.k, p.v), fuse(p.o), fuse(p.gate, p.up), fuse(p.down), p.norm_in, p.norm_post,
-                        p.q_norm, p.k_norm) for p in parts.layers]
-        self.head = fuse(parts.lm_head)
-        half = parts.head_dim // 2
-        self.sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(parts.lm_head.weight.device)
+        def norm(module: torch.nn.Module | None) -> tuple[torch.Tensor, float] | None:
+            return None if module is None else (module.weight, module.variance_epsilon)
+
+        self.layers = [(fuse(p.q, p.k, p.v), fuse(p.o), fuse(p.gate, p.up), fuse(p.down), norm(p.norm_in),
+                        norm(p.norm_post), norm(p.q_norm), norm(p.k_norm)) for p in parts.layers]
+        self.norm, self.head, self.embedding = norm(parts.norm), fuse(parts.lm_head), parts.embed.weight
+        half, device = parts.head_dim // 2, self.embedding.device
+        self.sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device)  # rotate_half's, on sin
+        self.angles = None  # cos, signed sin [positions, D]: one lookup a step instead of the rotary module
+        if positions and parts.rope_static:
+            cos, sin = parts.rotary(self.embedding[:1, None], torch.arange(positions, device=device)[None])
+            self.angles = cos[0], sin[0] * self.sign.to(sin.dtype)
 
     @classmethod
-    def of(cls, model: torch.nn.Module, rows: int = 0) -> tuple[NativeDecoder | None, str]:
+    def of(cls, model: torch.nn.Module, rows: int = 0, positions: int = 0) -> tuple[NativeDecoder | None, str]:
         """The decoder for `model`, its products laid out for `rows` rows when given (`product_layout`; 0: the
-        weights as they are), or None and why transformers' forward is used instead."""
+        weights as they are) and its angles tabled for positions below `positions` (0: computed each step), or
+        None and why transformers' forward is used instead."""
         parts, why = decoder_parts(model)
-        return (cls(parts, rows), "") if parts is not None else (None, why)
+        return (cls(parts, rows, positions), "") if parts is not None else (None, why)
+
+    def _angles(self, x: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin [N, 1, D] of each token's position (position: [N] or [b, 1], as the tokens x [N, hidden])."""
+        if self.angles is not None:
+            return self.angles[0][position.reshape(-1)][:, None], self.angles[1][position.reshape(-1)][:, None]
+        cos, sin = self.parts.rotary(x[None], position.reshape(1, -1))
+        return cos[0][:, None], (sin * self.sign.to(sin.dtype))[0][:, None]
+
+    def _qkv(self, x: torch.Tensor, layer: tuple, cos: torch.Tensor, sin: torch.Tensor,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each token's rotated queries [N, H, D], rotated keys and values [N, K, D] of `layer` (x: [N, hidden])."""
+        qkv_proj, _, _, _, norm_in, _, q_norm, k_norm = layer
+        H, K, D = self.parts.heads, self.parts.kv_heads, self.parts.head_dim
+        qkv = qkv_proj(rms_norm(x, norm_in)).view(x.shape[0], H + 2 * K, D)
+        if q_norm is not None:  # Qwen3: a norm over each head, before the rotation
+            return (rotate(rms_norm(qkv[:, :H], q_norm), cos, sin), rotate(rms_norm(qkv[:, H:H + K], k_norm), cos, sin),
+                    qkv[:, H + K:])
+        qk = rotate(qkv[:, :H + K], cos, sin)
+        return qk[:, :H], qk[:, H:], qkv[:, H + K:]
+
+    def _rest(self, x: torch.Tensor, attn: torch.Tensor, layer: tuple) -> torch.Tensor:
+        """The layer's output projection and MLP, each with its residual (x: [N, hidden], attn: [N, H x D])."""
+        _, o_proj, gate_up, down, _, norm_post, _, _ = layer
+        x = x + o_proj(attn.to(x.dtype))
+        gu = gate_up(rms_norm(x, norm_post))
+        half = gu.shape[-1] // 2
+        return x + down(F.silu(gu[:, :half]) * gu[:, half:])
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
+                ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The prompts' pass (ids, mask, position: [prompts, P], left-padded): the next-token logits of each prompt
+        [prompts, V] and its keys and values per layer ([prompts, K, P, D], for make_kv). A token attends to the
+        prompt's real tokens up to itself (and padding to itself: finite values nothing reads)."""
+        Pn, L = ids.shape
+        H, K, D = self.parts.heads, self.parts.kv_heads, self.parts.head_dim
+        x = F.embedding(ids.reshape(-1), self.embedding)  # [Pn x L, hidden]
+        cos, sin = self._angles(x, position)
+        eye = torch.eye(L, dtype=torch.bool, device=ids.device)
+        allowed = (eye.logical_not().tril() & mask.bool()[:, None, :] | eye)[:, None]  # [Pn, 1, L, L]
+        layers = []
+        for layer in self.layers:
+            q, k, v = self._qkv(x, layer, cos, sin)
+            q, k, v = (t.view(Pn, L, -1, D).transpose(1, 2) for t in (q, k, v))  # [Pn, heads, L, D]
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.parts.scaling,
+                                                  enable_gqa=H != K)
+            x = self._rest(x, attn.transpose(1, 2).reshape(Pn * L, H * D), layer)
+            layers.append((k, v))
+        return self.head(rms_norm(x.view(Pn, L, -1)[:, -1], self.norm)), layers
 
     def step(self, tokens: torch.Tensor, position: torch.Tensor, live: torch.Tensor,
              kv: SharedPrefixKV | ExpandedKV) -> torch.Tensor:
         """tokens [b], position [b, 1], live [b] (each row's index among the prompts x n rows) -> logits [b, V]."""
-        p = self.parts
-        b, H, K, D = tokens.shape[0], p.heads, p.kv_heads, p.head_dim
-        x = p.embed(tokens)  # [b, hidden]
-        cos, sin = p.rotary(x[:, None], position)  # [b, 1, D]
-        sin = sin * self.sign.to(sin.dtype)
-        for i, (qkv_proj, o_proj, gate_up, down, norm_in, norm_post, q_norm, k_norm) in enumerate(self.layers):
-            qkv = qkv_proj(rms_norm(x, norm_in)).view(b, H + 2 * K, D)
-            if q_norm is not None:  # Qwen3: a norm over each head, before the rotation
-                q = rotate(rms_norm(qkv[:, :H], q_norm), cos, sin)
-                k = rotate(rms_norm(qkv[:, H:H + K], k_norm), cos, sin)
-            else:
-                qk = rotate(qkv[:, :H + K], cos, sin)
-                q, k = qk[:, :H], qk[:, H:]
-            attn = kv.attend(i, q, k, qkv[:, H + K:], live, p.scaling)
-            x = x + o_proj(attn.reshape(b, H * D).to(x.dtype))
-            gu = gate_up(rms_norm(x, norm_post))
-            half = gu.shape[-1] // 2
-            x = x + down(F.silu(gu[:, :half]) * gu[:, half:])
+        b = tokens.shape[0]
+        x = F.embedding(tokens, self.embedding)  # [b, hidden]
+        cos, sin = self._angles(x, position)  # [b, 1, D]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(x, layer, cos, sin)
+            x = self._rest(x, kv.attend(i, q, k, v, live, self.parts.scaling).reshape(b, -1), layer)
         kv.length += 1
-        return self.head(rms_norm(x, p.norm))
+        return self.head(rms_norm(x, self.norm))

@@ -9,6 +9,8 @@ samples does not depend on the rest of the batch. Greedy decoding gives transfor
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -29,12 +31,13 @@ from minigrpo.rollout.types import (
 
 
 def sample_tokens(logits: torch.Tensor, params: SamplingParams,
-                  groups: tuple[torch.Tensor, list[torch.Generator]] | None = None,
+                  draws: tuple[list[torch.Generator], int, torch.Tensor | None] | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens [B] and their log-probs [B] under softmax(logits / temperature). logits: [B, V].
 
-    `groups` = (prompt index of each row, one generator per prompt), rows of a prompt contiguous: each
-    prompt's rows draw from its own generator, so what a prompt samples does not depend on the batch.
+    `draws` = (generators, n, rows) (`prompt_draws`): each generator draws n numbers a step, one per row of its
+    prompt whether that row is still in the batch or not, and `rows` (None: all) picks the batch's; so what a prompt
+    samples depends neither on the batch nor on when finished rows leave it. None: the global generator.
 
     Four passes over the vocabulary (max, shift, exp, cumulative sum): each row draws one u in (0, 1] and takes the
     first token whose cumulative weight reaches u * total (inverse-CDF sampling, exact; u > 0 and u * total <= total
@@ -64,15 +67,26 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
             drop = probs.cumsum(-1) - probs > params.top_p  # the first token is always kept
             scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(drop, -torch.inf))
         cdf = torch.softmax(scaled, -1).cumsum_(-1)  # the restricted distribution's
-    if groups is None:
+    if draws is None:
         u = 1 - torch.rand(cdf.shape[0], device=cdf.device)
     else:
-        ids, counts = torch.unique_consecutive(groups[0], return_counts=True)
-        u = 1 - torch.cat([torch.rand(c, generator=groups[1][g], device=cdf.device)
-                           for g, c in zip(ids.tolist(), counts.tolist())])
+        gens, n, rows = draws
+        u = torch.cat([torch.rand(n, generator=g, device=cdf.device) for g in gens])
+        u = 1 - (u if rows is None else u[rows])
     target = (u * cdf[:, -1])[:, None]
     tokens = torch.searchsorted(cdf, target)[:, 0].clamp_(max=cdf.shape[-1] - 1)  # clamp: a NaN row only
     return tokens, (full.gather(-1, tokens[:, None]) - top - log_total)[:, 0]
+
+
+def prompt_draws(live: torch.Tensor, n: int, gens: list[torch.Generator],
+                 ) -> tuple[list[torch.Generator], int, torch.Tensor | None]:
+    """sample_tokens' draws for the rows `live` (each one's index among prompts x n rows, in order): the generators
+    of the prompts with a row left, n numbers each, and which of those numbers are the live rows' (None: all)."""
+    prompts = torch.unique_consecutive(live // n)
+    if len(live) == len(prompts) * n:
+        return [gens[g] for g in prompts.tolist()], n, None
+    first = torch.searchsorted(prompts, live // n) * n  # where each live row's prompt's numbers start
+    return [gens[g] for g in prompts.tolist()], n, first + live % n
 
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
@@ -103,25 +117,27 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     ids, mask = encode_prompts(tokenizer, prompts, device)  # [P, L]
     eos = torch.tensor(eos_token_ids(model, tokenizer), device=device)
     pad = tokenizer.pad_token_id
-    was_training = model.training
-    model.eval()
-    # ---- prefill: once per prompt; the native step reads each prompt's cache once for its n samples, transformers'
-    # forward needs it expanded to them -------------------------------------------------------------------------
-    cache = DynamicCache(config=model.config)
-    with_cache = cache_kwargs(model, cache)  # {"cache" or "past_key_values": cache}, as this transformers names it
+    # ---- prefill: once per prompt; the native step reads each prompt's keys and values once for its n samples, or
+    # its own copy of a short prompt's; transformers' forward needs its cache expanded to them ----------------------
     position = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position, **with_cache, use_cache=True,
-                logits_to_keep=1)
     decoder = None if params.engine_decode == "hf" else NativeDecoder.of(
-        model, rows=ids.shape[0] * params.n if params.engine_decode == "auto" else 0)[0]
+        model, rows=ids.shape[0] * params.n if params.engine_decode == "auto" else 0,
+        positions=ids.shape[1] + params.max_new_tokens)[0]
+    was_training = model.training  # transformers' forward in eval mode (no dropout); the native one has none
     if decoder is not None:
-        kv = make_kv(cache, mask, params.n, params.max_new_tokens)
+        logits, prefill = decoder.prefill(ids, mask, position)
+        kv = make_kv(prefill, mask, params.n, params.max_new_tokens)
     else:
+        model.eval()
+        cache = DynamicCache(config=model.config)
+        with_cache = cache_kwargs(model, cache)  # {"cache" or "past_key_values": cache}, as transformers names it
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position, **with_cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]
         if params.n > 1:
             cache.batch_repeat_interleave(params.n)
         preallocate(cache, params.max_new_tokens)
         kv = cache
-    logits = out.logits[:, -1].repeat_interleave(params.n, 0)  # [B, V]
+    logits = logits.repeat_interleave(params.n, 0)  # [B, V]
     P = ids.shape[1]
     mask = torch.cat([mask.repeat_interleave(params.n, 0),
                       mask.new_ones((mask.shape[0] * params.n, params.max_new_tokens))], 1)  # [B, P+T], sliced
@@ -133,8 +149,8 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     live = torch.arange(B, device=device)  # original row of each row still in the compute batch
     gens = None if params.seeds is None or params.temperature == 0 else [
         torch.Generator(device=device).manual_seed(int(seed)) for seed in params.seeds]
+    draws = None if gens is None else prompt_draws(live, params.n, gens)  # updated when rows leave
     done = torch.zeros(B, dtype=torch.bool, device=device)  # per compute-batch row
-    broken = torch.zeros((), dtype=torch.bool, device=device)  # a row's logits were NaN or +inf (broken weights)
     window = stop_window(params.stop) if params.stop else 0
     episodes = None if params.turns is None else params.turns.begin(tokenizer, eos.tolist(), B)
     forced: list[list[int]] = [[] for _ in range(B)]  # multi-turn, per row: tokens still to feed (a tool's answer)
@@ -143,11 +159,10 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     # ---- decode ---------------------------------------------------------------------------------------
     steps = 0
     for t in range(T):
-        next_tokens, next_logp = sample_tokens(logits, params, None if gens is None else (live // params.n, gens))
-        # a row holding NaN or +inf logits draws garbage with a NaN or -inf log-prob: stopped below (no sync here)
-        broken |= ~torch.isfinite(next_logp).all()
-        is_forced = torch.zeros_like(done)
+        next_tokens, next_logp = sample_tokens(logits, params, draws)
+        is_forced = None
         if episodes is not None:
+            is_forced = torch.zeros_like(done)
             live_rows = live.tolist()
             fed = [j for j, r in enumerate(live_rows) if forced[r]]
             if fed:  # these rows take their tool answer's next token instead of a sample
@@ -158,9 +173,11 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                 tool_mask[live[at], t] = 1.0
         tokens[live, t] = torch.where(done, pad, next_tokens)
         logprobs[live, t] = torch.where(done, 0.0, next_logp)
-        ended = torch.isin(next_tokens, eos) & ~is_forced & ~done  # an assistant turn ended here
+        ended = torch.isin(next_tokens, eos) & ~done  # an assistant turn ended here
+        if is_forced is not None:
+            ended &= ~is_forced
         if params.stop:  # decode only the unfinished rows' last tokens: enough to hold a stop string just completed
-            open_rows = (~done & ~is_forced & ~ended).nonzero()[:, 0]
+            open_rows = (~done & ~ended if is_forced is None else ~done & ~is_forced & ~ended).nonzero()[:, 0]
             tails = tokens[live[open_rows], max(0, t + 1 - window):t + 1].tolist()
             if episodes is not None:  # only the current turn's tokens
                 tails = [tail[max(0, len(tail) - (t + 1 - turn_start[r])):]
@@ -179,16 +196,20 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                 else:  # the trajectory ends here
                     done[j], ends[r] = True, t + 1
         steps = t + 1
-        all_done, is_broken = torch.stack([done.all(), broken]).tolist()  # the step's one sync, for both
-        if is_broken:
+        # the step's one sync: how many rows have finished, and whether a row drew from NaN or +inf logits (garbage
+        # with a NaN or -inf log-prob, which makes the sum non-finite: a drawn token's own log-prob is finite)
+        finished, logp_sum = torch.stack([done.sum().to(next_logp.dtype), next_logp.sum()]).tolist()
+        finished = int(finished)
+        if not math.isfinite(logp_sum):
             raise NonFiniteError("the model's logits are NaN or inf while generating: its weights are broken")
-        if all_done or t == T - 1:
+        if finished == len(done) or t == T - 1:
             break
-        if int(done.sum()) * 4 >= len(done):  # a quarter of the batch has finished: drop those rows
+        if finished * 4 >= len(done):  # a quarter of the batch has finished: drop those rows
             keep = (~done).nonzero()[:, 0]
             live, done, mask, position = live[keep], done[keep], mask[keep], position[keep]
             kv.batch_select_indices(keep)
             next_tokens = next_tokens[keep]
+            draws = None if gens is None else prompt_draws(live, params.n, gens)
         position = position + 1
         if decoder is not None:
             logits = decoder.step(next_tokens, position, live, kv)
@@ -196,7 +217,8 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             out = model(input_ids=next_tokens[:, None], attention_mask=mask[:, :P + t + 1], position_ids=position,
                         **with_cache, use_cache=True)
             logits = out.logits[:, -1]
-    model.train(was_training)
+    if decoder is None:
+        model.train(was_training)
     prompt_ids, prompt_mask = ids.repeat_interleave(params.n, 0), full_prompt_mask
     if episodes is not None:
         lengths = [steps if e is None else e for e in ends]

@@ -236,3 +236,37 @@ def test_cast_weights_restores_the_same_tensors_and_bf16_rollouts_report_their_m
         logp, _ = policy_logprobs(model, ids, attention, ro.completion_ids.shape[1], 1.0)
     gap = ((ro.logprobs - logp) * ro.completion_mask).abs().sum() / ro.completion_mask.sum()
     assert 1e-4 < gap < 0.05, gap  # float32 sampling agrees to ~1e-6 (test above); bfloat16 to ~1e-3
+
+
+@pytest.mark.parametrize("engine_decode", ["auto", "hf"])
+@pytest.mark.parametrize("broken", [float("nan"), float("inf")])
+def test_broken_weights_stop_the_generation_by_name(engine_decode, broken):
+    """NaN or +inf logits (weights that overflowed) draw garbage with a non-finite log-prob: the engine stops with
+    NonFiniteError at that step, whichever decode step runs."""
+    from minigrpo.errors import NonFiniteError
+
+    tok = arith_tokenizer()
+    model = arith_model(tok)
+    with torch.no_grad():
+        model.lm_head.weight[5] = broken  # one token's logit: every row's distribution breaks
+    with pytest.raises(NonFiniteError, match="logits are NaN or inf while generating"):
+        engine_generate(model, tok, _prompts(tok, 2), SamplingParams(n=2, max_new_tokens=8, temperature=1.0,
+                                                                     seeds=[1, 2], engine_decode=engine_decode))
+
+
+def test_a_prompts_samples_do_not_depend_on_which_of_its_rows_have_left():
+    """Each prompt's generator draws n numbers a step whatever rows are left (engine.prompt_draws): a row samples
+    the same token whether finished rows of its own or other prompts have left the batch or not."""
+    from minigrpo.rollout.engine import prompt_draws
+
+    def gens():
+        return [torch.Generator().manual_seed(seed) for seed in (1, 2, 3)]
+
+    params = SamplingParams(temperature=1.0)
+    logits = torch.randn(12, 50)  # 3 prompts x n 4
+    full, _ = sample_tokens(logits, params, prompt_draws(torch.arange(12), 4, gens()))
+    live = torch.tensor([1, 2, 3, 9, 11])  # prompt 1 has finished; prompts 0 and 2 have rows left
+    drawn, _ = sample_tokens(logits[live], params, prompt_draws(live, 4, gens()))
+    assert torch.equal(drawn, full[live])
+    assert prompt_draws(live, 4, gens())[2].tolist() == [1, 2, 3, 5, 7]  # the live rows' numbers among 2 x 4
+    assert prompt_draws(torch.arange(4, 12), 4, gens())[2] is None  # whole prompts: every number used
