@@ -3,8 +3,9 @@
 One token per row through the model's own weights, without transformers' forward around it: no mask builder,
 no output dataclasses, no per-module hooks. On a 2-core CPU that forward's bookkeeping is most of a decode step for
 a small model (tiny-arith: ~1.5 ms of ~2 ms) and the mask handling a fifth of SmolLM2-135M's attention. The
-arithmetic is transformers' own, op for op (RMSNorm in float32, the rotation, the MLP), so greedy decoding still
-gives `generate`'s tokens (tests/unit/test_decode.py); only the softmax's summation order may differ (~1e-7).
+arithmetic is transformers' own, op for op (RMSNorm in float32, the rotation, the MLP), so greedy decoding gives
+`generate`'s tokens (tests/unit/test_decode.py) but for float32 rounding: the softmax's summation order and the
+matrix kernels MKL picks by shape may differ (~1e-7 relative), which decides only a near-tie.
 
 What makes it fast, each measured (BENCHMARKS.md, issue 23):
 - products (`products`, `product_layout`): those reading the same input fused into one (q/k/v; gate/up) on a
@@ -16,8 +17,9 @@ What makes it fast, each measured (BENCHMARKS.md, issue 23):
   re-reading a small prefix.
 
 Used by the engine when `compat.decoder_parts` recognises the model (`engine_decode: auto` or `plain`: the
-weights as they are, one product per module, no copy); any other model, or one with forward hooks of its own,
-decodes through transformers' forward, as with `engine_decode: hf`. Prefill stays transformers'.
+weights as they are, one product per module, no copy), for the prompts' pass (`NativeDecoder.prefill`) and each
+token's; any other model, or one with forward hooks of its own, runs through transformers' forward, as with
+`engine_decode: hf`.
 """
 
 from __future__ import annotations
@@ -46,24 +48,26 @@ def _plain(module: torch.nn.Module) -> bool:
 def products(modules: list[torch.nn.Module], layout: str, rows: int) -> Product:
     """x [b, in] -> the outputs of `modules` (Linears reading the same input) side by side [b, sum of outs].
 
-    layout "packed" (float32 on a CPU, with MKL) or "transposed": one product on a copy of the modules' weights
-    stacked, as MKL's packed GEMM for `rows` rows (a batch of fewer rows, once some have finished, is padded to
-    them: the packed kernel otherwise hands back to F.linear, a third slower; a larger one, the prefill's, does)
-    or as a plain [in, out] matrix (F.linear hands MKL a transposed operand: twice slower at a tiny model's
-    shapes); column for column the same arithmetic as F.linear. "plain", or modules other than plain Linears
-    (LoRA, quantized): each module called."""
+    layout "packed" (float32 on a CPU, with MKL): each module's weight as MKL's packed GEMM for `rows` rows (a
+    batch of fewer rows, once some have finished, is padded to them: the packed kernel otherwise hands back to
+    F.linear, a third slower; a larger one, the prefill's, does), the outputs concatenated: a packed copy of each
+    weight and nothing more. "transposed": one product on a copy of the modules' weights stacked as one [in, out]
+    matrix (F.linear hands MKL a transposed operand: twice slower at a tiny model's shapes). Both compute
+    F.linear's dot products, within float32 rounding (MKL picks its kernel by shape). "plain", or modules other
+    than plain Linears (LoRA, quantized): each module called."""
     if layout == "plain" or not all(_plain(m) for m in modules):
         calls = [m if not _plain(m) else (lambda x, m=m: F.linear(x, m.weight, m.bias)) for m in modules]
         return calls[0] if len(calls) == 1 else lambda x: torch.cat([c(x) for c in calls], -1)
+    packed = [mkl_packed_linear(m.weight, m.bias, rows) for m in modules] if layout == "packed" else [None]
+    if all(c is not None for c in packed):
+        def padded(x: torch.Tensor) -> torch.Tensor:
+            full = x if x.shape[0] >= rows else F.pad(x, (0, 0, 0, rows - x.shape[0]))
+            out = packed[0](full) if len(packed) == 1 else torch.cat([c(full) for c in packed], -1)
+            return out if full is x else out[:x.shape[0]]
+        return padded
     weights = [m.weight.detach() for m in modules]
     bias = None if all(m.bias is None for m in modules) else torch.cat(
         [m.bias.detach() if m.bias is not None else weights[0].new_zeros(m.out_features) for m in modules])
-    packed = None
-    if layout == "packed":
-        packed = mkl_packed_linear(torch.cat(weights) if len(weights) > 1 else weights[0], bias, rows)
-    if packed is not None:
-        return lambda x: packed(x) if x.shape[0] >= rows else packed(F.pad(x, (0, 0, 0, rows - x.shape[0])))[
-            :x.shape[0]]
     weight = torch.cat([w.t() for w in weights], 1)  # [in, out], one copy
     return (lambda x: torch.mm(x, weight)) if bias is None else (lambda x: torch.addmm(bias, x, weight))
 
@@ -158,11 +162,11 @@ class SharedPrefixKV:
         own_k[:, :, t], own_v[:, :, t] = k, v
         q = q.reshape(b, K, G, D)
         shared = torch.matmul(grouped(q), prefix_k.transpose(-1, -2)) * scaling + self.prefix_bias
-        own = torch.matmul(q.float(), own_k[:, :, :t + 1].transpose(-1, -2)) * scaling
-        weights = torch.softmax(torch.cat([rowwise(shared).float(), own], -1), -1)  # [b, K, G, P + t + 1]
+        own = torch.matmul(q.to(own_k.dtype), own_k[:, :, :t + 1].transpose(-1, -2)) * scaling
+        weights = torch.softmax(torch.cat([rowwise(shared).float(), own.float()], -1), -1)  # [b, K, G, P + t + 1]
         P = prefix_k.shape[2]
         return (rowwise(torch.matmul(grouped(weights[..., :P].to(q.dtype)), prefix_v)) +
-                torch.matmul(weights[..., P:], own_v[:, :, :t + 1])).view(b, H, D)
+                torch.matmul(weights[..., P:].to(own_v.dtype), own_v[:, :, :t + 1])).view(b, H, D)
 
 
 class ExpandedKV:
@@ -228,6 +232,8 @@ class NativeDecoder:
         def norm(module: torch.nn.Module | None) -> tuple[torch.Tensor, float] | None:
             return None if module is None else (module.weight, module.variance_epsilon)
 
+        # a LoRA (unmerged) or quantized layer is called as a module: its dropout then needs the model in eval mode
+        self.calls_modules = not all(_plain(m) for m in linears)
         self.layers = [(fuse(p.q, p.k, p.v), fuse(p.o), fuse(p.gate, p.up), fuse(p.down), norm(p.norm_in),
                         norm(p.norm_post), norm(p.q_norm), norm(p.k_norm)) for p in parts.layers]
         self.norm, self.head, self.embedding = norm(parts.norm), fuse(parts.lm_head), parts.embed.weight
@@ -291,7 +297,7 @@ class NativeDecoder:
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.parts.scaling,
                                                   enable_gqa=H != K)
             x = self._rest(x, attn.transpose(1, 2).reshape(Pn * L, H * D), layer)
-            layers.append((k, v))
+            layers.append((k.contiguous(), v.contiguous()))  # not views of the wider q/k/v product
         return self.head(rms_norm(x.view(Pn, L, -1)[:, -1], self.norm)), layers
 
     def step(self, tokens: torch.Tensor, position: torch.Tensor, live: torch.Tensor,

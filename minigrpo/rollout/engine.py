@@ -123,12 +123,16 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     decoder = None if params.engine_decode == "hf" else NativeDecoder.of(
         model, rows=ids.shape[0] * params.n if params.engine_decode == "auto" else 0,
         positions=ids.shape[1] + params.max_new_tokens)[0]
-    was_training = model.training  # transformers' forward in eval mode (no dropout); the native one has none
+    # modules run in eval mode (no dropout): transformers' forward, or layers the native step calls as modules
+    # (unmerged LoRA); the native step's own products have no dropout, and switching costs ~1 ms a call
+    was_training, switch = model.training, decoder is None or decoder.calls_modules
+    if switch:
+        model.eval()
     if decoder is not None:
         logits, prefill = decoder.prefill(ids, mask, position)
         kv = make_kv(prefill, mask, params.n, params.max_new_tokens)
+        del prefill  # make_kv holds what it needs
     else:
-        model.eval()
         cache = DynamicCache(config=model.config)
         with_cache = cache_kwargs(model, cache)  # {"cache" or "past_key_values": cache}, as transformers names it
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position, **with_cache, use_cache=True,
@@ -217,7 +221,7 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             out = model(input_ids=next_tokens[:, None], attention_mask=mask[:, :P + t + 1], position_ids=position,
                         **with_cache, use_cache=True)
             logits = out.logits[:, -1]
-    if decoder is None:
+    if switch:
         model.train(was_training)
     prompt_ids, prompt_mask = ids.repeat_interleave(params.n, 0), full_prompt_mask
     if episodes is not None:

@@ -138,6 +138,23 @@ def test_the_lora_reference_is_the_base_model_and_the_adapters_come_back():
     assert (adapted - base).abs().max() > 1e-2
 
 
+def test_unmerged_lora_with_dropout_samples_without_dropout():
+    """Unmerged LoRA layers are called as modules by the engine's own step: in a training model (train mode, LoRA
+    dropout 0.5) the engine still samples with dropout off (the same tokens from the same seeds every time, those of
+    the merged weights) and leaves the model in train mode."""
+    model, tok, prompts = _lora_arith()
+    for m in model.modules():
+        if hasattr(m, "lora_dropout"):
+            m.lora_dropout["default"] = torch.nn.Dropout(0.5)
+    model.train()
+    sampled = SamplingParams(n=2, max_new_tokens=12, temperature=1.0, seeds=[1, 2, 3, 4, 5])
+    runs = [generate("engine", model, tok, prompts, sampled, merge_lora=False) for _ in range(2)]
+    assert model.training
+    assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
+    merged = generate("engine", model, tok, prompts, sampled, merge_lora=True)
+    assert torch.equal(runs[0].completion_ids, merged.completion_ids)
+
+
 def test_merged_lora_leaves_non_peft_models_alone():
     cfg = Config()
     model, _ = load_model(cfg)
