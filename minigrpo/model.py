@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -218,9 +219,12 @@ def cast_weights(model: torch.nn.Module, dtype: str | None) -> Iterator[torch.nn
     tied. Buffers are left as they are (rotary frequencies stay float32: transformers computes the angles in
     float32 and casts the result). dtype None, or the parameters' own: nothing happens. Costs, while inside, one
     copy of the weights in `dtype`."""
-    target = getattr(torch, dtype) if dtype else None
+    if not dtype:  # nothing to swap: not even a walk over the modules (every generation passes here)
+        yield model
+        return
+    target = getattr(torch, dtype)
     slots = [(module, name, p) for module in model.modules() for name, p in module.named_parameters(recurse=False)
-             if target is not None and p.is_floating_point() and p.dtype != target]
+             if p.is_floating_point() and p.dtype != target]
     copies: dict[int, torch.nn.Parameter] = {}
     try:
         with torch.no_grad():
@@ -236,6 +240,11 @@ def cast_weights(model: torch.nn.Module, dtype: str | None) -> Iterator[torch.nn
 
 class MergedLinear(torch.nn.Linear):
     """A LoRA layer folded into a plain Linear by `merged_lora` (what generation runs: the engine, vLLM's push)."""
+
+
+# one MergedLinear per LoRA layer, made once and reused: its weights are set on entry and dropped on exit (making a
+# Linear runs its initialisation: 1.3 ms of a small model's 2 ms merge, every generation)
+_MERGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -258,7 +267,9 @@ def merged_lora(model: torch.nn.Module, enabled: bool = True) -> Iterator[torch.
         for name, m in layers:
             base = m.get_base_layer()
             delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
-            plain = MergedLinear(base.in_features, base.out_features, bias=False, device="meta")
+            plain = _MERGED.get(m)
+            if plain is None or (plain.in_features, plain.out_features) != (base.in_features, base.out_features):
+                plain = _MERGED[m] = MergedLinear(base.in_features, base.out_features, bias=False, device="meta")
             plain.weight = torch.nn.Parameter(base.weight + delta.to(base.weight.dtype), requires_grad=False)
             plain.bias = base.bias
             parent_name, _, child = name.rpartition(".")
@@ -270,3 +281,4 @@ def merged_lora(model: torch.nn.Module, enabled: bool = True) -> Iterator[torch.
     finally:
         for parent, child, m in swapped:
             setattr(parent, child, m)
+            _MERGED[m].weight = _MERGED[m].bias = None  # the merged copy is freed
