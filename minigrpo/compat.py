@@ -364,6 +364,7 @@ class DecoderParts:
     # the rotation of a position depends on nothing else in the call (every rope type but the dynamic ones, which
     # rescale with the longest position seen): a table of positions gives the same angles
     rope_static: bool = True
+    attention_dropout: float = 0.0  # the config's: transformers' attention drops weights at this rate in training
 
 
 def decoder_parts(model: torch.nn.Module) -> tuple[DecoderParts | None, str]:
@@ -399,7 +400,8 @@ def decoder_parts(model: torch.nn.Module) -> tuple[DecoderParts | None, str]:
         first = base.layers[0].self_attn
         parts = DecoderParts(base.embed_tokens, layers, base.norm, inner.lm_head, base.rotary_emb,
                              config.num_attention_heads, config.num_key_value_heads, first.head_dim, first.scaling,
-                             getattr(base.rotary_emb, "rope_type", None) not in ("dynamic", "longrope"))
+                             getattr(base.rotary_emb, "rope_type", None) not in ("dynamic", "longrope"),
+                             float(getattr(config, "attention_dropout", 0.0) or 0.0))
     except AttributeError as e:
         return None, f"a module not where transformers 5.17-5.24 put it ({e})"
     if type(parts.embed) is not torch.nn.Embedding or not isinstance(parts.lm_head, torch.nn.Linear):

@@ -16,7 +16,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from minigrpo.algo import token_logprobs
-from minigrpo.compat import attn_implementation, cache_kwargs, checkpointing_enabled, unwrap_model
+from minigrpo.compat import attn_implementation, cache_kwargs, checkpointing_enabled, decoder_parts, unwrap_model
+from minigrpo.rollout.decode import forward_hidden
 
 LOGPROB_CHUNK = 256  # completion tokens per LM-head chunk: [chunk, vocab] fp32 logits live at a time
 
@@ -24,7 +25,7 @@ LOGPROB_CHUNK = 256  # completion tokens per LM-head chunk: [chunk, vocab] fp32 
 def policy_logprobs(model: PreTrainedModel, rollout_ids: torch.Tensor, attention_mask: torch.Tensor,
                     num_completion: int, temperature: float, group_size: int = 1,
                     chunk_size: int = LOGPROB_CHUNK, target_mask: torch.Tensor | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    native: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropies of the completion tokens under `model`. [B, P+C] -> [B, C], [B, C].
 
     Position ids follow the attention mask, as in `generate`, so left padding does not shift positions and
@@ -37,11 +38,13 @@ def policy_logprobs(model: PreTrainedModel, rollout_ids: torch.Tensor, attention
     completion's EOS get log-prob and entropy 0. All paths give the same values and gradients.
     `target_mask` [B, C] (multi-turn: the tokens the model sampled, `Rollout.generated_mask`) narrows the tokens
     that reach the LM head: tokens a tool added are context only, and get log-prob and entropy 0 too.
+    `native`: the one-call layouts run the engine's own forward (rollout/decode.forward_hidden) where it applies
+    (`_native`); False: always transformers' forward.
     """
     C = num_completion
     layout = logprob_layout(model, attention_mask, C, group_size)
     head = split_head(model) if chunk_size else None
-    body = _body(model, head)
+    body = _body(model, head, native and layout != "shared_prefix")
     if layout == "packed":
         feats = _packed_feats(body, model, rollout_ids, attention_mask, C, group_size)
     elif layout == "shared_prefix":
@@ -59,12 +62,30 @@ def policy_logprobs(model: PreTrainedModel, rollout_ids: torch.Tensor, attention
                                  getattr(unwrap_model(model).config, "vocab_size", None))
 
 
-def _body(model: PreTrainedModel, head: Callable | None) -> Callable[..., torch.Tensor]:
+def _body(model: PreTrainedModel, head: Callable | None, native: bool = False) -> Callable[..., torch.Tensor]:
     """body(keep, **inputs) -> the last `keep` positions' features: final hidden states (when the head is
-    split off) or logits. Always one call of `model` itself, so wrappers (DDP, ...) see the forward."""
+    split off) or logits. One call of `model` itself, so wrappers (DDP, ...) see the forward; with `native` and a
+    model `_native` accepts, the engine's own forward of its modules instead."""
     if head is None:
         return lambda keep, **kw: model(**kw, logits_to_keep=keep).logits
+    parts = _native(model) if native else None
+    if parts is not None:
+        def body(keep: int, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 use_cache: bool = False) -> torch.Tensor:
+            out = forward_hidden(parts, input_ids, attention_mask, position_ids)
+            return out[:, -keep:] if keep else out
+        return body
     return lambda keep, **kw: _last_hidden(model, keep, **kw)
+
+
+def _native(model: PreTrainedModel) -> Any:
+    """The decoder parts forward_hidden runs for `model` (compat.decoder_parts), or None where transformers'
+    forward must run: a distributed strategy's wrapper (its hooks see only the model's own forward), activation
+    checkpointing, attention dropout while training, or a model the engine's step does not know."""
+    if hasattr(model, "module") or type(model).__name__.startswith("FSDP") or checkpointing_enabled(model):
+        return None
+    parts = decoder_parts(model)[0]
+    return None if parts is None or (parts.attention_dropout and model.training) else parts
 
 
 def _last_hidden(model: PreTrainedModel, keep: int, **inputs: Any) -> torch.Tensor:

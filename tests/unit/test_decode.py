@@ -16,7 +16,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from minigrpo.compat import decoder_parts
+from minigrpo.compat import decoder_parts, enable_checkpointing
 from minigrpo.rollout import decode, engine
 from minigrpo.rollout.engine import engine_generate
 from minigrpo.rollout.hf import hf_generate
@@ -192,3 +192,53 @@ def test_transformers_own_recording_hooks_do_not_turn_the_native_step_off():
     hooks = [h for m in model.modules() for h in m._forward_hooks.values()]
     assert {h.__name__ for h in hooks} == {"output_capturing_hook", "make_inputs_require_grads"}
     assert decoder_parts(model)[0] is not None
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("layout", ["plain", "packed"])
+def test_native_training_forward_gives_transformers_logprobs_and_gradients(kind, layout, monkeypatch):
+    """policy_logprobs through decode.forward_hidden (the one-call layouts: plain rows with left padding, packed
+    rows under a tree mask) against transformers' forward: log-probs and every weight's gradient."""
+    from minigrpo import logprobs
+
+    tok = arith_tokenizer()
+    model = _model(kind, tok)
+    with torch.no_grad():
+        model.lm_head.bias[tok.eos_token_id] = 2.0  # completions of several lengths
+    ro = engine_generate(model, tok, _prompts(tok, 3), SamplingParams(n=2, max_new_tokens=10, temperature=1.0,
+                                                                     seeds=[1, 2, 3]))
+    ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)
+    attention = torch.cat([ro.prompt_mask, ro.completion_mask.long()], 1)
+    C, mask = ro.completion_ids.shape[1], ro.completion_mask
+    monkeypatch.setattr(logprobs, "logprob_layout", lambda *a: layout)
+    model.train()
+    results = []
+    for native in (True, False):
+        model.zero_grad()
+        logp, entropy = logprobs.policy_logprobs(model, ids, attention, C, 0.9, group_size=2, native=native)
+        ((logp * mask).sum() + (entropy * mask).sum()).backward()
+        results.append((logp * mask, entropy * mask, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (ours, ours_ent, ours_grads), (ref, ref_ent, ref_grads) = results
+    assert logprobs._native(model) is not None  # the native forward ran
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours_ent, ref_ent, atol=1e-5, rtol=1e-5)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(ours_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_the_native_training_forward_stands_aside():
+    """transformers' forward runs under a strategy's wrapper, activation checkpointing, attention dropout in
+    training, and for architectures the engine does not know."""
+    from minigrpo import logprobs
+
+    tok = arith_tokenizer()
+    model = _model("qwen2", tok)
+    assert logprobs._native(model) is not None
+    wrapper = torch.nn.Module()
+    wrapper.module = model
+    assert logprobs._native(wrapper) is None
+    model.config.attention_dropout = 0.1
+    assert logprobs._native(model.train()) is None and logprobs._native(model.eval()) is not None
+    model.config.attention_dropout = 0.0
+    enable_checkpointing(model)
+    assert logprobs._native(model) is None
