@@ -83,6 +83,8 @@ class Shape:
     kv_dim: int  # num_key_value_heads x head_dim
     vocab: int
     lm_head_params: int = 0  # the LM head's weight (tied or not)
+    q_dim: int = 0  # num_attention_heads x head_dim (gemma-3: wider than hidden); 0: hidden
+    norms: int = 2  # hidden-sized norms per decoder layer (Llama: 2; gemma-3: 4, around attention and MLP)
     native: bool = False  # the engine decodes it with its own step (compat.decoder_parts): KV shared per prompt
 
 
@@ -112,7 +114,11 @@ def model_shape(cfg: Config) -> Shape:
     head_dim = getattr(mcfg, "head_dim", None) or h // heads
     kv = (getattr(mcfg, "num_key_value_heads", None) or heads) * head_dim
     head = model.get_output_embeddings()
-    return Shape(params=sum(p.numel() for p in model.parameters()), linear_layer_params=linear_params,
+    # hidden-sized norms (a 1-D weight of `hidden` entries), the final one aside, per layer
+    norm_count = sum(1 for m in model.modules() if "norm" in type(m).__name__.lower()
+                     and getattr(getattr(m, "weight", None), "shape", None) == (h,))
+    return Shape(q_dim=heads * head_dim, norms=max(round((norm_count - 1) / mcfg.num_hidden_layers), 1),
+                 params=sum(p.numel() for p in model.parameters()), linear_layer_params=linear_params,
                  lora_params=lora, adapted_params=adapted, layers=mcfg.num_hidden_layers, hidden=h,
                  intermediate=getattr(mcfg, "intermediate_size", 4 * h), kv_dim=kv, vocab=mcfg.vocab_size,
                  lm_head_params=head.weight.numel() if head is not None else 0,
@@ -181,7 +187,10 @@ def estimate(cfg: Config, shape: Shape, prompt_len: int, device: str = "cpu", ru
     B = cfg.per_device_train_batch_size
     groups = max(1, B // cfg.num_generations)
     tokens = B * T + groups * P
-    per_token_layer = ACT_FACTOR * (9 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate) * act
+    # saved per token and layer, Llama's layout (two norms, queries as wide as hidden), plus what a layer keeps
+    # beyond it: each further norm's input and output, queries (and their attention output) wider than hidden
+    extra = 2 * (shape.norms - 2) * shape.hidden + 2 * (max(shape.q_dim, shape.hidden) - shape.hidden)
+    per_token_layer = ACT_FACTOR * (9 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate + extra) * act
     if cfg.gradient_checkpointing:
         activations = tokens * (L * shape.hidden * act + per_token_layer)
     else:

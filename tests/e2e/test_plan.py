@@ -1,6 +1,7 @@
 """`minigrpo plan`: exact parts where they are exact, the verdict and suggestions, the CLI, the CPU fallbacks
 for 4-bit weights and 8-bit optimizers, and the estimate against a measured run."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,22 @@ def test_shape_counts_match_the_real_model():
     assert shape.lora_params == trainable
     assert shape.params == total - trainable
     assert (shape.layers, shape.hidden, shape.intermediate, shape.kv_dim, shape.vocab) == (4, 192, 512, 192, 115)
+
+
+def test_shape_counts_a_layers_norms_and_query_width(tmp_path):
+    """gemma-3 keeps four hidden-sized norms a layer and queries wider than hidden (4 x 256 over 640): its
+    activations count both (Llama's two norms and hidden-wide queries are the baseline)."""
+    from transformers import Gemma3TextConfig
+
+    Gemma3TextConfig(vocab_size=1000, hidden_size=640, intermediate_size=2048, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=1, head_dim=256).save_pretrained(tmp_path)
+    gemma, llama = model_shape(Config(model=str(tmp_path))), model_shape(Config())
+    assert (gemma.norms, gemma.q_dim, gemma.hidden) == (4, 1024, 640)
+    assert (llama.norms, llama.q_dim, llama.hidden) == (2, 192, 192)
+    wide = estimate(Config(model=str(tmp_path)), gemma, 40).parts["activations"]
+    narrow = estimate(Config(model=str(tmp_path)), dataclasses.replace(gemma, norms=2, q_dim=640), 40).parts[
+        "activations"]
+    assert wide / narrow == pytest.approx(1 + (4 * 640 + 2 * 384) / (9 * 640 + 2 * 256 + 4 * 2048))
 
 
 def test_parts_follow_the_options():
