@@ -31,6 +31,6 @@ class DiskError(TrainingStopped):
 
 
 class NonFiniteError(TrainingStopped):
-    """The model's logits were NaN or inf while generating: its weights are broken (e.g. a learning rate far too
-    high). The GRPO loop says more (the step, the learning rate, the last checkpoint); elsewhere (evaluation of a
-    broken model) it stops the command as it is (exit 3)."""
+    """The model's logits were NaN or inf, or its activations overflowed float32, while generating: its weights
+    are broken (e.g. a learning rate far too high). The GRPO loop says more (the step, the learning rate, the last
+    checkpoint); elsewhere (evaluation of a broken model) it stops the command as it is (exit 3)."""

@@ -83,11 +83,10 @@ def product_layout(weights: list[torch.Tensor], fast: bool) -> str:
 
 def rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
     """transformers' LlamaRMSNorm (norm: its weight and epsilon), op for op: in float32, then back to the input
-    dtype, times the weight. In float32 torch's F.rms_norm is the same composite (x * rsqrt(mean(x^2) + eps), times
-    the weight) in one call."""
+    dtype, times the weight. Not torch's F.rms_norm: its CPU kernel reduces in double, so where x^2 overflows
+    float32 (weights that blew up) it returns finite values where transformers' gives NaN, and the engine's
+    broken-weights check must see what transformers' forward would."""
     weight, eps = norm
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
@@ -283,7 +282,8 @@ class NativeDecoder:
                 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """The prompts' pass (ids, mask, position: [prompts, P], left-padded): the next-token logits of each prompt
         [prompts, V] and its keys and values per layer ([prompts, K, P, D], for make_kv). A token attends to the
-        prompt's real tokens up to itself (and padding to itself: finite values nothing reads)."""
+        prompt's real tokens up to itself (and padding to itself: finite values nothing reads). Sets `overflowed`:
+        the last layer's activations left float32's range (the weights are broken; the caller stops)."""
         Pn, L = ids.shape
         H, K, D = self.parts.heads, self.parts.kv_heads, self.parts.head_dim
         x = F.embedding(ids.reshape(-1), self.embedding)  # [Pn x L, hidden]
@@ -298,6 +298,9 @@ class NativeDecoder:
                                                   enable_gqa=H != K)
             x = self._rest(x, attn.transpose(1, 2).reshape(Pn * L, H * D), layer)
             layers.append((k.contiguous(), v.contiguous()))  # not views of the wider q/k/v product
+        # weights that blew up: activations whose mean square overflows float32, which RMSNorm turns into zeros
+        # (finite, meaningless logits; transformers' forward turns the same into NaN through its masks)
+        self.overflowed = bool(torch.isinf(x.float().pow(2).mean(-1)).any() | ~torch.isfinite(x).all())
         return self.head(rms_norm(x.view(Pn, L, -1)[:, -1], self.norm)), layers
 
     def step(self, tokens: torch.Tensor, position: torch.Tensor, live: torch.Tensor,

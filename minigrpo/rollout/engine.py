@@ -130,6 +130,9 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         model.eval()
     if decoder is not None:
         logits, prefill = decoder.prefill(ids, mask, position)
+        if decoder.overflowed:
+            raise NonFiniteError("the model's activations overflow float32 (its logits are meaningless) while "
+                                 "generating: its weights are broken")
         kv = make_kv(prefill, mask, params.n, params.max_new_tokens)
         del prefill  # make_kv holds what it needs
     else:

@@ -275,7 +275,8 @@ def test_weights_that_overflow_stop_the_run_at_the_next_rollout(tmp_path, capsys
     run = tmp_path / "run"
     assert main(["train", *QUICK, "--max_steps=6", "--learning_rate=1e8", f"--output_dir={run}"]) == 3
     err = capsys.readouterr().err
-    assert "the model's logits are NaN or inf while generating: its weights are broken" in err
+    # transformers' forward turns the overflow into NaN logits, the engine's own one sees it in the activations
+    assert "while generating" in err and "its weights are broken" in err
     assert "at learning_rate 1e+08" in err and "start again with a lower one" in err
 
 

@@ -239,17 +239,23 @@ def test_cast_weights_restores_the_same_tensors_and_bf16_rollouts_report_their_m
 
 
 @pytest.mark.parametrize("engine_decode", ["auto", "hf"])
-@pytest.mark.parametrize("broken", [float("nan"), float("inf")])
+@pytest.mark.parametrize("broken", [float("nan"), float("inf"), 1e8])
 def test_broken_weights_stop_the_generation_by_name(engine_decode, broken):
-    """NaN or +inf logits (weights that overflowed) draw garbage with a non-finite log-prob: the engine stops with
-    NonFiniteError at that step, whichever decode step runs."""
+    """NaN or +inf logits draw garbage with a non-finite log-prob: the engine stops with NonFiniteError at that
+    step, whichever decode step runs. Weights that blew up (every weight ~1e8, as after a learning rate of 1e8)
+    overflow float32 in the activations: transformers' forward gives NaN logits, the engine's own prefill sees the
+    overflow."""
     from minigrpo.errors import NonFiniteError
 
     tok = arith_tokenizer()
     model = arith_model(tok)
     with torch.no_grad():
-        model.lm_head.weight[5] = broken  # one token's logit: every row's distribution breaks
-    with pytest.raises(NonFiniteError, match="logits are NaN or inf while generating"):
+        if broken == 1e8:
+            for p in model.parameters():
+                p.copy_(torch.where(torch.rand_like(p) < 0.5, -1e8, 1e8))
+        else:
+            model.lm_head.weight[5] = broken  # one token's logit: every row's distribution breaks
+    with pytest.raises(NonFiniteError, match="while generating: its weights are broken"):
         engine_generate(model, tok, _prompts(tok, 2), SamplingParams(n=2, max_new_tokens=8, temperature=1.0,
                                                                      seeds=[1, 2], engine_decode=engine_decode))
 
