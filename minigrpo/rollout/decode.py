@@ -98,6 +98,20 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
+def half_sign(head_dim: int, like: torch.Tensor) -> torch.Tensor:
+    """[-1] * D/2 + [1] * D/2 (as `like`): sin times it makes `rotate`'s signed sin."""
+    half = head_dim // 2
+    return torch.cat([-torch.ones(half), torch.ones(half)]).to(like)
+
+
+def causal_with_padding(mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] (1 on real tokens) -> the boolean attention mask [B, 1, S, S]: each token sees the real tokens up to
+    itself, and padding sees itself (finite values nothing reads, where no allowed key would give NaN)."""
+    S = mask.shape[1]
+    eye = torch.eye(S, dtype=torch.bool, device=mask.device)
+    return (eye.logical_not().tril() & mask.bool()[:, None, :] | eye)[:, None]
+
+
 def own_dtype(keys: torch.Tensor) -> torch.dtype:
     """The dtype of the completions' KV buffers: float32 on a CPU, the prefill's elsewhere (minigrpo plan counts
     the same)."""
@@ -236,8 +250,8 @@ class NativeDecoder:
         self.layers = [(fuse(p.q, p.k, p.v), fuse(p.o), fuse(p.gate, p.up), fuse(p.down), norm(p.norm_in),
                         norm(p.norm_post), norm(p.q_norm), norm(p.k_norm)) for p in parts.layers]
         self.norm, self.head, self.embedding = norm(parts.norm), fuse(parts.lm_head), parts.embed.weight
-        half, device = parts.head_dim // 2, self.embedding.device
-        self.sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device)  # rotate_half's, on sin
+        device = self.embedding.device
+        self.sign = half_sign(parts.head_dim, self.embedding)  # rotate_half's, on sin
         self.angles = None  # cos, signed sin [positions, D]: one lookup a step instead of the rotary module
         if positions and parts.rope_static:
             cos, sin = parts.rotary(self.embedding[:1, None], torch.arange(positions, device=device)[None])
@@ -288,8 +302,7 @@ class NativeDecoder:
         H, K, D = self.parts.heads, self.parts.kv_heads, self.parts.head_dim
         x = F.embedding(ids.reshape(-1), self.embedding)  # [Pn x L, hidden]
         cos, sin = self._angles(x, position)
-        eye = torch.eye(L, dtype=torch.bool, device=ids.device)
-        allowed = (eye.logical_not().tril() & mask.bool()[:, None, :] | eye)[:, None]  # [Pn, 1, L, L]
+        allowed = causal_with_padding(mask)  # [Pn, 1, L, L]
         layers = []
         for layer in self.layers:
             q, k, v = self._qkv(x, layer, cos, sin)
@@ -329,11 +342,9 @@ def forward_hidden(parts: DecoderParts, ids: torch.Tensor, mask: torch.Tensor, p
     H, K, D = parts.heads, parts.kv_heads, parts.head_dim
     x = parts.embed(ids)
     cos, sin = parts.rotary(x, position)  # [B, S, D]
-    half = D // 2
-    cos, sin = cos[:, None], (sin * torch.cat([-torch.ones(half), torch.ones(half)]).to(sin))[:, None]
+    cos, sin = cos[:, None], (sin * half_sign(D, sin))[:, None]
     if mask.dim() == 2:
-        eye = torch.eye(S, dtype=torch.bool, device=ids.device)
-        mask = (eye.logical_not().tril() & mask.bool()[:, None, :] | eye)[:, None]
+        mask = causal_with_padding(mask)
 
     def norm(t: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
         return rms_norm(t, (module.weight, module.variance_epsilon))
