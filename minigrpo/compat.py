@@ -32,6 +32,8 @@ from typing import Any
 import gguf
 import torch
 import transformers
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import other as peft_other
 from transformers.cache_utils import DynamicLayer
 
 from minigrpo.errors import ConfigError
@@ -49,6 +51,8 @@ PRIVATE_NAMES: dict[str, str] = {
     "_forward_hooks": "torch Module: whether forward hooks are registered (the engine's own decode step would skip "
                       "them); no public getter",
     "_forward_pre_hooks": "torch Module: the same, for pre-hooks",
+    "_disable_adapters": "peft BaseTunerLayer / AuxiliaryTrainingWrapper (0.21): the switch their forwards read; the "
+                         "public enable_adapters also resets requires_grad on every adapter weight",
 }
 
 
@@ -140,6 +144,20 @@ def gguf_eos_restored(tokenizer: Any, model_dir: str, gguf_file: str) -> Any:
     if field is not None and tokenizer.eos_token_id != int(field.contents()):
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(field.contents()))
     return tokenizer
+
+
+def adapter_switch(model: torch.nn.Module) -> typing.Callable[[bool], None]:
+    """enabled -> the peft model's adapters on or off, as its tuner's enable_adapter_layers /
+    disable_adapter_layers turn them (the layers' own switch), without their walk over every module and their
+    requires_grad resets: for passes without gradients (the KL reference's). 0.04 ms a pair where the tuner's took
+    0.7 on tiny-arith. The layers are found once, here."""
+    kinds = (BaseTunerLayer, *[k for k in (getattr(peft_other, "AuxiliaryTrainingWrapper", None),) if k is not None])
+    layers = [m for m in model.modules() if isinstance(m, kinds)]
+
+    def switch(enabled: bool) -> None:
+        for layer in layers:
+            layer._disable_adapters = not enabled
+    return switch
 
 
 # ---- transformers: a KV cache that grows in place -------------------------------------------------------------

@@ -10,11 +10,15 @@ matrix kernels MKL picks by shape may differ (~1e-7 relative), which decides onl
 What makes it fast, each measured (BENCHMARKS.md, issue 23):
 - products (`products`, `product_layout`): those reading the same input fused into one (q/k/v; gate/up) on a
   copy of their weights made per call (the weights change every step): MKL's packed layout for a model whose
-  weights stream from memory (compat.mkl_packed_linear), a plain [in, out] layout for one that stays in cache;
+  weights stream from memory (compat.mkl_packed_linear), a plain [in, out] layout for one that stays in cache,
+  with the norm's weight folded into its rows and the residual added by the product itself;
 - attention: two cache layouts (`kv_layout`): a prompt's keys read once for its n samples (SharedPrefixKV, two
-  batched products with the query heads grouped over their KV head) where that prefix is large, and one
-  scaled_dot_product_attention call over each row's own copy (ExpandedKV) where the calls would cost more than
-  re-reading a small prefix.
+  batched products with the query heads grouped over their KV head) where that prefix is large, and three batched
+  products over each row's own copy, its keys kept transposed (ExpandedKV), where the calls would cost more than
+  re-reading a small prefix;
+- the engine runs this step under torch.inference_mode (no autograd bookkeeping: ~14% of a tiny model's step).
+  At a tiny model's shapes each torch call costs 1-3 us and the products are a third of a step: what is left
+  is calls (~43 a layer), so each one saved counts.
 
 Used by the engine when `compat.decoder_parts` recognises the model (`engine_decode: auto` or `plain`: the
 weights as they are, one product per module, no copy), for the prompts' pass (`NativeDecoder.prefill`) and each
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 
 from minigrpo.compat import DecoderParts, decoder_parts, mkl_packed_linear
 
-Product = Callable[[torch.Tensor], torch.Tensor]
+Product = Callable[..., torch.Tensor]  # (x [b, in], residual [b, out] or None) -> residual + the products
 # a decoder whose linear weights total less than this stays in the CPU's caches between steps: its products run
 # on plain [in, out] copies (8 x 128 @ 128 x 384: 5.0 us as MKL packed, 2.6 as a plain product); above it they
 # stream from memory, where the packed layout is faster (SmolLM2-135M's layers: 2.1 s packed vs 2.7 s plain)
@@ -45,31 +49,46 @@ def _plain(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward
 
 
-def products(modules: list[torch.nn.Module], layout: str, rows: int) -> Product:
-    """x [b, in] -> the outputs of `modules` (Linears reading the same input) side by side [b, sum of outs].
+def products(modules: list[torch.nn.Module], layout: str, rows: int, scale: torch.Tensor | None = None) -> Product:
+    """(x [b, in], residual [b, out] or None) -> the outputs of `modules` (Linears reading the same input) at
+    x * `scale` (an RMSNorm's weight [in], or None) side by side [b, sum of outs], plus `residual` when given.
 
-    layout "packed" (float32 on a CPU, with MKL): each module's weight as MKL's packed GEMM for `rows` rows (a
-    batch of fewer rows, once some have finished, is padded to them: the packed kernel otherwise hands back to
-    F.linear, a third slower; a larger one, the prefill's, does), the outputs concatenated: a packed copy of each
-    weight and nothing more. "transposed": one product on a copy of the modules' weights stacked as one [in, out]
-    matrix (F.linear hands MKL a transposed operand: twice slower at a tiny model's shapes). Both compute
+    layout "transposed": one product on a copy of the modules' weights stacked as one [in, out] matrix, `scale`
+    folded into its rows and the residual added by the same call (torch.addmm): F.linear hands MKL a transposed
+    operand, twice slower at a tiny model's shapes, and each call saved is ~1-2 us. "packed" (float32 on a CPU,
+    with MKL): each module's weight as MKL's packed GEMM for `rows` rows (a batch of fewer rows, once some have
+    finished, is padded to them: the packed kernel otherwise hands back to F.linear, a third slower; a larger one,
+    the prefill's, does), the outputs concatenated: a packed copy of each weight and nothing more. Both compute
     F.linear's dot products, within float32 rounding (MKL picks its kernel by shape). "plain", or modules other
     than plain Linears (LoRA, quantized): each module called."""
-    if layout == "plain" or not all(_plain(m) for m in modules):
-        calls = [m if not _plain(m) else (lambda x, m=m: F.linear(x, m.weight, m.bias)) for m in modules]
-        return calls[0] if len(calls) == 1 else lambda x: torch.cat([c(x) for c in calls], -1)
+    if layout == "transposed" and all(_plain(m) for m in modules):
+        bias = None if all(m.bias is None for m in modules) else torch.cat(
+            [m.bias.detach() if m.bias is not None else modules[0].weight.new_zeros(m.out_features) for m in modules])
+        weight = torch.cat([m.weight.detach().t() for m in modules], 1)  # [in, out], one copy
+        if scale is not None:
+            weight.mul_(scale.detach()[:, None])
+
+        def product(x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+            if residual is None:
+                return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
+            return torch.addmm(residual, x, weight) if bias is None else residual + torch.addmm(bias, x, weight)
+        return product
     packed = [mkl_packed_linear(m.weight, m.bias, rows) for m in modules] if layout == "packed" else [None]
     if all(c is not None for c in packed):
-        def padded(x: torch.Tensor) -> torch.Tensor:
+        def call(x: torch.Tensor) -> torch.Tensor:
             full = x if x.shape[0] >= rows else F.pad(x, (0, 0, 0, rows - x.shape[0]))
             out = packed[0](full) if len(packed) == 1 else torch.cat([c(full) for c in packed], -1)
             return out if full is x else out[:x.shape[0]]
-        return padded
-    weights = [m.weight.detach() for m in modules]
-    bias = None if all(m.bias is None for m in modules) else torch.cat(
-        [m.bias.detach() if m.bias is not None else weights[0].new_zeros(m.out_features) for m in modules])
-    weight = torch.cat([w.t() for w in weights], 1)  # [in, out], one copy
-    return (lambda x: torch.mm(x, weight)) if bias is None else (lambda x: torch.addmm(bias, x, weight))
+    else:
+        calls = [m if not _plain(m) else (lambda x, m=m: F.linear(x, m.weight, m.bias)) for m in modules]
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            return calls[0](x) if len(calls) == 1 else torch.cat([c(x) for c in calls], -1)
+
+    def scaled(x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        out = call(x if scale is None else scale * x)
+        return out if residual is None else residual + out
+    return scaled
 
 
 def product_layout(weights: list[torch.Tensor], fast: bool) -> str:
@@ -81,15 +100,16 @@ def product_layout(weights: list[torch.Tensor], fast: bool) -> str:
     return "packed" if sum(w.numel() * w.element_size() for w in weights) > CACHED_WEIGHT_BYTES else "transposed"
 
 
-def rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
-    """transformers' LlamaRMSNorm (norm: its weight and epsilon), op for op: in float32, then back to the input
-    dtype, times the weight. Not torch's F.rms_norm: its CPU kernel reduces in double, so where x^2 overflows
-    float32 (weights that blew up) it returns finite values where transformers' gives NaN, and the engine's
-    broken-weights check must see what transformers' forward would."""
+def rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor | None, float]) -> torch.Tensor:
+    """transformers' LlamaRMSNorm (norm: its weight, or None where the next products hold it, and epsilon), op for
+    op: in float32, then back to the input dtype, times the weight. Not torch's F.rms_norm: its CPU kernel reduces
+    in double, so where x^2 overflows float32 (weights that blew up) it returns finite values where transformers'
+    gives NaN, and the engine's broken-weights check must see what transformers' forward would."""
     weight, eps = norm
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    h = x if x.dtype == torch.float32 else x.float()  # (no-op calls are still calls: 9 norms a decode step)
+    h = h * (h * h).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    h = h if x.dtype == torch.float32 else h.to(x.dtype)
+    return h if weight is None else weight * h
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -184,39 +204,53 @@ class SharedPrefixKV:
 
 class ExpandedKV:
     """The KV cache of a native decode where prompts are short and models small: each row's copy of its prompt's
-    keys and values ahead of its own completion columns ([rows, K, P + T, D], allocated once), read with one
-    scaled_dot_product_attention call a layer: ~25 calls a layer fewer than SharedPrefixKV, for re-reading each
-    prompt's part n times (kv_layout chooses)."""
+    keys and values ahead of its own completion columns (allocated once for P + T columns), read with three
+    batched products a layer (scores with the padding mask added, softmax, values): ~25 calls a layer fewer than
+    SharedPrefixKV, for re-reading each prompt's part n times (kv_layout chooses). The keys are kept transposed
+    ([rows x K, D, P + T]) so that both products read the buffers in place: 18 us a layer where
+    scaled_dot_product_attention took 32 (8 rows, 2 KV heads of 2 queries, 60 columns)."""
 
     def __init__(self, prefill: list[tuple[torch.Tensor, torch.Tensor]], prompt_mask: torch.Tensor, n: int,
                  max_new_tokens: int) -> None:
         keys = prefill[0][0]
         P, B, dtype = prompt_mask.shape[1], prompt_mask.shape[0] * n, own_dtype(keys)
-        shape = (B, keys.shape[1], P + max_new_tokens, keys.shape[3])
+        K, D, S = keys.shape[1], keys.shape[3], P + max_new_tokens
         self.own = []
         for keys_, values in prefill:
-            k, v = keys.new_empty(shape, dtype=dtype), keys.new_empty(shape, dtype=dtype)
-            k[:, :, :P], v[:, :, :P] = keys_.repeat_interleave(n, 0), values.repeat_interleave(n, 0)
+            k, v = keys.new_empty((B, K, D, S), dtype=dtype), keys.new_empty((B, K, S, D), dtype=dtype)
+            k[..., :P], v[:, :, :P] = keys_.transpose(-1, -2).repeat_interleave(n, 0), values.repeat_interleave(n, 0)
             self.own.append((k, v))
-        # additive mask of each row's prompt padding [rows, 1, 1, P + T]
-        self.bias = torch.zeros((B, 1, 1, P + max_new_tokens), device=keys.device, dtype=dtype)
-        self.bias[:, 0, 0, :P].masked_fill_(prompt_mask.repeat_interleave(n, 0) == 0, -torch.inf)
+        # additive mask of each row's prompt padding, per KV head [rows, K, 1, P + T]
+        self.bias = torch.zeros((B, K, 1, S), device=keys.device, dtype=dtype)
+        self.bias[..., :P].masked_fill_(prompt_mask.repeat_interleave(n, 0)[:, None, None] == 0, -torch.inf)
         self.prompt_len, self.length = P, 0
+        self._flat()
+
+    def _flat(self) -> None:
+        """The buffers as the products read them: [rows x K, D, P + T] keys, [rows x K, P + T, D] values, [rows x K,
+        1, P + T] mask (views, made once instead of at every layer of every step)."""
+        B, K, D, S = self.own[0][0].shape
+        self.flat = [(k.view(B * K, D, S), v.view(B * K, S, D)) for k, v in self.own]
+        self.flat_bias = self.bias.view(B * K, 1, S)
 
     def batch_select_indices(self, keep: torch.Tensor) -> None:
         """Keep only the rows `keep`, as SharedPrefixKV does."""
         self.bias = self.bias[keep]
         for i, (k, v) in enumerate(self.own):
             self.own[i] = (k[keep], v[keep])
+        self._flat()
 
     def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, live: torch.Tensor,
                scaling: float) -> torch.Tensor:
         """As SharedPrefixKV.attend."""
-        (own_k, own_v), L = self.own[i], self.prompt_len + self.length + 1
-        own_k[:, :, L - 1], own_v[:, :, L - 1] = k, v
-        return F.scaled_dot_product_attention(q[:, :, None].to(own_k.dtype), own_k[:, :, :L], own_v[:, :, :L],
-                                              attn_mask=self.bias[..., :L], scale=scaling,
-                                              enable_gqa=q.shape[1] != k.shape[1])[:, :, 0]
+        (own_k, own_v), (keys, values), L = self.own[i], self.flat[i], self.prompt_len + self.length + 1
+        own_k.select(3, L - 1).copy_(k)
+        own_v.select(2, L - 1).copy_(v)
+        b, K, D, _ = own_k.shape
+        q = q.reshape(b * K, -1, D)
+        scores = torch.baddbmm(self.flat_bias[..., :L], q if q.dtype == keys.dtype else q.to(keys.dtype),
+                               keys[..., :L], alpha=scaling)  # [b x K, G, L]
+        return torch.bmm(torch.softmax(scores, -1), values[:, :L]).view(b, -1, D)
 
 
 def make_kv(prefill: list[tuple[torch.Tensor, torch.Tensor]], prompt_mask: torch.Tensor, n: int,
@@ -239,17 +273,20 @@ class NativeDecoder:
         self.parts = parts
         self.layout = product_layout([m.weight for m in linears if _plain(m)] or [parts.lm_head.weight], rows > 0)
 
-        def fuse(*modules: torch.nn.Module) -> Product:
-            return products(list(modules), self.layout, rows)
+        def fuse(*modules: torch.nn.Module, norm: torch.nn.Module | None = None) -> Product:
+            return products(list(modules), self.layout, rows, None if norm is None else norm.weight)
 
-        def norm(module: torch.nn.Module | None) -> tuple[torch.Tensor, float] | None:
-            return None if module is None else (module.weight, module.variance_epsilon)
+        def norm(module: torch.nn.Module | None, weight: bool = True) -> tuple[torch.Tensor | None, float] | None:
+            return None if module is None else (module.weight if weight else None, module.variance_epsilon)
 
         # a LoRA (unmerged) or quantized layer is called as a module: its dropout then needs the model in eval mode
         self.calls_modules = not all(_plain(m) for m in linears)
-        self.layers = [(fuse(p.q, p.k, p.v), fuse(p.o), fuse(p.gate, p.up), fuse(p.down), norm(p.norm_in),
-                        norm(p.norm_post), norm(p.q_norm), norm(p.k_norm)) for p in parts.layers]
-        self.norm, self.head, self.embedding = norm(parts.norm), fuse(parts.lm_head), parts.embed.weight
+        # the norms before products hand their weights to them (`products`' scale); the per-head ones keep theirs
+        self.layers = [(fuse(p.q, p.k, p.v, norm=p.norm_in), fuse(p.o), fuse(p.gate, p.up, norm=p.norm_post),
+                        fuse(p.down), norm(p.norm_in, False), norm(p.norm_post, False), norm(p.q_norm),
+                        norm(p.k_norm)) for p in parts.layers]
+        self.norm, self.head = norm(parts.norm, False), fuse(parts.lm_head, norm=parts.norm)
+        self.embedding = parts.embed.weight
         device = self.embedding.device
         self.sign = half_sign(parts.head_dim, self.embedding)  # rotate_half's, on sin
         self.angles = None  # cos, signed sin [positions, D]: one lookup a step instead of the rotary module
@@ -287,10 +324,10 @@ class NativeDecoder:
     def _rest(self, x: torch.Tensor, attn: torch.Tensor, layer: tuple) -> torch.Tensor:
         """The layer's output projection and MLP, each with its residual (x: [N, hidden], attn: [N, H x D])."""
         _, o_proj, gate_up, down, _, norm_post, _, _ = layer
-        x = x + o_proj(attn.to(x.dtype))
+        x = o_proj(attn if attn.dtype == x.dtype else attn.to(x.dtype), x)
         gu = gate_up(rms_norm(x, norm_post))
         half = gu.shape[-1] // 2
-        return x + down(F.silu(gu[:, :half]) * gu[:, half:])
+        return down(F.silu(gu[:, :half]) * gu[:, half:], x)
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
                 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:

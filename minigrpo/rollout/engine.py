@@ -9,6 +9,7 @@ samples does not depend on the rest of the batch. Greedy decoding gives transfor
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -30,14 +31,13 @@ from minigrpo.rollout.types import (
 )
 
 
-def sample_tokens(logits: torch.Tensor, params: SamplingParams,
-                  draws: tuple[list[torch.Generator], int, torch.Tensor | None] | None = None,
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens [B] and their log-probs [B] under softmax(logits / temperature). logits: [B, V].
 
-    `draws` = (generators, n, rows) (`prompt_draws`): each generator draws n numbers a step, one per row of its
-    prompt whether that row is still in the batch or not, and `rows` (None: all) picks the batch's; so what a prompt
-    samples depends neither on the batch nor on when finished rows leave it. None: the global generator.
+    `u` [B]: each row's uniform number in (0, 1] for this step (`prompt_uniforms`: drawn from its prompt's seed, so
+    what a prompt samples depends neither on the batch nor on when finished rows leave it); None: drawn from the
+    global generator.
 
     Four passes over the vocabulary (max, shift, exp, cumulative sum): each row draws one u in (0, 1] and takes the
     first token whose cumulative weight reaches u * total (inverse-CDF sampling, exact; u > 0 and u * total <= total
@@ -67,26 +67,20 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
             drop = probs.cumsum(-1) - probs > params.top_p  # the first token is always kept
             scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(drop, -torch.inf))
         cdf = torch.softmax(scaled, -1).cumsum_(-1)  # the restricted distribution's
-    if draws is None:
+    if u is None:
         u = 1 - torch.rand(cdf.shape[0], device=cdf.device)
-    else:
-        gens, n, rows = draws
-        u = torch.cat([torch.rand(n, generator=g, device=cdf.device) for g in gens])
-        u = 1 - (u if rows is None else u[rows])
-    target = (u * cdf[:, -1])[:, None]
+    target = u[:, None] * cdf[:, -1:]
     tokens = torch.searchsorted(cdf, target)[:, 0].clamp_(max=cdf.shape[-1] - 1)  # clamp: a NaN row only
     return tokens, (full.gather(-1, tokens[:, None]) - top - log_total)[:, 0]
 
 
-def prompt_draws(live: torch.Tensor, n: int, gens: list[torch.Generator],
-                 ) -> tuple[list[torch.Generator], int, torch.Tensor | None]:
-    """sample_tokens' draws for the rows `live` (each one's index among prompts x n rows, in order): the generators
-    of the prompts with a row left, n numbers each, and which of those numbers are the live rows' (None: all)."""
-    prompts = torch.unique_consecutive(live // n)
-    if len(live) == len(prompts) * n:
-        return [gens[g] for g in prompts.tolist()], n, None
-    first = torch.searchsorted(prompts, live // n) * n  # where each live row's prompt's numbers start
-    return [gens[g] for g in prompts.tolist()], n, first + live % n
+def prompt_uniforms(seeds: list[int], n: int, steps: int, device: torch.device) -> torch.Tensor:
+    """sample_tokens' numbers for every step of a generation [steps, prompts x n], in (0, 1]: each prompt's
+    generator (seeded with its seed) draws n a step, one per row of the prompt, whether that row is still in the
+    batch or not; drawn at once (the same numbers as step by step on the CPU: one pass of the generator, two calls
+    fewer at each step)."""
+    return 1 - torch.cat([torch.rand((steps, n), generator=torch.Generator(device=device).manual_seed(int(seed)),
+                                     device=device) for seed in seeds], 1)
 
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
@@ -113,16 +107,31 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     per decode step, extending its KV cache, while the other rows go on sampling; the row then starts its next
     turn. `params.max_new_tokens` bounds the whole trajectory.
     """
-    device = next(model.parameters()).device
-    ids, mask = encode_prompts(tokenizer, prompts, device)  # [P, L]
+    ids, mask = encode_prompts(tokenizer, prompts, next(model.parameters()).device)  # [P, L]
+    decoder = None if params.engine_decode == "hf" else NativeDecoder.of(
+        model, rows=ids.shape[0] * params.n if params.engine_decode == "auto" else 0,
+        positions=ids.shape[1] + params.max_new_tokens)[0]
+    if decoder is None or decoder.calls_modules:
+        return _decode(model, tokenizer, prompts, params, ids, mask, decoder)
+    # the native step calls no module (whose hooks, a strategy's, could keep its tensors): it runs under inference
+    # mode, without autograd's bookkeeping (version counters, view records): ~14% of a tiny model's decode step
+    # over no_grad. What it returns is copied out, a few [B, C] tensors, for the trainer to use as any tensor.
+    with torch.inference_mode():
+        ro = _decode(model, tokenizer, prompts, params, ids, mask, decoder)
+    return dataclasses.replace(ro, **{f.name: getattr(ro, f.name).clone() for f in dataclasses.fields(ro)
+                                      if isinstance(getattr(ro, f.name), torch.Tensor)})
+
+
+def _decode(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], params: SamplingParams,
+            ids: torch.Tensor, mask: torch.Tensor, decoder: NativeDecoder | None) -> Rollout:
+    """engine_generate from the encoded prompts (ids, mask: [P, L], left-padded), through `decoder` (None:
+    transformers' forward)."""
+    device = ids.device
     eos = torch.tensor(eos_token_ids(model, tokenizer), device=device)
     pad = tokenizer.pad_token_id
     # ---- prefill: once per prompt; the native step reads each prompt's keys and values once for its n samples, or
     # its own copy of a short prompt's; transformers' forward needs its cache expanded to them ----------------------
     position = (mask.cumsum(-1) - 1).clamp(min=0)
-    decoder = None if params.engine_decode == "hf" else NativeDecoder.of(
-        model, rows=ids.shape[0] * params.n if params.engine_decode == "auto" else 0,
-        positions=ids.shape[1] + params.max_new_tokens)[0]
     # modules run in eval mode (no dropout): transformers' forward, or layers the native step calls as modules
     # (unmerged LoRA); the native step's own products have no dropout, and switching costs ~1 ms a call
     was_training, switch = model.training, decoder is None or decoder.calls_modules
@@ -154,9 +163,8 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     tokens = torch.full((B, T), pad, dtype=torch.long, device=device)
     logprobs = torch.zeros((B, T), device=device)
     live = torch.arange(B, device=device)  # original row of each row still in the compute batch
-    gens = None if params.seeds is None or params.temperature == 0 else [
-        torch.Generator(device=device).manual_seed(int(seed)) for seed in params.seeds]
-    draws = None if gens is None else prompt_draws(live, params.n, gens)  # updated when rows leave
+    uniforms = None if params.seeds is None or params.temperature == 0 else prompt_uniforms(
+        params.seeds, params.n, T, device)  # [T, B]; the live rows' columns once rows leave
     done = torch.zeros(B, dtype=torch.bool, device=device)  # per compute-batch row
     window = stop_window(params.stop) if params.stop else 0
     episodes = None if params.turns is None else params.turns.begin(tokenizer, eos.tolist(), B)
@@ -166,7 +174,7 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     # ---- decode ---------------------------------------------------------------------------------------
     steps = 0
     for t in range(T):
-        next_tokens, next_logp = sample_tokens(logits, params, draws)
+        next_tokens, next_logp = sample_tokens(logits, params, None if uniforms is None else uniforms[t])
         is_forced = None
         if episodes is not None:
             is_forced = torch.zeros_like(done)
@@ -216,7 +224,7 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             live, done, mask, position = live[keep], done[keep], mask[keep], position[keep]
             kv.batch_select_indices(keep)
             next_tokens = next_tokens[keep]
-            draws = None if gens is None else prompt_draws(live, params.n, gens)
+            uniforms = None if uniforms is None else uniforms[:, keep]
         position = position + 1
         if decoder is not None:
             logits = decoder.step(next_tokens, position, live, kv)

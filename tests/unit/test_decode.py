@@ -139,19 +139,29 @@ def test_packed_plain_and_transformers_steps_agree():
 
 def test_products_of_every_layout_equal_the_modules_outputs():
     """decode.products: q/k/v (biases) fused into one product, as MKL packed GEMMs (a loud failure if this torch's
-    CPU build loses the ops), a plain [in, out] copy, or each module; fewer rows than packed for are padded."""
+    CPU build loses the ops), a plain [in, out] copy, or each module; fewer rows than packed for are padded. A
+    norm's weight (`scale`: folded into the [in, out] copy) and a residual give the modules' outputs at x * scale,
+    plus the residual, on every layout; the modules' own weights are untouched."""
     from minigrpo.compat import mkl_packed_linear
 
     tok = arith_tokenizer()
     attn = _model("qwen2", tok).model.layers[0].self_attn
     modules = [attn.q_proj, attn.k_proj, attn.v_proj]
     x = torch.randn(8, SHAPE["hidden_size"])
+    scale = torch.rand(SHAPE["hidden_size"]) + 0.5
+    before = [m.weight.clone() for m in modules]
     with torch.no_grad():
         expected = torch.cat([m(x) for m in modules], -1)
+        at_scale = torch.cat([m(x * scale) for m in modules], -1)
+        residual = torch.randn_like(expected)
         for layout in ("packed", "transposed", "plain"):
             fused = decode.products(modules, layout, rows=8)
             torch.testing.assert_close(fused(x), expected, atol=1e-6, rtol=1e-6)
             torch.testing.assert_close(fused(x[:3]), expected[:3], atol=1e-6, rtol=1e-6)  # rows have left
+            scaled = decode.products(modules, layout, rows=8, scale=scale)
+            torch.testing.assert_close(scaled(x), at_scale, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(scaled(x[:3], residual[:3]), at_scale[:3] + residual[:3], atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(m.weight, w) for m, w in zip(modules, before))
     assert mkl_packed_linear(attn.q_proj.weight, attn.q_proj.bias, 8) is not None
     assert mkl_packed_linear(torch.randn(4, 4, dtype=torch.bfloat16), None, 8) is None  # float32 only
     weights = [m.weight for m in modules]

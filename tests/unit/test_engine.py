@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from minigrpo.logprobs import policy_logprobs
+from minigrpo.rollout import engine
 from minigrpo.rollout.engine import engine_generate, sample_tokens
 from minigrpo.rollout.hf import hf_generate
 from minigrpo.rollout.types import SamplingParams
@@ -123,8 +124,6 @@ def test_inverse_cdf_draw_lands_on_a_drawable_token_at_both_ends(monkeypatch):
 
 def test_per_sequence_eos_finished_rows_leave_and_early_exit(monkeypatch):
     """Sequences stop at their own EOS (pads after it); finished rows leave the batch; decoding stops at the end."""
-    from minigrpo.rollout import engine
-
     tok = tiny_tokenizer()
     model = tiny_model(tok, seed=8)
     eos, batch_sizes = tok.eos_token_id, []
@@ -205,8 +204,6 @@ def test_cast_weights_restores_the_same_tensors_and_bf16_rollouts_report_their_m
     untouched (the same Parameter objects and tensors, bit for bit); the sampled log-probs are the bfloat16
     policy's, close to the trainer's float32 ones but not equal: what the sampler correction then weighs."""
     from minigrpo.model import cast_weights
-    from minigrpo.rollout import engine
-
     tok = tiny_tokenizer()
     model = tiny_model(tok, seed=5)
     before = {name: (p, p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters()}
@@ -261,18 +258,43 @@ def test_broken_weights_stop_the_generation_by_name(engine_decode, broken):
 
 
 def test_a_prompts_samples_do_not_depend_on_which_of_its_rows_have_left():
-    """Each prompt's generator draws n numbers a step whatever rows are left (engine.prompt_draws): a row samples
-    the same token whether finished rows of its own or other prompts have left the batch or not."""
-    from minigrpo.rollout.engine import prompt_draws
+    """Each prompt's generator draws n numbers a step whatever rows are left (engine.prompt_uniforms, all steps at
+    once): a prompt's numbers depend on its seed alone, are those its generator gives step by step, and a row
+    samples the same token whether finished rows of its own or other prompts have left the batch or not."""
+    from minigrpo.rollout.engine import prompt_uniforms
 
-    def gens():
-        return [torch.Generator().manual_seed(seed) for seed in (1, 2, 3)]
-
+    u = prompt_uniforms([1, 2, 3], 4, 5, torch.device("cpu"))  # [steps, 3 prompts x n 4]
+    assert u.shape == (5, 12) and bool((u > 0).all()) and bool((u <= 1).all())
+    assert torch.equal(u[:, 4:8], prompt_uniforms([2], 4, 5, torch.device("cpu")))  # the batch does not matter
+    g = torch.Generator().manual_seed(2)
+    assert torch.equal(u[:, 4:8], torch.stack([1 - torch.rand(4, generator=g) for _ in range(5)]))
     params = SamplingParams(temperature=1.0)
-    logits = torch.randn(12, 50)  # 3 prompts x n 4
-    full, _ = sample_tokens(logits, params, prompt_draws(torch.arange(12), 4, gens()))
+    logits = torch.randn(12, 50)
+    full, _ = sample_tokens(logits, params, u[3])
     live = torch.tensor([1, 2, 3, 9, 11])  # prompt 1 has finished; prompts 0 and 2 have rows left
-    drawn, _ = sample_tokens(logits[live], params, prompt_draws(live, 4, gens()))
+    drawn, _ = sample_tokens(logits[live], params, u[:, live][3])  # the engine keeps the live rows' columns
     assert torch.equal(drawn, full[live])
-    assert prompt_draws(live, 4, gens())[2].tolist() == [1, 2, 3, 5, 7]  # the live rows' numbers among 2 x 4
-    assert prompt_draws(torch.arange(4, 12), 4, gens())[2] is None  # whole prompts: every number used
+
+
+def test_the_native_path_runs_in_inference_mode_and_returns_ordinary_tensors(monkeypatch):
+    """The engine's own step runs under torch.inference_mode (no autograd bookkeeping); what it returns is copied
+    out of it: the trainer can save it for backward and change it in place, as with any backend's tensors."""
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=0)
+    seen = []
+    step = engine.NativeDecoder.step
+
+    def recorded(self, *args):
+        seen.append(torch.is_inference_mode_enabled())
+        return step(self, *args)
+
+    monkeypatch.setattr(engine.NativeDecoder, "step", recorded)
+    ro = engine_generate(model, tok, ["12+30=", "7*8="], SamplingParams(n=2, max_new_tokens=6, temperature=1.0,
+                                                                      seeds=[1, 2]))
+    assert seen and all(seen)
+    tensors = [v for v in vars(ro).values() if isinstance(v, torch.Tensor)]
+    assert len(tensors) >= 6 and not any(t.is_inference() for t in tensors)
+    w = torch.ones(1, requires_grad=True)
+    (ro.logprobs * w).sum().backward()  # an inference tensor cannot be saved for backward
+    ro.completion_mask.mul_(1.0)  # nor changed in place outside inference mode
+    assert w.grad is not None

@@ -136,6 +136,10 @@ def test_the_lora_reference_is_the_base_model_and_the_adapters_come_back():
             raise RuntimeError("a failed reference pass")
         assert torch.equal(model(input_ids=ids).logits, adapted)
     assert (adapted - base).abs().max() > 1e-2
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)  # the switch leaves what the optimizer updates alone
+    with model.disable_adapter():  # and peft's own switch still works after it
+        assert torch.equal(model(input_ids=ids).logits, base)
 
 
 def test_unmerged_lora_with_dropout_samples_without_dropout():
