@@ -18,7 +18,7 @@ What makes it fast, each measured (BENCHMARKS.md, issue 23):
   re-reading a small prefix;
 - the engine runs this step under torch.inference_mode (no autograd bookkeeping: ~14% of a tiny model's step).
   At a tiny model's shapes each torch call costs 1-3 us and the products are a third of a step: what is left
-  is calls (~43 a layer), so each one saved counts.
+  is calls (~40 a layer), so each one saved counts.
 
 Used by the engine when `compat.decoder_parts` recognises the model (`engine_decode: auto` or `plain`: the
 weights as they are, one product per module, no copy), for the prompts' pass (`NativeDecoder.prefill`) and each
