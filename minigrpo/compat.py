@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import gguf
+import peft
 import torch
 import transformers
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -51,6 +52,8 @@ PRIVATE_NAMES: dict[str, str] = {
     "_forward_hooks": "torch Module: whether forward hooks are registered (the engine's own decode step would skip "
                       "them); no public getter",
     "_forward_pre_hooks": "torch Module: the same, for pre-hooks",
+    "_version": "torch Tensor: its in-place version counter (a cached copy of a frozen weight is still its copy); "
+                "no public getter in 2.13",
     "_disable_adapters": "peft BaseTunerLayer / AuxiliaryTrainingWrapper (0.21): the switch their forwards read; the "
                          "public enable_adapters also resets requires_grad on every adapter weight",
 }
@@ -153,6 +156,9 @@ def adapter_switch(model: torch.nn.Module) -> typing.Callable[[bool], None]:
     0.7 on tiny-arith. The layers are found once, here."""
     kinds = (BaseTunerLayer, *[k for k in (getattr(peft_other, "AuxiliaryTrainingWrapper", None),) if k is not None])
     layers = [m for m in model.modules() if isinstance(m, kinds)]
+    if not layers or not all(hasattr(layer, "_disable_adapters") for layer in layers):  # else a silent KL of 0
+        raise RuntimeError(f"minigrpo.compat.adapter_switch: no adapter layer with peft 0.21's switch in this model "
+                           f"(peft {peft.__version__} installed): reinstall from the lock (bash scripts/setup.sh)")
 
     def switch(enabled: bool) -> None:
         for layer in layers:
@@ -313,6 +319,12 @@ def verifiers_message(message: dict[str, Any]) -> Any:
     from verifiers.v1.dialects import parse_message  # optional dependency
 
     return parse_message(message)
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """How many times `t` was changed in place (torch's version counter): with its identity, what tells that a copy
+    made from it earlier still holds its values."""
+    return t._version
 
 
 # ---- torch: MKL's packed GEMM for the engine's decode step on a CPU --------------------------------------------

@@ -40,6 +40,7 @@ from minigrpo.algo import (
     sampler_correction,
 )
 from minigrpo.checkpoint import checkpoints
+from minigrpo.compat import unwrap_model
 from minigrpo.config import Config
 from minigrpo.dist import Distributed
 from minigrpo.errors import ConfigError, NonFiniteError, TrainingStopped
@@ -260,9 +261,10 @@ def update_policy(model: torch.nn.Module, ref: Reference | None, ro: Rollout, ad
     if bonus_on:  # the loss without the bonus, and the coefficient each update applied
         sums |= {"policy_loss": 0.0, "entropy_coef_applied": 0.0}
     # what the optimizer updates (a walk over the model's parameters costs ~0.2 ms a step; so does train() when the
-    # model already is in train mode, as it is unless a backend left it in eval)
+    # model already is in train mode: then both the wrapper peft made and the model inside it are; peft's wrapper of a
+    # freshly loaded model is in train mode around a model in eval mode)
     params, grad_norms, skipped = [p for group in optimizer.param_groups for p in group["params"]], [], 0
-    if not model.training:
+    if not (model.training and unwrap_model(model).training):
         model.train()
     for _ in range(cfg.num_iterations):
         finite, coef, measured = True, control.applied(), [0.0, 0.0]  # a non-finite loss skips the update

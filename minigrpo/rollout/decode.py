@@ -3,9 +3,10 @@
 One token per row through the model's own weights, without transformers' forward around it: no mask builder,
 no output dataclasses, no per-module hooks. On a 2-core CPU that forward's bookkeeping is most of a decode step for
 a small model (tiny-arith: ~1.5 ms of ~2 ms) and the mask handling a fifth of SmolLM2-135M's attention. The
-arithmetic is transformers' own, op for op (RMSNorm in float32, the rotation, the MLP), so greedy decoding gives
-`generate`'s tokens (tests/unit/test_decode.py) but for float32 rounding: the softmax's summation order and the
-matrix kernels MKL picks by shape may differ (~1e-7 relative), which decides only a near-tie.
+arithmetic is transformers' own (RMSNorm in float32, the rotation, the MLP), so greedy decoding gives `generate`'s
+tokens (tests/unit/test_decode.py) but for float32 rounding: the softmax's summation order, the matrix kernels MKL
+picks by shape and a norm's weight folded into the next product's weights may differ (~1e-7 relative), which
+decides only a near-tie.
 
 What makes it fast, each measured (BENCHMARKS.md, issue 23):
 - products (`products`, `product_layout`): those reading the same input fused into one (q/k/v; gate/up) on a
@@ -13,10 +14,11 @@ What makes it fast, each measured (BENCHMARKS.md, issue 23):
   weights stream from memory (compat.mkl_packed_linear), a plain [in, out] layout for one that stays in cache,
   with the norm's weight folded into its rows and the residual added by the product itself;
 - attention: two cache layouts (`kv_layout`): a prompt's keys read once for its n samples (SharedPrefixKV, two
-  batched products with the query heads grouped over their KV head) where that prefix is large, and three batched
-  products over each row's own copy, its keys kept transposed (ExpandedKV), where the calls would cost more than
-  re-reading a small prefix;
-- the engine runs this step under torch.inference_mode (no autograd bookkeeping: ~14% of a tiny model's step).
+  batched products with the query heads grouped over their KV head) where that prefix is large, and two batched
+  products and a softmax over each row's own copy, its keys kept transposed (ExpandedKV), where the calls would cost
+  more than re-reading a small prefix;
+- the engine runs this step under torch.inference_mode (no autograd bookkeeping: ~14% of a tiny model's step);
+- copies of frozen weights (LoRA's base layers) kept between generations (`_transposed`).
   At a tiny model's shapes each torch call costs 1-3 us and the products are a third of a step: what is left
   is calls (~40 a layer), so each one saved counts.
 
@@ -28,12 +30,13 @@ token's; any other model, or one with forward hooks of its own, runs through tra
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from minigrpo.compat import DecoderParts, decoder_parts, mkl_packed_linear
+from minigrpo.compat import DecoderParts, decoder_parts, mkl_packed_linear, tensor_version
 
 Product = Callable[..., torch.Tensor]  # (x [b, in], residual [b, out] or None) -> residual + the products
 # a decoder whose linear weights total less than this stays in the CPU's caches between steps: its products run
@@ -43,6 +46,38 @@ CACHED_WEIGHT_BYTES = 32 * 2**20
 # ExpandedKV when re-reading the prompts' keys and values for every sample costs less than this a layer (bytes):
 # about what SharedPrefixKV's ~25 extra calls a layer cost on this project's CPUs (~60 us at ~14 GB/s)
 EXPAND_BYTES = 2**20
+
+
+# [in, out] copies (`products`) of frozen weights (requires_grad off: LoRA's base layers, the norms), by first module,
+# kept while its weight lives and none of them has changed: tiny-arith's untouched MLP was transposed again at every
+# generation (~3 GB/s from memory: 2.5 ms of a 35 ms generation). Merged LoRA weights live for one generation, and
+# their entry with them.
+_FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _transposed(modules: list[torch.nn.Module], scale: torch.Tensor | None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The modules' weights as one [in, out] matrix (`scale` folded into its rows) and their biases, side by side."""
+    first, rest = modules[0].weight, [m.weight for m in modules[1:]] + [m.bias for m in modules if m.bias is not None]
+    rest += [] if scale is None else [scale]
+    frozen = not first.requires_grad and not any(t.requires_grad for t in rest)
+    key = [(t, tensor_version(t)) for t in rest]
+    cached = _FROZEN.get(modules[0]) if frozen else None
+    if cached is not None and cached[0]() is first and cached[1] == tensor_version(first) and len(cached[2]) == len(
+            key) and all(a is b and u == v for (a, u), (b, v) in zip(cached[2], key)):
+        return cached[3], cached[4]
+    bias = None if all(m.bias is None for m in modules) else torch.cat(
+        [m.bias.detach() if m.bias is not None else first.new_zeros(m.out_features) for m in modules])
+    weight = first.detach().t()
+    if len(modules) > 1 or scale is not None or not weight.is_contiguous():  # (merged LoRA may be [in, out])
+        weight = torch.cat([m.weight.detach().t() for m in modules], 1)  # [in, out], one copy
+    if scale is not None:
+        weight.mul_(scale.detach()[:, None])
+    if frozen:
+        module = weakref.ref(modules[0])
+        _FROZEN[modules[0]] = (weakref.ref(first, lambda _: _FROZEN.pop(module(), None) if module() else None),
+                               tensor_version(first), key, weight, bias)
+    return weight, bias
 
 
 def _plain(module: torch.nn.Module) -> bool:
@@ -62,18 +97,15 @@ def products(modules: list[torch.nn.Module], layout: str, rows: int, scale: torc
     F.linear's dot products, within float32 rounding (MKL picks its kernel by shape). "plain", or modules other
     than plain Linears (LoRA, quantized): each module called."""
     if layout == "transposed" and all(_plain(m) for m in modules):
-        bias = None if all(m.bias is None for m in modules) else torch.cat(
-            [m.bias.detach() if m.bias is not None else modules[0].weight.new_zeros(m.out_features) for m in modules])
-        weight = torch.cat([m.weight.detach().t() for m in modules], 1)  # [in, out], one copy
-        if scale is not None:
-            weight.mul_(scale.detach()[:, None])
+        weight, bias = _transposed(modules, scale)
 
         def product(x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
             if residual is None:
                 return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
             return torch.addmm(residual, x, weight) if bias is None else residual + torch.addmm(bias, x, weight)
         return product
-    packed = [mkl_packed_linear(m.weight, m.bias, rows) for m in modules] if layout == "packed" else [None]
+    packed = [mkl_packed_linear(m.weight, m.bias, rows) for m in modules] if layout == "packed" and all(
+        _plain(m) for m in modules) else [None]  # (a LoRA layer's .weight is its base layer's: called instead)
     if all(c is not None for c in packed):
         def call(x: torch.Tensor) -> torch.Tensor:
             full = x if x.shape[0] >= rows else F.pad(x, (0, 0, 0, rows - x.shape[0]))
@@ -101,8 +133,8 @@ def product_layout(weights: list[torch.Tensor], fast: bool) -> str:
 
 
 def rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor | None, float]) -> torch.Tensor:
-    """transformers' LlamaRMSNorm (norm: its weight, or None where the next products hold it, and epsilon), op for
-    op: in float32, then back to the input dtype, times the weight. Not torch's F.rms_norm: its CPU kernel reduces
+    """transformers' LlamaRMSNorm (norm: its weight, or None where the next products hold it, and epsilon): in
+    float32, then back to the input dtype, times the weight. Not torch's F.rms_norm: its CPU kernel reduces
     in double, so where x^2 overflows float32 (weights that blew up) it returns finite values where transformers'
     gives NaN, and the engine's broken-weights check must see what transformers' forward would."""
     weight, eps = norm
@@ -204,11 +236,12 @@ class SharedPrefixKV:
 
 class ExpandedKV:
     """The KV cache of a native decode where prompts are short and models small: each row's copy of its prompt's
-    keys and values ahead of its own completion columns (allocated once for P + T columns), read with three
-    batched products a layer (scores with the padding mask added, softmax, values): ~25 calls a layer fewer than
-    SharedPrefixKV, for re-reading each prompt's part n times (kv_layout chooses). The keys are kept transposed
+    keys and values ahead of its own completion columns (allocated once for P + T columns), read with two batched
+    products and a softmax a layer (scores with the padding mask added, weights, values): ~25 calls a layer fewer
+    than SharedPrefixKV, for re-reading each prompt's part n times (kv_layout chooses). The keys are kept transposed
     ([rows x K, D, P + T]) so that both products read the buffers in place: 18 us a layer where
-    scaled_dot_product_attention took 32 (8 rows, 2 KV heads of 2 queries, 60 columns)."""
+    scaled_dot_product_attention took 32 (8 rows, 2 KV heads of 2 queries, 60 columns). Buffers of another dtype
+    than float32 (bfloat16 on a GPU) go through scaled_dot_product_attention, which computes in float32 within."""
 
     def __init__(self, prefill: list[tuple[torch.Tensor, torch.Tensor]], prompt_mask: torch.Tensor, n: int,
                  max_new_tokens: int) -> None:
@@ -247,7 +280,11 @@ class ExpandedKV:
         own_k.select(3, L - 1).copy_(k)
         own_v.select(2, L - 1).copy_(v)
         b, K, D, _ = own_k.shape
-        q = q.reshape(b * K, -1, D)
+        if keys.dtype != torch.float32:
+            return F.scaled_dot_product_attention(q[:, :, None].to(keys.dtype), own_k[..., :L].transpose(-1, -2),
+                                                  own_v[:, :, :L], attn_mask=self.bias[:, :1, :, :L], scale=scaling,
+                                                  enable_gqa=q.shape[1] != K)[:, :, 0]
+        q = q.reshape(b * K, -1, D)  # float32 buffers on a CPU, whatever the weights (own_dtype)
         scores = torch.baddbmm(self.flat_bias[..., :L], q if q.dtype == keys.dtype else q.to(keys.dtype),
                                keys[..., :L], alpha=scaling)  # [b x K, G, L]
         return torch.bmm(torch.softmax(scores, -1), values[:, :L]).view(b, -1, D)

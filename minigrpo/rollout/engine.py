@@ -111,11 +111,12 @@ def engine_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     decoder = None if params.engine_decode == "hf" else NativeDecoder.of(
         model, rows=ids.shape[0] * params.n if params.engine_decode == "auto" else 0,
         positions=ids.shape[1] + params.max_new_tokens)[0]
-    if decoder is None or decoder.calls_modules:
+    if decoder is None or decoder.calls_modules or decoder.angles is None or params.turns is not None:
         return _decode(model, tokenizer, prompts, params, ids, mask, decoder)
-    # the native step calls no module (whose hooks, a strategy's, could keep its tensors): it runs under inference
-    # mode, without autograd's bookkeeping (version counters, view records): ~14% of a tiny model's decode step
-    # over no_grad. What it returns is copied out, a few [B, C] tensors, for the trainer to use as any tensor.
+    # the native step with its angles tabled calls no module (whose hooks, a strategy's, or a rotary module's cache
+    # could keep its tensors) and, without tools, no user code: it runs under inference mode, without autograd's
+    # bookkeeping (version counters, view records): ~14% of a tiny model's decode step over no_grad. What it
+    # returns is copied out, a few [B, C] tensors, for the trainer to use as any tensor.
     with torch.inference_mode():
         ro = _decode(model, tokenizer, prompts, params, ids, mask, decoder)
     return dataclasses.replace(ro, **{f.name: getattr(ro, f.name).clone() for f in dataclasses.fields(ro)

@@ -172,6 +172,63 @@ def test_products_of_every_layout_equal_the_modules_outputs():
     assert decode.product_layout([w.to(torch.bfloat16) for w in big], fast=True) == "plain"
 
 
+def test_copies_of_frozen_weights_are_kept_until_a_weight_changes():
+    """decode._transposed keeps the [in, out] copy of frozen weights (LoRA's base layers) between generations, and
+    makes a new one when a weight was changed in place, replaced, or trains (requires_grad)."""
+    tok = arith_tokenizer()
+    mlp = _model("llama", tok).model.layers[0].mlp
+    modules = [mlp.gate_proj, mlp.up_proj]
+    for m in modules:
+        m.requires_grad_(False)
+    x = torch.randn(4, SHAPE["hidden_size"])
+    with torch.no_grad():
+        first = decode.products(modules, "transposed", rows=4)
+        assert decode._transposed(modules, None)[0] is decode._transposed(modules, None)[0]  # kept
+        mlp.up_proj.weight.mul_(2.0)  # changed in place: a new copy with the new values
+        torch.testing.assert_close(decode.products(modules, "transposed", rows=4)(x),
+                                   torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1), atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(first(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1))
+        mlp.gate_proj.weight = torch.nn.Parameter(torch.randn_like(mlp.gate_proj.weight), requires_grad=False)
+        torch.testing.assert_close(decode.products(modules, "transposed", rows=4)(x),
+                                   torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1), atol=1e-6, rtol=1e-6)
+        mlp.up_proj.requires_grad_(True)  # a trained weight: copied at every call, never kept
+        assert decode._transposed(modules, None)[0] is not decode._transposed(modules, None)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expanded_kv_attends_as_softmax_attention_over_each_rows_prompt_and_tokens(dtype, monkeypatch):
+    """ExpandedKV.attend (float32 buffers: two batched products and a softmax over transposed keys; another dtype,
+    as on a GPU: scaled_dot_product_attention) against attention written out: 2 prompts (one left-padded) x 3 rows,
+    4 query heads over 2 KV heads, two steps, a row leaving between them."""
+    monkeypatch.setattr(decode, "own_dtype", lambda keys: keys.dtype)
+    torch.manual_seed(0)
+    K, G, D, P, n = 2, 2, 8, 5, 3
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    prefill = [(torch.randn(2, K, P, D).to(dtype), torch.randn(2, K, P, D).to(dtype))]
+    kv = decode.make_kv(prefill, mask, n, max_new_tokens=4)
+    assert isinstance(kv, decode.ExpandedKV)
+    keys = prefill[0][0].repeat_interleave(n, 0).float()
+    values = prefill[0][1].repeat_interleave(n, 0).float()
+    allowed = mask.repeat_interleave(n, 0).bool()
+    rows = torch.arange(6)
+    for step in range(2):
+        if step == 1:  # row 4 has finished
+            rows = torch.tensor([0, 1, 2, 3, 5])
+            kv.batch_select_indices(torch.tensor([0, 1, 2, 3, 5]))
+        b = len(rows)
+        q, k, v = torch.randn(b, K * G, D).to(dtype), torch.randn(b, K, D).to(dtype), torch.randn(b, K, D).to(dtype)
+        keys = torch.cat([keys[rows] if step else keys, k.float()[:, :, None]], 2)
+        values = torch.cat([values[rows] if step else values, v.float()[:, :, None]], 2)
+        allowed = torch.cat([allowed[rows] if step else allowed, torch.ones(b, 1, dtype=torch.bool)], 1)
+        got = kv.attend(0, q, k, v, rows, scaling=0.3)
+        kv.length += 1
+        scores = torch.einsum("bkgd,bkld->bkgl", q.float().view(b, K, G, D), keys) * 0.3
+        weights = torch.softmax(scores.masked_fill(~allowed[:, None, None], -torch.inf), -1)
+        expected = torch.einsum("bkgl,bkld->bkgd", weights, values).reshape(b, K * G, D)
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
+
+
 def test_kv_layout_copies_a_prompt_to_its_samples_only_when_small():
     # the random Qwen2 workload of `bench trl` (8 rows, 2 prompts of ~15 tokens, 2 KV heads of 32): 46 KB a layer
     assert decode.kv_layout(rows=8, prompts=2, prompt_len=15, kv_dim=64) == "expanded"

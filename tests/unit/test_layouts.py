@@ -89,14 +89,24 @@ def test_layout_choice():
     torch.testing.assert_close(auto * ro.completion_mask, plain * ro.completion_mask, atol=1e-5, rtol=1e-5)
 
 
-def test_merged_lora_generation_equals_the_adapter_path_and_restores_the_model():
+@pytest.mark.parametrize("products", ["transposed", "packed"])
+def test_merged_lora_generation_equals_the_adapter_path_and_restores_the_model(products, monkeypatch):
+    """On each layout of the engine's products (decode.product_layout; packed forced here: a tiny model's own is
+    transposed), LoRA folded into the weights and LoRA layers called as modules sample the same tokens."""
+    from minigrpo.rollout import decode
+
     model, tok, prompts = _lora_arith()
+    monkeypatch.setattr(decode, "CACHED_WEIGHT_BYTES", -1 if products == "packed" else float("inf"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     modules_before = dict(model.named_modules())
     greedy = SamplingParams(n=1, max_new_tokens=24, temperature=0.0)
     unmerged = generate("engine", model, tok, prompts, greedy, merge_lora=False)
     merged = generate("engine", model, tok, prompts, greedy, merge_lora=True)
     assert torch.equal(merged.completion_ids, unmerged.completion_ids)
+    with torch.no_grad():  # what the adapters sample is not what the base model samples (the adapters were used)
+        with model.disable_adapter():
+            base = generate("engine", model, tok, prompts, greedy, merge_lora=False)
+    assert not torch.equal(base.completion_ids, unmerged.completion_ids)
     torch.testing.assert_close(merged.logprobs, unmerged.logprobs, atol=1e-5, rtol=1e-5)
     # Inside, the adapted layers are plain Linear modules; the adapters do change the output.
     ids = unmerged.prompt_ids[:1]

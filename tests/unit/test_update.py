@@ -433,3 +433,21 @@ def test_the_no_signal_warning_names_grpo_passk_ties():
     # the same rewards under grpo would move (the run would not warn); a flat batch keeps the generic cause
     assert "within each group the rewards are equal" in train_mod.no_signal_cause(
         5, Scored(hand_rollout(), {}, [1.0] * 4 + [0.0] * 4, {}, 0.0, 0.0), guard, "grpo_passk", 4)
+
+
+def test_the_update_trains_a_peft_model_whose_inner_model_was_left_in_eval_mode():
+    """peft wraps a freshly loaded model (eval mode) in modules of its own in train mode: update_policy checks the
+    model inside too, so dropout and activation checkpointing see training mode in every layer."""
+    from peft import LoraConfig, get_peft_model
+
+    from minigrpo.compat import peft_wrapping, unwrap_model
+
+    with peft_wrapping():
+        model = get_peft_model(small_model().eval(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert model.training and not unwrap_model(model).training  # what peft leaves
+    cfg = Config(use_peft=True, num_generations=G, per_device_train_batch_size=8, max_completion_length=6, beta=0.0,
+                 logprob_chunk_size=0)  # (the split head check would switch modes itself)
+    opt, sched = sgd(model, 0.1)
+    ro = hand_rollout()
+    update_policy(model, None, ro, ADVANTAGES, ro.completion_mask, cfg, opt, sched)
+    assert all(m.training for m in model.modules())
