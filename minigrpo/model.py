@@ -29,7 +29,7 @@ from minigrpo import tiny
 from minigrpo.compat import adapter_switch, drop_gguf_marker, enable_checkpointing, gguf_eos_restored, peft_wrapping
 from minigrpo.config import PACKAGED_MODELS, Config
 from minigrpo.errors import ConfigError
-from minigrpo.rollout.decode import product_layout
+from minigrpo.rollout.decode import product_layout, transposed_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -248,11 +248,6 @@ class MergedLinear(torch.nn.Linear):
 # one MergedLinear per LoRA layer, made once and reused: its weights are set on entry and dropped on exit (making a
 # Linear runs its initialisation: 1.3 ms of a small model's 2 ms merge, every generation)
 _MERGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# a model that stays in the CPU's caches (decode.product_layout "transposed") keeps its LoRA layers' base weights
-# transposed, [in, out], beside them (frozen under LoRA: made once): each merge is then one product into that
-# layout, which F.linear and the engine's [in, out] products read as they are (tiny-arith: merge and the engine's
-# copies 6.5 -> 2.5 ms a generation, where transposing copies ran at ~3 GB/s)
-_BASE_T: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -262,17 +257,23 @@ def merged_lora(model: torch.nn.Module, enabled: bool = True) -> Iterator[torch.
     Decoding then runs plain linear layers: no LoRA matmuls and no peft wrapper per token. The LoRA layers,
     and their untouched base weights, are put back on exit: no merge/unmerge round trip, so no rounding
     drift. Quantized or non-Linear base layers, DoRA and models without adapters are left as they are.
-    Costs, while inside, one copy of the adapted weights; a model that stays in the CPU's caches also keeps a
-    transposed copy of its frozen base weights (`_BASE_T`), and its merged weights are laid out [in, out].
+    Costs, while inside, one copy of the adapted weights. A model that stays in the CPU's caches
+    (decode.product_layout "transposed") keeps a transposed copy of its frozen base weights (decode's kept copies,
+    made again if one changes): each merge is one product into the [in, out] layout that F.linear and the engine's
+    products read as it is (tiny-arith: merge and the engine's copies 6.5 -> 2.3 ms a generation, where
+    transposing copies ran at ~3 GB/s).
     """
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)] if enabled else []
+    modules = list(model.named_modules()) if enabled else []
+    layers = [(n, m) for n, m in modules if isinstance(m, LoraLayer)]
     mergeable = all(type(m.get_base_layer()) is torch.nn.Linear and not any(m.use_dora.values())
                     and not m.merged and not m.disable_adapters for _, m in layers)
     if not layers or not mergeable:
         yield model
         return
     swapped = []
-    transposed = product_layout([m.get_base_layer().weight for _, m in layers], fast=True) == "transposed"
+    # the layout the engine's products take for the model's Linear weights (LoRA's base layers are among them)
+    transposed = product_layout([m.weight for _, m in modules if isinstance(m, torch.nn.Linear)],
+                                fast=True) == "transposed"
     with torch.no_grad():
         for name, m in layers:
             base = m.get_base_layer()
@@ -280,11 +281,9 @@ def merged_lora(model: torch.nn.Module, enabled: bool = True) -> Iterator[torch.
             plain = _MERGED.get(m)
             if plain is None or (plain.in_features, plain.out_features) != (base.in_features, base.out_features):
                 plain = _MERGED[m] = MergedLinear(base.in_features, base.out_features, bias=False, device="meta")
-            if transposed and len(adapters) == 1 and not m.fan_in_fan_out and not base.weight.requires_grad:
-                base_t = _BASE_T.get(m)
-                if base_t is None or base_t.shape != (base.in_features, base.out_features):
-                    base_t = _BASE_T[m] = base.weight.detach().t().contiguous()
-                A, B = m.lora_A[adapters[0]].weight, m.lora_B[adapters[0]].weight
+            A, B = (m.lora_A[adapters[0]].weight, m.lora_B[adapters[0]].weight) if len(adapters) == 1 else (None, None)
+            if transposed and A is not None and not m.fan_in_fan_out and A.dtype == B.dtype == base.weight.dtype:
+                base_t = transposed_weights([base], None)[0]  # kept while the base weight is frozen and unchanged
                 weight = torch.addmm(base_t, A.t(), B.t(), alpha=m.scaling[adapters[0]]).t()  # W + s B A, [in, out]
             else:
                 weight = base.weight + sum(m.get_delta_weight(a) for a in adapters).to(base.weight.dtype)

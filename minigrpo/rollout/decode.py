@@ -18,9 +18,9 @@ What makes it fast, each measured (BENCHMARKS.md, issue 23):
   products and a softmax over each row's own copy, its keys kept transposed (ExpandedKV), where the calls would cost
   more than re-reading a small prefix;
 - the engine runs this step under torch.inference_mode (no autograd bookkeeping: ~14% of a tiny model's step);
-- copies of frozen weights (LoRA's base layers) kept between generations (`_transposed`).
-  At a tiny model's shapes each torch call costs 1-3 us and the products are a third of a step: what is left
-  is calls (~40 a layer), so each one saved counts.
+- [in, out] copies of frozen weights (LoRA's base layers) kept between generations (`transposed_weights`).
+At a tiny model's shapes each torch call costs 1-3 us and the products are a third to a half of a step: what is
+left is calls (~40 a layer), so each one saved counts.
 
 Used by the engine when `compat.decoder_parts` recognises the model (`engine_decode: auto` or `plain`: the
 weights as they are, one product per module, no copy), for the prompts' pass (`NativeDecoder.prefill`) and each
@@ -49,23 +49,24 @@ EXPAND_BYTES = 2**20
 
 
 # [in, out] copies (`products`) of frozen weights (requires_grad off: LoRA's base layers, the norms), by first module,
-# kept while its weight lives and none of them has changed: tiny-arith's untouched MLP was transposed again at every
-# generation (~3 GB/s from memory: 2.5 ms of a 35 ms generation). Merged LoRA weights live for one generation, and
-# their entry with them.
+# kept while every tensor they were made from lives unchanged (its identity and version counter): tiny-arith's
+# untouched MLP was transposed again at every generation (~3 GB/s from memory: 2.5 ms of a 35 ms generation).
+# Merged LoRA weights live for one generation, and an entry made from one with it.
 _FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _transposed(modules: list[torch.nn.Module], scale: torch.Tensor | None,
+def transposed_weights(modules: list[torch.nn.Module], scale: torch.Tensor | None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The modules' weights as one [in, out] matrix (`scale` folded into its rows) and their biases, side by side."""
-    first, rest = modules[0].weight, [m.weight for m in modules[1:]] + [m.bias for m in modules if m.bias is not None]
-    rest += [] if scale is None else [scale]
-    frozen = not first.requires_grad and not any(t.requires_grad for t in rest)
-    key = [(t, tensor_version(t)) for t in rest]
+    tensors = [m.weight for m in modules] + [m.bias for m in modules if m.bias is not None]
+    tensors += [] if scale is None else [scale]
+    # (an inference tensor has no version counter: never kept)
+    frozen = not any(t.requires_grad or t.is_inference() for t in tensors)
     cached = _FROZEN.get(modules[0]) if frozen else None
-    if cached is not None and cached[0]() is first and cached[1] == tensor_version(first) and len(cached[2]) == len(
-            key) and all(a is b and u == v for (a, u), (b, v) in zip(cached[2], key)):
-        return cached[3], cached[4]
+    if cached is not None and len(cached[0]) == len(tensors) and all(
+            ref() is t and version == tensor_version(t) for (ref, version), t in zip(cached[0], tensors)):
+        return cached[1], cached[2]
+    first = modules[0].weight
     bias = None if all(m.bias is None for m in modules) else torch.cat(
         [m.bias.detach() if m.bias is not None else first.new_zeros(m.out_features) for m in modules])
     weight = first.detach().t()
@@ -75,8 +76,12 @@ def _transposed(modules: list[torch.nn.Module], scale: torch.Tensor | None,
         weight.mul_(scale.detach()[:, None])
     if frozen:
         module = weakref.ref(modules[0])
-        _FROZEN[modules[0]] = (weakref.ref(first, lambda _: _FROZEN.pop(module(), None) if module() else None),
-                               tensor_version(first), key, weight, bias)
+
+        def drop(_: weakref.ref) -> None:  # one of the tensors died: so does the entry made from it
+            if module() is not None and _FROZEN.get(module()) is entry:
+                del _FROZEN[module()]
+        entry = ([(weakref.ref(t, drop), tensor_version(t)) for t in tensors], weight, bias)
+        _FROZEN[modules[0]] = entry
     return weight, bias
 
 
@@ -97,7 +102,7 @@ def products(modules: list[torch.nn.Module], layout: str, rows: int, scale: torc
     F.linear's dot products, within float32 rounding (MKL picks its kernel by shape). "plain", or modules other
     than plain Linears (LoRA, quantized): each module called."""
     if layout == "transposed" and all(_plain(m) for m in modules):
-        weight, bias = _transposed(modules, scale)
+        weight, bias = transposed_weights(modules, scale)
 
         def product(x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
             if residual is None:

@@ -86,7 +86,7 @@ def vllm_weights(model: torch.nn.Module, base_only: bool = False) -> list[tuple[
     Call inside `merged_lora(model)` for a peft model: the adapted layers are then plain Linear modules holding
     the merged weights; or with `base_only`, the base weights without the adapter (the adapter push's first).
     Tied weights are sent under each name (vLLM's LM head is its own tensor)."""
-    weights = [(name.removeprefix("base_model.model."), param.detach())
+    weights = [(name.removeprefix("base_model.model."), param.detach().contiguous())  # (merged LoRA: [in, out])
                for name, param in model.named_parameters(remove_duplicate=False)]
     if base_only:
         weights = [(name.replace(".base_layer.", "."), w) for name, w in weights if ".lora_" not in name]

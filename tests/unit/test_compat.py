@@ -237,3 +237,13 @@ def test_vllm_reaches_exist_on_the_installed_vllm():
     assert [vllm_lora_rank(r) for r in (1, 2, 8, 16, 17, 512)] == [1, 8, 8, 16, 32, 512]  # its MaxLoRARanks
     with pytest.raises(ConfigError, match="lora_r: 513.*vllm_lora_sync: merged"):
         vllm_lora_rank(513)
+
+
+def test_adapter_switch_refuses_a_model_without_peft_layers(model_and_ids):
+    """Reference.active's switch (compat.adapter_switch) on a model with no adapter layer it knows (a peft that
+    renamed its switch would look the same) raises instead of leaving the adapters on: a KL of 0, silently."""
+    from minigrpo.compat import adapter_switch
+
+    model, _ = model_and_ids
+    with pytest.raises(RuntimeError, match="adapter_switch"):
+        adapter_switch(model)

@@ -173,8 +173,9 @@ def test_products_of_every_layout_equal_the_modules_outputs():
 
 
 def test_copies_of_frozen_weights_are_kept_until_a_weight_changes():
-    """decode._transposed keeps the [in, out] copy of frozen weights (LoRA's base layers) between generations, and
-    makes a new one when a weight was changed in place, replaced, or trains (requires_grad)."""
+    """decode.transposed_weights keeps the [in, out] copy of frozen weights (LoRA's base layers) between
+    generations, and makes a new one when a weight, a bias or the norm's weight was changed in place or replaced,
+    or trains (requires_grad); an entry goes when a tensor it was made from goes."""
     tok = arith_tokenizer()
     mlp = _model("llama", tok).model.layers[0].mlp
     modules = [mlp.gate_proj, mlp.up_proj]
@@ -183,7 +184,7 @@ def test_copies_of_frozen_weights_are_kept_until_a_weight_changes():
     x = torch.randn(4, SHAPE["hidden_size"])
     with torch.no_grad():
         first = decode.products(modules, "transposed", rows=4)
-        assert decode._transposed(modules, None)[0] is decode._transposed(modules, None)[0]  # kept
+        assert decode.transposed_weights(modules, None)[0] is decode.transposed_weights(modules, None)[0]  # kept
         mlp.up_proj.weight.mul_(2.0)  # changed in place: a new copy with the new values
         torch.testing.assert_close(decode.products(modules, "transposed", rows=4)(x),
                                    torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1), atol=1e-6, rtol=1e-6)
@@ -191,8 +192,22 @@ def test_copies_of_frozen_weights_are_kept_until_a_weight_changes():
         mlp.gate_proj.weight = torch.nn.Parameter(torch.randn_like(mlp.gate_proj.weight), requires_grad=False)
         torch.testing.assert_close(decode.products(modules, "transposed", rows=4)(x),
                                    torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1), atol=1e-6, rtol=1e-6)
+        scale = torch.rand(SHAPE["hidden_size"])
+        kept = decode.transposed_weights(modules, scale)[0]
+        assert decode.transposed_weights(modules, scale)[0] is kept
+        scale.mul_(2.0)  # the norm's weight changed: a new copy
+        assert decode.transposed_weights(modules, scale)[0] is not kept
+        torch.testing.assert_close(decode.products(modules, "transposed", rows=4, scale=scale)(x),
+                                   torch.cat([mlp.gate_proj(x * scale), mlp.up_proj(x * scale)], -1),
+                                   atol=1e-5, rtol=1e-5)
+        assert mlp.gate_proj in decode._FROZEN
+        del scale, kept  # a tensor an entry was made from dies: the entry with it
+        assert mlp.gate_proj not in decode._FROZEN
         mlp.up_proj.requires_grad_(True)  # a trained weight: copied at every call, never kept
-        assert decode._transposed(modules, None)[0] is not decode._transposed(modules, None)[0]
+        assert decode.transposed_weights(modules, None)[0] is not decode.transposed_weights(modules, None)[0]
+        with torch.inference_mode():  # inference tensors have no version counter: never kept either
+            frozen = torch.nn.Linear(8, 8).requires_grad_(False)
+        assert decode.transposed_weights([frozen], None)[0] is not decode.transposed_weights([frozen], None)[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -201,6 +216,8 @@ def test_expanded_kv_attends_as_softmax_attention_over_each_rows_prompt_and_toke
     as on a GPU: scaled_dot_product_attention) against attention written out: 2 prompts (one left-padded) x 3 rows,
     4 query heads over 2 KV heads, two steps, a row leaving between them."""
     monkeypatch.setattr(decode, "own_dtype", lambda keys: keys.dtype)
+    sdpa, calls = decode.F.scaled_dot_product_attention, []
+    monkeypatch.setattr(decode.F, "scaled_dot_product_attention", lambda *a, **k: (calls.append(1), sdpa(*a, **k))[1])
     torch.manual_seed(0)
     K, G, D, P, n = 2, 2, 8, 5, 3
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
@@ -227,6 +244,7 @@ def test_expanded_kv_attends_as_softmax_attention_over_each_rows_prompt_and_toke
         expected = torch.einsum("bkgl,bkld->bkgd", weights, values).reshape(b, K * G, D)
         tol = 1e-5 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
+    assert len(calls) == (0 if dtype == torch.float32 else 2)  # bfloat16 buffers: softmax in float32 within SDPA
 
 
 def test_kv_layout_copies_a_prompt_to_its_samples_only_when_small():
