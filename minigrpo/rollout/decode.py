@@ -56,7 +56,7 @@ _FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def transposed_weights(modules: list[torch.nn.Module], scale: torch.Tensor | None,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The modules' weights as one [in, out] matrix (`scale` folded into its rows) and their biases, side by side."""
     tensors = [m.weight for m in modules] + [m.bias for m in modules if m.bias is not None]
     tensors += [] if scale is None else [scale]
